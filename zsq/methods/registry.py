@@ -1,0 +1,102 @@
+"""Registry of quantization methods (bn-minmax, genie, brecq, ait, ...), like timm's model registry.
+
+A method is a function ``fn(fp_model, qconfig, job) -> QuantResult``. It must not mutate ``fp_model``.
+Packages register their methods on import; ``zsq.methods.__init__`` imports them all, so
+``zsq methods`` and ``zsq quantize --method`` see every one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import torch.nn as nn
+
+from zsq.errors import ZsqError
+
+
+@dataclass
+class QuantJob:
+    """Everything a method may need beyond the model and the quantization config.
+
+    calib: calibration images already in the model's normalized input space, as a float tensor
+      (N, C, H, W) -- synthetic (from a SyntheticSet) or real (--calib-data), or None for methods
+      that need no images. ``calib_source`` says which (e.g. "synthetic:genie", "real:<path>", "none").
+    synth_method: the synthesizer to run when the method needs images and none were given
+      (e.g. "genie" for --method genie).
+    budget: "quick" or "paper"; iters / epochs / iters_per_epoch / num_images override the budget.
+    out: the output directory (methods may write checkpoints under out/"work" for --resume).
+    eval_fn: optional callable(model) -> dict(top1=..., top5=..., n=...) on real test images, used by
+      QAT methods at chosen epochs.
+    extra: method-specific options from the CLI/API.
+    """
+
+    calib: Optional[Any] = None
+    calib_source: str = "none"
+    synth_method: Optional[str] = None
+    budget: str = "quick"
+    num_images: Optional[int] = None
+    iters: Optional[int] = None
+    epochs: Optional[int] = None
+    iters_per_epoch: Optional[int] = None
+    batch_size: Optional[int] = None
+    seed: int = 0
+    out: Optional[Path] = None
+    resume: bool = False
+    quiet: bool = False
+    eval_fn: Optional[Callable[[nn.Module], dict]] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.budget not in ("quick", "paper"):
+            raise ZsqError(f"budget must be 'quick' or 'paper', got {self.budget!r}")
+
+
+@dataclass
+class QuantResult:
+    """What a method returns: the quantized model and a JSON-able report (losses, timings, ...)."""
+
+    model: nn.Module
+    report: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    fn: Callable[[nn.Module, Any, QuantJob], QuantResult]
+    kind: str  # "calibration", "ptq", "qat"
+    needs_images: bool
+    default_preset: str
+    default_synth: Optional[str]
+    summary: str
+
+
+_METHODS: Dict[str, MethodInfo] = {}
+
+
+def register_method(name: str, *, kind: str, needs_images: bool, default_preset: str,
+                    default_synth: Optional[str] = None, summary: str = ""):
+    """Decorator: ``@register_method("genie", kind="ptq", needs_images=True, default_preset="genie",
+    default_synth="genie", summary="...")``."""
+
+    def deco(fn):
+        if name in _METHODS and _METHODS[name].fn is not fn:
+            raise ValueError(f"method {name!r} registered twice")
+        _METHODS[name] = MethodInfo(name, fn, kind, needs_images, default_preset, default_synth, summary)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> MethodInfo:
+    import zsq.methods  # noqa: F401  (imports every method module so they register)
+
+    if name not in _METHODS:
+        raise ZsqError(f"unknown method {name!r}; choose one of: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def list_methods() -> Dict[str, MethodInfo]:
+    import zsq.methods  # noqa: F401
+
+    return dict(sorted(_METHODS.items()))
