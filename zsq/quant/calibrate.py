@@ -1,0 +1,121 @@
+"""Activation-range calibration: from images (min/max, percentile, Lp, EMA) or from BatchNorm
+statistics alone (no images at all)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from zsq.errors import ZsqError
+from zsq.progress import progress
+from zsq.quant.transforms import act_quantizers
+
+
+def _batches(images: torch.Tensor, batch_size: int):
+    for i in range(0, images.shape[0], batch_size):
+        yield images[i:i + batch_size]
+
+
+@torch.no_grad()
+def calibrate(qmodel: nn.Module, images: torch.Tensor, batch_size: int = 64, quiet: bool = True) -> nn.Module:
+    """Set every activation quantizer's range from float activations on ``images`` (in place).
+
+    Each quantizer uses its own spec's observer (minmax / percentile / lp / ema). Activations are
+    observed with activation quantization off, so every range sees float inputs.
+    """
+    if images is None or images.shape[0] == 0:
+        raise ZsqError("calibration needs at least one image")
+    quants = [q for _, q in act_quantizers(qmodel)]
+    for q in quants:
+        q.reset_observer()
+        q.initialized.fill_(False)
+        q.observing, q.enabled = True, False
+    try:
+        qmodel.eval()
+        n_batches = (images.shape[0] + batch_size - 1) // batch_size
+        for xb in progress(_batches(images, batch_size), total=n_batches, desc="calibrate", quiet=quiet):
+            qmodel(xb)
+    finally:
+        for q in quants:
+            q.freeze()
+    return qmodel
+
+
+class _BNSampler:
+    """Replaces a BatchNorm's output with samples of what it would output on data matching its
+    running statistics: beta + gamma * eps, eps ~ N(0, 1). eps has a per-(image, channel) part and a
+    per-pixel part (weights ``corr`` and sqrt(1 - corr^2)) so that spatial pooling keeps some spread,
+    as it does on real images."""
+
+    def __init__(self, generator: torch.Generator, corr: float):
+        self.generator = generator
+        self.corr = corr
+
+    def __call__(self, bn: nn.Module, inp, out):
+        x = out
+        n, c = x.shape[:2]
+        shape_img = (n, c) + (1,) * (x.dim() - 2)
+        eps = self.corr * torch.randn(shape_img, generator=self.generator) + (1 - self.corr ** 2) ** 0.5 * torch.randn(
+            x.shape, generator=self.generator)
+        eps = eps.to(x.device, x.dtype)
+        w = bn.weight if bn.affine else torch.ones(c, device=x.device)
+        b = bn.bias if bn.affine else torch.zeros(c, device=x.device)
+        view = (1, c) + (1,) * (x.dim() - 2)
+        return b.reshape(view) + w.reshape(view) * eps
+
+
+@torch.no_grad()
+def calibrate_from_bn(qmodel: nn.Module, k: float = 4.0, num_images: int = 64, corr: float = 0.5,
+                      seed: int = 0) -> nn.Module:
+    """Data-free activation ranges (the `bn-minmax` baseline).
+
+    Runs the model on noise with every BatchNorm output replaced by samples from N(beta, gamma^2)
+    -- the distribution BN produces when its input matches its running statistics -- so ReLUs,
+    residual adds and pooling downstream are simulated. Each activation quantizer's range is then
+    [min_c(mean_c - k std_c), max_c(mean_c + k std_c)] over its input's channels, clipped to what
+    the simulated activations actually reached.
+    """
+    bns = [m for m in qmodel.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        raise ZsqError("bn-minmax needs BatchNorm layers: this model has none, so there are no statistics "
+                       "to derive activation ranges from (calibrate with images instead)")
+    meta = getattr(qmodel, "zsq_meta", None)
+    if meta is None:
+        raise ZsqError("bn-minmax needs the model's input size (load it with zsq.models.load)")
+    gen = torch.Generator().manual_seed(seed)
+    quants = act_quantizers(qmodel)
+    stats = {}
+    hooks = []
+
+    def pre(qname):
+        def h(mod, inp):
+            x = inp[0].detach().float()
+            c = x.shape[1] if x.dim() > 1 else 1
+            flat = x.transpose(0, 1).reshape(c, -1) if x.dim() > 1 else x.reshape(1, -1)
+            stats[qname] = (flat.mean(1), flat.std(1), x.min(), x.max())
+        return h
+
+    for name, q in quants:
+        q.enabled = False
+        q.observing = False
+        hooks.append(q.register_forward_pre_hook(pre(name)))
+    sampler = _BNSampler(gen, corr)
+    hooks += [bn.register_forward_hook(sampler) for bn in bns]
+    try:
+        x = torch.randn(num_images, *meta.input_size, generator=gen)
+        qmodel.eval()
+        qmodel(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, q in quants:
+        if name not in stats:
+            q.enabled = True  # never reached: falls back to lazy initialisation
+            continue
+        mean, std, lo_seen, hi_seen = stats[name]
+        lo = torch.maximum((mean - k * std).min(), lo_seen)
+        hi = torch.minimum((mean + k * std).max(), hi_seen)
+        q.set_range(lo, hi)
+        q.enabled = True
+    return qmodel

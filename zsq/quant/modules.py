@@ -1,0 +1,119 @@
+"""Quantized stand-ins for float modules (a Brevitas-style float -> quant module map).
+
+Each wrapper keeps the float module's parameter names (``weight``, ``bias``) so checkpoints line up,
+and holds its quantizers as swappable submodules: ``weight_quant`` (any module mapping a weight to
+its fake-quantized value -- the PTQ code swaps in soft-rounding quantizers) and ``input_quant``
+(an activation quantizer applied to the layer input, or None).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zsq.quant.quantizer import QuantSpec, UniformQuantizer
+
+
+def make_weight_quantizer(weight: torch.Tensor, spec: QuantSpec) -> UniformQuantizer:
+    """A weight quantizer initialised from the weight itself (data-free)."""
+    q = UniformQuantizer(spec, num_channels=weight.shape[spec.ch_axis] if spec.per_channel else None)
+    if not spec.dynamic:
+        q.init_from(weight.detach())
+    return q
+
+
+class QuantConv2d(nn.Conv2d):
+    """nn.Conv2d (grouped/depthwise included) with fake-quantized weight and, optionally, input."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight_quant: Optional[nn.Module] = None
+        self.input_quant: Optional[nn.Module] = None
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, w_spec: Optional[QuantSpec], a_spec: Optional[QuantSpec]):
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                bias=conv.bias is not None, padding_mode=conv.padding_mode)
+        q.to(conv.weight.device)
+        with torch.no_grad():
+            q.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                q.bias.copy_(conv.bias)
+        q.weight.requires_grad_(conv.weight.requires_grad)
+        if w_spec is not None:
+            q.weight_quant = make_weight_quantizer(q.weight, w_spec)
+        if a_spec is not None:
+            q.input_quant = UniformQuantizer(a_spec)
+        return q
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QuantLinear(nn.Linear):
+    """nn.Linear with fake-quantized weight (per output row) and, optionally, input."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight_quant: Optional[nn.Module] = None
+        self.input_quant: Optional[nn.Module] = None
+
+    @classmethod
+    def from_float(cls, lin: nn.Linear, w_spec: Optional[QuantSpec], a_spec: Optional[QuantSpec]):
+        q = cls(lin.in_features, lin.out_features, bias=lin.bias is not None)
+        q.to(lin.weight.device)
+        with torch.no_grad():
+            q.weight.copy_(lin.weight)
+            if lin.bias is not None:
+                q.bias.copy_(lin.bias)
+        q.weight.requires_grad_(lin.weight.requires_grad)
+        if w_spec is not None:
+            q.weight_quant = make_weight_quantizer(q.weight, w_spec)
+        if a_spec is not None:
+            q.input_quant = UniformQuantizer(a_spec)
+        return q
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+
+class QuantAct(nn.Module):
+    """An activation module followed by an activation quantizer (GDFQ's ReLU -> QuantAct)."""
+
+    def __init__(self, act: nn.Module, quant: nn.Module):
+        super().__init__()
+        self.act = act
+        self.quant = quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant(self.act(x))
+
+
+class QuantInput(nn.Module):
+    """Quantizes the input of a parameter-free module (a residual ``shortcut``), as Genie's
+    Identity wrappers do, so that the residual branch carries the quantized block input."""
+
+    def __init__(self, module: nn.Module, quant: nn.Module):
+        super().__init__()
+        self.module = module
+        self.input_quant = quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(self.input_quant(x))
+
+
+QUANT_LAYER_TYPES = (QuantConv2d, QuantLinear)
+FLOAT_TO_QUANT = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}

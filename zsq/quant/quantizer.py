@@ -1,0 +1,372 @@
+"""Uniform fake quantizer for 2-8 bits: the one place where values are put on an integer grid.
+
+Grid conventions (what papers disagree on, pinned here):
+- asymmetric: codes q in [0, 2^b-1], x_hat = (q - z) * s, zero point z an integer, so 0 is exact;
+  range [lo, hi] always includes 0 (lo = min(m, 0), hi = max(M, 0)), s = (hi - lo)/(2^b - 1).
+- symmetric signed: q in [-2^(b-1), 2^(b-1)-1], z = 0, s = 2*amax/(2^b - 1) (Genie's convention).
+- symmetric unsigned: q in [0, 2^b-1], z = 0, s = amax/(2^b - 1).
+Rounding uses a straight-through estimator. With ``ste="clip"`` (LSQ) clipped inputs get no gradient
+and the step gets the LSQ gradient (without LSQ's 1/sqrt(N*Qp) scaling); with ``ste="identity"``
+(GDFQ/AIT/HAST) the gradient passes to the input everywhere and the step gets none.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict, replace
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from zsq.errors import ZsqError
+
+OBSERVERS = ("minmax", "percentile", "lp", "ema")
+STE_MODES = ("clip", "identity")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized. Validated on construction.
+
+    signed: only for symmetric grids; None means "decide from the data at initialisation" (signed iff
+      negatives are seen, as Genie's activation quantizer does).
+    observer: how the range is initialised -- minmax, percentile (of |x| tails), lp (search over
+      ``lp_ratios`` clip ratios minimising mean |x - Q(x)|^p, Genie uses p=2.4 over 100 ratios) or
+      ema (GDFQ's EMA of batch min/max, with its bias correction when ``ema_bias_correction``).
+    dynamic: recompute the range from the tensor on every forward (GDFQ's weights).
+    learnable: the step size is an nn.Parameter trained with the LSQ gradient.
+    """
+
+    bits: int = 8
+    symmetric: bool = False
+    signed: Optional[bool] = None
+    per_channel: bool = False
+    ch_axis: int = 0
+    observer: str = "minmax"
+    percentile: float = 99.99
+    lp_p: float = 2.4
+    lp_ratios: int = 100
+    ema_momentum: float = 0.9
+    ema_bias_correction: bool = True
+    dynamic: bool = False
+    learnable: bool = False
+    ste: str = "clip"
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ZsqError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        if self.observer not in OBSERVERS:
+            raise ZsqError(f"observer must be one of {OBSERVERS}, got {self.observer!r}")
+        if self.ste not in STE_MODES:
+            raise ZsqError(f"ste must be one of {STE_MODES}, got {self.ste!r}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise ZsqError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.lp_ratios < 1 or self.lp_p <= 0:
+            raise ZsqError("lp search needs lp_ratios >= 1 and lp_p > 0")
+        if not 0.0 < self.ema_momentum < 1.0:
+            raise ZsqError(f"ema_momentum must be in (0, 1), got {self.ema_momentum}")
+        if not self.symmetric and self.signed is not None:
+            raise ZsqError("signed applies to symmetric grids only (asymmetric grids use a zero point)")
+
+    def with_bits(self, bits: int) -> "QuantSpec":
+        return replace(self, bits=bits)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+def grid_limits(bits: int, symmetric: bool, signed: bool) -> Tuple[int, int]:
+    """Integer code range (qmin, qmax) of a grid."""
+    if symmetric and signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                  ste: str = "clip") -> torch.Tensor:
+    """x_hat = (clamp(round(x/s) + z, qmin, qmax) - z) * s, with the chosen straight-through gradient.
+
+    ``scale``/``zero_point`` broadcast against ``x`` (shape them for per-channel use).
+    """
+    if ste == "identity":
+        with torch.no_grad():
+            q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+            xq = (q - zero_point) * scale
+        return x + (xq - x).detach()
+    v = torch.clamp(x / scale + zero_point, qmin, qmax)
+    return (round_ste(v) - zero_point) * scale
+
+
+def quantize_to_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                    qmax: int) -> torch.Tensor:
+    """Integer codes (int32) of x on the grid; what an integer kernel / export stores."""
+    with torch.no_grad():
+        return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax).to(torch.int32)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
+                       signed: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Step and zero point for a range; the range is widened to contain 0 so that 0 is exact."""
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    levels = 2 ** bits - 1
+    if symmetric:
+        amax = torch.maximum(-lo, hi)
+        scale = amax * (2.0 if signed else 1.0) / levels
+        scale = torch.clamp(scale, min=1e-8)
+        return scale, torch.zeros_like(scale)
+    scale = torch.clamp((hi - lo) / levels, min=1e-8)
+    zero_point = torch.clamp(torch.round(-lo / scale), 0, levels)
+    return scale, zero_point
+
+
+def _channel_view(t: torch.Tensor, x: torch.Tensor, ch_axis: int) -> torch.Tensor:
+    shape = [1] * x.dim()
+    shape[ch_axis] = -1
+    return t.reshape(shape)
+
+
+def _flatten_channels(x: torch.Tensor, ch_axis: int) -> torch.Tensor:
+    return x.transpose(0, ch_axis).reshape(x.shape[ch_axis], -1)
+
+
+class UniformQuantizer(nn.Module):
+    """Fake-quantizes a tensor on a uniform grid; holds the step/zero point and how to find them.
+
+    States: ``enabled`` (quantize in forward) and ``observing`` (update the range from each input).
+    Calibration: ``observing=True, enabled=False``, run data, then ``freeze()``. GDFQ's live EMA:
+    ``observing=True, enabled=True``. A quantizer that is enabled but never initialised
+    initialises itself from its first input (Genie's lazy initialisation).
+    """
+
+    def __init__(self, spec: QuantSpec, num_channels: Optional[int] = None):
+        super().__init__()
+        if spec.per_channel and not num_channels:
+            raise ValueError("per-channel quantizer needs num_channels")
+        self.spec = spec
+        shape = (num_channels,) if spec.per_channel else ()
+        scale = torch.ones(shape)
+        if spec.learnable:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", torch.zeros(shape))
+        # signed grid decided at init when spec.signed is None (stored so a reload reproduces it)
+        self.register_buffer("signed_flag", torch.tensor(bool(spec.signed) if spec.signed is not None else False))
+        self.register_buffer("initialized", torch.tensor(False))
+        # observer state
+        self.register_buffer("obs_min", torch.full(shape, float("inf")))
+        self.register_buffer("obs_max", torch.full(shape, float("-inf")))
+        self.register_buffer("ema_beta_t", torch.tensor(1.0))
+        self._samples: list = []  # for percentile/lp over several batches (not saved)
+        self.enabled = True
+        self.observing = False
+
+    # ---- grid -------------------------------------------------------------------------------
+    @property
+    def bits(self) -> int:
+        return self.spec.bits
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.signed_flag) if self.spec.symmetric else False
+
+    @property
+    def qmin(self) -> int:
+        return grid_limits(self.spec.bits, self.spec.symmetric, self.signed)[0]
+
+    @property
+    def qmax(self) -> int:
+        return grid_limits(self.spec.bits, self.spec.symmetric, self.signed)[1]
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        kind = "sym" if s.symmetric else "asym"
+        gran = "per-channel" if s.per_channel else "per-tensor"
+        return f"bits={s.bits}, {kind}, {gran}, observer={s.observer}, learnable={s.learnable}"
+
+    # ---- range initialisation ---------------------------------------------------------------
+    def _decide_sign(self, x: torch.Tensor) -> None:
+        if self.spec.symmetric and self.spec.signed is None:
+            self.signed_flag.fill_(bool((x.min() < 0).item()))
+
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor, signed: Optional[bool] = None) -> None:
+        """Set step/zero point from an explicit range (e.g. one derived from BN statistics)."""
+        lo = torch.as_tensor(lo, dtype=torch.float32).reshape(self.scale.shape)
+        hi = torch.as_tensor(hi, dtype=torch.float32).reshape(self.scale.shape)
+        if self.spec.symmetric and self.spec.signed is None:
+            self.signed_flag.fill_(bool(signed) if signed is not None else bool((lo < 0).any().item()))
+        scale, zp = qparams_from_range(lo, hi, self.spec.bits, self.spec.symmetric, self.signed)
+        with torch.no_grad():
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zp)
+        self.initialized.fill_(True)
+
+    def init_from(self, x: torch.Tensor) -> None:
+        """Initialise step/zero point from one tensor with the spec's observer (not EMA)."""
+        x = x.detach()
+        self._decide_sign(x)
+        if self.spec.observer == "lp":
+            scale, zp = lp_search(x, self.spec, self.signed)
+            with torch.no_grad():
+                self.scale.copy_(scale.reshape(self.scale.shape))
+                self.zero_point.copy_(zp.reshape(self.zero_point.shape))
+            self.initialized.fill_(True)
+            return
+        lo, hi = tensor_range(x, self.spec)
+        self.set_range(lo, hi, signed=self.signed)
+
+    def _observe(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        s = self.spec
+        if s.observer == "ema":
+            lo, hi = _minmax(x, s)
+            if not bool(self.initialized) and self.ema_beta_t.item() == 1.0 and not s.ema_bias_correction:
+                self.obs_min.copy_(lo)
+                self.obs_max.copy_(hi)
+            else:
+                if s.ema_bias_correction:
+                    # GDFQ's rule, applied to the stored state (inflates early ranges; see spec ait.md 1.2)
+                    self.ema_beta_t.mul_(s.ema_momentum)
+                    denom = 1.0 - self.ema_beta_t
+                    base_min = torch.where(torch.isfinite(self.obs_min), self.obs_min, torch.zeros_like(lo))
+                    base_max = torch.where(torch.isfinite(self.obs_max), self.obs_max, torch.zeros_like(hi))
+                    self.obs_min.copy_((s.ema_momentum * base_min + (1 - s.ema_momentum) * lo) / denom)
+                    self.obs_max.copy_((s.ema_momentum * base_max + (1 - s.ema_momentum) * hi) / denom)
+                else:
+                    self.ema_beta_t.mul_(s.ema_momentum)
+                    self.obs_min.mul_(s.ema_momentum).add_((1 - s.ema_momentum) * lo)
+                    self.obs_max.mul_(s.ema_momentum).add_((1 - s.ema_momentum) * hi)
+            self._decide_sign(x)
+            self.set_range(self.obs_min, self.obs_max, signed=self.signed if self.spec.symmetric else None)
+            return
+        if s.observer == "minmax":
+            lo, hi = _minmax(x, s)
+            self.obs_min.copy_(torch.minimum(self.obs_min, lo))
+            self.obs_max.copy_(torch.maximum(self.obs_max, hi))
+            if self.spec.symmetric and self.spec.signed is None:
+                self.signed_flag.fill_(bool(self.signed_flag) or bool((x.min() < 0).item()))
+            return
+        # percentile / lp: keep a bounded sample of the values, decide at freeze()
+        self._samples.append(_subsample(x, s, 1 << 18))
+
+    def freeze(self) -> None:
+        """End calibration: compute the grid from what was observed, stop observing, enable."""
+        s = self.spec
+        if s.observer == "minmax" and torch.isfinite(self.obs_min).all():
+            self.set_range(self.obs_min, self.obs_max, signed=self.signed if s.symmetric else None)
+        elif s.observer in ("percentile", "lp") and self._samples:
+            if s.per_channel:
+                # samples are stored as (C, n): put the channels back on ch_axis
+                x = torch.cat(self._samples, dim=1)
+                x = x if s.ch_axis == 0 else x.transpose(0, s.ch_axis)
+            else:
+                x = torch.cat([t.flatten() for t in self._samples])
+            self.init_from(x)
+            self._samples = []
+        self.observing = False
+        self.enabled = True
+
+    def reset_observer(self) -> None:
+        self.obs_min.fill_(float("inf"))
+        self.obs_max.fill_(float("-inf"))
+        self.ema_beta_t.fill_(1.0)
+        self._samples = []
+
+    # ---- forward ----------------------------------------------------------------------------
+    def qparams(self, x: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Step and zero point shaped to broadcast against x (dynamic specs derive them from x)."""
+        if self.spec.dynamic:
+            lo, hi = _minmax(x.detach(), self.spec)
+            scale, zp = qparams_from_range(lo, hi, self.spec.bits, self.spec.symmetric, self.signed)
+        else:
+            scale, zp = self.scale, self.zero_point
+        if self.spec.per_channel and x is not None:
+            scale = _channel_view(scale, x, self.spec.ch_axis)
+            zp = _channel_view(zp, x, self.spec.ch_axis)
+        return scale, zp
+
+    def int_repr(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of x (int32), on this quantizer's grid."""
+        scale, zp = self.qparams(x)
+        return quantize_to_int(x, scale, zp, self.qmin, self.qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self._observe(x)
+        if not self.enabled:
+            return x
+        if not self.spec.dynamic and not bool(self.initialized):
+            self.init_from(x)
+        scale, zp = self.qparams(x)
+        return fake_quantize(x, scale, zp, self.qmin, self.qmax, self.spec.ste)
+
+
+# ---- range estimators -----------------------------------------------------------------------
+def _minmax(x: torch.Tensor, spec: QuantSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+    if spec.per_channel:
+        flat = _flatten_channels(x, spec.ch_axis)
+        return flat.min(dim=1).values, flat.max(dim=1).values
+    return x.min(), x.max()
+
+
+def _subsample(x: torch.Tensor, spec: QuantSpec, cap: int) -> torch.Tensor:
+    if spec.per_channel:
+        flat = _flatten_channels(x, spec.ch_axis)
+        if flat.shape[1] > cap:
+            idx = torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(0))[:cap]
+            flat = flat[:, idx]
+        return flat
+    flat = x.flatten()
+    if flat.numel() > cap:
+        idx = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:cap]
+        flat = flat[idx]
+    return flat
+
+
+def tensor_range(x: torch.Tensor, spec: QuantSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Range of x by the spec's observer (minmax/ema -> min/max; percentile -> tails)."""
+    if spec.observer != "percentile":
+        return _minmax(x, spec)
+    q_hi = spec.percentile / 100.0
+    q_lo = 1.0 - q_hi
+    if spec.per_channel:
+        flat = _flatten_channels(x, spec.ch_axis).float()
+        return torch.quantile(flat, q_lo, dim=1), torch.quantile(flat, q_hi, dim=1)
+    flat = x.flatten().float()
+    if flat.numel() > 1 << 24:
+        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[: 1 << 24]]
+    return torch.quantile(flat, q_lo), torch.quantile(flat, q_hi)
+
+
+def lp_search(x: torch.Tensor, spec: QuantSpec, signed: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Genie's clip search: for r in 1.00, 0.99, ..., scale the range by r and keep the step with the
+    smallest mean |x - Q(x)|^p (per channel when per_channel; ties keep the larger r)."""
+    bits, p = spec.bits, spec.lp_p
+    if spec.per_channel:
+        flat = _flatten_channels(x, spec.ch_axis)
+    else:
+        flat = x.reshape(1, -1)
+    lo = torch.clamp(flat.min(dim=1).values, max=0.0)
+    hi = torch.clamp(flat.max(dim=1).values, min=0.0)
+    qmin, qmax = grid_limits(bits, spec.symmetric, signed)
+    best_score = torch.full_like(lo, float("inf"))
+    best_scale = torch.ones_like(lo)
+    best_zp = torch.zeros_like(lo)
+    n = spec.lp_ratios
+    for i in range(n):
+        r = 1.0 - i / n  # 1.00, 0.99, ..., 0.01 for n=100
+        scale, zp = qparams_from_range(lo * r, hi * r, bits, spec.symmetric, signed)
+        xq = (torch.clamp(torch.round(flat / scale[:, None]) + zp[:, None], qmin, qmax) - zp[:, None]) * scale[:, None]
+        score = (flat - xq).abs().pow(p).mean(dim=1)
+        better = score < best_score
+        best_score = torch.where(better, score, best_score)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zp = torch.where(better, zp, best_zp)
+    if not spec.per_channel:
+        return best_scale[0], best_zp[0]
+    return best_scale, best_zp
