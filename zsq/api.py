@@ -1,0 +1,126 @@
+"""The whole job in one call: load a model, get calibration images (synthesized or real),
+run a method, save the quantized model, and report FP32 vs quantized accuracy."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from zsq.errors import ZsqError
+from zsq.progress import log
+
+
+def _is_synthetic_set(path: Path) -> bool:
+    return path.is_dir() and (path / "synthetic.json").exists()
+
+
+def load_calibration(spec: str, model, num_images: Optional[int] = None):
+    """Calibration images from a saved SyntheticSet dir or from real labelled images.
+
+    Returns (images tensor N,C,H,W in the model's normalized space, source string)."""
+    from zsq.models.meta import get_meta
+
+    meta = get_meta(model)
+    p = Path(spec.split("[", 1)[0])
+    if _is_synthetic_set(p):
+        from zsq.synth import SyntheticSet
+
+        ss = SyntheticSet.load(p)
+        x = ss.images if num_images is None else ss.images[:num_images]
+        if tuple(x.shape[1:]) != tuple(meta.input_size):
+            raise ZsqError(f"calibration images in {p} are {tuple(x.shape[1:])} but {meta.name} expects "
+                           f"{tuple(meta.input_size)}")
+        return x, f"synthetic:{ss.meta.get('method', '?')}:{p}"
+    from zsq.data import load_images_tensor
+
+    x, _ = load_images_tensor(spec, meta, n=num_images)
+    return x, f"real:{spec}"
+
+
+def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-minmax", bits: str = "w4a4",
+             preset: Optional[str] = None, synth: Optional[str] = None, calib_data: Optional[str] = None,
+             num_images: Optional[int] = None, budget: str = "quick", iters: Optional[int] = None,
+             epochs: Optional[int] = None, iters_per_epoch: Optional[int] = None,
+             batch_size: Optional[int] = None, seed: int = 0, out: Optional[Path] = None,
+             resume: bool = False, force: bool = False, eval_data: Optional[str] = None,
+             quiet: bool = False, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """`zsq quantize` as a function; returns the JSON report (see README for the keys)."""
+    from zsq.methods import QuantJob, get_method
+    from zsq.models import load
+    from zsq.quant import get_preset, parse_bits
+
+    t_start = time.time()
+    parse_bits(bits)
+    info = get_method(method)
+    preset = preset or info.default_preset
+    qconfig = get_preset(preset, bits)
+    fp_model = load(model, weights=weights)
+    # check the data paths before any long work
+    if eval_data is not None:
+        from zsq.data import load_dataset
+        from zsq.models.meta import get_meta
+
+        eval_set = load_dataset(eval_data, get_meta(fp_model))
+    job = QuantJob(budget=budget, num_images=num_images, iters=iters, epochs=epochs,
+                   iters_per_epoch=iters_per_epoch, batch_size=batch_size, seed=seed,
+                   out=Path(out) if out else None, resume=resume, quiet=quiet, extra=dict(options or {}))
+    torch.manual_seed(seed)
+
+    synth_seconds = 0.0
+    if calib_data is not None and synth is not None:
+        raise ZsqError("give either --synth or --calib-data, not both")
+    if not info.needs_images and (calib_data or synth):
+        raise ZsqError(f"method {method} uses no images; drop --synth/--calib-data or pick another method")
+    if calib_data is not None:
+        job.calib, job.calib_source = load_calibration(calib_data, fp_model, num_images)
+    elif info.needs_images:
+        synth = synth or info.default_synth
+        if synth is None:
+            raise ZsqError(f"method {method} needs images: give --synth METHOD (e.g. genie) or --calib-data PATH")
+        from zsq.synth import synthesize
+
+        t0 = time.time()
+        log(f"synthesizing calibration images with {synth} ({budget} budget)", quiet)
+        sset = synthesize(fp_model, synth, num_images, budget=budget, seed=seed,
+                          out=(job.out / "synth") if job.out else None, resume=resume, quiet=quiet)
+        synth_seconds = time.time() - t0
+        job.calib, job.calib_source, job.synth_method = sset.images, f"synthetic:{synth}", synth
+        job.extra.setdefault("synthetic_labels", sset.labels)
+
+    fp_top1 = None
+    if eval_data is not None:
+        from zsq.evaluate import evaluate
+
+        job.eval_fn = lambda m: evaluate(m, eval_set, quiet=True)
+        fp_res = evaluate(fp_model, eval_set, quiet=quiet)
+        fp_top1 = fp_res["top1"]
+
+    t0 = time.time()
+    log(f"quantizing with {method} ({qconfig.describe()})", quiet)
+    result = info.fn(fp_model, qconfig, job)
+    quant_seconds = time.time() - t0
+
+    report: Dict[str, Any] = {
+        "model": model, "method": method, "bits": qconfig.bits, "preset": preset,
+        "preset_version": qconfig.version, "calib_source": job.calib_source,
+        "num_images": None if job.calib is None else int(job.calib.shape[0]),
+    }
+    if job.out is not None:
+        from zsq.export import save_quantized
+
+        saved = save_quantized(result.model, job.out, model_name=model, weights_path=weights,
+                               info={k: v for k, v in report.items()}, force=True)
+        report["out"] = str(job.out)
+        report.update({k: saved[k] for k in ("packed_bytes", "fp32_bytes") if k in saved})
+    if eval_data is not None:
+        from zsq.evaluate import evaluate
+
+        q_res = evaluate(result.model, eval_set, quiet=quiet)
+        report.update({"fp32_top1": fp_top1, "quant_top1": q_res["top1"], "quant_top5": q_res["top5"],
+                       "n": q_res["n"]})
+    report.update({"synth_seconds": round(synth_seconds, 2), "quant_seconds": round(quant_seconds, 2),
+                   "seconds": round(time.time() - t_start, 2)})
+    report["method_report"] = {k: v for k, v in result.report.items() if k not in report}
+    return report

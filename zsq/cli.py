@@ -1,0 +1,198 @@
+"""The `zsq` command line: evaluate, quantize, synthesize, export, bench, methods.
+
+User-input problems (ZsqError) print one line `zsq: error: ...` and exit with code 2; nothing is
+written. `--json` prints one JSON object on stdout; progress and logs go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from zsq.errors import ZsqError
+
+# Sub-commands contributed by other packages: module path -> provides add_parser(subparsers), run(args)
+_PLUGIN_COMMANDS = ("zsq.synth.cli", "zsq.export.cli", "zsq.bench.cli")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model name, e.g. cifar10_resnet20, efficientnet_lite0, torchvision:resnet18")
+    p.add_argument("--weights", help="local checkpoint to load (state_dict; 'module.' prefixes stripped)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+
+
+def _emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=None, default=str))
+        return
+    for k, v in result.items():
+        if isinstance(v, float):
+            v = f"{v:.4g}" if abs(v) < 1e-2 else f"{v:.2f}"
+        if isinstance(v, (dict, list)):
+            continue
+        print(f"{k:>16}: {v}")
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse to write into an existing, non-empty directory unless forced."""
+    if out.exists() and not out.is_dir():
+        raise ZsqError(f"--out {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ZsqError(f"--out {out} exists and is not empty (use --force to overwrite, --resume to continue)")
+
+
+def _load_model(args):
+    from zsq.models import load
+
+    return load(args.model, weights=args.weights)
+
+
+# ---- evaluate ---------------------------------------------------------------------------------
+def cmd_evaluate(args) -> dict:
+    from zsq.evaluate import evaluate
+
+    model = _load_model(args)
+    t0 = time.time()
+    res = evaluate(model, args.data, batch_size=args.batch_size, quiet=args.quiet)
+    return {"model": args.model, "data": args.data, "top1": res["top1"], "top5": res["top5"], "n": res["n"],
+            "seconds": round(time.time() - t0, 2)}
+
+
+# ---- quantize ---------------------------------------------------------------------------------
+def _parse_set(items: List[str]) -> Dict[str, object]:
+    out: Dict[str, object] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ZsqError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def cmd_quantize(args) -> dict:
+    from zsq.api import quantize
+
+    out = Path(args.out)
+    if not args.resume:
+        check_out_dir(out, args.force)
+    result = quantize(
+        args.model, weights=args.weights, method=args.method, bits=args.bits, preset=args.preset,
+        synth=args.synth, calib_data=args.calib_data, num_images=args.num_images, budget=args.budget,
+        iters=args.iters, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
+        batch_size=args.batch_size, seed=args.seed, out=out, resume=args.resume, force=args.force,
+        eval_data=args.eval_data, quiet=args.quiet, options=_parse_set(args.set),
+    )
+    return result
+
+
+def cmd_methods(args) -> dict:
+    from zsq.methods import list_methods
+    from zsq.quant import list_presets
+
+    methods = list_methods()
+    presets = list_presets()
+    synths = {}
+    try:
+        from zsq.synth import list_synthesizers
+
+        synths = list_synthesizers()
+    except ImportError:
+        pass
+    if not args.json:
+        print("methods:")
+        for name, info in methods.items():
+            data = "images" if info.needs_images else "no images"
+            print(f"  {name:<12} {info.kind:<12} preset={info.default_preset:<6} ({data}) {info.summary}")
+        print("presets:")
+        for name, summary in presets.items():
+            print(f"  {name:<12} {summary}")
+        if synths:
+            print("synthesizers:")
+            for name, summary in synths.items():
+                print(f"  {name:<12} {summary}")
+        return {}
+    return {"methods": {k: {"kind": v.kind, "needs_images": v.needs_images, "default_preset": v.default_preset,
+                            "default_synth": v.default_synth, "summary": v.summary} for k, v in methods.items()},
+            "presets": presets, "synthesizers": synths}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zsq", description="Zero-shot (data-free) quantization of vision models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("evaluate", help="top-1/top-5 of a model on labelled images")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help=".npz (uint8 NHWC x, int y), a folder with labels.csv, or an "
+                                                  "ImageFolder; PATH[START:STOP] takes a slice")
+    p.add_argument("--batch-size", type=int, default=250)
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("quantize", help="quantize a model without its training data")
+    _add_model_args(p)
+    p.add_argument("--method", default="bn-minmax", help="see `zsq methods` (default: bn-minmax)")
+    p.add_argument("--bits", default="w4a4", help="wXaY, 2..8 bits each (default w4a4)")
+    p.add_argument("--preset", help="protocol preset (default: the method's own)")
+    p.add_argument("--synth", help="synthesizer for calibration images (default: the method's own)")
+    p.add_argument("--calib-data", help="a saved SyntheticSet dir, or real images (the real-data reference)")
+    p.add_argument("--num-images", type=int, help="calibration images to synthesize/use")
+    p.add_argument("--budget", choices=("quick", "paper"), default="quick")
+    p.add_argument("--iters", type=int, help="iterations (per unit for PTQ, per batch for synthesis)")
+    p.add_argument("--epochs", type=int, help="QAT epochs")
+    p.add_argument("--iters-per-epoch", type=int, help="QAT iterations per epoch")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="directory for the quantized model")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--eval-data", help="labelled images to report FP32 and quantized top-1 on")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
+    _add_common(p)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("methods", help="list methods, presets and synthesizers")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_methods)
+
+    for modname in _PLUGIN_COMMANDS:
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError:
+            continue
+        before = set(sub.choices)
+        mod.add_parser(sub)
+        for name in set(sub.choices) - before:  # plugins provide run(args) -> dict
+            if sub.choices[name].get_default("func") is None:
+                sub.choices[name].set_defaults(func=mod.run)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except ZsqError as e:
+        print(f"zsq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zsq: interrupted (use --resume to continue where supported)", file=sys.stderr)
+        return 130
+    if result:
+        _emit(result, getattr(args, "json", False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
