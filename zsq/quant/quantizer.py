@@ -343,30 +343,43 @@ def tensor_range(x: torch.Tensor, spec: QuantSpec) -> Tuple[torch.Tensor, torch.
     return torch.quantile(flat, q_lo), torch.quantile(flat, q_hi)
 
 
-def lp_search(x: torch.Tensor, spec: QuantSpec, signed: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def lp_search(x: torch.Tensor, spec: QuantSpec, signed: bool, coarse_step: int = 5) -> Tuple[torch.Tensor, torch.Tensor]:
     """Genie's clip search: for r in 1.00, 0.99, ..., scale the range by r and keep the step with the
-    smallest mean |x - Q(x)|^p (per channel when per_channel; ties keep the larger r)."""
-    bits, p = spec.bits, spec.lp_p
-    if spec.per_channel:
-        flat = _flatten_channels(x, spec.ch_axis)
-    else:
-        flat = x.reshape(1, -1)
+    smallest mean |x - Q(x)|^p (per channel when per_channel; ties keep the larger r).
+
+    Searched coarse-to-fine (every ``coarse_step``-th ratio, then all ratios around each channel's best),
+    which evaluates ~30 instead of 100 candidates and finds the full grid's answer whenever the error
+    curve has one valley within ``coarse_step`` ratios (tested); ``coarse_step=1`` is the plain full grid.
+    """
+    bits, p, n = spec.bits, spec.lp_p, spec.lp_ratios
+    flat = _flatten_channels(x, spec.ch_axis) if spec.per_channel else x.reshape(1, -1)
+    flat = flat.float()
     lo = torch.clamp(flat.min(dim=1).values, max=0.0)
     hi = torch.clamp(flat.max(dim=1).values, min=0.0)
     qmin, qmax = grid_limits(bits, spec.symmetric, signed)
     best_score = torch.full_like(lo, float("inf"))
-    best_scale = torch.ones_like(lo)
-    best_zp = torch.zeros_like(lo)
-    n = spec.lp_ratios
-    for i in range(n):
-        r = 1.0 - i / n  # 1.00, 0.99, ..., 0.01 for n=100
+    best_idx = torch.zeros_like(lo, dtype=torch.long)
+
+    def consider(idx: torch.Tensor):
+        nonlocal best_score, best_idx
+        r = 1.0 - idx.to(lo.dtype) / n
         scale, zp = qparams_from_range(lo * r, hi * r, bits, spec.symmetric, signed)
-        xq = (torch.clamp(torch.round(flat / scale[:, None]) + zp[:, None], qmin, qmax) - zp[:, None]) * scale[:, None]
-        score = (flat - xq).abs().pow(p).mean(dim=1)
-        better = score < best_score
-        best_score = torch.where(better, score, best_score)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zp = torch.where(better, zp, best_zp)
+        q = torch.clamp(torch.round(flat / scale[:, None]) + zp[:, None], qmin, qmax)
+        err = (flat - (q - zp[:, None]) * scale[:, None]).abs_().pow_(p).mean(dim=1)
+        better = err < best_score
+        best_score = torch.where(better, err, best_score)
+        best_idx = torch.where(better, idx, best_idx)
+
+    step = max(1, min(coarse_step, n))
+    for i in range(0, n, step):
+        consider(torch.full_like(best_idx, i))
+    if step > 1:
+        centre = best_idx.clone()
+        for off in range(-(step - 1), step):
+            idx = torch.clamp(centre + off, 0, n - 1)
+            consider(idx)
+    r = 1.0 - best_idx.to(lo.dtype) / n
+    scale, zp = qparams_from_range(lo * r, hi * r, bits, spec.symmetric, signed)
     if not spec.per_channel:
-        return best_scale[0], best_zp[0]
-    return best_scale, best_zp
+        return scale[0], zp[0]
+    return scale, zp
