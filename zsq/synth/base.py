@@ -64,8 +64,10 @@ class NonFiniteLoss(ZsqError):
 
 def check_finite(terms: Dict[str, torch.Tensor], where: str) -> Dict[str, float]:
     """Float values of `terms`; NonFiniteLoss naming the bad term(s) if any is NaN/inf."""
-    values = {k: float(v) for k, v in terms.items()}
-    bad = [f"{k}={v}" for k, v in values.items() if not math.isfinite(v)]
+    values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
+    bad = [f"{k}={v}" for k, v in values.items() if not math.isfinite(v) and k != "total"]
+    if not bad and not all(math.isfinite(v) for v in values.values()):
+        bad = [f"total={values['total']}"]
     if bad:
         raise NonFiniteLoss(f"loss term {', '.join(bad)} at {where}")
     return values
