@@ -2,6 +2,8 @@
 residual path) with metadata, so export tests run in well under a second per model."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
 
@@ -68,6 +70,9 @@ def tiny_images(n: int = 16, seed: int = 1) -> torch.Tensor:
 
 def tiny_quantized(preset: str, bits: str, seed: int = 0) -> nn.Module:
     """TinyResNet quantized with a preset and calibrated on random images."""
-    q = quantize_model(tiny_factory(seed=seed), get_preset(preset, bits))
+    cfg = get_preset(preset, bits)
+    if cfg.weight.observer == "lp":  # a coarser clip search keeps the tests fast
+        cfg = replace(cfg, weight=replace(cfg.weight, lp_ratios=20), act=replace(cfg.act, lp_ratios=20))
+    q = quantize_model(tiny_factory(seed=seed), cfg)
     calibrate(q, tiny_images(32, seed=seed + 7), batch_size=16)
     return q
