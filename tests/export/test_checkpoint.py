@@ -10,6 +10,7 @@ from zsq.export import load_quantized, save_quantized
 from zsq.export.checkpoint import PACKED_FILE, QUANT_FILE, STATE_FILE
 from zsq.export.frozen import FrozenWeightQuantizer
 from zsq.export.manifest import FORMAT_VERSION
+from zsq.export.weights import weight_grid
 from zsq.quant import get_preset, quant_layers, quantize_model
 
 
@@ -42,7 +43,8 @@ def test_roundtrip_bit_identical(tmp_path, preset, bits):
     # same integer codes through the generic interface, and shared input quantizers shared again
     for (n, a), (_, b) in zip(quant_layers(q), quant_layers(loaded)):
         assert isinstance(b.weight_quant, FrozenWeightQuantizer)
-        assert torch.equal(a.weight_quant.int_repr(a.weight), b.weight_quant.int_repr(b.weight)), n
+        assert torch.equal(weight_grid(n, a).codes, weight_grid(n, b).codes), n
+        assert torch.equal(weight_grid(n, b).codes, b.weight_quant.int_repr(b.weight)), n
     for sharer, owner in q.zsq_quant_plan["shared_input_quantizers"]:
         assert loaded.get_submodule(sharer).input_quant is loaded.get_submodule(owner).input_quant
 
@@ -185,3 +187,19 @@ def test_wrong_architecture(tmp_path, saved):
 
     with pytest.raises(ZsqError, match="shape|does not fit"):
         load_quantized(saved[1], model_factory=lambda n: set_meta(TinyResNet(c=4).eval(), TINY_META))
+
+
+def test_codes_follow_the_forward_not_int_repr(tmp_path):
+    """A weight exactly on a rounding boundary: the saved codes are what the forward used."""
+    q = tiny_quantized("genie", "w8a8")
+    layer = q.get_submodule("fc")
+    s, z = layer.weight_quant.qparams(layer.weight)
+    with torch.no_grad():  # put every weight of row 0 half a step above a grid point
+        layer.weight[0] = ((torch.arange(layer.weight.shape[1]) % 5 - 2) + 0.5) * s[0, 0]
+    grid = weight_grid("fc", layer)
+    assert torch.equal((grid.codes.float() - grid.zero_point) * grid.scale, layer.quantized_weight())
+    save_quantized(q, tmp_path / "c", model_name="tiny_resnet")
+    loaded = load_quantized(tmp_path / "c", model_factory=_factory)
+    x = tiny_images(4)
+    with torch.no_grad():
+        assert torch.equal(q(x), loaded(x))

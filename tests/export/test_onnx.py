@@ -12,6 +12,7 @@ from zsq.export import save_quantized
 from zsq.export import checkpoint as ckpt_mod
 from zsq.export import cli as export_cli
 from zsq.export.onnx_export import export_onnx
+from zsq.export.weights import weight_grid
 from zsq.export.parity import ParityTolerance, check_parity, ort_session, run_ort
 
 
@@ -48,7 +49,7 @@ def test_weight_codes_in_onnx_equal_zsq_codes(tmp_path):
     int_inits = sorted((onnx.numpy_helper.to_array(i) for i in model.graph.initializer
                         if i.data_type == onnx.TensorProto.UINT8 and len(i.dims) >= 2), key=lambda a: a.size)
     layer = q.get_submodule("fc")
-    codes = layer.weight_quant.int_repr(layer.weight).numpy()
+    codes = weight_grid("fc", layer).codes.numpy()
     assert any(a.shape == codes.shape and np.array_equal(a, codes) for a in int_inits)
     assert all(a.max() <= 15 for a in int_inits)
 

@@ -32,6 +32,7 @@ from zsq.export.frozen import FrozenWeightQuantizer
 from zsq.export.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, file_entries, read_manifest,
                                  zsq_version)
 from zsq.export.packing import pack_codes, unpack_codes
+from zsq.export.weights import weight_grid
 from zsq.quant.transforms import act_quantizers, quant_layers
 
 PACKED_FILE = "packed_weights.safetensors"
@@ -46,34 +47,6 @@ def _named_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
     out = dict(model.named_parameters())
     out.update(dict(model.named_buffers()))
     return out
-
-
-def _weight_grid(name: str, layer: nn.Module) -> dict:
-    """Codes and grid of one layer's weight via the generic weight-quantizer interface, checked to
-    reproduce ``layer.quantized_weight()`` exactly."""
-    wq = layer.weight_quant
-    missing = [a for a in ("int_repr", "qparams", "qmin", "qmax", "bits") if not hasattr(wq, a)]
-    if missing:
-        raise ZsqError(f"layer {name}: weight quantizer {type(wq).__name__} lacks {', '.join(missing)}; "
-                       f"it cannot be saved as integer codes")
-    w = layer.weight.detach()
-    with torch.no_grad():
-        codes = wq.int_repr(w)
-        scale, zp = wq.qparams(w)
-        scale = torch.as_tensor(scale, dtype=w.dtype).detach().clone()
-        zp = torch.as_tensor(zp, dtype=w.dtype).detach().clone()
-        deq = (codes.to(w.dtype) - zp) * scale
-        ref = layer.quantized_weight().detach()
-    if deq.shape != ref.shape or not torch.equal(deq, ref):
-        diff = (deq - ref).abs().max().item() if deq.shape == ref.shape else float("nan")
-        raise ZsqError(f"layer {name}: (codes - zero_point) * scale from {type(wq).__name__} differs from the "
-                       f"layer's quantized weight (max diff {diff:.3g}); this weight quantizer cannot be "
-                       f"stored as integer codes")
-    bits, qmin, qmax = int(wq.bits), int(wq.qmin), int(wq.qmax)
-    if qmax - qmin + 1 > 1 << bits:
-        raise ZsqError(f"layer {name}: code range [{qmin}, {qmax}] does not fit in {bits} bits")
-    return {"codes": codes, "scale": scale, "zero_point": zp, "bits": bits, "qmin": qmin, "qmax": qmax,
-            "type": type(wq).__name__, "dynamic": bool(getattr(getattr(wq, "spec", None), "dynamic", False))}
 
 
 def _act_entry(name: str, q: nn.Module) -> dict:
@@ -104,13 +77,14 @@ def _collect(qmodel: nn.Module) -> dict:
     for name, layer in quant_layers(qmodel):
         if layer.weight_quant is None:
             continue
-        g = _weight_grid(name, layer)
-        packed[f"{name}.codes"] = pack_codes(g["codes"], g["bits"], g["qmin"])
-        packed[f"{name}.scale"] = g["scale"].contiguous()
-        packed[f"{name}.zero_point"] = g["zero_point"].contiguous()
+        g = weight_grid(name, layer)
+        packed[f"{name}.codes"] = pack_codes(g.codes, g.bits, g.qmin)
+        packed[f"{name}.scale"] = g.scale.contiguous()
+        packed[f"{name}.zero_point"] = g.zero_point.contiguous()
+        dynamic = bool(getattr(getattr(layer.weight_quant, "spec", None), "dynamic", False))
         layers.append({"name": name, "type": type(layer).__name__, "shape": list(layer.weight.shape),
-                       "numel": layer.weight.numel(), "bits": g["bits"], "qmin": g["qmin"], "qmax": g["qmax"],
-                       "weight_quant": g["type"], "dynamic": g["dynamic"]})
+                       "numel": layer.weight.numel(), "bits": g.bits, "qmin": g.qmin, "qmax": g.qmax,
+                       "weight_quant": g.quantizer, "dynamic": dynamic})
         skip_names.add(f"{name}.weight")
         skip_prefixes.append(f"{name}.weight_quant.")
         quant_weight_numel += layer.weight.numel()

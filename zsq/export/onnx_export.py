@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from zsq.errors import ZsqError
 from zsq.quant.modules import QuantAct, QuantInput
+from zsq.export.weights import weight_grid
 from zsq.quant.transforms import quant_layers
 
 OPSET = 17
@@ -104,15 +105,10 @@ class ExportWeightQuant(nn.Module):
 
     def __init__(self, name: str, layer: nn.Module):
         super().__init__()
-        wq, w = layer.weight_quant, layer.weight.detach()
-        with torch.no_grad():
-            codes = wq.int_repr(w)
-            scale, zp = wq.qparams(w)
-        scale = torch.as_tensor(scale, dtype=torch.float32).detach()
-        zp = torch.as_tensor(zp, dtype=torch.float32).detach()
-        qmin, qmax = int(wq.qmin), int(wq.qmax)
-        dt, _, _ = _container(qmin, qmax, f"layer {name}")
-        sb = scale.expand_as(w) if scale.dim() == w.dim() else scale
+        w = layer.weight.detach()
+        g = weight_grid(name, layer)
+        codes, scale, zp = g.codes, g.scale, g.zero_point
+        dt, _, _ = _container(g.qmin, g.qmax, f"layer {name}")
         # which axis the grid varies along: none (per tensor) or the output channels (axis 0)
         varying = [d for d in range(scale.dim()) if scale.shape[d] > 1 or (zp.dim() > d and zp.shape[d] > 1)]
         if scale.numel() == 1 and zp.numel() == 1:
@@ -125,7 +121,6 @@ class ExportWeightQuant(nn.Module):
         else:
             raise ZsqError(f"layer {name}: weight grid of shape {tuple(scale.shape)} is neither per-tensor nor per "
                            f"output channel; ONNX QDQ (one axis) cannot express it")
-        del sb
         _int_values(z1, f"layer {name}")
         self.register_buffer("codes", codes.to(dt))
         self.register_buffer("scale_b", scale.clone())
@@ -163,10 +158,6 @@ def export_model(qmodel: nn.Module) -> nn.Module:
 
     for name, layer in quant_layers(m):
         if layer.weight_quant is not None and getattr(layer.weight_quant, "enabled", True):
-            for attr in ("int_repr", "qparams", "qmin", "qmax"):
-                if not hasattr(layer.weight_quant, attr):
-                    raise ZsqError(f"layer {name}: weight quantizer {type(layer.weight_quant).__name__} has no "
-                                   f"{attr}; ONNX QDQ cannot express it")
             layer.weight_quant = ExportWeightQuant(name, layer)
         else:
             layer.weight_quant = None
