@@ -74,7 +74,7 @@ def main():
     ap.add_argument("--preset", default="genie")
     ap.add_argument("--n", type=int, default=None, help="images per model (default: the whole set)")
     ap.add_argument("--runs", type=int, default=30, help="latency repetitions (median)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads (1: the machine is shared)")
     ap.add_argument("--json", help="also write the raw rows here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

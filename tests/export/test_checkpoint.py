@@ -203,3 +203,18 @@ def test_codes_follow_the_forward_not_int_repr(tmp_path):
     x = tiny_images(4)
     with torch.no_grad():
         assert torch.equal(q(x), loaded(x))
+
+
+def test_rebuild_through_model_zoo(tmp_path):
+    """No factory: the architecture comes from zsq.models.load(model_name) (random init, no assets)."""
+    from zsq.models import load
+    from zsq.quant import calibrate_from_bn
+
+    q = quantize_model(load("cifar10_resnet20"), get_preset("gdfq", "w4a4"))
+    calibrate_from_bn(q, k=4.0, seed=0)
+    info = save_quantized(q, tmp_path / "r20", model_name="cifar10_resnet20")
+    assert info["size_ratio"] < 0.25
+    loaded = load_quantized(tmp_path / "r20")
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(q(x), loaded(x))
