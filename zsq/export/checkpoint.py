@@ -1,0 +1,281 @@
+"""Quantized checkpoints: packed integer weights + grids + the float rest, no pickled code.
+
+A checkpoint directory holds
+- ``packed_weights.safetensors``: per quantized layer ``<layer>.codes`` (uint8, codes bit-packed to
+  their width, see packing.py), ``<layer>.scale`` and ``<layer>.zero_point`` (float32, shaped to
+  broadcast against the weight);
+- ``float_state.safetensors``: every other tensor of the model (biases, BN, unquantized weights and
+  the activation quantizers' state: scale, zero point, signed flag, initialized, observer state);
+- ``quant.json``: the QuantConfig, the quantization plan (incl. which layers share an input
+  quantizer), the per-layer weight grids and activation quantizer parameters, the model metadata;
+- ``manifest.json``: format name/version, zsq version, model name, sizes and sha256 of each file.
+
+Loading rebuilds the architecture with ``zsq.models.load(model_name)`` (random init, no download),
+re-applies ``quantize_model`` with the saved config and overwrites every tensor, so the loaded
+model's outputs are bit-identical to the saved model's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from zsq.errors import ZsqError
+from zsq.export.frozen import FrozenWeightQuantizer
+from zsq.export.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, file_entries, read_manifest,
+                                 zsq_version)
+from zsq.export.packing import pack_codes, unpack_codes
+from zsq.export.weights import weight_grid
+from zsq.quant.transforms import act_quantizers, quant_layers
+
+PACKED_FILE = "packed_weights.safetensors"
+STATE_FILE = "float_state.safetensors"
+QUANT_FILE = "quant.json"
+CHECKPOINT_FILES = (PACKED_FILE, STATE_FILE, QUANT_FILE)
+
+
+# ---- what to save ------------------------------------------------------------------------------
+def _named_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Parameters and buffers, each shared tensor once (under its first name in module order)."""
+    out = dict(model.named_parameters())
+    out.update(dict(model.named_buffers()))
+    return out
+
+
+def _act_entry(name: str, q: nn.Module) -> dict:
+    if hasattr(q, "initialized") and not bool(q.initialized) and not getattr(getattr(q, "spec", None),
+                                                                             "dynamic", False):
+        raise ZsqError(f"activation quantizer {name} was never initialised; calibrate the model "
+                       f"(zsq.quant.calibrate / calibrate_from_bn) before saving it")
+    scale = getattr(q, "scale", None)
+    zp = getattr(q, "zero_point", None)
+    return {"name": name, "type": type(q).__name__, "bits": int(getattr(q, "bits", 0)),
+            "signed": bool(getattr(q, "signed", False)), "qmin": int(getattr(q, "qmin", 0)),
+            "qmax": int(getattr(q, "qmax", 0)),
+            "scale": scale.detach().reshape(-1).tolist() if scale is not None else None,
+            "zero_point": zp.detach().reshape(-1).tolist() if zp is not None else None,
+            "enabled": bool(getattr(q, "enabled", True))}
+
+
+def _collect(qmodel: nn.Module) -> dict:
+    config = getattr(qmodel, "zsq_quant_config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise ZsqError("not a zsq quantized model (no zsq_quant_config); quantize it with "
+                       "zsq.quant.quantize_model or a zsq method first")
+    plan = getattr(qmodel, "zsq_quant_plan", {}) or {}
+    packed: Dict[str, torch.Tensor] = {}
+    layers: List[dict] = []
+    skip_prefixes, skip_names = [], set()
+    quant_weight_numel = 0
+    for name, layer in quant_layers(qmodel):
+        if layer.weight_quant is None:
+            continue
+        g = weight_grid(name, layer)
+        packed[f"{name}.codes"] = pack_codes(g.codes, g.bits, g.qmin)
+        packed[f"{name}.scale"] = g.scale.contiguous()
+        packed[f"{name}.zero_point"] = g.zero_point.contiguous()
+        dynamic = bool(getattr(getattr(layer.weight_quant, "spec", None), "dynamic", False))
+        layers.append({"name": name, "type": type(layer).__name__, "shape": list(layer.weight.shape),
+                       "numel": layer.weight.numel(), "bits": g.bits, "qmin": g.qmin, "qmax": g.qmax,
+                       "weight_quant": g.quantizer, "dynamic": dynamic})
+        skip_names.add(f"{name}.weight")
+        skip_prefixes.append(f"{name}.weight_quant.")
+        quant_weight_numel += layer.weight.numel()
+    acts = [_act_entry(n, q) for n, q in act_quantizers(qmodel)]
+    quantizer_tensors = {id(t) for _, q in act_quantizers(qmodel) for t in list(q.parameters()) + list(q.buffers())}
+    state, fp_numel = {}, 0
+    for k, t in _named_tensors(qmodel).items():
+        if k in skip_names or any(k.startswith(p) for p in skip_prefixes):
+            continue
+        state[k] = t.detach().cpu().clone().contiguous()
+        if t.is_floating_point() and id(t) not in quantizer_tensors:
+            fp_numel += t.numel()
+    meta = getattr(qmodel, "zsq_meta", None)
+    quant = {
+        "config": config.to_dict(),
+        "plan": plan,
+        "shared_input_quantizers": plan.get("shared_input_quantizers", []),
+        "layers": layers,
+        "act_quantizers": acts,
+        "meta": meta.to_dict() if meta is not None and hasattr(meta, "to_dict") else None,
+    }
+    return {"packed": packed, "state": state, "quant": quant,
+            "fp32_bytes": 4 * (quant_weight_numel + fp_numel)}
+
+
+# ---- save --------------------------------------------------------------------------------------
+def save_quantized(qmodel: nn.Module, out_dir, *, model_name: str, weights_path: Optional[str] = None,
+                   info: Optional[dict] = None, force: bool = False) -> dict:
+    """Write ``qmodel`` as a packed checkpoint into ``out_dir``; returns sizes and paths.
+
+    Refuses a non-empty ``out_dir`` unless ``force`` (then only the checkpoint's own files are
+    replaced; other content, e.g. a ``synth/`` folder, is left alone). Everything is computed and
+    checked before the first byte is written, and files are written to a temporary folder and
+    moved in at the end, so an error leaves ``out_dir`` as it was.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    if not model_name or not isinstance(model_name, str):
+        raise ZsqError("save_quantized needs model_name (the name zsq.models.load rebuilds the architecture from)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ZsqError(f"{out_dir} exists and is not a directory")
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise ZsqError(f"{out_dir} exists and is not empty (pass force=True / --force to overwrite)")
+    try:
+        json.dumps(info or {})
+    except TypeError as e:
+        raise ZsqError(f"info must be JSON-serialisable: {e}") from None
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        parts = _collect(qmodel)
+    finally:
+        qmodel.train(was_training)
+
+    parent = out_dir.parent if out_dir.parent.exists() else None
+    tmp = Path(tempfile.mkdtemp(prefix=".zsq-save-", dir=parent))
+    try:
+        save_file(parts["packed"], str(tmp / PACKED_FILE), metadata={"format": FORMAT_NAME})
+        save_file(parts["state"], str(tmp / STATE_FILE), metadata={"format": FORMAT_NAME})
+        (tmp / QUANT_FILE).write_text(json.dumps(parts["quant"], indent=1, default=str))
+        files = file_entries(tmp, CHECKPOINT_FILES)
+        weight_bytes = sum(t.numel() * t.element_size() for k, t in parts["packed"].items() if k.endswith(".codes"))
+        manifest = {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "zsq_version": zsq_version(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "model_name": model_name, "weights_path": str(weights_path) if weights_path else None,
+            "preset": parts["quant"]["config"].get("preset"),
+            "bits": f"w{parts['quant']['config'].get('w_bits')}a{parts['quant']['config'].get('a_bits')}",
+            "fp32_bytes": parts["fp32_bytes"], "packed_weight_bytes": weight_bytes,
+            "files": files, "info": info or {},
+        }
+        manifest["packed_bytes"] = sum(f["bytes"] for f in files.values())
+        manifest["size_ratio"] = round(manifest["packed_bytes"] / max(parts["fp32_bytes"], 1), 4)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # manifest last: a reader never sees a new manifest with old files
+        for name in CHECKPOINT_FILES + (MANIFEST_FILE,):
+            shutil.move(str(tmp / name), str(out_dir / name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"out": str(out_dir), "format_version": FORMAT_VERSION, "fp32_bytes": manifest["fp32_bytes"],
+            "packed_bytes": manifest["packed_bytes"], "packed_weight_bytes": weight_bytes,
+            "size_ratio": manifest["size_ratio"], "files": sorted(files)}
+
+
+# ---- load --------------------------------------------------------------------------------------
+def _build_model(model_name: str, model_factory: Optional[Callable[[str], nn.Module]]) -> nn.Module:
+    if model_factory is not None:
+        return model_factory(model_name)
+    try:
+        from zsq.models import load
+    except ImportError as e:
+        raise ZsqError(f"cannot rebuild {model_name!r}: zsq.models is unavailable ({e})") from None
+    return load(model_name)
+
+
+def load_quantized(path, *, model_factory: Optional[Callable[[str], nn.Module]] = None) -> nn.Module:
+    """Rebuild the fake-quant model saved by ``save_quantized`` (CPU, eval mode).
+
+    ``model_factory(model_name) -> nn.Module`` replaces ``zsq.models.load`` (for custom models).
+    """
+    from safetensors.torch import load_file
+
+    from zsq.quant.config import QuantConfig
+    from zsq.quant.transforms import quantize_model
+
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    for name in CHECKPOINT_FILES:
+        if name not in manifest["files"]:
+            raise ZsqError(f"checkpoint {folder}: manifest does not list {name}")
+    try:
+        quant = json.loads((folder / QUANT_FILE).read_text())
+        packed = load_file(str(folder / PACKED_FILE))
+        state = load_file(str(folder / STATE_FILE))
+    except ZsqError:
+        raise
+    except Exception as e:  # hashes matched, so this is a writer bug or a hand-made manifest
+        raise ZsqError(f"checkpoint {folder} cannot be read: {e.__class__.__name__}: {e}") from None
+
+    model = _build_model(manifest["model_name"], model_factory)
+    example = None
+    if quant.get("meta"):
+        from zsq.models.meta import ModelMeta, set_meta
+
+        meta = ModelMeta.from_dict(quant["meta"])
+        if getattr(model, "zsq_meta", None) is None:
+            set_meta(model, meta)
+        example = torch.randn(2, *meta.input_size, generator=torch.Generator().manual_seed(0))
+    config = QuantConfig.from_dict(quant["config"])
+    qmodel = quantize_model(model, config, example_input=example)
+
+    # input quantizers shared between the readers of one tensor, exactly as saved
+    for sharer, owner in quant.get("shared_input_quantizers", []):
+        try:
+            qmodel.get_submodule(sharer).input_quant = qmodel.get_submodule(owner).input_quant
+        except AttributeError:
+            raise ZsqError(f"checkpoint {folder} does not fit {manifest['model_name']}: no module {sharer} / {owner}") from None
+
+    layers = dict(quant_layers(qmodel))
+    saved_names = [e["name"] for e in quant["layers"]]
+    unknown = [n for n in saved_names if n not in layers]
+    if unknown:
+        raise ZsqError(f"checkpoint {folder} does not fit {manifest['model_name']}: no layer {unknown[0]}")
+    skip_names, skip_prefixes = set(), []
+    for e in quant["layers"]:
+        name, layer = e["name"], layers[e["name"]]
+        if list(layer.weight.shape) != e["shape"]:
+            raise ZsqError(f"checkpoint {folder}: layer {name} has shape {e['shape']}, the model {list(layer.weight.shape)}")
+        codes = unpack_codes(packed[f"{name}.codes"], e["bits"], e["qmin"], e["numel"]).reshape(e["shape"])
+        scale, zp = packed[f"{name}.scale"], packed[f"{name}.zero_point"]
+        deq = (codes.to(scale.dtype) - zp) * scale
+        with torch.no_grad():
+            layer.weight.copy_(deq)
+        layer.weight_quant = FrozenWeightQuantizer(scale, zp, e["bits"], e["qmin"], e["qmax"])
+        if not torch.equal(layer.quantized_weight().detach(), deq):
+            raise ZsqError(f"layer {name}: stored grid does not reproduce its weights (checkpoint {folder})")
+        skip_names.add(f"{name}.weight")
+        skip_prefixes.append(f"{name}.weight_quant.")
+    # layers saved without a weight quantizer keep theirs off
+    for name, layer in layers.items():
+        if name not in saved_names:
+            layer.weight_quant = None
+
+    targets = {k: t for k, t in _named_tensors(qmodel).items()
+               if k not in skip_names and not any(k.startswith(p) for p in skip_prefixes)}
+    missing = sorted(set(targets) - set(state))
+    unexpected = sorted(set(state) - set(targets))
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise ZsqError(f"checkpoint {folder} does not fit {manifest['model_name']} quantized with "
+                       f"{config.describe()}: {what}")
+    with torch.no_grad():
+        for k, t in targets.items():
+            src = state[k]
+            if src.shape != t.shape:
+                raise ZsqError(f"checkpoint {folder}: {k} has shape {list(src.shape)}, the model {list(t.shape)}")
+            t.copy_(src.to(t.dtype))
+
+    saved_acts = {a["name"]: a for a in quant.get("act_quantizers", [])}
+    for name, q in act_quantizers(qmodel):
+        if hasattr(q, "observing"):
+            q.observing = False
+        if hasattr(q, "_samples"):
+            q._samples = []
+        q.enabled = saved_acts.get(name, {}).get("enabled", True)
+    qmodel.zsq_quant_plan = quant.get("plan", {})
+    qmodel.zsq_quant_config = config
+    qmodel.zsq_checkpoint = {k: manifest[k] for k in ("model_name", "format_version", "zsq_version", "bits",
+                                                       "preset", "packed_bytes", "fp32_bytes")
+                             if k in manifest}
+    qmodel.zsq_checkpoint["path"] = str(folder)
+    return qmodel.eval()

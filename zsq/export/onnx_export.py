@@ -1,0 +1,209 @@
+"""ONNX QDQ export of a zsq fake-quant model (Brevitas-style "QCDQ").
+
+Every quantizer becomes standard ONNX operators that any runtime understands:
+- activation quantizer -> QuantizeLinear -> [Clip] -> DequantizeLinear, with an int8 (signed grids)
+  or uint8 container; for fewer than 8 bits the Clip pins the codes to the sub-8-bit range
+  (the container alone would allow 256 levels);
+- weight quantizer -> an int8/uint8 initializer holding the integer codes -> DequantizeLinear
+  (per output channel: ``axis=0`` with 1-D scale/zero point), so weights are stored as integers
+  in the .onnx file too.
+
+The export swaps the quantizers of a deep copy for export-only modules whose forward computes the
+same values as the fake-quant model and whose autograd ``symbolic`` emits the Q/DQ nodes; the
+TorchScript exporter (``dynamo=False``) then writes the graph. Opset 17 (per-axis Q/DQ needs >= 13).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from zsq.errors import ZsqError
+from zsq.quant.modules import QuantAct, QuantInput
+from zsq.export.weights import weight_grid
+from zsq.quant.transforms import quant_layers
+
+OPSET = 17
+
+
+def _container(qmin: int, qmax: int, what: str) -> Tuple[torch.dtype, int, int]:
+    """int8 or uint8 container for codes in [qmin, qmax]; (dtype, container min, container max)."""
+    if qmin >= 0 and qmax <= 255:
+        return torch.uint8, 0, 255
+    if qmin >= -128 and qmax <= 127:
+        return torch.int8, -128, 127
+    raise ZsqError(f"{what}: code range [{qmin}, {qmax}] fits neither int8 nor uint8; ONNX QDQ cannot express it")
+
+
+def _int_values(t: torch.Tensor, what: str) -> List[int]:
+    vals = t.detach().reshape(-1)
+    if not torch.equal(vals, torch.round(vals)):
+        raise ZsqError(f"{what}: zero point is not an integer; ONNX QDQ cannot express it")
+    return [int(v) for v in vals.tolist()]
+
+
+class _ActQDQ(torch.autograd.Function):
+    """x -> fake-quantized x; exported as QuantizeLinear [-> Clip] -> DequantizeLinear (per tensor)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zp_float, zp: int, qmin: int, qmax: int, container: str):
+        q = torch.clamp(torch.round(x / scale) + zp_float, qmin, qmax)
+        return (q - zp_float) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale, zp_float, zp: int, qmin: int, qmax: int, container: str):
+        dt = torch.int8 if container == "int8" else torch.uint8
+        lo, hi = (-128, 127) if container == "int8" else (0, 255)
+        zp_c = g.op("Constant", value_t=torch.tensor(zp, dtype=dt))
+        q = g.op("QuantizeLinear", x, scale, zp_c)
+        if (qmin, qmax) != (lo, hi):
+            q = g.op("Clip", q, g.op("Constant", value_t=torch.tensor(qmin, dtype=dt)),
+                     g.op("Constant", value_t=torch.tensor(qmax, dtype=dt)))
+        return g.op("DequantizeLinear", q, scale, zp_c)
+
+
+class _WeightDQ(torch.autograd.Function):
+    """Integer codes -> weight; exported as DequantizeLinear on an int8/uint8 initializer."""
+
+    @staticmethod
+    def forward(ctx, codes, scale_b, zp_b, scale_1d, zp_1d, per_channel: bool):
+        return (codes.to(scale_b.dtype) - zp_b) * scale_b
+
+    @staticmethod
+    def symbolic(g, codes, scale_b, zp_b, scale_1d, zp_1d, per_channel: bool):
+        if per_channel:
+            return g.op("DequantizeLinear", codes, scale_1d, zp_1d, axis_i=0)
+        return g.op("DequantizeLinear", codes, scale_1d, zp_1d)
+
+
+class ExportActQuant(nn.Module):
+    """Export-time stand-in for a per-tensor activation quantizer."""
+
+    def __init__(self, name: str, q: nn.Module):
+        super().__init__()
+        scale, zp = q.qparams(None)
+        if scale.numel() != 1:
+            raise ZsqError(f"activation quantizer {name}: only per-tensor activation quantizers are exported")
+        self.register_buffer("scale", scale.detach().reshape(()).clone().float())
+        self.register_buffer("zp_float", zp.detach().reshape(()).clone().float())
+        self.zp = _int_values(self.zp_float, f"activation quantizer {name}")[0]
+        self.qmin, self.qmax = int(q.qmin), int(q.qmax)
+        dt, _, _ = _container(self.qmin, self.qmax, f"activation quantizer {name}")
+        self.container = "int8" if dt == torch.int8 else "uint8"
+
+    def forward(self, x):
+        return _ActQDQ.apply(x, self.scale, self.zp_float, self.zp, self.qmin, self.qmax, self.container)
+
+
+class ExportWeightQuant(nn.Module):
+    """Export-time stand-in for a weight quantizer: holds the integer codes, returns the weight."""
+
+    def __init__(self, name: str, layer: nn.Module):
+        super().__init__()
+        w = layer.weight.detach()
+        g = weight_grid(name, layer)
+        codes, scale, zp = g.codes, g.scale, g.zero_point
+        dt, _, _ = _container(g.qmin, g.qmax, f"layer {name}")
+        # which axis the grid varies along: none (per tensor) or the output channels (axis 0)
+        varying = [d for d in range(scale.dim()) if scale.shape[d] > 1 or (zp.dim() > d and zp.shape[d] > 1)]
+        if scale.numel() == 1 and zp.numel() == 1:
+            self.per_channel = False
+            s1, z1 = scale.reshape(()), zp.reshape(())
+        elif varying == [0] and scale.shape[0] == w.shape[0]:
+            self.per_channel = True
+            s1 = scale.reshape(-1).expand(w.shape[0]).contiguous()
+            z1 = zp.reshape(-1).expand(w.shape[0]).contiguous()
+        else:
+            raise ZsqError(f"layer {name}: weight grid of shape {tuple(scale.shape)} is neither per-tensor nor per "
+                           f"output channel; ONNX QDQ (one axis) cannot express it")
+        _int_values(z1, f"layer {name}")
+        self.register_buffer("codes", codes.to(dt))
+        self.register_buffer("scale_b", scale.clone())
+        self.register_buffer("zp_b", zp.clone())
+        self.register_buffer("scale_1d", s1.clone())
+        self.register_buffer("zp_1d", z1.to(dt).clone())
+        # the weight DQ must give exactly the model's quantized weight
+        if not torch.equal(_WeightDQ.forward(None, self.codes, self.scale_b, self.zp_b, None, None, False),
+                           layer.quantized_weight().detach()):
+            raise ZsqError(f"layer {name}: (codes - zero_point) * scale differs from its quantized weight; "
+                           f"ONNX QDQ cannot express this weight quantizer")
+
+    def forward(self, w):
+        return _WeightDQ.apply(self.codes, self.scale_b, self.zp_b, self.scale_1d, self.zp_1d, self.per_channel)
+
+
+def export_model(qmodel: nn.Module) -> nn.Module:
+    """A deep copy of ``qmodel`` with every quantizer replaced by its export-only module."""
+    m = copy.deepcopy(qmodel).eval()
+    replaced = {}
+
+    def act(name, q):
+        if q is None or not getattr(q, "enabled", True):
+            return None
+        for attr in ("qparams", "qmin", "qmax"):
+            if not hasattr(q, attr):
+                raise ZsqError(f"activation quantizer {name} ({type(q).__name__}) has no {attr}; cannot export it")
+        if getattr(getattr(q, "spec", None), "dynamic", False):
+            raise ZsqError(f"activation quantizer {name} is dynamic (range from each input); ONNX QDQ needs a fixed grid")
+        if hasattr(q, "initialized") and not bool(q.initialized):
+            raise ZsqError(f"activation quantizer {name} was never initialised; calibrate before exporting")
+        if id(q) not in replaced:
+            replaced[id(q)] = ExportActQuant(name, q)
+        return replaced[id(q)]
+
+    for name, layer in quant_layers(m):
+        if layer.weight_quant is not None and getattr(layer.weight_quant, "enabled", True):
+            layer.weight_quant = ExportWeightQuant(name, layer)
+        else:
+            layer.weight_quant = None
+        new = act(name + ".input_quant", layer.input_quant)
+        layer.input_quant = new
+    for name, mod in m.named_modules():
+        if isinstance(mod, QuantInput):
+            mod.input_quant = act(name + ".input_quant", mod.input_quant) or nn.Identity()
+        elif isinstance(mod, QuantAct):
+            mod.quant = act(name + ".quant", mod.quant) or nn.Identity()
+    return m
+
+
+def export_onnx(qmodel: nn.Module, path, *, input_size: Optional[Tuple[int, int, int]] = None,
+                opset: int = OPSET) -> dict:
+    """Write ``qmodel`` as a QDQ ONNX graph (batch dimension dynamic) and check it with onnx.checker."""
+    import onnx
+
+    if input_size is None:
+        meta = getattr(qmodel, "zsq_meta", None)
+        if meta is None:
+            raise ZsqError("export needs the input size: the model has no zsq metadata; pass input_size=(C, H, W)")
+        input_size = tuple(meta.input_size)
+    em = export_model(qmodel)
+    x = torch.zeros(1, *input_size)
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(em, (x,), buf, dynamo=False, opset_version=opset, input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                              do_constant_folding=True)
+    except ZsqError:
+        raise
+    except Exception as e:
+        raise ZsqError(f"torch.onnx.export failed: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    model = onnx.load_from_string(buf.getvalue())
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        raise ZsqError(f"the exported ONNX graph fails onnx.checker: {str(e).splitlines()[0]}") from None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = model.SerializeToString()
+    path.write_bytes(data)
+    ops = {}
+    for n in model.graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return {"onnx": str(path), "onnx_bytes": len(data), "opset": opset, "ops": ops}
