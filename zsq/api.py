@@ -13,7 +13,9 @@ from zsq.progress import log
 
 
 def _is_synthetic_set(path: Path) -> bool:
-    return path.is_dir() and (path / "synthetic.json").exists()
+    from zsq.synth.dataset import META
+
+    return path.is_dir() and (path / META).exists()
 
 
 def load_calibration(spec: str, model, num_images: Optional[int] = None):

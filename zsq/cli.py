@@ -104,9 +104,9 @@ def cmd_methods(args) -> dict:
     presets = list_presets()
     synths = {}
     try:
-        from zsq.synth import list_synthesizers
+        from zsq.synth import get_synthesizer, list_synthesizers
 
-        synths = list_synthesizers()
+        synths = {name: get_synthesizer(name).summary for name in list_synthesizers()}
     except ImportError:
         pass
     if not args.json:
