@@ -70,7 +70,7 @@ class Preprocess:
             check_fits(h, w, self.meta, where)
         top, left = _center_crop_box(h, w, self.h, self.w)
         arr = arr[top:top + self.h, left:left + self.w]
-        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+        x = torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
         return (x - self.mean) / self.std
 
     def _resize(self, img: Image.Image, where: str) -> Image.Image:
