@@ -43,8 +43,15 @@ def main():
     eval_fn = lambda m: evaluate(m, exact, quiet=True)  # noqa: E731
     fns = {"gdfq": qm.gdfq, "ait": qm.ait, "hast": qm.hast, "hast-paper": qm.hast_paper, "ait-genie": qm.ait}
     synth = {"hast": "hast", "hast-paper": "hast", "ait-genie": "genie"}
-    for run in args.runs:
-        job = QuantJob(budget="quick", seed=0, out=out / run, quiet=True, eval_fn=eval_fn)
+    for spec in args.runs:
+        # "METHOD" or "METHOD:key=value,key=value" (job.extra options, e.g. hast:lr=1e-4 for a diagnostic)
+        run, _, opts = spec.partition(":")
+        # (a value with "/" is a tuple of ints, e.g. milestones=3/4)
+        extra = {k: tuple(int(p) for p in v.split("/") if p) if "/" in v else float(v)
+                 for k, v in (kv.split("=") for kv in opts.split(",") if kv)}
+        tag = run + "".join(f"_{k}{v:g}" if isinstance(v, float) else f"_{k}{'-'.join(map(str, v))}"
+                            for k, v in extra.items())
+        job = QuantJob(budget="quick", seed=0, out=out / tag, quiet=True, eval_fn=eval_fn, extra=dict(extra))
         synth_s = 0.0
         if run in synth:
             t0 = time.time()
@@ -58,14 +65,14 @@ def main():
         train_s = time.time() - t0
         jpeg_top1 = evaluate(res.model, jpeg, quiet=True)["top1"]
         rep = {k: v for k, v in res.report.items() if k != "config"}
-        row = {"run": run, "bits": args.bits, "final_top1_exact1017": rep["final_top1"],
+        row = {"run": tag, "options": extra, "bits": args.bits, "final_top1_exact1017": rep["final_top1"],
                "best_top1_exact1017": rep["best_top1"], "best_epoch": rep["best_epoch"],
                "final_top1_jpeg10k": jpeg_top1, "train_seconds": train_s, "synth_seconds": synth_s,
                "fixed_images": args.images if run in synth else None,
                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "per_epoch_top1": [(h["epoch"], h.get("top1")) for h in rep["epochs"]],
                "report": rep, "config": res.report["config"]}
-        (out / f"{run}.json").write_text(json.dumps(row, indent=1, default=str))
+        (out / f"{tag}.json").write_text(json.dumps(row, indent=1, default=str))
         print(json.dumps({k: row[k] for k in ("run", "final_top1_exact1017", "best_top1_exact1017", "best_epoch",
                                               "final_top1_jpeg10k", "train_seconds", "synth_seconds",
                                               "per_epoch_top1")}), flush=True)
