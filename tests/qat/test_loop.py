@@ -173,3 +173,5 @@ def test_method_registration_and_job_mapping(tmp_path):
     res = _METHODS["ait"].fn(teacher, get_preset("gdfq", "w4a4"), job)
     assert res.report["config"]["data"] == "fixed" and res.report["data"] == "synthetic:genie"
     assert {"final_top1", "best_top1", "best_epoch", "epochs", "timing"} <= set(res.report)
+    cfg = res.report["config"]  # --epochs 2 rescales the paper milestones into the run
+    assert cfg["epochs"] == 2 and all(cfg["warmup_epochs"] < m <= 2 for m in cfg["milestones"])

@@ -8,6 +8,7 @@ job.out/work; job.resume continues them.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from zsq.errors import ZsqError
 from zsq.methods.registry import QuantJob, QuantResult, register_method
 from zsq.models.meta import get_meta
-from zsq.qat.config import method_config
+from zsq.qat.config import method_config, paper_config
 from zsq.qat.loop import distill
 
 
@@ -37,6 +38,13 @@ def _run(name: str, fp_model, qconfig, job: QuantJob) -> QuantResult:
     t0 = time.time()
     meta = get_meta(fp_model)
     cfg = method_config(name, meta, job.budget)
+    if job.epochs is not None and job.epochs != cfg.epochs:
+        # a new epoch count moves the lr/rho milestones in proportion (from the published schedule)
+        warm = min(cfg.warmup_epochs, job.epochs - 1)
+        cfg = dataclasses.replace(paper_config(name, meta).rescaled(
+            epochs=job.epochs, iters_per_epoch=cfg.iters_per_epoch, batch_size=cfg.batch_size,
+            warmup_epochs=warm, live_range_epochs=min(cfg.live_range_epochs, job.epochs)),
+            ema_bias_correction=cfg.ema_bias_correction)
     images, labels = _fixed_set(job)
     extra = {k: v for k, v in job.extra.items() if k != "calib_labels"}
     if name == "ait" and images is not None:
