@@ -1,0 +1,82 @@
+"""CIFAR-10 ResNet-20 W4A4 distillation QAT at one equal CPU budget: gdfq, ait (generator), hast,
+and ait on Genie-D images. Final (and best) top-1 on the exact first-1017 test images, final top-1
+on the JPEG 10k set. Writes one JSON per run under --out; summarise with --table.
+
+    PYTHONPATH=. python benchmarks/qat.py --out runs/qat_bench [--runs gdfq ait hast ait-genie]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+import zsq.models
+from zsq.assets import CIFAR10_EXACT, CIFAR10_JPEG, RESNET20, asset
+from zsq.data import load_dataset
+from zsq.evaluate import evaluate
+from zsq.methods.registry import QuantJob
+from zsq.quant import get_preset
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/qat_bench")
+    ap.add_argument("--runs", nargs="+", default=["gdfq", "ait", "hast", "ait-genie"])
+    ap.add_argument("--images", type=int, default=256, help="fixed-set size for hast / ait-genie")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bits", default="w4a4")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import zsq.qat.methods as qm
+    from zsq.synth import synthesize
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = zsq.models.load("cifar10_resnet20", weights=asset(RESNET20))
+    meta = zsq.models.get_meta(teacher)
+    exact = load_dataset(str(asset(CIFAR10_EXACT)), meta)
+    jpeg = load_dataset(str(asset(CIFAR10_JPEG)), meta)
+    eval_fn = lambda m: evaluate(m, exact, quiet=True)  # noqa: E731
+    fns = {"gdfq": qm.gdfq, "ait": qm.ait, "hast": qm.hast, "hast-paper": qm.hast_paper, "ait-genie": qm.ait}
+    synth = {"hast": "hast", "hast-paper": "hast", "ait-genie": "genie"}
+    for spec in args.runs:
+        # "METHOD" or "METHOD:key=value,key=value" (job.extra options, e.g. hast:lr=1e-4 for a diagnostic)
+        run, _, opts = spec.partition(":")
+        # (a value with "/" is a tuple of ints, e.g. milestones=3/4)
+        extra = {k: tuple(int(p) for p in v.split("/") if p) if "/" in v else float(v)
+                 for k, v in (kv.split("=") for kv in opts.split(",") if kv)}
+        tag = run + "".join(f"_{k}{v:g}" if isinstance(v, float) else f"_{k}{'-'.join(map(str, v))}"
+                            for k, v in extra.items())
+        job = QuantJob(budget="quick", seed=0, out=out / tag, quiet=True, eval_fn=eval_fn, extra=dict(extra))
+        synth_s = 0.0
+        if run in synth:
+            t0 = time.time()
+            data = synthesize(teacher, synth[run], args.images, budget="quick", seed=0, out=out / f"synth_{synth[run]}",
+                              resume=True, quiet=True)
+            synth_s = time.time() - t0
+            job.calib, job.calib_source = data.images, f"synthetic:{synth[run]}"
+            job.extra["calib_labels"] = data.labels
+        t0 = time.time()
+        res = fns[run](teacher, get_preset("gdfq", args.bits), job)
+        train_s = time.time() - t0
+        jpeg_top1 = evaluate(res.model, jpeg, quiet=True)["top1"]
+        rep = {k: v for k, v in res.report.items() if k != "config"}
+        row = {"run": tag, "options": extra, "bits": args.bits, "final_top1_exact1017": rep["final_top1"],
+               "best_top1_exact1017": rep["best_top1"], "best_epoch": rep["best_epoch"],
+               "final_top1_jpeg10k": jpeg_top1, "train_seconds": train_s, "synth_seconds": synth_s,
+               "fixed_images": args.images if run in synth else None,
+               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "per_epoch_top1": [(h["epoch"], h.get("top1")) for h in rep["epochs"]],
+               "report": rep, "config": res.report["config"]}
+        (out / f"{tag}.json").write_text(json.dumps(row, indent=1, default=str))
+        print(json.dumps({k: row[k] for k in ("run", "final_top1_exact1017", "best_top1_exact1017", "best_epoch",
+                                              "final_top1_jpeg10k", "train_seconds", "synth_seconds",
+                                              "per_epoch_top1")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

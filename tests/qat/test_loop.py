@@ -1,0 +1,177 @@
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zsq.errors import ZsqError
+from zsq.models.meta import ModelMeta, set_meta
+from zsq.qat import config as qat_config
+from zsq.qat.config import HASTTrainConfig, QATConfig, method_config
+from zsq.qat.hast import difficulty
+from zsq.qat.loop import distill
+from zsq.quant import get_preset
+
+
+class _Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.shortcut, self.relu_out = nn.Identity(), nn.ReLU()
+
+    def forward(self, x):
+        return self.relu_out(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+
+class _TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.relu = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()
+        self.layer1 = _Block(4)
+        self.pool, self.flat, self.linear = nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.linear(self.flat(self.pool(self.layer1(self.relu(self.bn1(self.conv1(x)))))))
+
+
+def _teacher():
+    torch.manual_seed(0)
+    net = _TinyNet()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    meta = ModelMeta(name="tiny", num_classes=3, input_size=(3, 8, 8), mean=(0.5,) * 3, std=(0.25,) * 3)
+    return set_meta(net.eval(), meta)
+
+
+def _cfg(method="ait", **kw):
+    base = dict(epochs=3, iters_per_epoch=2, batch_size=4, warmup_epochs=1, live_range_epochs=1)
+    return qat_config.paper_config(method, _teacher().zsq_meta).rescaled(**base).with_options(**dict(dict(lr=1e-2), **kw))
+
+
+def _eval(model):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(16, 3, 8, 8, generator=g)
+    y = _teacher()(x).argmax(1)
+    with torch.no_grad():
+        return {"top1": 100.0 * float((model(x).argmax(1) == y).float().mean()), "top5": 100.0, "n": 16}
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_difficulty_matches_hand_computation():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    e = math.exp
+    expected = [1 - e(2) / (e(2) + 2), 1 - e(1) / (1 + 2 * e(1))]
+    assert difficulty(logits, torch.tensor([0, 2])).tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_quick_and_paper_budgets_keep_each_recipe():
+    meta = _teacher().zsq_meta
+    ait = method_config("ait", meta, "paper")
+    assert (ait.lr, ait.weight_decay, ait.ce_scale, ait.gi.rho) == (1e-4, 0.0, 0.0, 1e-3)
+    assert ait.epochs * ait.iters_per_epoch == 80000 and ait.milestones == (100, 200, 300)
+    hast = method_config("hast", meta, "paper")
+    assert (hast.kd_scale, hast.kl_reduction, hast.hast.feature_weight, hast.hast.eps) == (8000.0, "batchmean", 1000.0, 0.01)
+    assert method_config("hast-paper", meta, "paper").hast.train_on == "adv"
+    quick = method_config("ait", meta, "quick")
+    assert quick.epochs < ait.epochs and quick.gi.rho == 1e-3 and quick.ema_bias_correction is False
+    assert all(quick.warmup_epochs < m <= quick.epochs for m in quick.milestones)
+    with pytest.raises(ZsqError, match="unknown option"):
+        ait.with_options(learning_rate=1)
+    assert ait.with_options(gi_rho=1e-4).gi.rho == 1e-4
+    with pytest.raises(ZsqError):
+        QATConfig(warmup_epochs=5, epochs=5)
+
+
+@pytest.mark.parametrize("method", ["ait"])
+def test_resume_after_an_interrupted_epoch_gives_the_same_result(tmp_path, method):
+    teacher, q = _teacher(), get_preset("gdfq", "w4a4")
+    cfg = _cfg(method)
+    full, rep_full = distill(teacher, q, cfg, seed=3, out=tmp_path / "a", quiet=True, eval_fn=_eval)
+
+    calls = {"n": 0}
+
+    def interrupting_eval(model):
+        calls["n"] += 1
+        if calls["n"] == 3:  # after epochs 0 and 1 are checkpointed, fail at the end of epoch 2
+            raise KeyboardInterrupt
+        return _eval(model)
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher, q, cfg, seed=3, out=tmp_path / "b", quiet=True, eval_fn=interrupting_eval)
+    resumed, rep = distill(teacher, q, cfg, seed=3, out=tmp_path / "b", resume=True, quiet=True, eval_fn=_eval)
+    for (k, a), b in zip(_state(full).items(), _state(resumed).values()):
+        assert torch.equal(a, b), k
+    assert rep["final_top1"] == rep_full["final_top1"] and rep["best_epoch"] == rep_full["best_epoch"]
+    assert [h["epoch"] for h in rep["epochs"]] == [0, 1, 2]
+    # the student actually trained (weights moved away from the teacher's)
+    assert not torch.equal(full.layer1.conv2.weight, teacher.layer1.conv2.weight)
+
+
+def test_resume_refuses_another_config_naming_the_difference(tmp_path):
+    teacher, q = _teacher(), get_preset("gdfq", "w4a4")
+    distill(teacher, q, _cfg(epochs=2), seed=0, out=tmp_path, quiet=True)
+    with pytest.raises(ZsqError, match=r"qat.lr: 0.01 in the checkpoint vs 0.02 now"):
+        distill(teacher, q, _cfg(epochs=2, lr=2e-2), seed=0, out=tmp_path, resume=True, quiet=True)
+    with pytest.raises(ZsqError, match="seed"):
+        distill(teacher, q, _cfg(epochs=2), seed=1, out=tmp_path, resume=True, quiet=True)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    teacher, q = _teacher(), get_preset("gdfq", "w4a4")
+    import zsq.qat.loop as loop
+
+    real = loop.kd_kl_loss
+    calls = {"n": 0}
+
+    def bad(*a, **k):
+        calls["n"] += 1
+        v = real(*a, **k)
+        return v * float("nan") if calls["n"] > 2 else v  # epoch 1 fine, epoch 2 diverges
+
+    monkeypatch.setattr(loop, "kd_kl_loss", bad)
+    with pytest.raises(ZsqError, match=r"diverged at epoch 2.*last good checkpoint \(after epoch 1\)"):
+        distill(teacher, q, _cfg(), seed=0, out=tmp_path, quiet=True)
+    saved = torch.load(tmp_path / "work" / "qat_state.pt", weights_only=False)
+    assert saved["epochs_done"] == 2
+    params = {k: v for k, v in saved["student"].items() if k.endswith(("weight", "bias", ".scale"))}
+    assert params and all(torch.isfinite(v).all() for v in params.values())
+
+
+def test_hast_trains_on_a_fixed_set_with_both_variants(tmp_path):
+    teacher, q = _teacher(), get_preset("gdfq", "w4a4")
+    images = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    for method in ("hast", "hast-paper"):
+        cfg = _cfg(method)
+        student, rep = distill(teacher, q, cfg, fixed=images, seed=0, quiet=True, eval_fn=_eval)
+        losses = rep["epochs"][-1]["losses"]
+        assert losses["fa_adv"] > 0 and losses["kd_adv"] > 0
+        assert ("kd_clean" in losses) == (method == "hast")
+        assert not torch.equal(student.layer1.conv2.weight, teacher.layer1.conv2.weight)
+        assert not teacher.layer1.bn2._forward_hooks  # taps removed
+    with pytest.raises(ZsqError, match="fixed image set"):
+        distill(teacher, q, _cfg("hast"), fixed=None, quiet=True)
+    with pytest.raises(ZsqError, match="wants"):
+        distill(teacher, q, _cfg("hast"), fixed=torch.randn(4, 3, 16, 16), quiet=True)
+
+
+def test_method_registration_and_job_mapping(tmp_path):
+    from zsq.methods.registry import QuantJob, _METHODS
+    import zsq.qat.methods  # noqa: F401
+
+    assert {"gdfq", "ait", "hast", "hast-paper"} <= set(_METHODS)
+    assert _METHODS["hast"].default_synth == "hast" and _METHODS["ait"].default_preset == "gdfq"
+    teacher = _teacher()
+    job = QuantJob(calib=torch.randn(8, 3, 8, 8), calib_source="synthetic:genie", epochs=2, iters_per_epoch=1,
+                   batch_size=4, quiet=True, eval_fn=_eval, extra={"lr": 1e-2})
+    res = _METHODS["ait"].fn(teacher, get_preset("gdfq", "w4a4"), job)
+    assert res.report["config"]["data"] == "fixed" and res.report["data"] == "synthetic:genie"
+    assert {"final_top1", "best_top1", "best_epoch", "epochs", "timing"} <= set(res.report)
+    cfg = res.report["config"]  # --epochs 2 rescales the paper milestones into the run
+    assert cfg["epochs"] == 2 and all(cfg["warmup_epochs"] < m <= 2 for m in cfg["milestones"])

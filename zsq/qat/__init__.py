@@ -1,0 +1,9 @@
+"""Distillation-based quantization-aware training: one GDFQ-style loop (loop.py) with AIT's KL-only
+loss and gradient inundation (losses.py, inundation.py) and HAST's hard-sample step (hast.py) as parts.
+
+Methods (registered by zsq.qat.methods): gdfq, ait, hast, hast-paper. See docs/qat.md.
+"""
+from zsq.qat.config import HASTTrainConfig, QATConfig, method_config, paper_config  # noqa: F401
+from zsq.qat.inundation import GIConfig, GradientInundation, quantized_weight_layers  # noqa: F401
+from zsq.qat.losses import channel_attention, feature_alignment_loss, kd_kl_loss  # noqa: F401
+from zsq.qat.loop import distill  # noqa: F401

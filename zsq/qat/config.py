@@ -1,0 +1,194 @@
+"""Training configs of the distillation loop, with the papers' (`paper`) and a CPU (`quick`) budget.
+
+Every published number these configs reproduce comes from ait.md §1.6 (GDFQ, AIT) and hast.md §3.5
+(HAST). ``quick`` keeps each method's recipe (losses, lr, rho, schedule shape) and shrinks epochs,
+iterations and batch so that one run fits a shared 2-core CPU in minutes; the milestones shrink in
+proportion. The CLI's --epochs/--iters-per-epoch/--batch-size and ``job.extra`` override fields.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Optional, Tuple
+
+from zsq.errors import ZsqError
+from zsq.qat.inundation import GIConfig
+
+SDP_OBJECTIVES = ("kd_fa", "difficulty")
+TRAIN_ON = ("clean+adv", "adv")
+SOURCES = ("generator", "fixed")
+
+
+@dataclass(frozen=True)
+class HASTTrainConfig:
+    """HAST's fine-tuning step (hast.md §3.4). Official code: lambda 1000 and eps 0.01 (hard-coded),
+    the perturbation ascends KD+FA through both models, and the loss is on clean + perturbed samples.
+    The paper: the perturbation ascends the quantized model's difficulty 1 - p_y, loss on perturbed only."""
+
+    feature_weight: float = 1000.0
+    eps: float = 0.01
+    sdp_objective: str = "kd_fa"
+    train_on: str = "clean+adv"
+    augment: bool = True  # RandomResizedCrop(0.5-1) + flip on every draw (hast.md §3.4)
+
+    def __post_init__(self):
+        if self.sdp_objective not in SDP_OBJECTIVES:
+            raise ZsqError(f"HAST sdp_objective must be one of {SDP_OBJECTIVES}, got {self.sdp_objective!r}")
+        if self.train_on not in TRAIN_ON:
+            raise ZsqError(f"HAST train_on must be one of {TRAIN_ON}, got {self.train_on!r}")
+        if self.feature_weight < 0 or self.eps < 0:
+            raise ZsqError(f"HAST needs feature_weight >= 0 and eps >= 0, got {self.feature_weight}, {self.eps}")
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """One distillation run. Epochs count from 0; epochs < warmup_epochs only train the generator and
+    calibrate activation ranges (the student is not stepped); ranges are live (EMA) in epochs <
+    live_range_epochs and frozen after. lr (and rho, and the generator lr) drop x lr_decay at each
+    milestone epoch (epoch >= milestone)."""
+
+    method: str = "gdfq"
+    epochs: int = 400
+    iters_per_epoch: int = 200
+    batch_size: int = 200
+    warmup_epochs: int = 4
+    live_range_epochs: int = 4
+    lr: float = 1e-4
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    milestones: Tuple[int, ...] = (100, 200, 300)
+    lr_decay: float = 0.1
+    optimizer: str = "sgd"
+    temperature: float = 20.0
+    kd_scale: float = 400.0
+    kl_reduction: str = "mean"
+    ce_scale: float = 1.0
+    data: str = "generator"
+    calib_data: str = "generator"
+    gen_lr: float = 1e-3
+    gen_betas: Tuple[float, float] = (0.5, 0.999)
+    bns_weight: float = 0.1
+    latent_dim: int = 100
+    gi: Optional[GIConfig] = None
+    hast: Optional[HASTTrainConfig] = None
+    eval_every: int = 1
+    ema_bias_correction: Optional[bool] = None  # None keeps the preset's (gdfq: True, the official quirk)
+
+    def __post_init__(self):
+        for name in ("epochs", "iters_per_epoch", "eval_every", "latent_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ZsqError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ZsqError(f"batch_size must be >= 2, got {self.batch_size}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ZsqError(f"warmup_epochs must be in [0, epochs) = [0, {self.epochs}), got {self.warmup_epochs}")
+        if self.live_range_epochs < 0:
+            raise ZsqError(f"live_range_epochs must be >= 0, got {self.live_range_epochs}")
+        if self.lr <= 0 or self.gen_lr <= 0:
+            raise ZsqError(f"learning rates must be > 0, got lr={self.lr}, gen_lr={self.gen_lr}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ZsqError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.kl_reduction not in ("mean", "batchmean"):
+            raise ZsqError(f"kl_reduction must be 'mean' or 'batchmean', got {self.kl_reduction!r}")
+        for name in ("data", "calib_data"):
+            if getattr(self, name) not in SOURCES:
+                raise ZsqError(f"{name} must be one of {SOURCES}, got {getattr(self, name)!r}")
+        if self.ce_scale < 0 or self.kd_scale < 0 or self.temperature <= 0:
+            raise ZsqError("need ce_scale >= 0, kd_scale >= 0, temperature > 0")
+        object.__setattr__(self, "milestones", tuple(sorted(int(m) for m in self.milestones)))
+        object.__setattr__(self, "gen_betas", tuple(float(b) for b in self.gen_betas))
+
+    def lr_at(self, epoch: int) -> float:
+        return self.lr * self.lr_decay ** sum(1 for m in self.milestones if epoch >= m)
+
+    @property
+    def uses_generator(self) -> bool:
+        return self.data == "generator" or (self.calib_data == "generator" and self.warmup_epochs > 0)
+
+    @property
+    def uses_fixed(self) -> bool:
+        return self.data == "fixed" or (self.calib_data == "fixed" and self.warmup_epochs > 0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_options(self, **options) -> "QATConfig":
+        """Override fields by name (the CLI's --epochs etc. and job.extra); GI/HAST fields may be given
+        with a ``gi_`` / ``hast_`` prefix (e.g. gi_rho=1e-4, hast_eps=0.02). Unknown names are refused."""
+        top = {f.name for f in fields(self)}
+        own, gi, hast, bad = {}, {}, {}, []
+        for k, v in options.items():
+            if v is None:
+                continue
+            if k.startswith("gi_") and self.gi is not None and k[3:] in {f.name for f in fields(GIConfig)}:
+                gi[k[3:]] = v
+            elif k.startswith("hast_") and self.hast is not None and k[5:] in {f.name for f in fields(HASTTrainConfig)}:
+                hast[k[5:]] = v
+            elif k in top and k not in ("gi", "hast", "method"):
+                own[k] = v
+            else:
+                bad.append(k)
+        if bad:
+            raise ZsqError(f"unknown option(s) for {self.method}: {', '.join(sorted(bad))}")
+        cfg = replace(self, **own)
+        if gi:
+            cfg = replace(cfg, gi=replace(cfg.gi, **gi))
+        if hast:
+            cfg = replace(cfg, hast=replace(cfg.hast, **hast))
+        return cfg
+
+    def rescaled(self, epochs: int, iters_per_epoch: int, batch_size: int, warmup_epochs: int,
+                 live_range_epochs: int) -> "QATConfig":
+        """The same recipe on a smaller budget: lr/rho milestones moved in proportion to the epochs."""
+        def scale(ms):
+            return tuple(max(warmup_epochs + 1, round(m * epochs / self.epochs)) for m in ms)
+
+        cfg = replace(self, epochs=epochs, iters_per_epoch=iters_per_epoch, batch_size=batch_size,
+                      warmup_epochs=warmup_epochs, live_range_epochs=live_range_epochs,
+                      milestones=scale(self.milestones))
+        if cfg.gi is not None:
+            cfg = replace(cfg, gi=replace(cfg.gi, rho_milestones=scale(self.gi.rho_milestones)))
+        return cfg
+
+
+def _small_input(meta) -> bool:
+    return meta.input_size[-1] <= 64
+
+
+def paper_config(method: str, meta) -> QATConfig:
+    """The published recipe for a method on this teacher (CIFAR-size vs ImageNet-size inputs)."""
+    small = _small_input(meta)
+    if method == "gdfq":  # ait.md §1.6, GDFQ original column
+        return QATConfig(method="gdfq", batch_size=200 if small else 16, warmup_epochs=4 if small else 50,
+                         lr=1e-4 if small else 1e-6, weight_decay=1e-4, ce_scale=1.0)
+    if method == "ait":  # ait.md §1.6 / §8: KL only, wd 0, GI rho 1e-3 (CIFAR) / 1e-4 (ImageNet)
+        return QATConfig(method="ait", batch_size=200 if small else 16, warmup_epochs=4 if small else 50,
+                         lr=1e-4, weight_decay=0.0, ce_scale=0.0,
+                         gi=GIConfig(rho=1e-3 if small else 1e-4, rho_milestones=(100, 200, 300)))
+    if method in ("hast", "hast-paper"):  # hast.md §3.5 (one process = the 4-GPU global batch)
+        hast = HASTTrainConfig() if method == "hast" else HASTTrainConfig(sdp_objective="difficulty", train_on="adv")
+        return QATConfig(method=method, epochs=151, iters_per_epoch=200, batch_size=256 if small else 16,
+                         warmup_epochs=4, live_range_epochs=4, lr=1e-5 if small else 1e-6, weight_decay=1e-4,
+                         milestones=(20, 40, 60) if small else (100, 200, 350), kd_scale=8000.0,
+                         kl_reduction="batchmean", ce_scale=0.0, data="fixed", calib_data="generator", hast=hast)
+    raise ZsqError(f"no QAT recipe for method {method!r}; choose gdfq, ait, hast or hast-paper")
+
+
+# quick budget, measured on the shared 2-core CPU (benchmarks/results/qat.md): about 5-10 minutes
+# per CIFAR ResNet-20 run; ImageNet-size teachers get a smoke-test budget.
+# The quick budget turns off GDFQ's EMA "bias correction" quirk: it inflates activation ranges ~1000x
+# for the first ~150 updates (ait.md §1.2), longer than a quick calibration runs, which leaves the
+# student at chance accuracy; a plain EMA settles in a few dozen steps.
+QUICK_CIFAR = dict(epochs=5, iters_per_epoch=40, batch_size=32, warmup_epochs=1, live_range_epochs=1)
+QUICK_IMAGENET = dict(epochs=3, iters_per_epoch=10, batch_size=8, warmup_epochs=1, live_range_epochs=1)
+
+
+def method_config(method: str, meta, budget: str = "quick") -> QATConfig:
+    """`paper` or `quick` config for method on the teacher described by meta."""
+    if budget not in ("quick", "paper"):
+        raise ZsqError(f"budget must be 'quick' or 'paper', got {budget!r}")
+    cfg = paper_config(method, meta)
+    if budget == "paper":
+        return cfg
+    cfg = cfg.rescaled(**(QUICK_CIFAR if _small_input(meta) else QUICK_IMAGENET))
+    return replace(cfg, ema_bias_correction=False)

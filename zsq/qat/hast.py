@@ -1,0 +1,76 @@
+"""HAST's training step (hast.md §3.4): KD + feature alignment on a sample and on a one-step
+sign-gradient perturbed copy of it ("sample difficulty promotion", SDP).
+
+Two variants (hast.md §8), picked by HASTTrainConfig:
+* ``hast`` (official code): x~ = x + eps*sign(grad_x [KD + FA](x)), the gradient taken through both
+  the student *and* the teacher (the clean teacher pass is not detached); loss = L(x) + L(x~).
+* ``hast-paper``: x~ = x + eps*sign(grad_x mean_i(1 - p_y(Q(x_i)))), the quantized model's
+  difficulty; loss = L(x~) only.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zsq.qat.config import HASTTrainConfig
+from zsq.qat.losses import FeatureTaps, feature_alignment_loss
+
+
+def difficulty(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample difficulty d = 1 - p_y (GHM / HAST)."""
+    return 1.0 - F.softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
+
+
+def sign_perturb(x: torch.Tensor, objective: torch.Tensor, eps: float) -> torch.Tensor:
+    """One FGSM ascent step x + eps*sign(d objective / dx), detached (no projection, no clamp)."""
+    (g,) = torch.autograd.grad(objective, x, retain_graph=True)
+    return (x + eps * torch.sign(g)).detach()
+
+
+def hast_step(teacher: nn.Module, student: nn.Module, taps_t: FeatureTaps, taps_s: FeatureTaps,
+              x: torch.Tensor, labels: torch.Tensor, cfg: HASTTrainConfig,
+              kd: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """The student loss of one HAST step (call .backward() on it); terms for logging."""
+    x = x.detach().clone().requires_grad_(True)
+    lam = cfg.feature_weight
+
+    def distill(xin, t_logits, t_feats):
+        s_logits = student(xin)
+        kd_v = kd(s_logits, t_logits)
+        fa_v = feature_alignment_loss(taps_s.take(), t_feats, lam) if lam > 0 else torch.zeros(())
+        return kd_v, fa_v, s_logits
+
+    terms: Dict[str, float] = {}
+    if cfg.sdp_objective == "kd_fa":
+        t_clean = teacher(x)  # not detached: the official input gradient flows through the teacher too
+        ft_clean = taps_t.take() if lam > 0 else []
+        kd_c, fa_c, _ = distill(x, t_clean, ft_clean)
+        clean = kd_c + fa_c
+        x_adv = sign_perturb(x, clean, cfg.eps)
+        terms.update(kd_clean=float(kd_c.detach()), fa_clean=float(fa_c.detach()))
+    else:
+        s_clean = student(x)
+        fs_clean = taps_s.take() if lam > 0 else []
+        d = difficulty(s_clean, labels).mean()
+        x_adv = sign_perturb(x, d, cfg.eps)
+        terms["difficulty_clean"] = float(d.detach())
+        clean = None
+        if cfg.train_on == "clean+adv":
+            with torch.no_grad():
+                t_clean = teacher(x)
+                ft_clean = [f.detach() for f in taps_t.take()] if lam > 0 else []
+            fa_c = feature_alignment_loss(fs_clean, ft_clean, lam) if lam > 0 else torch.zeros(())
+            clean = kd(s_clean, t_clean) + fa_c
+    with torch.no_grad():
+        t_adv = teacher(x_adv)
+        ft_adv = [f.detach() for f in taps_t.take()] if lam > 0 else []
+    kd_a, fa_a, s_adv = distill(x_adv, t_adv, ft_adv)
+    adv = kd_a + fa_a
+    terms.update(kd_adv=float(kd_a.detach()), fa_adv=float(fa_a.detach()),
+                 difficulty_adv=float(difficulty(s_adv.detach(), labels).mean()))
+    loss = adv if cfg.train_on == "adv" or clean is None else clean + adv
+    terms["loss"] = float(loss.detach())
+    return loss, terms
