@@ -21,7 +21,7 @@ def _is_synthetic_set(path: Path) -> bool:
 def load_calibration(spec: str, model, num_images: Optional[int] = None):
     """Calibration images from a saved SyntheticSet dir or from real labelled images.
 
-    Returns (images tensor N,C,H,W in the model's normalized space, source string)."""
+    Returns (images N,C,H,W in the model's normalized space, labels or None, source string)."""
     from zsq.models.meta import get_meta
 
     meta = get_meta(model)
@@ -31,14 +31,15 @@ def load_calibration(spec: str, model, num_images: Optional[int] = None):
 
         ss = SyntheticSet.load(p)
         x = ss.images if num_images is None else ss.images[:num_images]
+        y = None if ss.labels is None else ss.labels[:x.shape[0]]
         if tuple(x.shape[1:]) != tuple(meta.input_size):
             raise ZsqError(f"calibration images in {p} are {tuple(x.shape[1:])} but {meta.name} expects "
                            f"{tuple(meta.input_size)}")
-        return x, f"synthetic:{ss.meta.get('method', '?')}:{p}"
+        return x, y, f"synthetic:{ss.meta.get('method', '?')}:{p}"
     from zsq.data import load_images_tensor
 
-    x, _ = load_images_tensor(spec, meta, n=num_images)
-    return x, f"real:{spec}"
+    x, y = load_images_tensor(spec, meta, n=num_images)
+    return x, y, f"real:{spec}"
 
 
 def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-minmax", bits: str = "w4a4",
@@ -76,7 +77,9 @@ def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-min
     if not info.needs_images and (calib_data or synth):
         raise ZsqError(f"method {method} uses no images; drop --synth/--calib-data or pick another method")
     if calib_data is not None:
-        job.calib, job.calib_source = load_calibration(calib_data, fp_model, num_images)
+        job.calib, labels, job.calib_source = load_calibration(calib_data, fp_model, num_images)
+        if labels is not None and job.calib_source.startswith("synthetic"):
+            job.extra.setdefault("calib_labels", labels)
     elif info.needs_images:
         synth = synth or info.default_synth
         if synth is None:
@@ -89,7 +92,8 @@ def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-min
                           out=(job.out / "synth") if job.out else None, resume=resume, quiet=quiet)
         synth_seconds = time.time() - t0
         job.calib, job.calib_source, job.synth_method = sset.images, f"synthetic:{synth}", synth
-        job.extra.setdefault("synthetic_labels", sset.labels)
+        if sset.labels is not None:
+            job.extra.setdefault("calib_labels", sset.labels)
 
     fp_top1 = None
     if eval_data is not None:
