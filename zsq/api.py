@@ -74,13 +74,13 @@ def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-min
     synth_seconds = 0.0
     if calib_data is not None and synth is not None:
         raise ZsqError("give either --synth or --calib-data, not both")
-    if not info.needs_images and (calib_data or synth):
+    if info.kind == "calibration" and not info.needs_images and (calib_data or synth):
         raise ZsqError(f"method {method} uses no images; drop --synth/--calib-data or pick another method")
     if calib_data is not None:
         job.calib, labels, job.calib_source = load_calibration(calib_data, fp_model, num_images)
         if labels is not None and job.calib_source.startswith("synthetic"):
             job.extra.setdefault("calib_labels", labels)
-    elif info.needs_images:
+    elif info.needs_images or synth is not None:
         synth = synth or info.default_synth
         if synth is None:
             raise ZsqError(f"method {method} needs images: give --synth METHOD (e.g. genie) or --calib-data PATH")
