@@ -1,0 +1,92 @@
+"""Top-1/top-5 accuracy of a model on labelled real images (the only place real labels are used)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from zsq.errors import ZsqError
+from zsq.models.meta import get_meta
+
+
+def _progress(iterable, total: int, desc: str, quiet: bool):
+    try:  # the shared progress helper, once it exists
+        from zsq.progress import progress
+    except ImportError:
+        from tqdm import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, disable=quiet, leave=False)
+    return progress(iterable, total=total, desc=desc, quiet=quiet)
+
+
+def default_batch_size(model: nn.Module) -> int:
+    """Large batches for small (CIFAR-size) inputs, moderate for ImageNet-size ones."""
+    meta = getattr(model, "zsq_meta", None)
+    if meta is not None and meta.input_size[-1] <= 64:
+        return 500
+    return 50
+
+
+def evaluate(
+    model: nn.Module,
+    data: Union[str, Path, Dataset, tuple],
+    batch_size: Optional[int] = None,
+    quiet: bool = False,
+    device: Union[str, torch.device] = "cpu",
+    return_preds: bool = False,
+) -> dict:
+    """Accuracy of ``model`` on ``data``: ``{"top1": %, "top5": %, "n": int}`` (+ ``"preds"``).
+
+    data: a data spec string (``PATH[START:STOP]``, preprocessed with the model's ModelMeta), a Dataset
+      yielding ``(image, label)``, or a tuple of tensors ``(x, y)`` already in model input space.
+    return_preds: add ``"preds"``, the top-1 class per sample (to compare FP32 and quantized models).
+    The model is run in eval mode and restored to its previous mode afterwards.
+    """
+    if isinstance(data, (str, Path)):
+        from zsq.data import load_dataset
+
+        data = load_dataset(data, get_meta(model))
+    elif isinstance(data, tuple):
+        if len(data) != 2:
+            raise ZsqError("tensor data must be a pair (x, y)")
+        data = TensorDataset(*data)
+    if not isinstance(data, Dataset):
+        raise ZsqError(f"data must be a path, a Dataset or an (x, y) pair, got {type(data).__name__}")
+    n_total = len(data)
+    if n_total == 0:
+        raise ZsqError("no images to evaluate")
+    bs = batch_size or default_batch_size(model)
+    loader = DataLoader(data, batch_size=bs, shuffle=False, num_workers=0)
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = n = 0
+    preds = []
+    try:
+        with torch.inference_mode():
+            for x, y in _progress(loader, total=len(loader), desc="evaluate", quiet=quiet):
+                x, y = x.to(device), torch.as_tensor(y).to(device)
+                logits = model(x)
+                k = min(5, logits.shape[1])
+                top = logits.topk(k, dim=1).indices
+                hit = top.eq(y.view(-1, 1))
+                correct1 += int(hit[:, 0].sum())
+                correct5 += int(hit.any(dim=1).sum())
+                n += y.numel()
+                if return_preds:
+                    preds.extend(top[:, 0].tolist())
+    finally:
+        model.train(was_training)
+    out = {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": n}
+    if return_preds:
+        out["preds"] = preds
+    return out
+
+
+def agreement(preds_a, preds_b) -> float:
+    """Percentage of samples where two models' top-1 predictions agree."""
+    if len(preds_a) != len(preds_b) or not len(preds_a):
+        raise ZsqError("prediction lists must be non-empty and of equal length")
+    return 100.0 * sum(int(a == b) for a, b in zip(preds_a, preds_b)) / len(preds_a)
