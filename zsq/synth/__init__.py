@@ -1,0 +1,37 @@
+"""Data synthesis from the teacher alone (zero-shot): ZeroQ, GDFQ, Genie-D, HAST and a noise floor.
+
+    from zsq.synth import synthesize
+    data = synthesize(teacher, "genie", 256, out="runs/genie256")   # -> SyntheticSet
+    data.images  # float32 (N, C, H, W) in the teacher's normalized input space
+
+See docs/synthesis.md for the methods, budgets, the on-disk format and resume.
+"""
+from __future__ import annotations
+
+from zsq.synth.base import SynthConfig, Synthesizer, get_synthesizer, list_synthesizers, register_synthesizer
+from zsq.synth.dataset import SyntheticSet
+
+__all__ = ["synthesize", "get_synthesizer", "list_synthesizers", "register_synthesizer", "Synthesizer",
+           "SynthConfig", "SyntheticSet", "GDFQGeneratorStream"]
+
+
+def synthesize(teacher, method: str, num_images: int, *, budget: str = "quick", iters: int | None = None,
+               batch_size: int | None = None, seed: int = 0, out=None, resume: bool = False,
+               quiet: bool = False, **options) -> SyntheticSet:
+    """Make `num_images` images for `teacher` with `method` (see list_synthesizers()).
+
+    budget: "quick" (sized for a 2-core CPU) or "paper" (the method's published iterations/sizes);
+    iters / batch_size / options override single config fields (e.g. swap_lr=True for genie).
+    out: directory for per-batch checkpoints and the final set (images + meta.json + grid.png);
+    resume=True continues an interrupted run there to a bit-identical result.
+    """
+    return get_synthesizer(method).run(teacher, num_images, seed=seed, budget=budget, out=out, resume=resume,
+                                       quiet=quiet, iters=iters, batch_size=batch_size, **options)
+
+
+def __getattr__(name):
+    if name == "GDFQGeneratorStream":
+        from zsq.synth.gdfq import GDFQGeneratorStream
+
+        return GDFQGeneratorStream
+    raise AttributeError(name)

@@ -1,0 +1,339 @@
+"""The Synthesizer interface, its registry, and the batch driver every method shares.
+
+A method only says how to make *one batch* (`make_batch`) from a per-batch torch.Generator; the
+driver here does the rest the same way for all of them: budgets, batch planning, per-batch
+checkpoints in ``out/ckpt`` with bit-identical ``resume``, refusing a checkpoint made by a different
+model/method/config, stopping on a non-finite loss, the final Genie-form BNS measurement and the
+SyntheticSet with its metadata.
+
+Repeatability: batch b draws everything (initial pixels/latents, labels, generator init, swing
+shifts) from a generator seeded by derive_seed(seed, b), never from the global stream, so a resumed
+run makes exactly the batches an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from zsq.errors import ZsqError
+from zsq.models.meta import ModelMeta, get_meta
+from zsq.synth.bn_stats import batchnorm_layers, measure_genie_bns
+from zsq.synth.dataset import SyntheticSet
+
+CKPT_DIR = "ckpt"
+MANIFEST = "manifest.json"
+BUDGETS = ("quick", "paper")
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed for the stream (seed, *keys), independent of every other stream."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *[int(k) for k in keys]]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def batch_generator(seed: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(seed, index))
+
+
+def progress(iterable, *, total: int, desc: str, quiet: bool):
+    """zsq.progress.progress when the lead's module is there, else tqdm."""
+    try:
+        from zsq.progress import progress as _progress
+    except ImportError:
+        from tqdm import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, disable=quiet, leave=False)
+    return _progress(iterable, total=total, desc=desc, quiet=quiet)
+
+
+class NonFiniteLoss(ZsqError):
+    """A loss term became NaN or inf during synthesis."""
+
+
+def check_finite(terms: Dict[str, torch.Tensor], where: str) -> Dict[str, float]:
+    """Float values of `terms`; NonFiniteLoss naming the bad term(s) if any is NaN/inf."""
+    values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
+    bad = [f"{k}={v}" for k, v in values.items() if not math.isfinite(v) and k != "total"]
+    if not bad and not all(math.isfinite(v) for v in values.values()):
+        bad = [f"total={values['total']}"]
+    if bad:
+        raise NonFiniteLoss(f"loss term {', '.join(bad)} at {where}")
+    return values
+
+
+@dataclass
+class SynthConfig:
+    """Fields every budget has; methods subclass it (validated in __post_init__)."""
+
+    batch_size: int = 128
+    iters: int = 0
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ZsqError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.iters < 0:
+            raise ZsqError(f"iters must be >= 0, got {self.iters}")
+
+    @classmethod
+    def paper(cls, meta: ModelMeta) -> "SynthConfig":
+        return cls()
+
+    @classmethod
+    def quick(cls, meta: ModelMeta) -> "SynthConfig":
+        return cls()
+
+
+@dataclass
+class BatchResult:
+    images: torch.Tensor
+    labels: Optional[torch.Tensor]
+    losses: Dict[str, float]
+
+
+@dataclass
+class SynthContext:
+    """What make_batch gets: the prepared teacher and everything fixed for the run."""
+
+    teacher: nn.Module  # a private eval-mode copy with requires_grad off (methods may wrap it)
+    meta: ModelMeta
+    cfg: Any
+    seed: int
+    workdir: Optional[Path]
+    quiet: bool
+    state: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Synthesizer:
+    """One synthesis method. Subclasses set `name`, `config_cls`, `summary` and implement make_batch."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    config_cls: ClassVar[type] = SynthConfig
+    # Methods that match *batch* statistics need equal-size batches.
+    needs_full_batches: ClassVar[bool] = True
+    needs_bn: ClassVar[bool] = True
+
+    # -- budgets -----------------------------------------------------------------------------
+    def make_config(self, meta: ModelMeta, budget: str = "quick", **overrides) -> Any:
+        if budget not in BUDGETS:
+            raise ZsqError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+        base = getattr(self.config_cls, budget)(meta)
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        names = {f.name for f in dataclasses.fields(self.config_cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ZsqError(f"{self.name} has no option {', '.join(unknown)}; its options are: {', '.join(sorted(names))}")
+        return dataclasses.replace(base, **overrides)
+
+    def plan(self, num_images: int, batch_size: int) -> List[int]:
+        """Batch sizes for num_images; one smaller batch if num_images < batch_size."""
+        if num_images < 1:
+            raise ZsqError(f"num_images must be >= 1, got {num_images}")
+        if num_images <= batch_size:
+            return [num_images]
+        full, rest = divmod(num_images, batch_size)
+        if rest and self.needs_full_batches:
+            lo, hi = full * batch_size, (full + 1) * batch_size
+            divisors = [d for d in range(max(1, batch_size // 2), 2 * batch_size + 1) if num_images % d == 0]
+            alt = f" or batch size {min(divisors, key=lambda d: abs(d - batch_size))}" if divisors else ""
+            raise ZsqError(
+                f"{self.name} synthesizes in equal batches of {batch_size} (BN statistics are batch statistics): "
+                f"num_images={num_images} is not a multiple; use {lo} or {hi} images{alt}")
+        return [batch_size] * full + ([rest] if rest else [])
+
+    # -- hooks for subclasses ------------------------------------------------------------------
+    def setup(self, ctx: SynthContext) -> None:
+        """Once per run, before the batches (e.g. wrap the teacher, train a generator)."""
+
+    def make_batch(self, ctx: SynthContext, index: int, size: int, gen: torch.Generator) -> BatchResult:
+        raise NotImplementedError
+
+    # -- the driver ----------------------------------------------------------------------------
+    def run(self, teacher: nn.Module, num_images: int, *, seed: int = 0, budget: str = "quick",
+            out=None, resume: bool = False, quiet: bool = False, **overrides) -> SyntheticSet:
+        meta = get_meta(teacher)
+        if self.needs_bn:
+            batchnorm_layers(teacher)  # ZsqError explaining why synthesis needs BN
+        cfg = self.make_config(meta, budget, **overrides)
+        sizes = self.plan(num_images, cfg.batch_size)
+        fingerprint = {
+            "method": self.name, "model": meta.name, "weights": weights_digest(teacher),
+            "config": dataclasses.asdict(cfg), "seed": int(seed), "num_images": int(num_images),
+        }
+        out = Path(out) if out is not None else None
+        ckpt = out / CKPT_DIR if out is not None else None
+        done: Dict[int, BatchResult] = {}
+        seconds_before = 0.0
+        if out is not None:
+            if resume:
+                final = _resume_final(out, fingerprint)
+                if final is not None:
+                    return final
+                done, seconds_before = _load_checkpoint(ckpt, fingerprint)
+            elif (ckpt / MANIFEST).exists() or (out / "meta.json").exists():
+                raise ZsqError(f"{out} already holds a synthesis run; pass resume=True (--resume) to continue "
+                               "it, or choose another output directory")
+            ckpt.mkdir(parents=True, exist_ok=True)
+            _write_manifest(ckpt, fingerprint, seconds_before, sorted(done))
+
+        work = copy.deepcopy(teacher).eval().requires_grad_(False)
+        ctx = SynthContext(work, meta, cfg, int(seed), ckpt, quiet)
+        t0 = time.perf_counter()
+        self.setup(ctx)
+        for b, size in enumerate(sizes):
+            if b in done:
+                continue
+            try:
+                res = self.make_batch(ctx, b, size, batch_generator(seed, b))
+            except NonFiniteLoss as e:
+                kept = f"; {out} keeps the {len(done)} finished batches" if out is not None else ""
+                raise NonFiniteLoss(f"{self.name}: {e} (batch {b}){kept}; try a smaller learning rate "
+                                    "or another seed") from None
+            done[b] = res
+            if ckpt is not None:
+                _save_batch(ckpt, b, res)
+                _write_manifest(ckpt, fingerprint, seconds_before + time.perf_counter() - t0, sorted(done))
+        seconds = seconds_before + time.perf_counter() - t0
+
+        images = torch.cat([done[b].images for b in range(len(sizes))])
+        labels = None
+        if done[0].labels is not None:
+            labels = torch.cat([done[b].labels for b in range(len(sizes))])
+        loss_names = sorted({k for r in done.values() for k in r.losses})
+        losses = {k: float(np.mean([r.losses[k] for r in done.values() if k in r.losses])) for k in loss_names}
+        try:
+            bns = measure_genie_bns(work, images, cfg.batch_size)
+        except ZsqError:  # no BN (only the noise baseline gets this far)
+            bns = None
+        set_meta = {
+            "method": self.name, "config": dataclasses.asdict(cfg), "budget": budget, "seed": int(seed),
+            "seconds": seconds, "images_per_second": num_images / max(seconds, 1e-9),
+            "losses": losses, "bns_loss": bns, "model": meta.name, "weights_digest": fingerprint["weights"],
+            "input_size": list(meta.input_size), "mean": list(meta.mean), "std": list(meta.std),
+            "num_classes": meta.num_classes, "batch_sizes": sizes, "torch": torch.__version__,
+        }
+        result = SyntheticSet(images, labels, set_meta)
+        if out is not None:
+            result.save(out)
+            _write_manifest(ckpt, fingerprint, seconds, sorted(done), complete=True)
+            for f in ckpt.glob("batch_*.pt"):
+                f.unlink()
+            for f in ckpt.glob("state_*.pt"):
+                f.unlink()
+        return result
+
+
+# -- registry ---------------------------------------------------------------------------------
+_REGISTRY: Dict[str, type] = {}
+
+
+def register_synthesizer(cls: type) -> type:
+    """Class decorator: makes `cls` available as get_synthesizer(cls.name)."""
+    if not cls.name:
+        raise ValueError("a Synthesizer needs a name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_synthesizer(name: str) -> Synthesizer:
+    _load_builtin()
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise ZsqError(f"unknown synthesis method {name!r}; choose one of {', '.join(list_synthesizers())}") from None
+
+
+def list_synthesizers() -> List[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin() -> None:
+    import zsq.synth.gdfq  # noqa: F401  (registration happens on import)
+    import zsq.synth.genie  # noqa: F401
+    import zsq.synth.hast  # noqa: F401
+    import zsq.synth.noise  # noqa: F401
+    import zsq.synth.zeroq  # noqa: F401
+
+
+# -- checkpoint files -------------------------------------------------------------------------
+def weights_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _write_manifest(ckpt: Path, fingerprint: dict, seconds: float, batches: List[int], complete=False) -> None:
+    tmp = ckpt / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "seconds": seconds, "batches": batches,
+                               "complete": complete}, indent=2, sort_keys=True))
+    tmp.replace(ckpt / MANIFEST)
+
+
+def _read_manifest(ckpt: Path) -> Optional[dict]:
+    p = ckpt / MANIFEST
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> List[str]:
+    diffs = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            diffs.append(f"{prefix}{k} (checkpoint: {a!r}, now: {b!r})")
+    return diffs
+
+
+def _check_fingerprint(ckpt: Path, manifest: dict, fingerprint: dict) -> None:
+    old = json.loads(json.dumps(manifest["fingerprint"]))
+    new = json.loads(json.dumps(fingerprint))
+    diffs = _differences(old, new)
+    if diffs:
+        raise ZsqError(f"cannot resume from {ckpt.parent}: it was made with a different " + "; ".join(diffs))
+
+
+def _resume_final(out: Path, fingerprint: dict) -> Optional[SyntheticSet]:
+    manifest = _read_manifest(out / CKPT_DIR)
+    if manifest is None:
+        return None
+    _check_fingerprint(out / CKPT_DIR, manifest, fingerprint)
+    return SyntheticSet.load(out) if manifest.get("complete") else None
+
+
+def _load_checkpoint(ckpt: Path, fingerprint: dict):
+    manifest = _read_manifest(ckpt)
+    if manifest is None:
+        return {}, 0.0
+    _check_fingerprint(ckpt, manifest, fingerprint)
+    done = {}
+    for b in manifest["batches"]:
+        f = ckpt / f"batch_{b:05d}.pt"
+        if f.exists():
+            d = torch.load(f, map_location="cpu", weights_only=True)
+            done[b] = BatchResult(d["images"], d.get("labels"), dict(d["losses"]))
+    return done, float(manifest.get("seconds", 0.0))
+
+
+def _save_batch(ckpt: Path, index: int, res: BatchResult) -> None:
+    d = {"images": res.images, "losses": dict(res.losses)}
+    if res.labels is not None:
+        d["labels"] = res.labels
+    tmp = ckpt / f"batch_{index:05d}.pt.tmp"
+    torch.save(d, tmp)
+    tmp.replace(ckpt / f"batch_{index:05d}.pt")

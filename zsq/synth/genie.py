@@ -1,0 +1,125 @@
+"""Genie-D (genie.md §2): per batch, a fresh generator and fresh learnable latents, trained so the
+teacher's BN-input statistics match its running statistics; strided convs swing during synthesis.
+
+Why a generator at all: the images are the output of a shared small network rather than free
+pixels, which couples the pixels and makes BN matching converge faster (per second) than ZeroQ's
+pixel optimisation -- measured in benchmarks/results/synthesis.md.
+
+Learning rates: Genie's CLI documents lr_g=0.1 for the generator and lr_z=0.01 for the latents,
+but its code hands lr_g to the latents and lr_z to the generator (genie.md §6.1). zsq uses the
+documented assignment by default; ``swap_lr=True`` reproduces the official code's effective one
+(latents 0.1, generator 0.01).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zsq.errors import ZsqError
+from zsq.synth.base import BatchResult, SynthConfig, SynthContext, Synthesizer, check_finite, progress, \
+    register_synthesizer
+from zsq.synth.bn_stats import BNStatsRecorder, input_prior_loss
+from zsq.synth.generators import GenieGenerator
+from zsq.synth.swing import swing_copy
+
+
+@dataclass
+class GenieConfig(SynthConfig):
+    """Genie-D budget. paper = genie.md §2.2 (batch 128, 4000 iterations)."""
+
+    batch_size: int = 128
+    iters: int = 4000
+    lr_g: float = 0.1  # generator (documented); see swap_lr
+    lr_z: float = 0.01  # latents (documented); see swap_lr
+    swap_lr: bool = False  # True: latents get lr_g, generator lr_z, as the official code does
+    latent_dim: int = 256
+    z_patience: int = 100  # ReduceLROnPlateau on the latents' lr (×0.1, floor 1e-4), stepped every iteration
+    g_decay_every: int = 100  # ExponentialLR(g_gamma) on the generator's lr every this many iterations
+    g_gamma: float = 0.95
+    swing: bool = True
+    input_prior: bool = True  # the per-image mean 0 / std 1 pixel term (genie.md §2.2 L_in)
+    head: str = "linear"  # "linear" (Genie) or "small" (zsq option, see GenieGenerator)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lr_g <= 0 or self.lr_z <= 0:
+            raise ZsqError(f"genie learning rates must be > 0, got lr_g={self.lr_g}, lr_z={self.lr_z}")
+        if self.z_patience < 0 or self.g_decay_every < 1 or not 0 < self.g_gamma <= 1:
+            raise ZsqError("genie schedule needs z_patience >= 0, g_decay_every >= 1 and 0 < g_gamma <= 1")
+        if self.head not in ("linear", "small"):
+            raise ZsqError(f"genie head must be 'linear' or 'small', got {self.head!r}")
+
+    @property
+    def generator_lr(self) -> float:
+        return self.lr_z if self.swap_lr else self.lr_g
+
+    @property
+    def latent_lr(self) -> float:
+        return self.lr_g if self.swap_lr else self.lr_z
+
+    @classmethod
+    def paper(cls, meta) -> "GenieConfig":
+        return cls()
+
+    @classmethod
+    def quick(cls, meta) -> "GenieConfig":
+        # Chosen by measurement on the 2-core CPU (benchmarks/results/synthesis.md): the BNS loss
+        # falls fastest in the first ~200 iterations; the schedules are shortened in proportion.
+        if meta.input_size[-1] <= 64:
+            return cls(batch_size=128, iters=200, z_patience=20, g_decay_every=10)
+        return cls(batch_size=32, iters=50, z_patience=10, g_decay_every=5)
+
+
+@register_synthesizer
+class GenieSynthesizer(Synthesizer):
+    name = "genie"
+    summary = "Genie-D: fresh generator + latents per batch, swing conv, Genie BNS + input prior"
+    config_cls = GenieConfig
+
+    def setup(self, ctx: SynthContext) -> None:
+        ctx.state["net"] = swing_copy(ctx.teacher) if ctx.cfg.swing else ctx.teacher
+
+    def make_batch(self, ctx: SynthContext, index: int, size: int, gen: torch.Generator) -> BatchResult:
+        cfg: GenieConfig = ctx.cfg
+        c, h, w = ctx.meta.input_size
+        if h != w:
+            raise ZsqError(f"the Genie generator makes square images; the teacher wants {h}x{w}")
+        net = ctx.state["net"]
+        for m in net.modules():
+            if hasattr(m, "last_shift"):
+                m.generator = gen
+        with torch.random.fork_rng(devices=[]):  # default init, but seeded per batch
+            torch.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
+            g = GenieGenerator(h, c, cfg.latent_dim, cfg.head).train()
+        z = torch.randn(size, cfg.latent_dim, generator=gen).requires_grad_(True)
+        opt_z = torch.optim.Adam([z], lr=cfg.latent_lr)
+        opt_g = torch.optim.Adam(g.parameters(), lr=cfg.generator_lr)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt_z, mode="min", factor=0.1,
+                                                             patience=cfg.z_patience, threshold=1e-4, min_lr=1e-4)
+        decay = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=cfg.g_gamma)
+        x_last, values = None, {}
+        with BNStatsRecorder(net) as rec:
+            bar = progress(range(cfg.iters), total=cfg.iters, desc=f"genie batch {index}", quiet=ctx.quiet)
+            for t in bar:
+                opt_z.zero_grad(set_to_none=True)
+                opt_g.zero_grad(set_to_none=True)
+                x = g(z)
+                rec.clear()
+                net(x)
+                terms = {"bns": rec.genie_loss()}
+                if cfg.input_prior:
+                    terms["input"] = input_prior_loss(x)
+                loss = sum(terms.values())
+                values = check_finite(dict(terms, total=loss), f"iteration {t}")
+                loss.backward()
+                opt_z.step()
+                opt_g.step()
+                plateau.step(values["total"])
+                if (t + 1) % cfg.g_decay_every == 0:
+                    decay.step()
+                x_last = x.detach()
+        if x_last is None:  # iters == 0: the untrained generator's images
+            with torch.no_grad():
+                x_last = g(z)
+        return BatchResult(x_last.clone(), None, values)

@@ -1,0 +1,110 @@
+"""HAST hard-sample synthesis (hast.md §2): pixel optimisation with BN matching plus a focal-style,
+difficulty-weighted cross-entropy that keeps samples *hard* (the teacher is not allowed to become
+fully confident on them).
+
+Loss per batch: L = (1/L)Σ_l MSE(μ_l) + (1/L)Σ_l MSE(σ²_l)  (biased var, GDFQ form)
+                  + β · mean_i[(1 − p_i)^γ · CE_i],  p_i = softmax(T(x_i))[y_i], weight not detached.
+β, γ: 10, 2 for CIFAR-sized teachers (≤ 100 classes); 0.1, 0.5 for ImageNet. ImageNet also applies,
+with probability 0.5 per iteration, a per-sample differentiable RandomResizedCrop(0.4–1) + flip.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from zsq.errors import ZsqError
+from zsq.synth.base import BatchResult, SynthConfig, SynthContext, Synthesizer, check_finite, progress, \
+    register_synthesizer
+from zsq.synth.bn_stats import BNStatsRecorder
+
+
+@dataclass
+class HASTConfig(SynthConfig):
+    """paper = hast.md §2.3: batch 256, 1000 Adam(0.5) steps, plateau patience 50 (floor 1e-4)."""
+
+    batch_size: int = 256
+    iters: int = 1000
+    lr: float = 0.5
+    patience: int = 50
+    beta: float = 10.0
+    gamma: float = 2.0
+    augment: bool = False  # RRC(0.4-1)+flip with p=0.5 per iteration (ImageNet in HAST)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lr <= 0 or self.beta < 0 or self.gamma < 0:
+            raise ZsqError(f"hast needs lr > 0, beta >= 0, gamma >= 0; got {self.lr}, {self.beta}, {self.gamma}")
+
+    @classmethod
+    def _for(cls, meta, **kw) -> "HASTConfig":
+        if meta.num_classes > 100:  # ImageNet-style teacher (hast.md §2.3 run_generate_imagenet.sh)
+            kw = dict(dict(beta=0.1, gamma=0.5, augment=True), **kw)
+        return cls(**kw)
+
+    @classmethod
+    def paper(cls, meta) -> "HASTConfig":
+        return cls._for(meta)
+
+    @classmethod
+    def quick(cls, meta) -> "HASTConfig":
+        if meta.input_size[-1] <= 64:
+            return cls._for(meta, batch_size=128, iters=200, patience=20)
+        return cls._for(meta, batch_size=32, iters=50, patience=10)
+
+
+def hard_sample_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:
+    """mean_i (1 − p_i)^γ · CE_i, the weight kept in the graph (as HAST's code does)."""
+    logp = F.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
+    return torch.mean((1 - logp.exp()) ** gamma * (-logp))
+
+
+def random_resized_crop_flip(x: torch.Tensor, gen: torch.Generator, scale=(0.4, 1.0),
+                             ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """Per-sample RandomResizedCrop + horizontal flip as one differentiable affine resampling."""
+    n = x.shape[0]
+    area = torch.empty(n).uniform_(*scale, generator=gen)
+    logr = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
+    w = torch.sqrt(area * logr.exp()).clamp(max=1.0)
+    h = torch.sqrt(area / logr.exp()).clamp(max=1.0)
+    cx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - w)
+    cy = (torch.rand(n, generator=gen) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+@register_synthesizer
+class HASTSynthesizer(Synthesizer):
+    name = "hast"
+    summary = "HAST: pixel optimisation, GDFQ-form BNS + beta*(1-p)^gamma*CE on random labels"
+    config_cls = HASTConfig
+
+    def make_batch(self, ctx: SynthContext, index: int, size: int, gen: torch.Generator) -> BatchResult:
+        cfg: HASTConfig = ctx.cfg
+        labels = torch.randint(0, ctx.meta.num_classes, (size,), generator=gen)
+        x = torch.randn(size, *ctx.meta.input_size, generator=gen).requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=cfg.lr)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1,
+                                                             patience=cfg.patience, min_lr=1e-4)
+        values = {}
+        with BNStatsRecorder(ctx.teacher) as rec:
+            for t in progress(range(cfg.iters), total=cfg.iters, desc=f"hast batch {index}", quiet=ctx.quiet):
+                opt.zero_grad(set_to_none=True)
+                inp = x
+                if cfg.augment and float(torch.rand(1, generator=gen)) < 0.5:
+                    inp = random_resized_crop_flip(x, gen)
+                rec.clear()
+                logits = ctx.teacher(inp)
+                terms = {"bns": rec.gdfq_loss(), "hard_ce": cfg.beta * hard_sample_loss(logits, labels, cfg.gamma)}
+                loss = terms["bns"] + terms["hard_ce"]
+                values = check_finite(dict(terms, total=loss), f"iteration {t}")
+                loss.backward()
+                opt.step()
+                plateau.step(values["total"])
+        return BatchResult(x.detach().clone(), labels, values)

@@ -1,0 +1,59 @@
+"""Swing convolution (genie.md §2.3): a random ±1-pixel reflect-shift before every strided conv.
+
+A stride-2 conv only ever samples every other pixel, so pixels that no stride lands on get no
+gradient and synthetic images show checkerboard artifacts. Shifting the conv's input by a random
+offset in {-1,0,1}² (reflect-padded, cropped back to the same size; one offset per layer per
+forward, shared by the batch) lets every pixel take part. It is used on a *copy* of the teacher
+during synthesis only; quantization always sees the original convs.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SwingConv2d(nn.Module):
+    """Wraps a strided Conv2d; shifts its input by (dy, dx) ∈ {-1,0,1}² drawn from `generator`."""
+
+    def __init__(self, conv: nn.Conv2d, generator: torch.Generator | None = None, jitter: int = 1):
+        super().__init__()
+        self.conv = conv
+        self.generator = generator
+        self.jitter = jitter
+        self.enabled = True
+        self.last_shift = (0, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.conv(x)
+        j = self.jitter
+        dy, dx = (int(v) for v in torch.randint(0, 2 * j + 1, (2,), generator=self.generator))
+        self.last_shift = (dy - j, dx - j)
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (j, j, j, j), mode="reflect")
+        return self.conv(padded[:, :, dy:dy + h, dx:dx + w])
+
+
+def swing_copy(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """A deep copy of `model` in eval mode, with every Conv2d whose stride != 1 wrapped in
+    SwingConv2d drawing from `generator`; `model` itself is untouched."""
+    twin = copy.deepcopy(model).eval()
+    for name, module in list(twin.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Conv2d) and tuple(child.stride) != (1, 1):
+                setattr(module, child_name, SwingConv2d(child, generator))
+    return twin
+
+
+def set_swing(model: nn.Module, enabled: bool) -> None:
+    """Turn every SwingConv2d in `model` on or off (off = the plain conv)."""
+    for m in model.modules():
+        if isinstance(m, SwingConv2d):
+            m.enabled = enabled
+
+
+def count_swing(model: nn.Module) -> int:
+    return sum(isinstance(m, SwingConv2d) for m in model.modules())
