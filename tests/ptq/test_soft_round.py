@@ -73,7 +73,7 @@ def test_rounding_loss_falls_as_h_goes_binary():
     layer = _conv()
     soft = SoftRoundQuantizer(layer.weight, layer.weight_quant, learn_scale=False)
     losses = []
-    for mag in (0.0, 1.0, 2.0, 4.0, 20.0):
+    for mag in (0.0, 0.5, 1.0, 2.0, 20.0):
         with torch.no_grad():
             soft.v.copy_(torch.sign(torch.randn_like(soft.v)) * mag)
         losses.append(float(soft.round_loss(beta=2.0)))
