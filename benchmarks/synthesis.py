@@ -1,0 +1,132 @@
+"""Synthesis benchmark on the shared CIFAR-10 ResNet-20 (and optionally EfficientNet-Lite0).
+
+For each method at the quick budget: wall time, images/second, final BNS loss (Genie form, mean per
+layer), the teacher's predicted-class histogram entropy and mean max-softmax; Gaussian noise is the
+floor. Then the downstream check: W4A4 calibration (Genie preset, activation observer min/max and
+Lp-2.4) on the Genie-D images vs on noise, top-1 on the exact first-1017 CIFAR-10 test images.
+Also a BNS-vs-wall-time curve for genie (both learning-rate assignments) and zeroq, one batch each.
+
+    PYTHONPATH=. python benchmarks/synthesis.py --num-images 256 --md benchmarks/results/synthesis.md
+
+Timings depend on the machine and on other processes; record the load with the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import resource
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import zsq.synth.genie as genie_mod  # noqa: E402
+import zsq.synth.zeroq as zeroq_mod  # noqa: E402
+from benchmarks._teachers import cifar_exact, resnet20  # noqa: E402
+from zsq.synth import synthesize  # noqa: E402
+
+
+def class_stats(teacher, images):
+    with torch.no_grad():
+        p = torch.softmax(teacher(images), 1)
+    hist = torch.bincount(p.argmax(1), minlength=p.shape[1]).float()
+    q = hist / hist.sum()
+    entropy = float(-(q[q > 0] * q[q > 0].log2()).sum())
+    return entropy, float(p.max(1).values.mean()), hist.long().tolist()
+
+
+def top1(model, x, y):
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean()) * 100
+
+
+def downstream(teacher, calib_sets, x_test, y_test):
+    from zsq.quant import calibrate, get_preset, quantize_model
+
+    rows = []
+    base = get_preset("genie", "w4a4")
+    for observer in ("minmax", "lp"):
+        cfg = dataclasses.replace(base, act=dataclasses.replace(base.act, observer=observer))
+        for name, images in calib_sets.items():
+            q = quantize_model(teacher, cfg)
+            calibrate(q, images, batch_size=64)
+            rows.append((observer, name, top1(q, x_test, y_test)))
+    return rows
+
+
+def curve(teacher, method, iters, batch, **opts):
+    """(seconds, per-layer Genie BNS) after each iteration of one batch."""
+    log, t0 = [], []
+    mod = genie_mod if method == "genie" else zeroq_mod
+    orig = mod.check_finite
+
+    def spy(terms, where):
+        v = orig(terms, where)
+        if not t0:
+            t0.append(time.perf_counter())
+        log.append((time.perf_counter() - t0[0], v["bns"] / 19))
+        return v
+
+    mod.check_finite = spy
+    try:
+        synthesize(teacher, method, batch, iters=iters, batch_size=batch, quiet=True, **opts)
+    finally:
+        mod.check_finite = orig
+    return log
+
+
+def at_time(log, t):
+    """Lowest BNS reached by time t (the images kept are the last ones; the curve is near-monotone)."""
+    vals = [b for s, b in log if s <= t]
+    return min(vals) if vals else math.nan
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--num-images", type=int, default=256)
+    ap.add_argument("--methods", default="noise,genie,zeroq,hast,gdfq")
+    ap.add_argument("--curve-iters", type=int, default=0, help="also time BNS curves (0: skip)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    teacher = resnet20()
+    x_test, y_test = cifar_exact()
+    out = {"num_images": args.num_images, "threads": args.threads, "load_before": os.getloadavg(),
+           "fp32_top1": top1(teacher, x_test, y_test), "methods": {}}
+    sets = {}
+    for method in args.methods.split(","):
+        t = time.perf_counter()
+        data = synthesize(teacher, method, args.num_images, quiet=True, seed=0)
+        wall = time.perf_counter() - t
+        ent, conf, hist = class_stats(teacher, data.images)
+        sets[method] = data.images
+        out["methods"][method] = {"seconds": data.meta["seconds"], "wall": wall,
+                                  "images_per_second": args.num_images / wall, "bns_loss": data.meta["bns_loss"],
+                                  "entropy_bits": ent, "mean_max_prob": conf, "hist": hist,
+                                  "config": data.meta["config"], "losses": data.meta["losses"]}
+        print(method, json.dumps(out["methods"][method]), flush=True)
+    if "genie" in sets and "noise" in sets:
+        out["downstream"] = downstream(teacher, {k: sets[k] for k in sets}, x_test, y_test)
+        print("downstream", out["downstream"], flush=True)
+    if args.curve_iters:
+        out["curves"] = {
+            "genie": curve(teacher, "genie", args.curve_iters, 128),
+            "genie_swap_lr": curve(teacher, "genie", args.curve_iters, 128, swap_lr=True),
+            "zeroq": curve(teacher, "zeroq", args.curve_iters, 128),
+        }
+    out["load_after"] = os.getloadavg()
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()
