@@ -109,12 +109,12 @@ class EngineOptions:
 
     seed: int = 0
     chunk: int = 128
-    max_cache_mib: int = 8192
+    max_cache_mib: float = 8192.0
     quiet: bool = False
 
     def __post_init__(self):
-        if self.chunk < 1 or self.max_cache_mib < 1:
-            raise ZsqError("chunk and max_cache_mib must be >= 1")
+        if self.chunk < 1 or self.max_cache_mib <= 0:
+            raise ZsqError("chunk must be >= 1 and max_cache_mib > 0")
 
 
 # ---- the four methods (spec genie.md 3.6) -----------------------------------------------------

@@ -54,7 +54,7 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
     budget = get_budget(job.budget).override(job.iters, job.batch_size, job.num_images)
     extra = dict(job.extra or {})
     opts = EngineOptions(seed=job.seed, quiet=job.quiet, chunk=int(extra.get("chunk", 128)),
-                         max_cache_mib=int(extra.get("max_cache_mib", 8192)))
+                         max_cache_mib=float(extra.get("max_cache_mib", 8192)))
     work_dir = extra.get("work_dir") or (Path(job.out) / "work" if job.out is not None else None)
     if job.resume and work_dir is None:
         raise ZsqError("--resume needs --out (the checkpoints live in OUT/work)")

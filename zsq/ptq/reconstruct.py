@@ -229,7 +229,7 @@ class Reconstructor:
         log(f"{self.recipe.name}: {summarize_units(self.units)}; {len(self.recipe.phases)} phase(s), "
             f"{self.budget.iters} iters/unit, batch {self.batch_size}, {self.calib.shape[0]} images", quiet)
         log(self.estimate.describe(), quiet)
-        cache.check_memory(self.estimate, self.opts.max_cache_mib * 2 ** 20)
+        cache.check_memory(self.estimate, int(self.opts.max_cache_mib * 2 ** 20))
         records: List[dict] = []
         start = 0
         if resume and self.work_dir is not None:
