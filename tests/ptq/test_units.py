@@ -66,4 +66,4 @@ def test_unknown_model_falls_back_to_layers():
 def test_layer_granularity_splits_blocks():
     q = quantize_model(zsq.models.load("cifar10_resnet20"), CHEAP)
     units = find_units(q, "layer")
-    assert len(units) == 21 and all(u.kind == "layer" for u in units)
+    assert len(units) == 20 and all(u.kind == "layer" for u in units)

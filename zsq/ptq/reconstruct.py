@@ -166,10 +166,12 @@ class Reconstructor:
             for p in g["params"]:
                 p.requires_grad_(True)
         iters = max(1, round(self.budget.iters * phase.iters_scale))
+        if not groups_fast and not groups_scale:
+            iters = 0  # nothing to learn here (e.g. the stem in an activation phase: its input stays float)
         opt_v = torch.optim.Adam(groups_fast) if groups_fast else None
         opt_s = torch.optim.Adam(groups_scale) if groups_scale else None
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=iters, eta_min=0.0) if opt_s else None
-        beta = BetaSchedule(iters, self.recipe.beta_start, self.recipe.beta_end, self.recipe.warmup)
+        beta = BetaSchedule(max(iters, 1), self.recipe.beta_start, self.recipe.beta_end, self.recipe.warmup)
 
         n, bs = self.calib.shape[0], self.batch_size
         perm, pos = None, n
@@ -218,6 +220,7 @@ class Reconstructor:
             final = sum(_recon_loss(mod(xq[i:i + 256]), y[i:i + 256], 2.0).item() * len(y[i:i + 256])
                         for i in range(0, n, 256)) / n
         k = max(1, len(rec_hist) // 10)
+        rec_hist = rec_hist or [final]
         return {"unit": unit.name, "kind": unit.kind, "phase": phase.name, "iters": iters,
                 "loss_start": sum(rec_hist[:k]) / k, "loss_end": sum(rec_hist[-k:]) / k,
                 "round_loss_end": round_val, "hard_loss": final, "seconds": time.time() - t0}
