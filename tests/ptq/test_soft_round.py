@@ -1,0 +1,105 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from zsq.errors import ZsqError
+from zsq.ptq.soft_round import (SoftRoundQuantizer, inverse_rectified_sigmoid, rectified_sigmoid, to_uniform)
+from zsq.ptq.schedule import BetaSchedule
+from zsq.quant.modules import QuantConv2d, make_weight_quantizer
+from zsq.quant.quantizer import QuantSpec, UniformQuantizer
+
+W4 = QuantSpec(bits=4, per_channel=True, symmetric=False, observer="lp")
+
+
+def _conv(bits=4, seed=0):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(8, 6, 3, bias=False)
+    return QuantConv2d.from_float(conv, W4.with_bits(bits), None)
+
+
+def test_rectified_sigmoid_inverse_and_range():
+    h = torch.linspace(0.0, 0.999, 101)
+    assert torch.allclose(rectified_sigmoid(inverse_rectified_sigmoid(h)), h, atol=1e-5)
+    assert rectified_sigmoid(torch.tensor(-50.0)) == 0.0 and rectified_sigmoid(torch.tensor(50.0)) == 1.0
+
+
+def test_soft_weight_equals_fp_weight_inside_clip_range():
+    layer = _conv()
+    w = layer.weight.detach().clone()
+    base = layer.weight_quant
+    s, z = base.qparams(w)
+    lo, hi = (base.qmin - z) * s, (base.qmax - z) * s
+    soft = SoftRoundQuantizer(w, base, learn_scale=True)
+    w_soft = soft(w)
+    inside = (w >= lo) & (w <= hi)
+    assert inside.float().mean() > 0.5  # the Lp search clips some, keeps most
+    assert torch.allclose(w_soft[inside], w[inside], atol=1e-5)
+    # outside the range the soft weight is clipped to the grid ends
+    assert torch.all(w_soft <= hi + 1e-6) and torch.all(w_soft >= lo - 1e-6)
+
+
+def test_hardening_is_floor_plus_indicator():
+    layer = _conv(bits=3)
+    w = layer.weight.detach().clone()
+    soft = SoftRoundQuantizer(w, layer.weight_quant, learn_scale=False)
+    with torch.no_grad():
+        soft.v.copy_(torch.randn_like(soft.v))
+    s0, z = layer.weight_quant.qparams(w)
+    expected_codes = torch.clamp(torch.floor(w / s0) + (soft.v >= 0).float() + z, 0, 7)
+    soft.harden()
+    assert torch.equal(soft.codes(), expected_codes)
+    assert torch.allclose(soft(w), s0 * (expected_codes - z))
+    # written back as a plain UniformQuantizer: same values and integer codes
+    layer.weight_quant = soft
+    uq = to_uniform(layer)
+    assert isinstance(uq, UniformQuantizer)
+    assert torch.allclose(layer.quantized_weight(), s0 * (expected_codes - z), atol=1e-6)
+    assert torch.equal(uq.int_repr(layer.weight), expected_codes.to(torch.int32))
+
+
+def test_hard_rounding_uses_frozen_base_after_scale_changes():
+    layer = _conv()
+    w = layer.weight.detach().clone()
+    soft = SoftRoundQuantizer(w, layer.weight_quant, learn_scale=True)
+    base0 = soft.base_int.clone()
+    with torch.no_grad():
+        soft.scale.mul_(1.3)
+    assert torch.equal(soft.base_int, base0)
+    codes = soft.codes()
+    assert torch.equal(codes, torch.clamp(base0 + (soft.v >= 0).float() + soft.zero_point, 0, 15))
+
+
+def test_rounding_loss_falls_as_h_goes_binary():
+    layer = _conv()
+    soft = SoftRoundQuantizer(layer.weight, layer.weight_quant, learn_scale=False)
+    losses = []
+    for mag in (0.0, 0.5, 1.0, 2.0, 20.0):
+        with torch.no_grad():
+            soft.v.copy_(torch.sign(torch.randn_like(soft.v)) * mag)
+        losses.append(float(soft.round_loss(beta=2.0)))
+    assert all(a > b for a, b in zip(losses, losses[1:]))
+    assert losses[-1] == 0.0  # h is exactly 0 or 1 for |V| large
+    assert losses[0] == pytest.approx(soft.v.numel(), rel=1e-5)  # h = 0.5 everywhere
+
+
+def test_soft_round_refuses_dynamic_grid():
+    conv = nn.Conv2d(3, 4, 3)
+    spec = QuantSpec(bits=4, per_channel=True, dynamic=True, ste="identity")
+    q = make_weight_quantizer(conv.weight, spec)
+    with pytest.raises(ZsqError):
+        SoftRoundQuantizer(conv.weight, q, learn_scale=True)
+
+
+def test_beta_schedule():
+    b = BetaSchedule(1000, 20.0, 2.0, 0.2)
+    assert b.beta(1) == 20.0 and b.beta(199) == 20.0
+    assert not b.rounding_active(199) and b.rounding_active(200)
+    assert b.beta(200) == pytest.approx(20.0)
+    assert b.beta(600) == pytest.approx(11.0)
+    assert b.beta(1000) == pytest.approx(2.0)
+    vals = [b.beta(t) for t in range(200, 1001)]
+    assert all(x >= y for x, y in zip(vals, vals[1:]))
+    with pytest.raises(ZsqError):
+        BetaSchedule(0)
+    with pytest.raises(ZsqError):
+        BetaSchedule(10, warmup=1.0)

@@ -1,0 +1,136 @@
+"""Configs of the reconstruction engine: budgets (how much work), phases and recipes (what is learned).
+
+Every method is a ``Recipe``: a unit granularity plus one or more ``Phase``s, each a walk over all units
+that learns some of {rounding V, weight step, activation step}. Genie-M and QDrop are one joint
+phase; BRECQ and AdaRound are a weight phase (activations off) followed by an activation-step phase.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Optional, Tuple
+
+from zsq.errors import ZsqError
+from zsq.ptq.units import GRANULARITIES
+
+
+@dataclass(frozen=True)
+class Budget:
+    """iters: optimisation steps per unit (per phase; a phase may scale it); batch_size; num_images."""
+
+    name: str
+    iters: int
+    batch_size: int
+    num_images: int
+
+    def __post_init__(self):
+        if self.iters < 1:
+            raise ZsqError(f"iterations per unit must be >= 1, got {self.iters}")
+        if self.batch_size < 1:
+            raise ZsqError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.num_images < 1:
+            raise ZsqError(f"number of calibration images must be >= 1, got {self.num_images}")
+
+    def override(self, iters: Optional[int] = None, batch_size: Optional[int] = None,
+                 num_images: Optional[int] = None) -> "Budget":
+        return replace(self, iters=iters or self.iters, batch_size=batch_size or self.batch_size,
+                       num_images=num_images or self.num_images)
+
+
+# The spec's defaults (genie.md 1 and 3.6): 20k iterations per unit, batch 32, 1024 images.
+PAPER = Budget("paper", iters=20000, batch_size=32, num_images=1024)
+# Chosen by measurement on the 2-core CPU (benchmarks/results/ptq.md, "choosing the quick budget").
+QUICK = Budget("quick", iters=300, batch_size=32, num_images=1024)
+BUDGETS = {"paper": PAPER, "quick": QUICK}
+
+
+def get_budget(name: str) -> Budget:
+    if name not in BUDGETS:
+        raise ZsqError(f"budget must be one of {sorted(BUDGETS)}, got {name!r}")
+    return BUDGETS[name]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One walk over all units.
+
+    train_rounding: learn the soft bits V (then harden); learn_weight_scale: Genie-M's joint step;
+    train_act_scale: LSQ steps of the unit's activation quantizers; acts_on: activation quantization
+    enabled in this phase (off in BRECQ's weight phase); qdrop_p: probability of keeping the quantized
+    value at the unit input and in each activation quantizer (0 = no QDrop: the unit reads x_q);
+    loss_p: the reconstruction loss is mean over batch/space of sum_c |y_hat - y|^p.
+    """
+
+    name: str
+    train_rounding: bool
+    learn_weight_scale: bool
+    train_act_scale: bool
+    acts_on: bool
+    qdrop_p: float = 0.0
+    round_weight: float = 0.01
+    iters_scale: float = 1.0
+    lr_v: float = 1e-3
+    lr_weight_scale: float = 1e-4
+    lr_act_scale: float = 4e-5
+    loss_p: float = 2.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.qdrop_p <= 1.0:
+            raise ZsqError(f"qdrop_p must be in [0, 1], got {self.qdrop_p}")
+        if self.train_act_scale and not self.acts_on:
+            raise ZsqError(f"phase {self.name!r}: cannot train activation steps with activations off")
+        if not (self.train_rounding or self.train_act_scale):
+            raise ZsqError(f"phase {self.name!r} learns nothing")
+        if self.iters_scale <= 0 or self.round_weight < 0 or self.loss_p <= 0:
+            raise ZsqError(f"phase {self.name!r}: iters_scale and loss_p must be > 0, round_weight >= 0")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    granularity: str
+    phases: Tuple[Phase, ...]
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+
+    def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise ZsqError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if not self.phases:
+            raise ZsqError("a recipe needs at least one phase")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Run-level options: seed, where checkpoints go, memory limit, forward chunk for the caches."""
+
+    seed: int = 0
+    chunk: int = 128
+    max_cache_mib: float = 8192.0
+    quiet: bool = False
+
+    def __post_init__(self):
+        if self.chunk < 1 or self.max_cache_mib <= 0:
+            raise ZsqError("chunk must be >= 1 and max_cache_mib > 0")
+
+
+# ---- the four methods (spec genie.md 3.6) -----------------------------------------------------
+GENIE = Recipe("genie", "block", (
+    Phase("joint", train_rounding=True, learn_weight_scale=True, train_act_scale=True, acts_on=True,
+          qdrop_p=0.5, round_weight=1.0, lr_v=1e-3, lr_weight_scale=1e-4, lr_act_scale=4e-5),
+))
+QDROP = Recipe("qdrop", "block", (
+    Phase("joint", train_rounding=True, learn_weight_scale=False, train_act_scale=True, acts_on=True,
+          qdrop_p=0.5, round_weight=0.01, lr_v=1e-3, lr_act_scale=4e-5),
+))
+_WEIGHT_PHASE = Phase("weights", train_rounding=True, learn_weight_scale=False, train_act_scale=False,
+                      acts_on=False, round_weight=0.01, lr_v=1e-3)
+# BRECQ's activation pass: 5000 iterations against the weight pass's 20000, lr 4e-4, loss p = 2.4.
+_ACT_PHASE = Phase("acts", train_rounding=False, learn_weight_scale=False, train_act_scale=True, acts_on=True,
+                   iters_scale=0.25, lr_act_scale=4e-4, loss_p=2.4)
+BRECQ = Recipe("brecq", "block", (_WEIGHT_PHASE, _ACT_PHASE))
+ADAROUND = Recipe("adaround", "layer", (_WEIGHT_PHASE, _ACT_PHASE))
+RECIPES = {r.name: r for r in (GENIE, QDROP, BRECQ, ADAROUND)}

@@ -1,0 +1,92 @@
+"""The four reconstruction methods as thin registrations over the one engine (zsq.ptq.reconstruct).
+
+Each takes ``fp_model, qconfig, job`` and returns a QuantResult whose model is a plain zsq fake-quant
+model (hard-rounded weights, frozen UniformQuantizers) and whose report has per-unit losses, the units
+used, the cache size and quant_seconds. Options in ``job.extra``: ``work_dir`` (checkpoints; default
+``job.out/"work"``), ``max_cache_mib`` (default 8192), ``chunk`` (images per caching forward).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from zsq.errors import ZsqError
+from zsq.methods.registry import QuantJob, QuantResult, register_method
+from zsq.ptq import presets  # noqa: F401  (registers the brecq and qdrop presets)
+from zsq.ptq.budgets import RECIPES, EngineOptions, Recipe, get_budget
+from zsq.ptq.reconstruct import Reconstructor
+from zsq.quant.config import QuantConfig
+from zsq.quant.transforms import quantize_model
+
+
+def check_calib(fp_model, calib) -> torch.Tensor:
+    """The calibration images as a float (N, C, H, W) tensor that fits the model, else ZsqError."""
+    if calib is None:
+        raise ZsqError("this method needs calibration images (synthesize them with --synth, or give --calib-data)")
+    if not torch.is_tensor(calib) or calib.dim() != 4:
+        raise ZsqError(f"calibration images must be a float tensor (N, C, H, W), got "
+                       f"{getattr(calib, 'shape', type(calib).__name__)}")
+    if calib.shape[0] < 1:
+        raise ZsqError("no calibration images")
+    meta = getattr(fp_model, "zsq_meta", None)
+    if meta is not None and tuple(calib.shape[1:]) != tuple(meta.input_size):
+        raise ZsqError(f"calibration images are {tuple(calib.shape[1:])} but model {meta.name} expects "
+                       f"{tuple(meta.input_size)} (C, H, W)")
+    if not torch.isfinite(calib).all():
+        raise ZsqError("calibration images contain NaN or inf")
+    return calib.float()
+
+
+def check_config(qconfig: QuantConfig, method: str) -> None:
+    if not isinstance(qconfig, QuantConfig):
+        raise ZsqError(f"qconfig must be a QuantConfig, got {type(qconfig).__name__}")
+    if qconfig.weight.dynamic:
+        raise ZsqError(f"{method} learns a fixed weight grid, but preset {qconfig.preset!r} recomputes weight ranges "
+                       "every step (dynamic); use --preset genie, brecq or qdrop")
+
+
+def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) -> QuantResult:
+    t0 = time.time()
+    check_config(qconfig, recipe.name)
+    calib = check_calib(fp_model, job.calib)
+    budget = get_budget(job.budget).override(job.iters, job.batch_size, job.num_images)
+    extra = dict(job.extra or {})
+    opts = EngineOptions(seed=job.seed, quiet=job.quiet, chunk=int(extra.get("chunk", 128)),
+                         max_cache_mib=float(extra.get("max_cache_mib", 8192)))
+    work_dir = extra.get("work_dir") or (Path(job.out) / "work" if job.out is not None else None)
+    if job.resume and work_dir is None:
+        raise ZsqError("--resume needs --out (the checkpoints live in OUT/work)")
+    qmodel = quantize_model(fp_model, qconfig)
+    engine = Reconstructor(qmodel, calib, recipe, budget, opts, work_dir=work_dir,
+                           on_unit_done=extra.get("on_unit_done"))
+    report = engine.run(resume=job.resume)
+    report.update({"method": recipe.name, "preset": qconfig.describe(), "calib_source": job.calib_source,
+                   "quant_seconds": time.time() - t0})
+    return QuantResult(qmodel, report)
+
+
+@register_method("genie", kind="ptq", needs_images=True, default_preset="genie", default_synth="genie",
+                 summary="Genie-M: block reconstruction, soft bits + jointly learned weight steps, LSQ act steps, "
+                         "QDrop p=0.5 (with Genie-D images unless --calib-data)")
+def genie(fp_model, qconfig, job: QuantJob) -> QuantResult:
+    return run_recipe(RECIPES["genie"], fp_model, qconfig, job)
+
+
+@register_method("qdrop", kind="ptq", needs_images=True, default_preset="qdrop", default_synth="genie",
+                 summary="QDrop: block reconstruction, soft bits and act steps jointly, QDrop p=0.5, lambda 0.01")
+def qdrop(fp_model, qconfig, job: QuantJob) -> QuantResult:
+    return run_recipe(RECIPES["qdrop"], fp_model, qconfig, job)
+
+
+@register_method("brecq", kind="ptq", needs_images=True, default_preset="brecq", default_synth="genie",
+                 summary="BRECQ: block reconstruction, two passes (AdaRound weights, then act steps)")
+def brecq(fp_model, qconfig, job: QuantJob) -> QuantResult:
+    return run_recipe(RECIPES["brecq"], fp_model, qconfig, job)
+
+
+@register_method("adaround", kind="ptq", needs_images=True, default_preset="brecq", default_synth="genie",
+                 summary="AdaRound: layer-wise soft rounding (fixed steps), then act steps, lambda 0.01")
+def adaround(fp_model, qconfig, job: QuantJob) -> QuantResult:
+    return run_recipe(RECIPES["adaround"], fp_model, qconfig, job)

@@ -1,0 +1,285 @@
+"""The block-reconstruction engine behind genie, qdrop, brecq and adaround (spec genie.md 3.4-3.5).
+
+For each phase of a recipe and each unit in network order:
+1. cache x and y (the FP model's unit input/output) and x_q (the partly quantized model's unit input);
+2. swap the unit's weight quantizers for soft-rounding ones (phases that learn rounding), enable its
+   activation quantizers and initialise them lazily on the first 32 x_q (phases with activations on);
+3. optimise: the unit reads mix(x_q, x) (QDrop at the unit input) and each activation quantizer keeps
+   its quantized value with probability p (QDrop inside); loss = mean sum_c |y_hat - y|^p + lambda *
+   rounding loss, beta annealed after the warm-up; Adam on V, cosine-annealed Adam on the steps;
+4. harden (codes floor(W/s0) + 1[V >= 0] written back as plain UniformQuantizer weights) and
+   checkpoint, so ``resume`` continues after the last finished unit.
+The FP reference is a copy of the quantized model with quantization switched off, so whatever the
+preset did to the graph (BN folding) the reference and the student agree layer by layer.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from zsq.errors import ZsqError
+from zsq.progress import log
+from zsq.ptq import cache, checkpoint
+from zsq.ptq.budgets import Budget, EngineOptions, Phase, Recipe
+from zsq.ptq.schedule import BetaSchedule
+from zsq.ptq.soft_round import SoftRoundQuantizer, to_uniform
+from zsq.ptq.unit_bar import UnitBar
+from zsq.ptq.units import Unit, find_units, summarize_units
+from zsq.quant.quantizer import UniformQuantizer
+from zsq.quant.transforms import act_quantizers, set_quant_state
+
+ACT_INIT_IMAGES = 32  # Genie initialises activation steps on the first 32 calibration samples
+ACT_INIT_VALUES = 1 << 16  # values the Lp-2.4 search sees per quantizer (a seeded subsample + min and max)
+
+
+def _seed(seed: int, phase: int, unit: int) -> int:
+    return (seed * 1_000_003 + phase * 10_007 + unit * 101 + 7) % (2 ** 62)
+
+
+@contextmanager
+def _fast_lazy_init(quants: List[UniformQuantizer]):
+    """Uninitialised per-tensor quantizers initialise from a seeded subsample of their first input
+    (plus its min and max, so sign and range are exact) instead of all of it: the core's 100-ratio
+    Lp search over 32 full feature maps takes tens of seconds on a CPU, the subsample well under one,
+    and the chosen step is the same to a fraction of a grid step."""
+    def pre(q, args):
+        if bool(q.initialized) or q.spec.per_channel or q.spec.dynamic or not q.enabled:
+            return
+        x = args[0].detach().flatten()
+        if x.numel() > ACT_INIT_VALUES:
+            idx = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[:ACT_INIT_VALUES]
+            x = torch.cat([x[idx], x.min().reshape(1), x.max().reshape(1)])
+        q.init_from(x)
+
+    hooks = []
+    try:
+        hooks = [q.register_forward_pre_hook(pre) for q in quants]
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextmanager
+def _qdrop_hooks(quants: List[UniformQuantizer], p: float, gen: torch.Generator):
+    """Each quantizer's output keeps its quantized value with probability p, else the float input."""
+    hooks = []
+
+    def hook(_m, args, out):
+        keep = torch.rand(out.shape, generator=gen) < p
+        return torch.where(keep, out, args[0])
+
+    try:
+        if 0.0 < p < 1.0:
+            hooks = [q.register_forward_hook(hook) for q in quants]
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _recon_loss(y_hat: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
+    d = y_hat - y
+    err = d * d if p == 2.0 else d.abs().pow(p)
+    return err.sum(1).mean() if err.dim() > 1 else err.mean()
+
+
+class Reconstructor:
+    """Runs a recipe on one quantized model (modified in place)."""
+
+    def __init__(self, qmodel: nn.Module, calib: torch.Tensor, recipe: Recipe, budget: Budget,
+                 opts: EngineOptions = EngineOptions(), work_dir: Optional[Path] = None,
+                 on_unit_done: Optional[Callable[[int, dict], None]] = None):
+        self.qmodel = qmodel.eval()
+        self.recipe, self.budget, self.opts = recipe, budget, opts
+        self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.on_unit_done = on_unit_done
+        n = min(budget.num_images, calib.shape[0])
+        self.calib = calib[:n].detach().float().cpu().contiguous()
+        self.batch_size = min(budget.batch_size, n)
+        self.fp_ref = copy.deepcopy(qmodel).eval()
+        set_quant_state(self.fp_ref, weights=False, acts=False)
+        self.units: List[Unit] = find_units(qmodel, recipe.granularity)
+        self.all_acts = [q for _, q in act_quantizers(qmodel)]
+        self.unit_acts: List[List[UniformQuantizer]] = []
+        for u in self.units:
+            mod = qmodel.get_submodule(u.name)
+            self.unit_acts.append([q for _, q in act_quantizers(mod)])
+        self.estimate = cache.estimate(self.fp_ref, [u.name for u in self.units], self.calib, n)
+        self.steps = [(pi, ui) for pi in range(len(recipe.phases)) for ui in range(len(self.units))]
+        self.fingerprint = checkpoint.fingerprint(
+            recipe=recipe.to_dict(), budget=[budget.iters, self.batch_size, n], seed=opts.seed,
+            units=[u.name for u in self.units], calib=self.calib,
+            state=torch.cat([p.detach().flatten() for p in qmodel.state_dict().values() if p.is_floating_point()]))
+
+    # ---- state of the activation quantizers -----------------------------------------------------
+    def _set_acts(self, phase: Phase, upto: int) -> None:
+        """Activation quantization on for units 0..upto when the phase has it, off elsewhere."""
+        on = set()
+        if phase.acts_on:
+            for qs in self.unit_acts[: upto + 1]:
+                on.update(id(q) for q in qs)
+        for q in self.all_acts:
+            q.enabled = id(q) in on
+            q.observing = False
+
+    # ---- one unit ------------------------------------------------------------------------------
+    def _run_unit(self, pi: int, ui: int) -> dict:
+        phase, unit = self.recipe.phases[pi], self.units[ui]
+        t0 = time.time()
+        gen = torch.Generator().manual_seed(_seed(self.opts.seed, pi, ui))
+        x, y = cache.capture(self.fp_ref, unit.name, self.calib, self.opts.chunk, want_output=True)
+        self._set_acts(phase, ui)
+        xq, _ = cache.capture(self.qmodel, unit.name, self.calib, self.opts.chunk, want_output=False)
+        mod = self.qmodel.get_submodule(unit.name)
+        layers = [self.qmodel.get_submodule(n) for n in unit.layers]
+
+        soft: List[SoftRoundQuantizer] = []
+        if phase.train_rounding:
+            for layer in layers:
+                layer.weight_quant = SoftRoundQuantizer(layer.weight, layer.weight_quant, phase.learn_weight_scale)
+                soft.append(layer.weight_quant)
+        acts = self.unit_acts[ui] if phase.acts_on else []
+        if acts:
+            with torch.no_grad(), _fast_lazy_init(acts):  # Lp-2.4 init of still-uninitialised steps
+                mod(xq[:ACT_INIT_IMAGES])
+
+        saved_grad = {id(p): p.requires_grad for p in self.qmodel.parameters()}
+        for p in self.qmodel.parameters():
+            p.requires_grad_(False)
+        groups_fast, groups_scale = [], []
+        if soft:
+            groups_fast.append({"params": [s.v for s in soft], "lr": phase.lr_v})
+            if phase.learn_weight_scale:
+                groups_scale.append({"params": [s.scale for s in soft], "lr": phase.lr_weight_scale})
+        if phase.train_act_scale:
+            act_params = [q.scale for q in acts if isinstance(q.scale, nn.Parameter)]
+            if act_params:
+                groups_scale.append({"params": act_params, "lr": phase.lr_act_scale})
+        for g in groups_fast + groups_scale:
+            for p in g["params"]:
+                p.requires_grad_(True)
+        iters = max(1, round(self.budget.iters * phase.iters_scale))
+        if not groups_fast and not groups_scale:
+            iters = 0  # nothing to learn here (e.g. the stem in an activation phase: its input stays float)
+        opt_v = torch.optim.Adam(groups_fast) if groups_fast else None
+        opt_s = torch.optim.Adam(groups_scale) if groups_scale else None
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=iters, eta_min=0.0) if opt_s else None
+        beta = BetaSchedule(max(iters, 1), self.recipe.beta_start, self.recipe.beta_end, self.recipe.warmup)
+
+        n, bs = self.calib.shape[0], self.batch_size
+        perm, pos = None, n
+        rec_hist: List[float] = []
+        round_val = 0.0
+        desc = f"{phase.name} {ui + 1}/{len(self.units)} {unit.name}"
+        try:
+            with _qdrop_hooks(acts, phase.qdrop_p, gen), UnitBar(iters, desc, self.opts.quiet) as bar:
+                for t in range(1, iters + 1):
+                    if pos + bs > n:
+                        perm, pos = torch.randperm(n, generator=gen), 0
+                    idx = perm[pos:pos + bs]
+                    pos += bs
+                    xin = xq[idx]
+                    if 0.0 < phase.qdrop_p < 1.0:
+                        keep = torch.rand(xin.shape, generator=gen) < phase.qdrop_p
+                        xin = torch.where(keep, xin, x[idx])
+                    out = mod(xin)
+                    loss = _recon_loss(out, y[idx], phase.loss_p)
+                    rec = float(loss.detach())
+                    if soft and phase.round_weight > 0 and beta.rounding_active(t):
+                        b = beta.beta(t)
+                        rl = sum(s.round_loss(b) for s in soft)
+                        round_val = float(rl.detach())
+                        loss = loss + phase.round_weight * rl
+                    if not torch.isfinite(loss):
+                        raise ZsqError(f"reconstruction loss became {float(loss)} in unit {unit.name} at step {t}")
+                    for o in (opt_v, opt_s):
+                        if o is not None:
+                            o.zero_grad(set_to_none=True)
+                    loss.backward()
+                    for o in (opt_v, opt_s):
+                        if o is not None:
+                            o.step()
+                    if sched is not None:
+                        sched.step()
+                    rec_hist.append(rec)
+                    bar.update(rec)
+        finally:
+            for p in self.qmodel.parameters():
+                p.requires_grad_(saved_grad.get(id(p), True))
+        for layer in layers:
+            if isinstance(layer.weight_quant, SoftRoundQuantizer):
+                to_uniform(layer)
+        with torch.no_grad():  # error of the hardened unit on its quantized input, no QDrop
+            final = sum(_recon_loss(mod(xq[i:i + 256]), y[i:i + 256], 2.0).item() * len(y[i:i + 256])
+                        for i in range(0, n, 256)) / n
+        k = max(1, len(rec_hist) // 10)
+        rec_hist = rec_hist or [final]
+        return {"unit": unit.name, "kind": unit.kind, "phase": phase.name, "iters": iters,
+                "loss_start": sum(rec_hist[:k]) / k, "loss_end": sum(rec_hist[-k:]) / k,
+                "round_loss_end": round_val, "hard_loss": final, "seconds": time.time() - t0}
+
+    # ---- the whole run -------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> dict:
+        t0 = time.time()
+        quiet = self.opts.quiet
+        log(f"{self.recipe.name}: {summarize_units(self.units)}; {len(self.recipe.phases)} phase(s), "
+            f"{self.budget.iters} iters/unit, batch {self.batch_size}, {self.calib.shape[0]} images", quiet)
+        log(self.estimate.describe(), quiet)
+        cache.check_memory(self.estimate, int(self.opts.max_cache_mib * 2 ** 20))
+        records: List[dict] = []
+        start = 0
+        if resume and self.work_dir is not None:
+            ck = checkpoint.load(self.work_dir, self.fingerprint)
+            if ck is not None:
+                self.qmodel.load_state_dict(ck["state"])
+                start, records = ck["done"], list(ck["records"])
+                log(f"resuming after {start} of {len(self.steps)} unit steps", quiet)
+        for k in range(start, len(self.steps)):
+            pi, ui = self.steps[k]
+            rec = self._run_unit(pi, ui)
+            records.append(rec)
+            if self.work_dir is not None:
+                checkpoint.save(self.work_dir, self.fingerprint, k + 1, self.qmodel.state_dict(), records)
+            if self.on_unit_done is not None:
+                self.on_unit_done(k, rec)
+        self._finish()
+        report = {
+            "recipe": self.recipe.to_dict(),
+            "budget": {"name": self.budget.name, "iters": self.budget.iters, "batch_size": self.batch_size,
+                       "num_images": self.calib.shape[0]},
+            "units": [u.describe() for u in self.units],
+            "units_summary": summarize_units(self.units),
+            "unit_losses": records,
+            "cache_mib": round(self.estimate.peak_bytes / 2 ** 20, 1),
+            "resumed_from": start,
+            "recon_seconds": time.time() - t0,
+        }
+        log_summary(records, quiet)
+        return report
+
+    def _finish(self) -> None:
+        """Every activation quantizer on; any no unit owned is initialised on the first images."""
+        for q in self.all_acts:
+            q.enabled, q.observing = True, False
+        if any(not bool(q.initialized) for q in self.all_acts):
+            with torch.no_grad(), _fast_lazy_init(self.all_acts):
+                self.qmodel(self.calib[:ACT_INIT_IMAGES])
+        self.qmodel.eval()
+
+
+def log_summary(records: List[dict], quiet: bool) -> None:
+    """The end-of-run table: one row per unit step."""
+    if quiet or not records:
+        return
+    width = max(len(r["unit"]) for r in records)
+    log(f"{'phase':<8} {'unit':<{width}} {'iters':>6} {'loss start':>11} {'loss end':>10} {'hard':>10} {'sec':>6}")
+    for r in records:
+        log(f"{r['phase']:<8} {r['unit']:<{width}} {r['iters']:>6} {r['loss_start']:>11.4g} {r['loss_end']:>10.4g} "
+            f"{r['hard_loss']:>10.4g} {r['seconds']:>6.1f}")

@@ -1,0 +1,110 @@
+"""Soft-bit weight quantizer of AdaRound and Genie-M (spec genie.md 3.1).
+
+W_hat = s * (clamp(B + h(V) + z, 0, 2^b - 1) - z), with B = floor(W / s0) frozen at construction and
+h the rectified sigmoid. Freezing B is Genie-M's trick: the per-channel step s can then be learned
+jointly with V (``learn_scale=True``) without each new s redefining which integer "floor" is; AdaRound
+(``learn_scale=False``) keeps s = s0. Hard rounding afterwards is floor(W/s0) + 1[V >= 0].
+
+It plugs into ``QuantConv2d.weight_quant`` / ``QuantLinear.weight_quant``: the layer calls it with its
+``weight`` and it ignores the value (the weight is encoded by B and V), so ``weight`` needs no grad.
+``to_uniform(layer)`` turns the result back into a plain zsq ``UniformQuantizer`` plus hard weights.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from zsq.errors import ZsqError
+from zsq.quant.quantizer import UniformQuantizer
+
+GAMMA, ZETA = -0.1, 1.1
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1): reaches 0 and 1 exactly."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
+    """V with h(V) = h for h in [0, 1) (the sigmoid's argument of (h - gamma) / (zeta - gamma))."""
+    p = (h - GAMMA) / (ZETA - GAMMA)
+    return torch.log(p / (1.0 - p))
+
+
+class SoftRoundQuantizer(nn.Module):
+    """Learnable rounding of one layer's weight on the grid of an initialised UniformQuantizer.
+
+    learn_scale: Genie-M (step s is an nn.Parameter); False for AdaRound/BRECQ/QDrop (fixed s0).
+    hard: use 1[V >= 0] instead of h(V) (set by ``harden()``; what evaluation sees).
+    """
+
+    def __init__(self, weight: torch.Tensor, base: UniformQuantizer, learn_scale: bool):
+        super().__init__()
+        if not isinstance(base, UniformQuantizer) or base.spec.dynamic:
+            raise ZsqError("soft rounding needs a static (non-dynamic) UniformQuantizer weight grid; "
+                           "use a PTQ preset such as genie, brecq or qdrop")
+        if not bool(base.initialized):
+            base.init_from(weight.detach())
+        self.spec = base.spec
+        self.qmin, self.qmax = base.qmin, base.qmax
+        w = weight.detach()
+        s0, z = base.qparams(w)  # shaped to broadcast against w ([C,1,1,1] per channel, [] per tensor)
+        s0, z = s0.detach().clone(), z.detach().clone()
+        base_int = torch.floor(w / s0)
+        frac = (w / s0 - base_int).clamp(0.0, 1.0 - 1e-6)
+        self.register_buffer("base_int", base_int)  # B, frozen
+        self.register_buffer("zero_point", z)
+        self.register_buffer("signed_flag", base.signed_flag.detach().clone())
+        if learn_scale:
+            self.scale = nn.Parameter(s0.clone())
+        else:
+            self.register_buffer("scale", s0.clone())
+        self.v = nn.Parameter(inverse_rectified_sigmoid(frac))
+        self.hard = False
+        self.enabled = True
+
+    def h(self) -> torch.Tensor:
+        return rectified_sigmoid(self.v)
+
+    def codes(self) -> torch.Tensor:
+        """Integer codes of the hard-rounded weight: clamp(B + 1[V>=0] + z, qmin, qmax)."""
+        with torch.no_grad():
+            return torch.clamp(self.base_int + (self.v >= 0).float() + self.zero_point, self.qmin, self.qmax)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        rnd = (self.v >= 0).float() if self.hard else self.h()
+        q = torch.clamp(self.base_int + rnd + self.zero_point, self.qmin, self.qmax)
+        return self.scale * (q - self.zero_point)
+
+    def round_loss(self, beta: float) -> torch.Tensor:
+        """sum(1 - |2h(V) - 1|^beta): zero only when every h(V) is exactly 0 or 1."""
+        return (1.0 - (2.0 * self.h() - 1.0).abs().pow(beta)).sum()
+
+    def harden(self) -> None:
+        self.hard = True
+
+    def extra_repr(self) -> str:
+        return f"bits={self.spec.bits}, learn_scale={isinstance(self.scale, nn.Parameter)}, hard={self.hard}"
+
+
+def to_uniform(layer: nn.Module) -> UniformQuantizer:
+    """Replace a layer's SoftRoundQuantizer by a frozen UniformQuantizer that reproduces the hard
+    result exactly: ``layer.weight`` becomes s * (codes - z) and the quantizer gets the learned s and
+    z, so ``weight_quant(weight)`` returns the same values and ``weight_quant.int_repr(weight)`` the
+    same integer codes (what export packs). The float weight is not kept (the FP model has it)."""
+    soft = layer.weight_quant
+    if not isinstance(soft, SoftRoundQuantizer):
+        raise TypeError("layer has no SoftRoundQuantizer")
+    codes = soft.codes()
+    with torch.no_grad():
+        scale = soft.scale.detach().clamp(min=1e-8)
+        hard_w = scale * (codes - soft.zero_point)
+        uq = UniformQuantizer(soft.spec, num_channels=scale.numel() if soft.spec.per_channel else None)
+        uq.scale.data.copy_(scale.reshape(uq.scale.shape))
+        uq.zero_point.copy_(soft.zero_point.reshape(uq.zero_point.shape))
+        uq.signed_flag.copy_(soft.signed_flag)
+        uq.initialized.fill_(True)
+        layer.weight.data.copy_(hard_w)
+    uq.to(layer.weight.device)
+    layer.weight_quant = uq
+    return uq
