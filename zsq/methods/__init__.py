@@ -6,3 +6,4 @@ from zsq.methods.registry import QuantJob, QuantResult, get_method, list_methods
 
 from zsq.methods import bn_minmax  # noqa: F401,E402
 from zsq.qat import methods as _qat_methods  # noqa: F401,E402
+from zsq.ptq import methods as _ptq_methods  # noqa: F401,E402
