@@ -42,6 +42,16 @@ def load_calibration(spec: str, model, num_images: Optional[int] = None):
     return x, y, f"real:{spec}"
 
 
+def default_num_images(kind: str, budget: str) -> int:
+    """How many images to synthesize when the user does not say: the PTQ budget's own number
+    (Genie's 1024 for both budgets), else 256 (the fixed-set size used by the QAT benchmarks)."""
+    if kind == "ptq":
+        from zsq.ptq.budgets import BUDGETS
+
+        return BUDGETS[budget].num_images
+    return 256
+
+
 def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-minmax", bits: str = "w4a4",
              preset: Optional[str] = None, synth: Optional[str] = None, calib_data: Optional[str] = None,
              num_images: Optional[int] = None, budget: str = "quick", iters: Optional[int] = None,
@@ -82,6 +92,8 @@ def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-min
             job.extra.setdefault("calib_labels", labels)
     elif info.needs_images or synth is not None:
         synth = synth or info.default_synth
+        if num_images is None:
+            num_images = default_num_images(info.kind, budget)
         if synth is None:
             raise ZsqError(f"method {method} needs images: give --synth METHOD (e.g. genie) or --calib-data PATH")
         from zsq.synth import synthesize

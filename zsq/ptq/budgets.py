@@ -39,7 +39,7 @@ class Budget:
 # The spec's defaults (genie.md 1 and 3.6): 20k iterations per unit, batch 32, 1024 images.
 PAPER = Budget("paper", iters=20000, batch_size=32, num_images=1024)
 # Chosen by measurement on the 2-core CPU (benchmarks/results/ptq.md, "choosing the quick budget").
-QUICK = Budget("quick", iters=300, batch_size=32, num_images=1024)
+QUICK = Budget("quick", iters=300, batch_size=32, num_images=256)
 BUDGETS = {"paper": PAPER, "quick": QUICK}
 
 
