@@ -20,6 +20,7 @@ import torch.nn as nn
 from zsq.errors import ZsqError
 
 OBSERVERS = ("minmax", "percentile", "lp", "ema")
+LP_SAMPLE = 1 << 18  # values an activation Lp search looks at (per-tensor)
 STE_MODES = ("clip", "identity")
 
 
@@ -211,6 +212,12 @@ class UniformQuantizer(nn.Module):
         x = x.detach()
         self._decide_sign(x)
         if self.spec.observer == "lp":
+            if not self.spec.per_channel and x.numel() > LP_SAMPLE:
+                # a seeded subsample plus the exact extremes: the search sees the true range, at a
+                # fraction of the cost on full feature maps
+                flat = x.flatten()
+                idx = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:LP_SAMPLE]
+                x = torch.cat([flat[idx], flat.min().reshape(1), flat.max().reshape(1)])
             scale, zp = lp_search(x, self.spec, self.signed)
             with torch.no_grad():
                 self.scale.copy_(scale.reshape(self.scale.shape))
