@@ -59,38 +59,43 @@ def downstream(teacher, calib_sets, x_test, y_test):
     return rows
 
 
-def curve(teacher, method, iters, batch, **opts):
-    """(seconds, per-layer Genie BNS) after each iteration of one batch."""
-    log, t0 = [], []
-    mod = genie_mod if method == "genie" else zeroq_mod
-    orig = mod.check_finite
+class IterLog:
+    """Records (seconds since first iteration, per-layer Genie BNS) for genie/zeroq while they run."""
 
-    def spy(terms, where):
-        v = orig(terms, where)
-        if not t0:
-            t0.append(time.perf_counter())
-        log.append((time.perf_counter() - t0[0], v["bns"] / 19))
-        return v
+    def __init__(self, n_bn):
+        self.n_bn, self.log, self.t0, self.saved = n_bn, [], None, []
 
-    mod.check_finite = spy
-    try:
-        synthesize(teacher, method, batch, iters=iters, batch_size=batch, quiet=True, **opts)
-    finally:
-        mod.check_finite = orig
-    return log
+    def __enter__(self):
+        for mod in (genie_mod, zeroq_mod):
+            orig = mod.check_finite
+            self.saved.append((mod, orig))
+
+            def spy(terms, where, orig=orig):
+                v = orig(terms, where)
+                now = time.perf_counter()
+                self.t0 = self.t0 if self.t0 is not None else now
+                self.log.append((now - self.t0, v["bns"] / self.n_bn))
+                return v
+            mod.check_finite = spy
+        return self
+
+    def __exit__(self, *exc):
+        for mod, orig in self.saved:
+            mod.check_finite = orig
 
 
 def at_time(log, t):
-    """Lowest BNS reached by time t (the images kept are the last ones; the curve is near-monotone)."""
+    """BNS of the last iteration finished by time t."""
     vals = [b for s, b in log if s <= t]
-    return min(vals) if vals else math.nan
+    return vals[-1] if vals else math.nan
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--num-images", type=int, default=256)
     ap.add_argument("--methods", default="noise,genie,zeroq,hast,gdfq")
-    ap.add_argument("--curve-iters", type=int, default=0, help="also time BNS curves (0: skip)")
+    ap.add_argument("--swap-lr-run", action="store_true", help="also run genie with swap_lr=True")
+    ap.add_argument("--iters", type=int, default=None, help="override the quick budget's iterations (smoke runs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -100,31 +105,43 @@ def main(argv=None):
     out = {"num_images": args.num_images, "threads": args.threads, "load_before": os.getloadavg(),
            "fp32_top1": top1(teacher, x_test, y_test), "methods": {}}
     sets = {}
-    for method in args.methods.split(","):
+
+    def dump():
+        out["load_after"] = os.getloadavg()
+        out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+
+    from zsq.synth.bn_stats import batchnorm_layers
+    n_bn = len(batchnorm_layers(teacher))
+    runs = [(m, {}) for m in args.methods.split(",")]
+    if args.swap_lr_run:
+        runs.append(("genie_swap_lr", {"swap_lr": True}))
+    for method, opts in runs:
         t = time.perf_counter()
-        data = synthesize(teacher, method, args.num_images, quiet=True, seed=0)
+        with IterLog(n_bn) as it:
+            data = synthesize(teacher, method.split("_")[0], args.num_images, quiet=True, seed=0,
+                               iters=args.iters, **opts)
         wall = time.perf_counter() - t
         ent, conf, hist = class_stats(teacher, data.images)
         sets[method] = data.images
         out["methods"][method] = {"seconds": data.meta["seconds"], "wall": wall,
                                   "images_per_second": args.num_images / wall, "bns_loss": data.meta["bns_loss"],
                                   "entropy_bits": ent, "mean_max_prob": conf, "hist": hist,
-                                  "config": data.meta["config"], "losses": data.meta["losses"]}
-        print(method, json.dumps(out["methods"][method]), flush=True)
-    if "genie" in sets and "noise" in sets:
-        out["downstream"] = downstream(teacher, {k: sets[k] for k in sets}, x_test, y_test)
-        print("downstream", out["downstream"], flush=True)
-    if args.curve_iters:
-        out["curves"] = {
-            "genie": curve(teacher, "genie", args.curve_iters, 128),
-            "genie_swap_lr": curve(teacher, "genie", args.curve_iters, 128, swap_lr=True),
-            "zeroq": curve(teacher, "zeroq", args.curve_iters, 128),
-        }
-    out["load_after"] = os.getloadavg()
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+                                  "config": data.meta["config"], "losses": data.meta["losses"],
+                                  "iter_log": it.log, "load": os.getloadavg()}
+        print(method, json.dumps({k: v for k, v in out["methods"][method].items() if k != "iter_log"}), flush=True)
+        dump()
+        if method == "genie" and "noise" in sets:
+            out["downstream"] = downstream(teacher, {"genie": sets["genie"], "noise": sets["noise"]}, x_test, y_test)
+            print("downstream", out["downstream"], flush=True)
+            dump()
+    others = {k: v for k, v in sets.items() if k not in ("genie", "noise")}
+    if others:
+        out["downstream_others"] = downstream(teacher, others, x_test, y_test)
+        print("downstream_others", out["downstream_others"], flush=True)
+    dump()
     return out
 
 
