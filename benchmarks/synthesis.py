@@ -49,82 +49,170 @@ def downstream(teacher, calib_sets, x_test, y_test):
     from zsq.quant import calibrate, get_preset, quantize_model
 
     rows = []
-    base = get_preset("genie", "w4a4")
-    for observer in ("minmax", "lp"):
-        cfg = dataclasses.replace(base, act=dataclasses.replace(base.act, observer=observer))
-        for name, images in calib_sets.items():
-            q = quantize_model(teacher, cfg)
-            calibrate(q, images, batch_size=64)
-            rows.append((observer, name, top1(q, x_test, y_test)))
+    for bits in ("w4a4", "w3a3"):
+        base = get_preset("genie", bits)
+        for observer in ("minmax", "lp"):
+            cfg = dataclasses.replace(base, act=dataclasses.replace(base.act, observer=observer))
+            for name, images in calib_sets.items():
+                q = quantize_model(teacher, cfg)
+                calibrate(q, images, batch_size=64)
+                rows.append((f"{bits} {observer}", name, top1(q, x_test, y_test)))
     return rows
 
 
-def curve(teacher, method, iters, batch, **opts):
-    """(seconds, per-layer Genie BNS) after each iteration of one batch."""
-    log, t0 = [], []
-    mod = genie_mod if method == "genie" else zeroq_mod
-    orig = mod.check_finite
+class IterLog:
+    """Records (seconds since first iteration, per-layer Genie BNS) for genie/zeroq while they run."""
 
-    def spy(terms, where):
-        v = orig(terms, where)
-        if not t0:
-            t0.append(time.perf_counter())
-        log.append((time.perf_counter() - t0[0], v["bns"] / 19))
-        return v
+    def __init__(self, n_bn):
+        self.n_bn, self.log, self.t0, self.saved = n_bn, [], None, []
 
-    mod.check_finite = spy
-    try:
-        synthesize(teacher, method, batch, iters=iters, batch_size=batch, quiet=True, **opts)
-    finally:
-        mod.check_finite = orig
-    return log
+    def __enter__(self):
+        for mod in (genie_mod, zeroq_mod):
+            orig = mod.check_finite
+            self.saved.append((mod, orig))
+
+            def spy(terms, where, orig=orig):
+                v = orig(terms, where)
+                now = time.perf_counter()
+                self.t0 = self.t0 if self.t0 is not None else now
+                self.log.append((now - self.t0, v["bns"] / self.n_bn))
+                return v
+            mod.check_finite = spy
+        return self
+
+    def __exit__(self, *exc):
+        for mod, orig in self.saved:
+            mod.check_finite = orig
 
 
 def at_time(log, t):
-    """Lowest BNS reached by time t (the images kept are the last ones; the curve is near-monotone)."""
+    """BNS of the last iteration finished by time t."""
     vals = [b for s, b in log if s <= t]
-    return min(vals) if vals else math.nan
+    return vals[-1] if vals else math.nan
+
+
+PAPER = ("Paper figures for the same setting: none published for synthesis itself (genie.md §5.3: Genie-D "
+         "takes hours on a GPU at 4000 iterations x 8 batches on ImageNet; HAST/GDFQ report no synthesis timings). "
+         "Reference accuracies for ResNet-20 CIFAR-10 W4A4 after the *full* pipelines: ZeroQ 84.68, GDFQ 90.25, "
+         "HAST 92.36 (hast.md §4.1) -- those include QAT/PTQ, not just calibration.")
+
+
+def render_md(out: dict, command: str) -> str:
+    m = out["methods"]
+    lines = ["# Synthesis benchmark: CIFAR-10 ResNet-20 (quick budget)", "",
+             f"Command: `{command}`", "",
+             f"Machine: shared 2-core CPU, torch {torch.__version__}, {out['threads']} threads. **Timings are inflated "
+             f"by other helpers' jobs sharing the 2 cores** (1-min load average {out['load_before'][0]:.1f} before, "
+             f"{out['load_after'][0]:.1f} after; per-method load in the table). Peak RSS {out['peak_rss_mib']:.0f} MiB.", "",
+             f"Teacher FP32 top-1 on the exact first-1017 CIFAR-10 test images: {out['fp32_top1']:.2f} %.", "",
+             f"## Per method, {out['num_images']} images", "",
+             "| method | config | seconds | images/s | BNS (Genie form, per layer) | pred.-class entropy (bits, max 3.32) "
+             "| mean max prob | load |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in m.items():
+        c = r["config"]
+        cfg = f"batch {c['batch_size']}, {c['iters']} it" + (", swap_lr" if c.get("swap_lr") else "")
+        lines.append(f"| {name} | {cfg} | {r['wall']:.1f} | {r['images_per_second']:.2f} | {r['bns_loss']:.4f} | "
+                     f"{r['entropy_bits']:.2f} | {r['mean_max_prob']:.3f} | {r['load'][0]:.1f} |")
+    lines += ["", "Predicted-class histograms: " + "; ".join(f"{k} {v['hist']}" for k, v in m.items()), ""]
+    if "genie" in m and "zeroq" in m:
+        g, z = m["genie"]["iter_log"], m["zeroq"]["iter_log"]
+        n = m["genie"]["config"]["iters"]
+        g1, z1 = g[:n], z[:m["zeroq"]["config"]["iters"]]
+        horizon = min(g1[-1][0], z1[-1][0])
+        lines += ["## Genie-D vs ZeroQ at equal wall time (first batch of 128, BNS of the current images)", "",
+                  "| seconds | genie | zeroq |" + (" genie swap_lr |" if "genie_swap_lr" in m else ""),
+                  "|---|---|---|" + ("---|" if "genie_swap_lr" in m else "")]
+        sw = m.get("genie_swap_lr", {}).get("iter_log", [])[:n]
+        for frac in (0.1, 0.25, 0.5, 0.75, 1.0):
+            t = frac * horizon
+            row = f"| {t:.1f} | {at_time(g1, t):.4f} | {at_time(z1, t):.4f} |"
+            if sw:
+                row += f" {at_time(sw, t):.4f} |"
+            lines.append(row)
+        lines.append("")
+    for key, title in (("downstream", "Downstream: W4A4 (and W3A3) calibration on 256 synthetic images (Genie preset: "
+                                      "W per-channel asym Lp-2.4, A per-tensor sym; first W8, 2nd A8, last W8A8; "
+                                      "activation observer as listed), top-1 on the exact-1017 set"),
+                       ("downstream_others", "Same check for the other methods")):
+        if key in out:
+            lines += [f"## {title}", "", "| bits, act observer | calibration images | top-1 % |", "|---|---|---|"]
+            lines += [f"| {o} | {n} | {a:.2f} |" for o, n, a in out[key]]
+            lines.append("")
+    lines += [PAPER, ""]
+    return "\n".join(lines)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--num-images", type=int, default=256)
     ap.add_argument("--methods", default="noise,genie,zeroq,hast,gdfq")
-    ap.add_argument("--curve-iters", type=int, default=0, help="also time BNS curves (0: skip)")
+    ap.add_argument("--swap-lr-run", action="store_true", help="also run genie with swap_lr=True")
+    ap.add_argument("--iters", type=int, default=None, help="override the quick budget's iterations (smoke runs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--save-sets", default=None, help="directory to save each SyntheticSet in")
+    ap.add_argument("--render", default=None, help="only render this JSON to --md")
+    ap.add_argument("--md", default=None)
     args = ap.parse_args(argv)
+    command = "PYTHONPATH=. python benchmarks/synthesis.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.render:
+        with open(args.render) as f:
+            out = json.load(f)
+        text = render_md(out, out.get("command", command))
+        if args.md:
+            with open(args.md, "w") as f:
+                f.write(text)
+        print(text)
+        return out
     torch.set_num_threads(args.threads)
     teacher = resnet20()
     x_test, y_test = cifar_exact()
-    out = {"num_images": args.num_images, "threads": args.threads, "load_before": os.getloadavg(),
+    out = {"command": command, "num_images": args.num_images, "threads": args.threads, "load_before": os.getloadavg(),
            "fp32_top1": top1(teacher, x_test, y_test), "methods": {}}
     sets = {}
-    for method in args.methods.split(","):
+
+    def dump():
+        out["load_after"] = os.getloadavg()
+        out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+
+    from zsq.synth.bn_stats import batchnorm_layers
+    n_bn = len(batchnorm_layers(teacher))
+    runs = [(m, {}) for m in args.methods.split(",")]
+    if args.swap_lr_run:
+        runs.append(("genie_swap_lr", {"swap_lr": True}))
+    for method, opts in runs:
         t = time.perf_counter()
-        data = synthesize(teacher, method, args.num_images, quiet=True, seed=0)
+        with IterLog(n_bn) as it:
+            data = synthesize(teacher, method.split("_")[0], args.num_images, quiet=True, seed=0,
+                               iters=args.iters, **opts)
+        if args.save_sets:
+            data.save(os.path.join(args.save_sets, method))
         wall = time.perf_counter() - t
         ent, conf, hist = class_stats(teacher, data.images)
         sets[method] = data.images
         out["methods"][method] = {"seconds": data.meta["seconds"], "wall": wall,
                                   "images_per_second": args.num_images / wall, "bns_loss": data.meta["bns_loss"],
                                   "entropy_bits": ent, "mean_max_prob": conf, "hist": hist,
-                                  "config": data.meta["config"], "losses": data.meta["losses"]}
-        print(method, json.dumps(out["methods"][method]), flush=True)
-    if "genie" in sets and "noise" in sets:
-        out["downstream"] = downstream(teacher, {k: sets[k] for k in sets}, x_test, y_test)
-        print("downstream", out["downstream"], flush=True)
-    if args.curve_iters:
-        out["curves"] = {
-            "genie": curve(teacher, "genie", args.curve_iters, 128),
-            "genie_swap_lr": curve(teacher, "genie", args.curve_iters, 128, swap_lr=True),
-            "zeroq": curve(teacher, "zeroq", args.curve_iters, 128),
-        }
-    out["load_after"] = os.getloadavg()
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+                                  "config": data.meta["config"], "losses": data.meta["losses"],
+                                  "iter_log": it.log, "load": os.getloadavg()}
+        print(method, json.dumps({k: v for k, v in out["methods"][method].items() if k != "iter_log"}), flush=True)
+        dump()
+        if method == "genie" and "noise" in sets:
+            out["downstream"] = downstream(teacher, {"genie": sets["genie"], "noise": sets["noise"]}, x_test, y_test)
+            print("downstream", out["downstream"], flush=True)
+            dump()
+    others = {k: v for k, v in sets.items() if k not in ("genie", "noise")}
+    if others:
+        out["downstream_others"] = downstream(teacher, others, x_test, y_test)
+        print("downstream_others", out["downstream_others"], flush=True)
+    dump()
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(render_md(out, command))
     return out
 
 

@@ -1,8 +1,8 @@
-"""`zsq synthesize`: make a SyntheticSet from a model alone. zsq/cli.py registers it via add_parser."""
+"""`zsq synthesize`: make a SyntheticSet from a model alone. zsq/cli.py registers it via add_parser
+and prints the dict run() returns (one JSON object with --json); run() itself prints nothing."""
 from __future__ import annotations
 
 import argparse
-import json
 
 METHODS = ("zeroq", "gdfq", "genie", "hast", "noise")
 
@@ -41,9 +41,4 @@ def run(args) -> dict:
     result = {"method": m["method"], "model": m["model"], "num_images": len(data), "seconds": m["seconds"],
               "images_per_second": m["images_per_second"], "bns_loss": m["bns_loss"], "losses": m["losses"],
               "budget": m["budget"], "seed": m["seed"], "out": str(args.out)}
-    if args.json:
-        print(json.dumps(result, indent=2))
-    elif not args.quiet:
-        print(f"{result['num_images']} {result['method']} images in {result['seconds']:.1f} s, "
-              f"BNS (Genie form, per layer) {result['bns_loss']:.4g} -> {args.out}")
-    return result
+    return result  # zsq/cli.py prints it (one JSON object with --json)

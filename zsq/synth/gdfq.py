@@ -140,7 +140,7 @@ class GDFQConfig(SynthConfig):
     @classmethod
     def quick(cls, meta) -> "GDFQConfig":
         if meta.input_size[-1] <= 64:
-            return cls(batch_size=64, iters=300)
+            return cls(batch_size=64, iters=200)
         return cls(batch_size=16, iters=50)
 
 

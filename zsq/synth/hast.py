@@ -52,7 +52,7 @@ class HASTConfig(SynthConfig):
     @classmethod
     def quick(cls, meta) -> "HASTConfig":
         if meta.input_size[-1] <= 64:
-            return cls._for(meta, batch_size=128, iters=200, patience=20)
+            return cls._for(meta, batch_size=128, iters=100, patience=10)
         return cls._for(meta, batch_size=32, iters=50, patience=10)
 
 

@@ -37,7 +37,7 @@ class ZeroQConfig(SynthConfig):
     @classmethod
     def quick(cls, meta) -> "ZeroQConfig":
         if meta.input_size[-1] <= 64:
-            return cls(batch_size=128, iters=200, patience=20)
+            return cls(batch_size=128, iters=100, patience=10)
         return cls(batch_size=32, iters=50, patience=10)
 
 
