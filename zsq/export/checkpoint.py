@@ -161,6 +161,10 @@ def save_quantized(qmodel: nn.Module, out_dir, *, model_name: str, weights_path:
         manifest["size_ratio"] = round(manifest["packed_bytes"] / max(parts["fp32_bytes"], 1), 4)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
         out_dir.mkdir(parents=True, exist_ok=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in CHECKPOINT_FILES + (MANIFEST_FILE,):  # safetensors writes 0600; use the usual mode
+            os.chmod(tmp / name, 0o666 & ~umask)
         # manifest last: a reader never sees a new manifest with old files
         for name in CHECKPOINT_FILES + (MANIFEST_FILE,):
             shutil.move(str(tmp / name), str(out_dir / name))
