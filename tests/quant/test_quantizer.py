@@ -163,3 +163,15 @@ def test_coarse_to_fine_lp_search_matches_full_grid():
                 xq = (torch.clamp(torch.round(ch / s) + zp, 0, 15) - zp) * s
                 return (ch - xq).abs().pow(2.4).mean().item()
             assert err(s_c) <= err(s_f) * 1.02
+
+
+@pytest.mark.parametrize("ste", ["clip", "identity"])
+def test_integer_codes_reproduce_the_fake_quantized_values_exactly(ste):
+    # values placed exactly on rounding boundaries (x/s + z = k + 0.5) are where two formulas disagree
+    scale, zp = torch.tensor(0.1), torch.tensor(7.0)
+    x = (torch.arange(-7, 8).float() + 0.5) * 0.1 + torch.randn(15) * 1e-9
+    x = torch.cat([x, torch.randn(1000)])
+    xq = fake_quantize(x, scale, zp, 0, 15, ste=ste)
+    from zsq.quant.quantizer import quantize_to_int
+    codes = quantize_to_int(x, scale, zp, 0, 15)
+    assert torch.equal((codes.float() - zp) * scale, xq)

@@ -76,8 +76,8 @@ class QuantSpec:
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round(x) forward, identity backward."""
-    return x + (torch.round(x) - x).detach()
+    """round(x) forward (exactly), identity backward."""
+    return torch.round(x).detach() + (x - x.detach())
 
 
 def grid_limits(bits: int, symmetric: bool, signed: bool) -> Tuple[int, int]:
@@ -95,9 +95,9 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     """
     if ste == "identity":
         with torch.no_grad():
-            q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+            q = torch.clamp(torch.round(x / scale + zero_point), qmin, qmax)
             xq = (q - zero_point) * scale
-        return x + (xq - x).detach()
+        return xq + (x - x.detach())  # value exactly xq, gradient identity
     v = torch.clamp(x / scale + zero_point, qmin, qmax)
     return (round_ste(v) - zero_point) * scale
 
@@ -105,8 +105,8 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 def quantize_to_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
                     qmax: int) -> torch.Tensor:
     """Integer codes (int32) of x on the grid; what an integer kernel / export stores."""
-    with torch.no_grad():
-        return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax).to(torch.int32)
+    with torch.no_grad():  # the same arithmetic as fake_quantize, so codes reproduce its output exactly
+        return torch.round(torch.clamp(x / scale + zero_point, qmin, qmax)).to(torch.int32)
 
 
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
