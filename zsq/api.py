@@ -140,5 +140,6 @@ def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-min
                        "n": q_res["n"]})
     report.update({"synth_seconds": round(synth_seconds, 2), "quant_seconds": round(quant_seconds, 2),
                    "seconds": round(time.time() - t_start, 2)})
-    report["method_report"] = {k: v for k, v in result.report.items() if k not in report}
+    # the method's own report (QAT: final_top1/best_top1/best_epoch/epochs; PTQ: unit_losses, units ...)
+    report.update({k: v for k, v in result.report.items() if k not in report})
     return report
