@@ -93,3 +93,16 @@ def test_refuses_other_suite_in_same_dir(tmp_path):
     save_results(tmp_path, {"suite": "other", "budget": "quick", "cells": {}})
     with pytest.raises(ZsqError):
         run_suite(tiny_suite(), tmp_path, quiet=True)
+
+
+def test_cli_registered_and_report_only(tmp_path, capsys):
+    from zsq.cli import main
+
+    save_results(tmp_path, {"suite": "smoke", "budget": "quick", "description": "d", "pruned": "",
+                            "machine": {"platform": "p", "cores": 2, "python": "3", "torch": "t",
+                                        "threads_per_cell": 1},
+                            "wall_seconds": 0.0, "cells": {}, "order": ["a|b"]})
+    assert main(["bench", "--suite", "smoke", "--out", str(tmp_path), "--report-only", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["done"] == 0 and out["cells"] == 3
+    assert "Not run yet: 1 cells" in (tmp_path / "report.md").read_text()

@@ -78,7 +78,8 @@ def get_calibration(cell: Cell, fp_model, info, budget: str, cache: Path, quiet:
                         out=d, resume=True, quiet=quiet)
         secs, cached = time.time() - t0, False
         timing.write_text(json.dumps({"seconds": secs}))
-    return ss.images, ss.labels, f"synthetic:{cell.data}", int(ss.images.shape[0]), secs, cached, str(d)
+    # stored relative to the output dir (cache is OUT/synth) so results.json stays portable
+    return ss.images, ss.labels, f"synthetic:{cell.data}", int(ss.images.shape[0]), secs, cached, f"synth/{d.name}"
 
 
 def run_cell(cell: Cell, budget: str, cache: Path, eval_limit: Optional[int] = None, jpeg_eval: bool = True,

@@ -65,6 +65,7 @@ def _plots(results: dict, out: Path) -> List[str]:
     seen = set()
     for r in ok:
         d = r.get("synth_dir")
+        d = None if not d else (Path(d) if Path(d).is_absolute() else out / d)
         if d and r["data"] not in seen and (Path(d) / "grid.png").exists():
             seen.add(r["data"])
             shutil.copyfile(Path(d) / "grid.png", plots / f"grid_{r['data']}.png")

@@ -30,11 +30,12 @@ def machine() -> dict:
 
 
 def load_results(out: Path) -> Optional[dict]:
-    p = out / RESULTS
+    p = Path(out) / RESULTS
     return json.loads(p.read_text()) if p.exists() else None
 
 
 def save_results(out: Path, results: dict) -> None:
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".results-", suffix=".json")
     with os.fdopen(fd, "w") as f:
