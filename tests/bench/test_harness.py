@@ -35,6 +35,8 @@ def test_paper_figures_nearest_and_labelled():
     g = nearest_figure(M, "gdfq", "none", (2, 4))  # no W2A4 figure: nearest is W3A3
     assert g["setting"] == "W3A3" and not g["exact"]
     assert nearest_figure(M, "bn-minmax", "none", (4, 4)) is None
+    assert nearest_figure(M, "genie", "real", (4, 4)) is None  # real-data figure is QAT, not PTQ
+    assert nearest_figure(M, "genie", "zeroq", (4, 4))["method"] == "zeroq"
 
 
 def test_suites_defined():

@@ -26,8 +26,8 @@ FIGURES: Dict[Tuple[str, str], Dict[Tuple[int, int], Tuple[float, float, str]]] 
 
 def paper_family(method: str, data: str) -> Optional[str]:
     """Which published column a cell corresponds to (None: no paper reports it)."""
-    if data == "real":
-        return "real"
+    if data == "real":  # the published real-data reference is QAT fine-tuning, not PTQ
+        return "real" if method in ("gdfq", "ait", "hast", "hast-paper") else None
     if data == "zeroq":
         return "zeroq"
     if method in ("gdfq", "ait"):
@@ -46,5 +46,5 @@ def nearest_figure(model: str, method: str, data: str, bits: Tuple[int, int]) ->
     w, a = bits
     best = min(table, key=lambda k: (abs(k[0] - w) + abs(k[1] - a), k[0]))  # ties: the lower (harder) setting
     top1, fp32, src = table[best]
-    return {"top1": top1, "fp32": fp32, "setting": f"W{best[0]}A{best[1]}", "exact": best == (w, a),
+    return {"method": fam, "top1": top1, "fp32": fp32, "setting": f"W{best[0]}A{best[1]}", "exact": best == (w, a),
             "source": src, "note": "different teacher"}

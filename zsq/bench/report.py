@@ -26,7 +26,7 @@ def _row_cells(r: dict) -> List[str]:
     synth = "—" if r["data"] in ("none", "real") else _f(r["synth_seconds"], 1) + (" (cached)" if r["synth_cached"] else "")
     p = r.get("paper")
     paper = "— (not published)" if not p else \
-        f"{p['top1']:.2f} @{p['setting']}{'' if p['exact'] else ' (nearest)'}, FP32 {p['fp32']:.2f}"
+        f"{p.get('method', '')} {p['top1']:.2f} @{p['setting']}{'' if p['exact'] else ' (nearest)'}, FP32 {p['fp32']:.2f}"
     return [r["model"], r["method"], r["preset"], r["bits"], r["data"], str(r["num_images"] or 0), synth,
             _f(r["quant_seconds"], 1), _f(r["peak_rss_mib"], 0),
             f"{m['top1']:.2f} [{m['ci95'][0]:.1f}, {m['ci95'][1]:.1f}] ({m['set']}, n={m['n']})",
