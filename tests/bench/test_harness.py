@@ -73,6 +73,8 @@ def test_harness_end_to_end_resume(tmp_path):
     for f in ("accuracy_vs_time.png", "grid_noise.png", "ptq_unit_losses.png"):
         assert (tmp_path / "plots" / f).stat().st_size > 1000
     assert "different teacher" in report and "torch" in report
+    assert rows[0]["main"]["fp32_top1"] == rows[1]["main"]["fp32_top1"]
+    assert (tmp_path / "fp32" / f"{M}-main-64.json").exists()  # FP32 evaluated once per set
 
     # a finished suite does no work
     ran.clear()

@@ -82,6 +82,21 @@ def get_calibration(cell: Cell, fp_model, info, budget: str, cache: Path, quiet:
     return ss.images, ss.labels, f"synthetic:{cell.data}", int(ss.images.shape[0]), secs, cached, f"synth/{d.name}"
 
 
+def _fp32_eval(fp_model, spec: str, path: Path) -> dict:
+    """FP32 accuracy and predictions, computed once per (model, eval set) per suite directory
+    (val1300 takes minutes to decode and run on a CPU; every cell of the model needs it)."""
+    from zsq.evaluate import evaluate
+
+    if path.exists():
+        return json.loads(path.read_text())
+    fp = evaluate(fp_model, spec, quiet=True, return_preds=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(fp))
+    os.replace(tmp, path)
+    return fp
+
+
 def run_cell(cell: Cell, budget: str, cache: Path, eval_limit: Optional[int] = None, jpeg_eval: bool = True,
              quiet: bool = True) -> dict:
     """Run one cell in this process and return its result row (see docs/bench.md for the keys)."""
@@ -117,7 +132,7 @@ def run_cell(cell: Cell, budget: str, cache: Path, eval_limit: Optional[int] = N
         evals.append(("jpeg", setup.eval_jpeg, "JPEG-10k"))
     for tag, rel, name in evals:
         spec = _spec(rel, eval_limit)
-        fp = evaluate(fp_model, spec, quiet=True, return_preds=True)
+        fp = _fp32_eval(fp_model, spec, cache.parent / "fp32" / f"{cell.model}-{tag}-{eval_limit or 'all'}.json")
         q = evaluate(result.model, spec, quiet=True, return_preds=True)
         k = round(q["top1"] * q["n"] / 100)
         lo, hi = wilson(k, q["n"])
