@@ -46,17 +46,24 @@ def _plots(results: dict, out: Path) -> List[str]:
     files = []
     # accuracy vs wall time, one colour per method+data, one marker per bit width
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = {}
-    for r in ok:
+    from matplotlib.lines import Line2D
+
+    colors, markers = {}, {}
+    for r in ok:  # colour = method/data, marker = bit width; legends for both
         label = f"{r['method']}/{r['data']}"
+        col = colors.setdefault(label, f"C{len(colors) % 10}")
         mk = markers.setdefault(r["bits"], "osD^v<>p*h"[len(markers) % 10])
         t = r["synth_seconds"] + r["quant_seconds"]
-        ax.scatter([t], [r["main"]["top1"]], marker=mk, label=f"{label} {r['bits']}")
+        ax.scatter([t], [r["main"]["top1"]], marker=mk, color=col)
+    handles = [Line2D([], [], color=c, marker="o", ls="", label=k) for k, c in colors.items()]
+    handles += [Line2D([], [], color="gray", marker=m, ls="", label=k) for k, m in markers.items()]
+    if len(ok) > 1:
+        ax.set_xscale("log")
     ax.set_xlabel("wall time: synthesis + quantization (s, contended CPU)")
     ax.set_ylabel("top-1 % (main eval set)")
     ax.set_title(f"{results['suite']}: accuracy vs time")
     if ok:
-        ax.legend(fontsize=6, ncol=2, loc="lower right")
+        ax.legend(handles=handles, fontsize=6, ncol=2, loc="lower right")
     fig.tight_layout()
     fig.savefig(plots / "accuracy_vs_time.png", dpi=90)
     plt.close(fig)
