@@ -110,3 +110,16 @@ def test_cli_registered_and_report_only(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["done"] == 0 and out["cells"] == 3
     assert "Not run yet: 1 cells" in (tmp_path / "report.md").read_text()
+
+
+def test_cell_timeout_recorded_and_retried(tmp_path):
+    need_asset(zsq.assets.RESNET20)
+    need_asset(zsq.assets.CIFAR10_EXACT)
+    suite = Suite("t", "t", (Cell(M, "bn-minmax", "w8a8"),), jpeg_eval=False, eval_limit=16)
+    res = run_suite(suite, tmp_path, quiet=True, cell_timeout=0.01)  # subprocess killed at once
+    row = res["cells"][suite.cells[0].key]
+    assert "timed out" in row["error"] and row["wall_seconds"] >= 0
+    assert "FAILED after" in write_report(tmp_path).read_text()
+    ran = []
+    run_suite(suite, tmp_path, quiet=True, on_cell=ran.append, only="*|w4a4|*")
+    assert ran == []  # filtered out by --only

@@ -12,6 +12,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--budget", default="quick", choices=("quick", "paper"))
     p.add_argument("--out", required=True, help="output directory (results.json, report.md, plots/, synth/)")
     p.add_argument("--resume", action="store_true", help="finish a suite already started in --out")
+    p.add_argument("--cell-timeout", type=float, help="kill a cell after this many seconds (recorded as failed, "
+                   "with its time; retried on --resume)")
+    p.add_argument("--only", help="run only cells whose key matches this fnmatch pattern, e.g. '*|w4a4|*'")
     p.add_argument("--report-only", action="store_true", help="rewrite report.md from results.json, run nothing")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no log lines")
@@ -25,7 +28,8 @@ def run(args: argparse.Namespace) -> dict:
     suite = get_suite(args.suite)
     cmd = f"zsq bench --suite {args.suite} --budget {args.budget} --out {args.out}"
     if not args.report_only:
-        run_suite(suite, args.out, budget=args.budget, resume=args.resume, quiet=args.quiet)
+        run_suite(suite, args.out, budget=args.budget, resume=args.resume, quiet=args.quiet,
+                  cell_timeout=args.cell_timeout, only=args.only)
     report = write_report(args.out, command=cmd)
     res = load_results(args.out) or {"cells": {}}
     rows = list(res["cells"].values())

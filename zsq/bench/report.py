@@ -20,7 +20,7 @@ def _row_cells(r: dict) -> List[str]:
     if "error" in r:
         c = r["cell"]
         return [c["model"], c["method"], c.get("preset") or "", c["bits"], c["data"]] + ["—"] * 7 + \
-               [f"FAILED: {r['error'][:80]}"]
+               [f"FAILED after {r.get('wall_seconds', 0):.0f} s: {r['error'][:80]}"]
     m = r["main"]
     j = r.get("jpeg")
     synth = "—" if r["data"] in ("none", "real") else _f(r["synth_seconds"], 1) + (" (cached)" if r["synth_cached"] else "")

@@ -4,6 +4,7 @@ results.json is rewritten atomically (temp file + os.replace) after each cell, s
 loses at most the cell that was running; re-running with the same DIR finishes the rest."""
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import platform
@@ -43,7 +44,7 @@ def save_results(out: Path, results: dict) -> None:
     os.replace(tmp, out / RESULTS)
 
 
-def _run_subprocess(payload: dict, work: Path) -> dict:
+def _run_subprocess(payload: dict, work: Path, timeout: Optional[float] = None) -> dict:
     """One cell in a fresh interpreter: its own peak RSS, and a crash cannot take the runner down."""
     work.mkdir(parents=True, exist_ok=True)
     spec, res = work / "cell.json", work / "row.json"
@@ -52,8 +53,13 @@ def _run_subprocess(payload: dict, work: Path) -> dict:
         res.unlink()
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    proc = subprocess.run([sys.executable, "-m", "zsq.bench.cell", str(spec), str(res)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "zsq.bench.cell", str(spec), str(res)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        (work / "log.txt").write_text(out)
+        raise RuntimeError(f"timed out after {timeout:.0f} s (cell limit)") from None
     (work / "log.txt").write_text(proc.stdout)
     if proc.returncode != 0 or not res.exists():
         tail = proc.stdout.strip().splitlines()[-3:]
@@ -62,12 +68,15 @@ def _run_subprocess(payload: dict, work: Path) -> dict:
 
 
 def run_suite(suite: Suite, out, budget: str = "quick", resume: bool = True, isolate: bool = True,
-              quiet: bool = False, on_cell: Optional[Callable[[str], None]] = None) -> dict:
+              quiet: bool = False, on_cell: Optional[Callable[[str], None]] = None,
+              cell_timeout: Optional[float] = None, only: Optional[str] = None) -> dict:
     """Run every cell of `suite` not yet in out/results.json; returns the results dict.
 
     resume=False with an existing results.json for other settings raises instead of mixing runs.
     isolate=False runs cells in this process (faster, for tests; peak RSS is then the process's).
-    on_cell(key) is called before each cell actually runs (tests count them)."""
+    on_cell(key) is called before each cell actually runs (tests count them).
+    cell_timeout: seconds after which a cell's process is killed and the cell recorded as failed
+    (with its wall time), so a suite finishes the cells that fit. only: fnmatch pattern on cell keys."""
     if budget not in ("quick", "paper"):
         raise ZsqError(f"budget must be quick or paper, got {budget!r}")
     out = Path(out)
@@ -83,7 +92,8 @@ def run_suite(suite: Suite, out, budget: str = "quick", resume: bool = True, iso
     order = [c.key for c in suite.cells]
     results["order"] = order
     cache = out / "synth"
-    todo = [c for c in suite.cells if "error" in results["cells"].get(c.key, {"error": 1})]
+    todo = [c for c in suite.cells if "error" in results["cells"].get(c.key, {"error": 1})
+            and (only is None or fnmatch.fnmatch(c.key, only))]
     log(f"bench {suite.name}: {len(suite.cells) - len(todo)} of {len(suite.cells)} cells done, {len(todo)} to run",
         quiet)
     for i, cell in enumerate(todo):
@@ -95,7 +105,7 @@ def run_suite(suite: Suite, out, budget: str = "quick", resume: bool = True, iso
                    "jpeg_eval": suite.jpeg_eval, "quiet": True}
         try:
             if isolate:
-                row = _run_subprocess(payload, out / "cells" / f"{order.index(cell.key):03d}")
+                row = _run_subprocess(payload, out / "cells" / f"{order.index(cell.key):03d}", cell_timeout)
             else:
                 from zsq.bench.cell import run_cell
 
