@@ -94,8 +94,9 @@ def run_suite(suite: Suite, out, budget: str = "quick", resume: bool = True, iso
     cache = out / "synth"
     todo = [c for c in suite.cells if "error" in results["cells"].get(c.key, {"error": 1})
             and (only is None or fnmatch.fnmatch(c.key, only))]
-    log(f"bench {suite.name}: {len(suite.cells) - len(todo)} of {len(suite.cells)} cells done, {len(todo)} to run",
-        quiet)
+    n_done = sum("error" not in results["cells"].get(c.key, {"error": 1}) for c in suite.cells)
+    log(f"bench {suite.name}: {n_done} of {len(suite.cells)} cells done, {len(todo)} to run"
+        + (f" (--only {only})" if only else ""), quiet)
     for i, cell in enumerate(todo):
         if on_cell is not None:
             on_cell(cell.key)
