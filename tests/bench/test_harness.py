@@ -1,0 +1,125 @@
+"""The bench harness on a two-cell suite with tiny budgets: every column filled, plots written,
+re-runs do no work, a partial results.json is completed."""
+import json
+
+import pytest
+import torch
+
+import zsq.assets
+from tests.conftest import need_asset
+from zsq.bench.cell import wilson
+from zsq.bench.papers import nearest_figure
+from zsq.bench.report import write_report
+from zsq.bench.runner import RESULTS, load_results, run_suite, save_results
+from zsq.bench.suites import Cell, Suite, get_suite, list_suites
+from zsq.errors import ZsqError
+
+M = "cifar10_resnet20"
+
+
+def tiny_suite() -> Suite:
+    cells = (Cell(M, "bn-minmax", "w8a8"),
+             Cell(M, "genie", "w4a4", data="noise", num_images=16, iters=2, batch_size=8, synth_iters=2))
+    return Suite("tiny", "two tiny cells", cells, jpeg_eval=True, eval_limit=64)
+
+
+def test_wilson_interval_values():
+    lo, hi = wilson(90, 100)
+    assert lo == pytest.approx(82.56, abs=0.05) and hi == pytest.approx(94.48, abs=0.05)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 100.0
+
+
+def test_paper_figures_nearest_and_labelled():
+    f = nearest_figure(M, "hast", "hast", (4, 4))
+    assert f["top1"] == 92.36 and f["exact"] and f["note"] == "different teacher"
+    g = nearest_figure(M, "gdfq", "none", (2, 4))  # no W2A4 figure: nearest is W3A3
+    assert g["setting"] == "W3A3" and not g["exact"]
+    assert nearest_figure(M, "bn-minmax", "none", (4, 4)) is None
+    assert nearest_figure(M, "genie", "real", (4, 4)) is None  # real-data figure is QAT, not PTQ
+    assert nearest_figure(M, "genie", "zeroq", (4, 4))["method"] == "zeroq"
+
+
+def test_suites_defined():
+    assert {"smoke", "cifar10-resnet20", "imagenet-lite0"} <= set(list_suites())
+    c = get_suite("cifar10-resnet20")
+    assert {x.bits for x in c.cells} == {"w2a4", "w3a3", "w4a4", "w5a5", "w8a8"}
+    with pytest.raises(ZsqError):
+        get_suite("nope")
+    with pytest.raises(ZsqError):
+        Cell(M, "genie", "w4a4", data="imagenet")
+
+
+def test_harness_end_to_end_resume(tmp_path):
+    need_asset(zsq.assets.RESNET20)
+    need_asset(zsq.assets.CIFAR10_EXACT)
+    need_asset(zsq.assets.CIFAR10_JPEG)
+    torch.set_num_threads(1)
+    suite = tiny_suite()
+    ran = []
+    res = run_suite(suite, tmp_path, isolate=False, quiet=True, on_cell=ran.append)
+    assert ran == [c.key for c in suite.cells]
+    rows = [res["cells"][c.key] for c in suite.cells]
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["main"]["n"] == 64 and r["jpeg"]["n"] == 64
+        lo, hi = r["main"]["ci95"]
+        assert lo <= r["main"]["top1"] <= hi
+        assert 0 <= r["main"]["agreement"] <= 100 and r["peak_rss_mib"] > 50
+    assert rows[0]["num_images"] is None and rows[0]["main"]["agreement"] > 80  # W8A8 ~ FP32
+    assert rows[1]["num_images"] == 16 and rows[1]["synth_seconds"] > 0 and rows[1]["unit_losses"]
+    report = write_report(tmp_path).read_text()
+    table = [ln for ln in report.splitlines() if ln.startswith(f"| {M}")]
+    assert len(table) == 2 and all("| |" not in ln and "FAILED" not in ln for ln in table)
+    for f in ("accuracy_vs_time.png", "grid_noise.png", "ptq_unit_losses.png"):
+        assert (tmp_path / "plots" / f).stat().st_size > 1000
+    assert "different teacher" in report and "torch" in report
+    assert rows[0]["main"]["fp32_top1"] == rows[1]["main"]["fp32_top1"]
+    assert (tmp_path / "fp32" / f"{M}-main-64.json").exists()  # FP32 evaluated once per set
+
+    # a finished suite does no work
+    ran.clear()
+    run_suite(suite, tmp_path, isolate=False, quiet=True, on_cell=ran.append)
+    assert ran == []
+
+    # a partial results.json (second cell lost) is completed, keeping the first cell's row
+    partial = load_results(tmp_path)
+    first = partial["cells"][suite.cells[0].key]
+    del partial["cells"][suite.cells[1].key]
+    save_results(tmp_path, partial)
+    run_suite(suite, tmp_path, isolate=False, quiet=True, on_cell=ran.append)
+    assert ran == [suite.cells[1].key]
+    done = json.loads((tmp_path / RESULTS).read_text())
+    assert done["cells"][suite.cells[0].key] == first and len(done["cells"]) == 2
+    assert done["cells"][suite.cells[1].key]["synth_cached"] is True  # the synthetic set was reused
+
+
+def test_refuses_other_suite_in_same_dir(tmp_path):
+    save_results(tmp_path, {"suite": "other", "budget": "quick", "cells": {}})
+    with pytest.raises(ZsqError):
+        run_suite(tiny_suite(), tmp_path, quiet=True)
+
+
+def test_cli_registered_and_report_only(tmp_path, capsys):
+    from zsq.cli import main
+
+    save_results(tmp_path, {"suite": "smoke", "budget": "quick", "description": "d", "pruned": "",
+                            "machine": {"platform": "p", "cores": 2, "python": "3", "torch": "t",
+                                        "threads_per_cell": 1},
+                            "wall_seconds": 0.0, "cells": {}, "order": ["a|b"]})
+    assert main(["bench", "--suite", "smoke", "--out", str(tmp_path), "--report-only", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["done"] == 0 and out["cells"] == 3
+    assert "Not run yet: 1 cells" in (tmp_path / "report.md").read_text()
+
+
+def test_cell_timeout_recorded_and_retried(tmp_path):
+    need_asset(zsq.assets.RESNET20)
+    need_asset(zsq.assets.CIFAR10_EXACT)
+    suite = Suite("t", "t", (Cell(M, "bn-minmax", "w8a8"),), jpeg_eval=False, eval_limit=16)
+    res = run_suite(suite, tmp_path, quiet=True, cell_timeout=0.01)  # subprocess killed at once
+    row = res["cells"][suite.cells[0].key]
+    assert "timed out" in row["error"] and row["wall_seconds"] >= 0
+    assert "FAILED after" in write_report(tmp_path).read_text()
+    ran = []
+    run_suite(suite, tmp_path, quiet=True, on_cell=ran.append, only="*|w4a4|*")
+    assert ran == []  # filtered out by --only

@@ -1,0 +1,135 @@
+"""DIR/report.md and DIR/plots/*.png from DIR/results.json."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import List
+
+from zsq.bench.runner import load_results
+from zsq.errors import ZsqError
+
+COLUMNS = ["model", "method", "preset", "bits", "data", "calib images", "synth s", "quant s", "peak RSS MiB",
+           "top-1 main (95 % CI)", "top-1 JPEG-10k", "agree FP32 %", "paper (nearest; different teacher)"]
+
+
+def _f(v, nd=2) -> str:
+    return "—" if v is None else f"{v:.{nd}f}"
+
+
+def _row_cells(r: dict) -> List[str]:
+    if "error" in r:
+        c = r["cell"]
+        return [c["model"], c["method"], c.get("preset") or "", c["bits"], c["data"]] + ["—"] * 7 + \
+               [f"FAILED after {r.get('wall_seconds', 0):.0f} s: {r['error'][:80]}"]
+    m = r["main"]
+    j = r.get("jpeg")
+    synth = "—" if r["data"] in ("none", "real") else _f(r["synth_seconds"], 1) + (" (cached)" if r["synth_cached"] else "")
+    p = r.get("paper")
+    paper = "— (not published)" if not p else \
+        f"{p.get('method', '')} {p['top1']:.2f} @{p['setting']}{'' if p['exact'] else ' (nearest)'}, FP32 {p['fp32']:.2f}"
+    return [r["model"], r["method"], r["preset"], r["bits"], r["data"], str(r["num_images"] or 0), synth,
+            _f(r["quant_seconds"], 1), _f(r["peak_rss_mib"], 0),
+            f"{m['top1']:.2f} [{m['ci95'][0]:.1f}, {m['ci95'][1]:.1f}] ({m['set']}, n={m['n']})",
+            "not run" if j is None else f"{j['top1']:.2f}", _f(m["agreement"]), paper]
+
+
+def _plots(results: dict, out: Path) -> List[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    rows = [results["cells"][k] for k in results.get("order", results["cells"]) if k in results["cells"]]
+    ok = [r for r in rows if "error" not in r]
+    files = []
+    # accuracy vs wall time, one colour per method+data, one marker per bit width
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from matplotlib.lines import Line2D
+
+    colors, markers = {}, {}
+    for r in ok:  # colour = method/data, marker = bit width; legends for both
+        label = f"{r['method']}/{r['data']}"
+        col = colors.setdefault(label, f"C{len(colors) % 10}")
+        mk = markers.setdefault(r["bits"], "osD^v<>p*h"[len(markers) % 10])
+        t = r["synth_seconds"] + r["quant_seconds"]
+        ax.scatter([t], [r["main"]["top1"]], marker=mk, color=col)
+    handles = [Line2D([], [], color=c, marker="o", ls="", label=k) for k, c in colors.items()]
+    handles += [Line2D([], [], color="gray", marker=m, ls="", label=k) for k, m in markers.items()]
+    if len(ok) > 1:
+        ax.set_xscale("log")
+    ax.set_xlabel("wall time: synthesis + quantization (s, contended CPU)")
+    ax.set_ylabel("top-1 % (main eval set)")
+    ax.set_title(f"{results['suite']}: accuracy vs time")
+    if ok:
+        ax.legend(handles=handles, fontsize=6, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(plots / "accuracy_vs_time.png", dpi=90)
+    plt.close(fig)
+    files.append("plots/accuracy_vs_time.png")
+    # synthetic sample grids (one per synthesizer, from the cached sets)
+    seen = set()
+    for r in ok:
+        d = r.get("synth_dir")
+        d = None if not d else (Path(d) if Path(d).is_absolute() else out / d)
+        if d and r["data"] not in seen and (Path(d) / "grid.png").exists():
+            seen.add(r["data"])
+            shutil.copyfile(Path(d) / "grid.png", plots / f"grid_{r['data']}.png")
+            files.append(f"plots/grid_{r['data']}.png")
+    # per-unit reconstruction error of PTQ runs
+    ptq = [r for r in ok if r.get("unit_losses")]
+    if ptq:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in ptq:
+            ul = r["unit_losses"]
+            ax.plot(range(len(ul)), [u["loss_end"] for u in ul], marker=".",
+                    label=f"{r['method']}/{r['data']} {r['bits']}")
+        ax.set_yscale("log")
+        ax.set_xlabel("reconstruction unit (block order)")
+        ax.set_ylabel("reconstruction loss at end of unit")
+        ax.set_title("PTQ per-unit reconstruction error")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(plots / "ptq_unit_losses.png", dpi=90)
+        plt.close(fig)
+        files.append("plots/ptq_unit_losses.png")
+    return files
+
+
+def write_report(out, command: str = "") -> Path:
+    """Write out/report.md (and plots) from out/results.json; returns the report path."""
+    out = Path(out)
+    results = load_results(out)
+    if results is None:
+        raise ZsqError(f"no results.json in {out}")
+    files = _plots(results, out)
+    m = results["machine"]
+    rows = [results["cells"][k] for k in results.get("order", results["cells"]) if k in results["cells"]]
+    n_done = sum("error" not in r for r in rows)
+    lines = [f"# zsq bench: {results['suite']} ({results['budget']} budget)", "", results.get("description", ""), ""]
+    if command:
+        lines += ["Command:", "", f"    {command}", ""]
+    lines += [f"Machine: {m['platform']}, {m['cores']} cores, Python {m['python']}, torch {m['torch']}, "
+              f"{m['threads_per_cell']} torch thread(s) per cell. Times are wall-clock on a shared machine and "
+              "inflated by contention from other jobs.",
+              f"Total time (sum of cell wall times, incl. process start and evaluation): "
+              f"{results['wall_seconds']:.0f} s. Cells: {n_done} done of {len(results.get('order', rows))}.", ""]
+    if results.get("pruned"):
+        lines += [f"Pruned matrix: {results['pruned']}", ""]
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_row_cells(r)) + " |" for r in rows]
+    missing = [k for k in results.get("order", []) if k not in results["cells"]]
+    if missing:
+        lines += ["", f"Not run yet: {len(missing)} cells ({', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''})."]
+    lines += ["", "Columns: *synth s* is the synthesis time of the set the cell used (\"cached\": made by an "
+              "earlier cell of the suite and reused; the time shown is what it cost then). *top-1 main* is on the "
+              "model's primary eval set with a 95 % Wilson interval. *agree FP32* is the share of images whose "
+              "top-1 class matches the FP32 teacher's. *Paper* figures are the published top-1 for the same "
+              "method at the nearest bit setting with that paper's FP32 baseline: **a different teacher** "
+              "(pytorchcv ResNet-20, full test set, GPU budgets), so they are context, not targets.", "",
+              "## Plots", ""]
+    lines += [f"![{Path(f).stem}]({f})" for f in files]
+    p = out / "report.md"
+    p.write_text("\n".join(lines) + "\n")
+    return p

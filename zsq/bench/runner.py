@@ -1,0 +1,125 @@
+"""Run a suite's cells, skipping those already in DIR/results.json, saving after every cell.
+
+results.json is rewritten atomically (temp file + os.replace) after each cell, so killing the run
+loses at most the cell that was running; re-running with the same DIR finishes the rest."""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+
+from zsq.bench.suites import Suite
+from zsq.errors import ZsqError
+from zsq.progress import log
+
+RESULTS = "results.json"
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
+            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads_per_cell": int(os.environ.get("ZSQ_BENCH_THREADS", "1"))}
+
+
+def load_results(out: Path) -> Optional[dict]:
+    p = Path(out) / RESULTS
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def save_results(out: Path, results: dict) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".results-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    os.replace(tmp, out / RESULTS)
+
+
+def _run_subprocess(payload: dict, work: Path, timeout: Optional[float] = None) -> dict:
+    """One cell in a fresh interpreter: its own peak RSS, and a crash cannot take the runner down."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec, res = work / "cell.json", work / "row.json"
+    spec.write_text(json.dumps(payload))
+    if res.exists():
+        res.unlink()
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "zsq.bench.cell", str(spec), str(res)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        (work / "log.txt").write_text(out)
+        raise RuntimeError(f"timed out after {timeout:.0f} s (cell limit)") from None
+    (work / "log.txt").write_text(proc.stdout)
+    if proc.returncode != 0 or not res.exists():
+        tail = proc.stdout.strip().splitlines()[-3:]
+        raise RuntimeError(f"exit {proc.returncode}: " + " / ".join(tail))
+    return json.loads(res.read_text())
+
+
+def run_suite(suite: Suite, out, budget: str = "quick", resume: bool = True, isolate: bool = True,
+              quiet: bool = False, on_cell: Optional[Callable[[str], None]] = None,
+              cell_timeout: Optional[float] = None, only: Optional[str] = None) -> dict:
+    """Run every cell of `suite` not yet in out/results.json; returns the results dict.
+
+    resume=False with an existing results.json for other settings raises instead of mixing runs.
+    isolate=False runs cells in this process (faster, for tests; peak RSS is then the process's).
+    on_cell(key) is called before each cell actually runs (tests count them).
+    cell_timeout: seconds after which a cell's process is killed and the cell recorded as failed
+    (with its wall time), so a suite finishes the cells that fit. only: fnmatch pattern on cell keys."""
+    if budget not in ("quick", "paper"):
+        raise ZsqError(f"budget must be quick or paper, got {budget!r}")
+    out = Path(out)
+    results = load_results(out)
+    if results is not None and (results.get("suite") != suite.name or results.get("budget") != budget):
+        raise ZsqError(f"{out / RESULTS} holds suite {results.get('suite')} ({results.get('budget')}); "
+                       f"use another --out")
+    if results is not None and not resume and results.get("cells"):
+        raise ZsqError(f"{out / RESULTS} exists; pass --resume to finish it or use another --out")
+    if results is None:
+        results = {"suite": suite.name, "description": suite.description, "pruned": suite.pruned,
+                   "budget": budget, "machine": machine(), "wall_seconds": 0.0, "cells": {}}
+    order = [c.key for c in suite.cells]
+    results["order"] = order
+    cache = out / "synth"
+    todo = [c for c in suite.cells if "error" in results["cells"].get(c.key, {"error": 1})
+            and (only is None or fnmatch.fnmatch(c.key, only))]
+    n_done = sum("error" not in results["cells"].get(c.key, {"error": 1}) for c in suite.cells)
+    log(f"bench {suite.name}: {n_done} of {len(suite.cells)} cells done, {len(todo)} to run"
+        + (f" (--only {only})" if only else ""), quiet)
+    for i, cell in enumerate(todo):
+        if on_cell is not None:
+            on_cell(cell.key)
+        log(f"[{i + 1}/{len(todo)}] {cell.key}", quiet)
+        t0 = time.time()
+        payload = {"cell": cell.to_dict(), "budget": budget, "cache": str(cache), "eval_limit": suite.eval_limit,
+                   "jpeg_eval": suite.jpeg_eval, "quiet": True}
+        try:
+            if isolate:
+                row = _run_subprocess(payload, out / "cells" / f"{order.index(cell.key):03d}", cell_timeout)
+            else:
+                from zsq.bench.cell import run_cell
+
+                row = run_cell(cell, budget, cache, suite.eval_limit, suite.jpeg_eval, quiet=True)
+        except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 -- recorded, retried on resume
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            row = {"key": cell.key, "cell": cell.to_dict(), "error": str(e)[-500:]}
+            log(f"  failed: {row['error']}", quiet)
+        row["wall_seconds"] = round(time.time() - t0, 2)
+        results["cells"][cell.key] = row
+        results["wall_seconds"] = round(results["wall_seconds"] + row["wall_seconds"], 2)
+        save_results(out, results)
+        if "error" not in row:
+            log(f"  top-1 {row['main']['top1']:.2f} ({row['main']['set']}) in {row['wall_seconds']:.0f} s", quiet)
+    return results
