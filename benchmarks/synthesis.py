@@ -1,4 +1,4 @@
-"""Synthesis benchmark on the shared CIFAR-10 ResNet-20 (and optionally EfficientNet-Lite0).
+"""Synthesis benchmark on the shared CIFAR-10 ResNet-20 or EfficientNet-Lite0 (``--model``).
 
 For each method at the quick budget: wall time, images/second, final BNS loss (Genie form, mean per
 layer), the teacher's predicted-class histogram entropy and mean max-softmax; Gaussian noise is the
@@ -6,7 +6,13 @@ floor. Then the downstream check: W4A4 calibration (Genie preset, activation obs
 Lp-2.4) on the Genie-D images vs on noise, top-1 on the exact first-1017 CIFAR-10 test images.
 Also a BNS-vs-wall-time curve for genie (both learning-rate assignments) and zeroq, one batch each.
 
-    PYTHONPATH=. python benchmarks/synthesis.py --num-images 256 --md benchmarks/results/synthesis.md
+    PYTHONPATH=. python benchmarks/synthesis.py --num-images 256 --md benchmarks/results/synthesis-resnet20.md
+    PYTHONPATH=. python benchmarks/synthesis.py --model efficientnet_lite0 --num-images 32 --no-downstream \
+        --set genie.head=small --md benchmarks/results/synthesis-lite0.md
+
+``--set METHOD.FIELD=VALUE`` overrides one field of that method's quick config (e.g. the Genie
+generator's head); the downstream calibration check needs labelled evaluation images and runs on
+ResNet-20 only by default (``--no-downstream`` skips it).
 
 Timings depend on the machine and on other processes; record the load with the numbers.
 """
@@ -27,8 +33,37 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import zsq.synth.genie as genie_mod  # noqa: E402
 import zsq.synth.zeroq as zeroq_mod  # noqa: E402
-from benchmarks._teachers import cifar_exact, resnet20  # noqa: E402
+import zsq  # noqa: E402
+from zsq.assets import CIFAR10_EXACT, LITE0, RESNET20, VAL1300, asset  # noqa: E402
+from zsq.data import load_images_tensor  # noqa: E402
 from zsq.synth import synthesize  # noqa: E402
+
+MODELS = {"cifar10_resnet20": (RESNET20, CIFAR10_EXACT), "efficientnet_lite0": (LITE0, VAL1300)}
+
+
+def load_teacher(name):
+    weights, data = MODELS[name]
+    teacher = zsq.models.load(name, weights=str(asset(weights))).eval()
+    return teacher, data
+
+
+def parse_sets(items):
+    """["genie.head=small", ...] -> {"genie": {"head": "small"}} (ints/floats/bools parsed)."""
+    out = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        method, _, field = key.partition(".")
+        if not field or not _:
+            raise SystemExit(f"--set wants METHOD.FIELD=VALUE, got {item!r}")
+        val = {"true": True, "false": False}.get(raw.lower(), raw)
+        for cast in (int, float):
+            try:
+                val = cast(raw)
+                break
+            except ValueError:
+                pass
+        out.setdefault(method, {})[field] = val
+    return out
 
 
 def class_stats(teacher, images):
@@ -99,12 +134,13 @@ PAPER = ("Paper figures for the same setting: none published for synthesis itsel
 
 def render_md(out: dict, command: str) -> str:
     m = out["methods"]
-    lines = ["# Synthesis benchmark: CIFAR-10 ResNet-20 (quick budget)", "",
+    lines = [f"# Synthesis benchmark: {out.get('model', 'cifar10_resnet20')} (quick budget)", "",
              f"Command: `{command}`", "",
-             f"Machine: shared 2-core CPU, torch {torch.__version__}, {out['threads']} threads. **Timings are inflated "
-             f"by other helpers' jobs sharing the 2 cores** (1-min load average {out['load_before'][0]:.1f} before, "
+             f"Machine: {os.cpu_count()}-core CPU, torch {torch.__version__}, {out['threads']} threads. Timings depend "
+             f"on other processes sharing the cores (1-min load average {out['load_before'][0]:.1f} before, "
              f"{out['load_after'][0]:.1f} after; per-method load in the table). Peak RSS {out['peak_rss_mib']:.0f} MiB.", "",
-             f"Teacher FP32 top-1 on the exact first-1017 CIFAR-10 test images: {out['fp32_top1']:.2f} %.", "",
+             (f"Teacher FP32 top-1 on the exact first-1017 CIFAR-10 test images: {out['fp32_top1']:.2f} %."
+              if out.get("fp32_top1") is not None else ""), "",
              f"## Per method, {out['num_images']} images", "",
              "| method | config | seconds | images/s | BNS (Genie form, per layer) | pred.-class entropy (bits, max 3.32) "
              "| mean max prob | load |",
@@ -112,6 +148,7 @@ def render_md(out: dict, command: str) -> str:
     for name, r in m.items():
         c = r["config"]
         cfg = f"batch {c['batch_size']}, {c['iters']} it" + (", swap_lr" if c.get("swap_lr") else "")
+        cfg += "".join(f", {k}={v}" for k, v in r.get("overrides", {}).items() if k != "swap_lr")
         lines.append(f"| {name} | {cfg} | {r['wall']:.1f} | {r['images_per_second']:.2f} | {r['bns_loss']:.4f} | "
                      f"{r['entropy_bits']:.2f} | {r['mean_max_prob']:.3f} | {r['load'][0]:.1f} |")
     lines += ["", "Predicted-class histograms: " + "; ".join(f"{k} {v['hist']}" for k, v in m.items()), ""]
@@ -120,7 +157,8 @@ def render_md(out: dict, command: str) -> str:
         n = m["genie"]["config"]["iters"]
         g1, z1 = g[:n], z[:m["zeroq"]["config"]["iters"]]
         horizon = min(g1[-1][0], z1[-1][0])
-        lines += ["## Genie-D vs ZeroQ at equal wall time (first batch of 128, BNS of the current images)", "",
+        lines += [f"## Genie-D vs ZeroQ at equal wall time (first batch of {m['genie']['config']['batch_size']}, "
+                  "BNS of the current images)", "",
                   "| seconds | genie | zeroq |" + (" genie swap_lr |" if "genie_swap_lr" in m else ""),
                   "|---|---|---|" + ("---|" if "genie_swap_lr" in m else "")]
         sw = m.get("genie_swap_lr", {}).get("iter_log", [])[:n]
@@ -145,7 +183,11 @@ def render_md(out: dict, command: str) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="cifar10_resnet20", choices=sorted(MODELS))
     ap.add_argument("--num-images", type=int, default=256)
+    ap.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+                    help="override a quick-config field, e.g. genie.head=small (repeatable)")
+    ap.add_argument("--no-downstream", action="store_true", help="skip the calibration check")
     ap.add_argument("--methods", default="noise,genie,zeroq,hast,gdfq")
     ap.add_argument("--swap-lr-run", action="store_true", help="also run genie with swap_lr=True")
     ap.add_argument("--iters", type=int, default=None, help="override the quick budget's iterations (smoke runs)")
@@ -166,10 +208,13 @@ def main(argv=None):
         print(text)
         return out
     torch.set_num_threads(args.threads)
-    teacher = resnet20()
-    x_test, y_test = cifar_exact()
-    out = {"command": command, "num_images": args.num_images, "threads": args.threads, "load_before": os.getloadavg(),
-           "fp32_top1": top1(teacher, x_test, y_test), "methods": {}}
+    teacher, eval_data = load_teacher(args.model)
+    overrides = parse_sets(args.set)
+    downstream_on = not args.no_downstream
+    x_test, y_test = load_images_tensor(str(asset(eval_data)), zsq.models.get_meta(teacher)) if downstream_on else (None, None)
+    out = {"command": command, "model": args.model, "num_images": args.num_images, "threads": args.threads,
+           "load_before": os.getloadavg(), "fp32_top1": top1(teacher, x_test, y_test) if downstream_on else None,
+           "methods": {}}
     sets = {}
 
     def dump():
@@ -181,9 +226,9 @@ def main(argv=None):
 
     from zsq.synth.bn_stats import batchnorm_layers
     n_bn = len(batchnorm_layers(teacher))
-    runs = [(m, {}) for m in args.methods.split(",")]
+    runs = [(m, dict(overrides.get(m, {}))) for m in args.methods.split(",")]
     if args.swap_lr_run:
-        runs.append(("genie_swap_lr", {"swap_lr": True}))
+        runs.append(("genie_swap_lr", dict(overrides.get("genie", {}), swap_lr=True)))
     for method, opts in runs:
         t = time.perf_counter()
         with IterLog(n_bn) as it:
@@ -198,15 +243,15 @@ def main(argv=None):
                                   "images_per_second": args.num_images / wall, "bns_loss": data.meta["bns_loss"],
                                   "entropy_bits": ent, "mean_max_prob": conf, "hist": hist,
                                   "config": data.meta["config"], "losses": data.meta["losses"],
-                                  "iter_log": it.log, "load": os.getloadavg()}
+                                  "iter_log": it.log, "load": os.getloadavg(), "overrides": opts}
         print(method, json.dumps({k: v for k, v in out["methods"][method].items() if k != "iter_log"}), flush=True)
         dump()
-        if method == "genie" and "noise" in sets:
+        if downstream_on and method == "genie" and "noise" in sets:
             out["downstream"] = downstream(teacher, {"genie": sets["genie"], "noise": sets["noise"]}, x_test, y_test)
             print("downstream", out["downstream"], flush=True)
             dump()
     others = {k: v for k, v in sets.items() if k not in ("genie", "noise")}
-    if others:
+    if others and downstream_on:
         out["downstream_others"] = downstream(teacher, others, x_test, y_test)
         print("downstream_others", out["downstream_others"], flush=True)
     dump()

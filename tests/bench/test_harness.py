@@ -123,3 +123,25 @@ def test_cell_timeout_recorded_and_retried(tmp_path):
     ran = []
     run_suite(suite, tmp_path, quiet=True, on_cell=ran.append, only="*|w4a4|*")
     assert ran == []  # filtered out by --only
+
+
+def test_merge_copies_finished_cells_only(tmp_path):
+    from zsq.bench.runner import merge_results
+
+    base = {"suite": "smoke", "budget": "quick", "wall_seconds": 5.0}
+    a, b = tmp_path / "a", tmp_path / "b"
+    save_results(a, dict(base, cells={"k1": {"key": "k1", "wall_seconds": 5.0, "main": {"top1": 1}},
+                                      "k2": {"key": "k2", "error": "boom", "wall_seconds": 1.0}}))
+    save_results(b, dict(base, cells={"k1": {"key": "k1", "wall_seconds": 9.0, "main": {"top1": 2}},
+                                      "k2": {"key": "k2", "wall_seconds": 7.0, "main": {"top1": 3}},
+                                      "k3": {"key": "k3", "error": "x", "wall_seconds": 1.0}}))
+    merged = merge_results(a, b)
+    assert merged["cells"]["k1"]["main"]["top1"] == 1            # a's finished row kept
+    assert merged["cells"]["k2"]["main"]["top1"] == 3            # a's failed row replaced
+    assert "k3" not in merged["cells"]                            # failures are not copied
+    assert merged["wall_seconds"] == 12.0 and load_results(a) == merged
+    save_results(b, dict(base, suite="other", cells={}))
+    with pytest.raises(ZsqError, match="suite other"):
+        merge_results(a, b)
+    with pytest.raises(ZsqError, match="no results.json"):
+        merge_results(a, tmp_path / "missing")

@@ -30,3 +30,21 @@ def test_cli_synthesize_json(tmp_path, monkeypatch, capsys):
     # --resume on the finished run returns the same set
     args.resume = True
     assert run(args)["bns_loss"] == result["bns_loss"]
+
+
+def test_cli_synthesize_set_overrides_config(tmp_path, monkeypatch):
+    import pytest
+
+    from zsq.errors import ZsqError
+
+    monkeypatch.setattr(zsq.models, "load", lambda name, weights=None: tiny_bn_cnn(), raising=False)
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="cmd"))
+    base = ["synthesize", "tiny", "--method", "genie", "--num-images", "4", "--iters", "1", "--quiet"]
+    args = parser.parse_args(base + ["--out", str(tmp_path / "a"), "--set", "lr_z=0.05", "--set", "head=linear"])
+    run(args)
+    cfg = SyntheticSet.load(tmp_path / "a").meta["config"]
+    assert cfg["lr_z"] == 0.05 and cfg["head"] == "linear"
+    args = parser.parse_args(base + ["--out", str(tmp_path / "b"), "--set", "nope=1"])
+    with pytest.raises(ZsqError, match="no option nope"):
+        run(args)

@@ -16,17 +16,22 @@ def add_parser(subparsers) -> None:
                    "with its time; retried on --resume)")
     p.add_argument("--only", help="run only cells whose key matches this fnmatch pattern, e.g. '*|w4a4|*'")
     p.add_argument("--report-only", action="store_true", help="rewrite report.md from results.json, run nothing")
+    p.add_argument("--merge", metavar="DIR", action="append", default=[],
+                   help="first copy finished cells from another --out of the same suite (runs split with "
+                   "--only across processes or machines); repeatable")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no log lines")
 
 
 def run(args: argparse.Namespace) -> dict:
     from zsq.bench.report import write_report
-    from zsq.bench.runner import load_results, run_suite
+    from zsq.bench.runner import load_results, merge_results, run_suite
     from zsq.bench.suites import get_suite
 
     suite = get_suite(args.suite)
     cmd = f"zsq bench --suite {args.suite} --budget {args.budget} --out {args.out}"
+    for other in args.merge:
+        merge_results(args.out, other)
     if not args.report_only:
         run_suite(suite, args.out, budget=args.budget, resume=args.resume, quiet=args.quiet,
                   cell_timeout=args.cell_timeout, only=args.only)

@@ -67,6 +67,31 @@ def _run_subprocess(payload: dict, work: Path, timeout: Optional[float] = None) 
     return json.loads(res.read_text())
 
 
+def merge_results(out, other) -> dict:
+    """Copy the finished cells of another run of the same suite/budget (e.g. a second process or machine
+    that ran a disjoint --only pattern) into out/results.json; cells done in both keep out's row."""
+    out, other = Path(out), Path(other)
+    mine, theirs = load_results(out), load_results(other)
+    if theirs is None:
+        raise ZsqError(f"--merge: no {RESULTS} in {other}")
+    if mine is None:
+        mine = {k: v for k, v in theirs.items() if k != "cells"}
+        mine["cells"], mine["wall_seconds"] = {}, 0.0
+    if (mine.get("suite"), mine.get("budget")) != (theirs.get("suite"), theirs.get("budget")):
+        raise ZsqError(f"--merge: {other} holds suite {theirs.get('suite')} ({theirs.get('budget')}), "
+                       f"{out} holds {mine.get('suite')} ({mine.get('budget')})")
+    added = 0
+    for key, row in theirs["cells"].items():
+        if "error" in row or "error" not in mine["cells"].get(key, {"error": 1}):
+            continue
+        mine["cells"][key] = row
+        mine["wall_seconds"] = round(mine.get("wall_seconds", 0.0) + row.get("wall_seconds", 0.0), 2)
+        added += 1
+    save_results(out, mine)
+    log(f"merged {added} cells from {other}")
+    return mine
+
+
 def run_suite(suite: Suite, out, budget: str = "quick", resume: bool = True, isolate: bool = True,
               quiet: bool = False, on_cell: Optional[Callable[[str], None]] = None,
               cell_timeout: Optional[float] = None, only: Optional[str] = None) -> dict:

@@ -22,6 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (checkpoints, images, meta.json, grid.png)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--swap-lr", action="store_true", help="genie: the official code's swapped learning rates")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one field of the method's config, e.g. head=linear (repeatable)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -33,7 +35,11 @@ def run(args) -> dict:
     from zsq.synth import synthesize
 
     teacher = load(args.model, weights=args.weights)
-    options = {"swap_lr": True} if getattr(args, "swap_lr", False) else {}
+    from zsq.cli import _parse_set
+
+    options = _parse_set(getattr(args, "set", None))
+    if getattr(args, "swap_lr", False):
+        options["swap_lr"] = True
     data = synthesize(teacher, args.method, args.num_images, budget=args.budget, iters=args.iters,
                       batch_size=args.batch_size, seed=args.seed, out=args.out, resume=args.resume,
                       quiet=args.quiet, **options)
