@@ -24,7 +24,32 @@ def make_weight_quantizer(weight: torch.Tensor, spec: QuantSpec) -> UniformQuant
     return q
 
 
-class QuantConv2d(nn.Conv2d):
+class _WeightQuantMixin:
+    """What QuantConv2d and QuantLinear share: copying the float layer in, building the quantizers,
+    and the fake-quantized weight / input used by forward."""
+
+    weight_quant: Optional[nn.Module]
+    input_quant: Optional[nn.Module]
+
+    def _take_float(self, layer: nn.Module, w_spec: Optional[QuantSpec], a_spec: Optional[QuantSpec]):
+        self.to(layer.weight.device)
+        with torch.no_grad():
+            self.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                self.bias.copy_(layer.bias)
+        self.weight.requires_grad_(layer.weight.requires_grad)
+        self.weight_quant = make_weight_quantizer(self.weight, w_spec) if w_spec is not None else None
+        self.input_quant = UniformQuantizer(a_spec) if a_spec is not None else None
+        return self
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quant is None else self.input_quant(x)
+
+
+class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
     """nn.Conv2d (grouped/depthwise included) with fake-quantized weight and, optionally, input."""
 
     def __init__(self, *args, **kwargs):
@@ -37,28 +62,13 @@ class QuantConv2d(nn.Conv2d):
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                 padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
                 bias=conv.bias is not None, padding_mode=conv.padding_mode)
-        q.to(conv.weight.device)
-        with torch.no_grad():
-            q.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                q.bias.copy_(conv.bias)
-        q.weight.requires_grad_(conv.weight.requires_grad)
-        if w_spec is not None:
-            q.weight_quant = make_weight_quantizer(q.weight, w_spec)
-        if a_spec is not None:
-            q.input_quant = UniformQuantizer(a_spec)
-        return q
-
-    def quantized_weight(self) -> torch.Tensor:
-        return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
+        return q._take_float(conv, w_spec, a_spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quant is not None:
-            x = self.input_quant(x)
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(_WeightQuantMixin, nn.Linear):
     """nn.Linear with fake-quantized weight (per output row) and, optionally, input."""
 
     def __init__(self, *args, **kwargs):
@@ -69,25 +79,10 @@ class QuantLinear(nn.Linear):
     @classmethod
     def from_float(cls, lin: nn.Linear, w_spec: Optional[QuantSpec], a_spec: Optional[QuantSpec]):
         q = cls(lin.in_features, lin.out_features, bias=lin.bias is not None)
-        q.to(lin.weight.device)
-        with torch.no_grad():
-            q.weight.copy_(lin.weight)
-            if lin.bias is not None:
-                q.bias.copy_(lin.bias)
-        q.weight.requires_grad_(lin.weight.requires_grad)
-        if w_spec is not None:
-            q.weight_quant = make_weight_quantizer(q.weight, w_spec)
-        if a_spec is not None:
-            q.input_quant = UniformQuantizer(a_spec)
-        return q
-
-    def quantized_weight(self) -> torch.Tensor:
-        return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
+        return q._take_float(lin, w_spec, a_spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quant is not None:
-            x = self.input_quant(x)
-        return F.linear(x, self.quantized_weight(), self.bias)
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
 class QuantAct(nn.Module):
