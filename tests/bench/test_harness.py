@@ -68,11 +68,15 @@ def test_harness_end_to_end_resume(tmp_path):
     assert rows[0]["num_images"] is None and rows[0]["main"]["agreement"] > 80  # W8A8 ~ FP32
     assert rows[1]["num_images"] == 16 and rows[1]["synth_seconds"] > 0 and rows[1]["unit_losses"]
     report = write_report(tmp_path).read_text()
-    table = [ln for ln in report.splitlines() if ln.startswith(f"| {M}")]
+    table = [ln for ln in report[report.index("## All cells"):].splitlines() if ln.startswith(f"| {M}")]
     assert len(table) == 2 and all("| |" not in ln and "FAILED" not in ln for ln in table)
     for f in ("accuracy_vs_time.png", "grid_noise.png", "ptq_unit_losses.png"):
         assert (tmp_path / "plots" / f).stat().st_size > 1000
     assert "different teacher" in report and "torch" in report
+    summary = report[report.index("## Summary"):report.index("## All cells")]
+    assert "| W8A8 | W4A4 |" in summary
+    assert f"| {M} | bn-minmax | none | {rows[0]['main']['top1']:.2f} / {rows[0]['jpeg']['top1']:.2f} |  |" in summary
+    assert f"| {M} | genie | noise |  | {rows[1]['main']['top1']:.2f} / {rows[1]['jpeg']['top1']:.2f} |" in summary
     assert rows[0]["main"]["fp32_top1"] == rows[1]["main"]["fp32_top1"]
     assert (tmp_path / "fp32" / f"{M}-main-64.json").exists()  # FP32 evaluated once per set
 
@@ -133,9 +137,13 @@ def test_merge_copies_finished_cells_only(tmp_path):
     save_results(a, dict(base, cells={"k1": {"key": "k1", "wall_seconds": 5.0, "main": {"top1": 1}},
                                       "k2": {"key": "k2", "error": "boom", "wall_seconds": 1.0}}))
     save_results(b, dict(base, cells={"k1": {"key": "k1", "wall_seconds": 9.0, "main": {"top1": 2}},
-                                      "k2": {"key": "k2", "wall_seconds": 7.0, "main": {"top1": 3}},
+                                      "k2": {"key": "k2", "wall_seconds": 7.0, "main": {"top1": 3},
+                                             "synth_dir": "synth/set-k2"},
                                       "k3": {"key": "k3", "error": "x", "wall_seconds": 1.0}}))
+    (b / "synth" / "set-k2").mkdir(parents=True)
+    (b / "synth" / "set-k2" / "grid.png").write_bytes(b"png")
     merged = merge_results(a, b)
+    assert (a / "synth" / "set-k2" / "grid.png").read_bytes() == b"png"  # the set comes along
     assert merged["cells"]["k1"]["main"]["top1"] == 1            # a's finished row kept
     assert merged["cells"]["k2"]["main"]["top1"] == 3            # a's failed row replaced
     assert "k3" not in merged["cells"]                            # failures are not copied

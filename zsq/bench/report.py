@@ -33,6 +33,33 @@ def _row_cells(r: dict) -> List[str]:
             "not run" if j is None else f"{j['top1']:.2f}", _f(m["agreement"]), paper]
 
 
+def summary_table(results: dict) -> List[str]:
+    """Markdown lines: one row per (model, method, data), one column per bit width, top-1 on the main
+    set (JPEG-10k after a slash where run) -- the compact view the README shows."""
+    rows = [results["cells"][k] for k in results.get("order", results["cells"]) if k in results["cells"]]
+    bits, groups = [], {}
+    for r in rows:
+        c = r.get("cell", r)
+        if c["bits"] not in bits:
+            bits.append(c["bits"])
+        groups.setdefault((c["model"], c["method"], c["data"]), {})[c["bits"]] = r
+    lines = ["| model | method | data | " + " | ".join(b.upper() for b in bits) + " |",
+             "|---|---|---|" + "---|" * len(bits)]
+    for (model, method, data), by_bits in groups.items():
+        vals = []
+        for b in bits:
+            r = by_bits.get(b)
+            if r is None:
+                vals.append("")
+            elif "error" in r:
+                vals.append("failed")
+            else:
+                j = r.get("jpeg")
+                vals.append(f"{r['main']['top1']:.2f}" + (f" / {j['top1']:.2f}" if j else ""))
+        lines.append(f"| {model} | {method} | {data} | " + " | ".join(vals) + " |")
+    return lines
+
+
 def _plots(results: dict, out: Path) -> List[str]:
     import matplotlib
 
@@ -117,6 +144,8 @@ def write_report(out, command: str = "") -> Path:
               f"{results['wall_seconds']:.0f} s. Cells: {n_done} done of {len(results.get('order', rows))}.", ""]
     if results.get("pruned"):
         lines += [f"Pruned matrix: {results['pruned']}", ""]
+    lines += ["## Summary: top-1 on the main set (/ JPEG-10k where run)", ""] + summary_table(results)
+    lines += ["", "## All cells", ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_row_cells(r)) + " |" for r in rows]
     missing = [k for k in results.get("order", []) if k not in results["cells"]]

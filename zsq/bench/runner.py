@@ -8,6 +8,7 @@ import fnmatch
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,9 @@ def merge_results(out, other) -> dict:
         if "error" in row or "error" not in mine["cells"].get(key, {"error": 1}):
             continue
         mine["cells"][key] = row
+        d = row.get("synth_dir")  # relative to the run's --out: bring the synthetic set along (plots, reuse)
+        if d and (other / d).is_dir() and not (out / d).exists():
+            shutil.copytree(other / d, out / d)
         mine["wall_seconds"] = round(mine.get("wall_seconds", 0.0) + row.get("wall_seconds", 0.0), 2)
         added += 1
     save_results(out, mine)
