@@ -84,9 +84,17 @@ def find_units(qmodel: nn.Module, granularity: str = "block",
                 covered.append(name)
                 continue
         if isinstance(mod, QUANT_LAYER_TYPES):
-            units.append(Unit(name, "layer", type(mod).__mro__[1].__name__, [name]))
+            units.append(Unit(name, "layer", _float_type_name(mod), [name]))
             covered.append(name)
     return units
+
+
+def _float_type_name(mod: nn.Module) -> str:
+    """The float layer a quant wrapper stands in for ('Conv2d' for QuantConv2d), found in its MRO."""
+    for cls in type(mod).__mro__[1:]:
+        if cls.__module__.startswith("torch.nn"):
+            return cls.__name__
+    return type(mod).__name__
 
 
 def summarize_units(units: List[Unit]) -> str:
