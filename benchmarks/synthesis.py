@@ -132,6 +132,19 @@ PAPER = ("Paper figures for the same setting: none published for synthesis itsel
          "HAST 92.36 (hast.md §4.1) -- those include QAT/PTQ, not just calibration.")
 
 
+def compact_hist(hist):
+    """The full histogram for 10 classes; for 1000 only the non-empty classes, as {class: count}."""
+    if len(hist) <= 20:
+        return str(hist)
+    return "{" + ", ".join(f"{c}: {n}" for c, n in sorted(enumerate(hist), key=lambda cn: -cn[1]) if n) + "}"
+
+
+def max_entropy(methods, num_images):
+    """log2 of the most classes num_images can spread over."""
+    n_classes = max(len(r["hist"]) for r in methods.values())
+    return math.log2(min(n_classes, num_images))
+
+
 def render_md(out: dict, command: str) -> str:
     m = out["methods"]
     lines = [f"# Synthesis benchmark: {out.get('model', 'cifar10_resnet20')} (quick budget)", "",
@@ -142,7 +155,8 @@ def render_md(out: dict, command: str) -> str:
              (f"Teacher FP32 top-1 on the exact first-1017 CIFAR-10 test images: {out['fp32_top1']:.2f} %."
               if out.get("fp32_top1") is not None else ""), "",
              f"## Per method, {out['num_images']} images", "",
-             "| method | config | seconds | images/s | BNS (Genie form, per layer) | pred.-class entropy (bits, max 3.32) "
+             "| method | config | seconds | images/s | BNS (Genie form, per layer) | pred.-class entropy (bits, max "
+             f"{max_entropy(m, out['num_images']):.2f}) "
              "| mean max prob | load |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in m.items():
@@ -150,8 +164,8 @@ def render_md(out: dict, command: str) -> str:
         cfg = f"batch {c['batch_size']}, {c['iters']} it" + (", swap_lr" if c.get("swap_lr") else "")
         cfg += "".join(f", {k}={v}" for k, v in r.get("overrides", {}).items() if k != "swap_lr")
         lines.append(f"| {name} | {cfg} | {r['wall']:.1f} | {r['images_per_second']:.2f} | {r['bns_loss']:.4f} | "
-                     f"{r['entropy_bits']:.2f} | {r['mean_max_prob']:.3f} | {r['load'][0]:.1f} |")
-    lines += ["", "Predicted-class histograms: " + "; ".join(f"{k} {v['hist']}" for k, v in m.items()), ""]
+                     f"{r['entropy_bits'] + 0.0:.2f} | {r['mean_max_prob']:.3f} | {r['load'][0]:.1f} |")
+    lines += ["", "Predicted-class histograms: " + "; ".join(f"{k} {compact_hist(v['hist'])}" for k, v in m.items()), ""]
     if "genie" in m and "zeroq" in m:
         g, z = m["genie"]["iter_log"], m["zeroq"]["iter_log"]
         n = m["genie"]["config"]["iters"]
@@ -177,7 +191,8 @@ def render_md(out: dict, command: str) -> str:
             lines += [f"## {title}", "", "| bits, act observer | calibration images | top-1 % |", "|---|---|---|"]
             lines += [f"| {o} | {n} | {a:.2f} |" for o, n, a in out[key]]
             lines.append("")
-    lines += [PAPER, ""]
+    paper = PAPER if out.get("model", "cifar10_resnet20").startswith("cifar") else PAPER.split(" Reference")[0]
+    lines += [paper, ""]
     return "\n".join(lines)
 
 

@@ -2,8 +2,9 @@
 teacher's BN-input statistics match its running statistics; strided convs swing during synthesis.
 
 Why a generator at all: the images are the output of a shared small network rather than free
-pixels, which couples the pixels and makes BN matching converge faster (per second) than ZeroQ's
-pixel optimisation -- measured in benchmarks/results/synthesis.md.
+pixels, which couples them; on ResNet-20 they calibrate better than ZeroQ's free pixels (Genie-M
+W4A4 91.94 vs 90.95), although ZeroQ matches the BN statistics faster per second
+(benchmarks/results/synthesis.md).
 
 Learning rates: Genie's CLI documents lr_g=0.1 for the generator and lr_z=0.01 for the latents,
 but its code hands lr_g to the latents and lr_z to the generator (genie.md §6.1). zsq uses the
