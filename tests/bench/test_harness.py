@@ -153,3 +153,26 @@ def test_merge_copies_finished_cells_only(tmp_path):
         merge_results(a, b)
     with pytest.raises(ZsqError, match="no results.json"):
         merge_results(a, tmp_path / "missing")
+
+
+def test_resume_picks_up_row_written_after_runner_died(tmp_path):
+    need_asset(zsq.assets.RESNET20)
+    need_asset(zsq.assets.CIFAR10_EXACT)
+    suite = Suite("t", "t", (Cell(M, "bn-minmax", "w8a8"),), jpeg_eval=False, eval_limit=16)
+    key = suite.cells[0].key
+    run_suite(suite, tmp_path, quiet=True, cell_timeout=0.01)  # leaves cells/000/cell.json, no row
+    cell_dir = tmp_path / "cells" / "000"
+    orphan_row = {"key": key, "main": {"top1": 42.0, "set": "exact-1017"}, "total_seconds": 123.0}
+    (cell_dir / "row.json").write_text(json.dumps(orphan_row))
+    res = run_suite(suite, tmp_path, resume=True, quiet=True, cell_timeout=0.01)  # would time out if it ran
+    row = res["cells"][key]
+    assert "error" not in row and row["main"]["top1"] == 42.0 and row["picked_up"]
+    assert row["wall_seconds"] == 123.0
+    # A row left by a different cell spec (here: another eval limit) is not taken; the cell runs again.
+    spec = json.loads((cell_dir / "cell.json").read_text())
+    (cell_dir / "cell.json").write_text(json.dumps(dict(spec, eval_limit=99)))
+    res["cells"][key] = {"key": key, "error": "retry me", "wall_seconds": 0.0}
+    save_results(tmp_path, res)
+    again = run_suite(suite, tmp_path, resume=True, quiet=True, cell_timeout=0.01)
+    assert "timed out" in again["cells"][key]["error"]
+    assert not (cell_dir / "row.json").exists()

@@ -49,6 +49,11 @@ def _run_subprocess(payload: dict, work: Path, timeout: Optional[float] = None) 
     """One cell in a fresh interpreter: its own peak RSS, and a crash cannot take the runner down."""
     work.mkdir(parents=True, exist_ok=True)
     spec, res = work / "cell.json", work / "row.json"
+    if res.exists() and spec.exists() and json.loads(spec.read_text()) == json.loads(json.dumps(payload)):
+        # The cell's process finished after its runner died (killed, machine session ended): keep its row.
+        row = json.loads(res.read_text())
+        row["picked_up"] = True
+        return row
     spec.write_text(json.dumps(payload))
     if res.exists():
         res.unlink()
@@ -145,7 +150,9 @@ def run_suite(suite: Suite, out, budget: str = "quick", resume: bool = True, iso
                 raise
             row = {"key": cell.key, "cell": cell.to_dict(), "error": str(e)[-500:]}
             log(f"  failed: {row['error']}", quiet)
-        row["wall_seconds"] = round(time.time() - t0, 2)
+        row["wall_seconds"] = row.get("total_seconds", 0.0) if row.get("picked_up") else round(time.time() - t0, 2)
+        if row.get("picked_up"):
+            log("  picked up the row its process wrote after the runner stopped", quiet)
         results["cells"][cell.key] = row
         results["wall_seconds"] = round(results["wall_seconds"] + row["wall_seconds"], 2)
         save_results(out, results)
