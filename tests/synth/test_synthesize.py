@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 import torch
@@ -81,6 +82,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_teacher, tmp_path, m
     def crash_at_batch_2(self, ctx, index, size, gen):
         if index == 2:
             raise KeyboardInterrupt
+        time.sleep(0.4)  # the first run's batches take time the resumed set must still count
         return original(self, ctx, index, size, gen)
 
     monkeypatch.setattr(GenieSynthesizer, "make_batch", crash_at_batch_2)
@@ -92,6 +94,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_teacher, tmp_path, m
         synthesize(tiny_teacher, "genie", 12, out=tmp_path, **TINY)
     resumed = synthesize(tiny_teacher, "genie", 12, out=tmp_path, resume=True, **TINY)
     assert torch.equal(resumed.images, full.images)
+    assert resumed.meta["seconds"] >= 0.8  # seconds accumulate over the interruption (bench rows use them)
     # resuming a finished run just loads it
     assert torch.equal(synthesize(tiny_teacher, "genie", 12, out=tmp_path, resume=True, **TINY).images, full.images)
 
