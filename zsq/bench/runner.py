@@ -150,9 +150,11 @@ def run_suite(suite: Suite, out, budget: str = "quick", resume: bool = True, iso
                 raise
             row = {"key": cell.key, "cell": cell.to_dict(), "error": str(e)[-500:]}
             log(f"  failed: {row['error']}", quiet)
-        row["wall_seconds"] = row.get("total_seconds", 0.0) if row.get("picked_up") else round(time.time() - t0, 2)
         if row.get("picked_up"):
+            row["wall_seconds"] = row.get("total_seconds", 0.0)
             log("  picked up the row its process wrote after the runner stopped", quiet)
+        else:
+            row["wall_seconds"] = round(time.time() - t0, 2)
         results["cells"][cell.key] = row
         results["wall_seconds"] = round(results["wall_seconds"] + row["wall_seconds"], 2)
         save_results(out, results)

@@ -14,7 +14,7 @@ from typing import Dict, Iterable, List, Optional
 import torch.nn as nn
 
 from zsq.errors import ZsqError
-from zsq.quant.modules import QUANT_LAYER_TYPES
+from zsq.quant.modules import FLOAT_TO_QUANT, QUANT_LAYER_TYPES
 
 # class name -> where it comes from (documentation only)
 _BLOCK_TYPES: Dict[str, str] = {
@@ -90,11 +90,8 @@ def find_units(qmodel: nn.Module, granularity: str = "block",
 
 
 def _float_type_name(mod: nn.Module) -> str:
-    """The float layer a quant wrapper stands in for ('Conv2d' for QuantConv2d), found in its MRO."""
-    for cls in type(mod).__mro__[1:]:
-        if cls.__module__.startswith("torch.nn"):
-            return cls.__name__
-    return type(mod).__name__
+    """The float layer a quant wrapper stands in for ('Conv2d' for QuantConv2d)."""
+    return next(f.__name__ for f, q in FLOAT_TO_QUANT.items() if isinstance(mod, q))
 
 
 def summarize_units(units: List[Unit]) -> str:
