@@ -91,22 +91,25 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
                   ste: str = "clip") -> torch.Tensor:
     """x_hat = (clamp(round(x/s) + z, qmin, qmax) - z) * s, with the chosen straight-through gradient.
 
-    ``scale``/``zero_point`` broadcast against ``x`` (shape them for per-channel use).
+    The arithmetic is ONNX QuantizeLinear's, operation for operation: round(x / s) is taken *before*
+    z is added. round(x/s + z) is the same in exact arithmetic but not in float32 -- near a .5 tie the
+    sum rounds on z's coarser ulp grid -- and one flipped code early in a deep 4-bit network changes
+    many later ones, so the deployed graph would disagree with this model on whole images.
+    ``scale``/``zero_point`` broadcast against ``x`` (shape them for per-channel use); z holds integers.
     """
+    lo, hi = qmin - zero_point, qmax - zero_point  # integer bounds of round(x/s), exact in float
     if ste == "identity":
         with torch.no_grad():
-            q = torch.clamp(torch.round(x / scale + zero_point), qmin, qmax)
-            xq = (q - zero_point) * scale
+            xq = torch.round(torch.clamp(x / scale, lo, hi)) * scale
         return xq + (x - x.detach())  # value exactly xq, gradient identity
-    v = torch.clamp(x / scale + zero_point, qmin, qmax)
-    return (round_ste(v) - zero_point) * scale
+    return round_ste(torch.clamp(x / scale, lo, hi)) * scale
 
 
 def quantize_to_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
                     qmax: int) -> torch.Tensor:
     """Integer codes (int32) of x on the grid; what an integer kernel / export stores."""
     with torch.no_grad():  # the same arithmetic as fake_quantize, so codes reproduce its output exactly
-        return torch.round(torch.clamp(x / scale + zero_point, qmin, qmax)).to(torch.int32)
+        return (torch.round(torch.clamp(x / scale, qmin - zero_point, qmax - zero_point)) + zero_point).to(torch.int32)
 
 
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
