@@ -145,6 +145,29 @@ def max_entropy(methods, num_images):
     return math.log2(min(n_classes, num_images))
 
 
+def first_batch(run: dict) -> list:
+    """(seconds, BNS) of the iterations of a run's first batch."""
+    return run["iter_log"][:run["config"]["iters"]]
+
+
+def equal_time_table(m: dict) -> list:
+    """Genie-D runs vs ZeroQ, BNS at the same seconds into their first batch: five points up to the
+    end of the genie (quick) batch, then, when a run goes on longer, points up to ZeroQ's end."""
+    cols = [k for k in m if k.startswith("genie")] + ["zeroq"]
+    logs = {k: first_batch(m[k]) for k in cols}
+    g_end, z_end = logs["genie"][-1][0], logs["zeroq"][-1][0]
+    times = [f * g_end for f in (0.1, 0.25, 0.5, 0.75, 1.0)]
+    if z_end > 1.5 * g_end:
+        times += [f * z_end for f in (0.25, 0.5, 0.75, 1.0) if f * z_end > 1.2 * g_end]
+    lines = [f"## Genie-D vs ZeroQ at equal wall time (first batch of {m['genie']['config']['batch_size']}, "
+             "training-loss BNS of the current images; — = that run's batch had ended)", "",
+             "| seconds | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for t in times:
+        cells = [f"{at_time(logs[k], t):.4f}" if t <= logs[k][-1][0] * 1.001 else "—" for k in cols]
+        lines.append(f"| {t:.1f} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def render_md(out: dict, command: str) -> str:
     m = out["methods"]
     lines = [f"# Synthesis benchmark: {out.get('model', 'cifar10_resnet20')} (quick budget)", "",
@@ -167,22 +190,7 @@ def render_md(out: dict, command: str) -> str:
                      f"{r['entropy_bits'] + 0.0:.2f} | {r['mean_max_prob']:.3f} | {r['load'][0]:.1f} |")
     lines += ["", "Predicted-class histograms: " + "; ".join(f"{k} {compact_hist(v['hist'])}" for k, v in m.items()), ""]
     if "genie" in m and "zeroq" in m:
-        g, z = m["genie"]["iter_log"], m["zeroq"]["iter_log"]
-        n = m["genie"]["config"]["iters"]
-        g1, z1 = g[:n], z[:m["zeroq"]["config"]["iters"]]
-        horizon = min(g1[-1][0], z1[-1][0])
-        lines += [f"## Genie-D vs ZeroQ at equal wall time (first batch of {m['genie']['config']['batch_size']}, "
-                  "BNS of the current images)", "",
-                  "| seconds | genie | zeroq |" + (" genie swap_lr |" if "genie_swap_lr" in m else ""),
-                  "|---|---|---|" + ("---|" if "genie_swap_lr" in m else "")]
-        sw = m.get("genie_swap_lr", {}).get("iter_log", [])[:n]
-        for frac in (0.1, 0.25, 0.5, 0.75, 1.0):
-            t = frac * horizon
-            row = f"| {t:.1f} | {at_time(g1, t):.4f} | {at_time(z1, t):.4f} |"
-            if sw:
-                row += f" {at_time(sw, t):.4f} |"
-            lines.append(row)
-        lines.append("")
+        lines += equal_time_table(m)
     for key, title in (("downstream", "Downstream: W4A4 (and W3A3) calibration on 256 synthetic images (Genie preset: "
                                       "W per-channel asym Lp-2.4, A per-tensor sym; first W8, 2nd A8, last W8A8; "
                                       "activation observer as listed), top-1 on the exact-1017 set"),
@@ -205,6 +213,9 @@ def main(argv=None):
     ap.add_argument("--no-downstream", action="store_true", help="skip the calibration check")
     ap.add_argument("--methods", default="noise,genie,zeroq,hast,gdfq")
     ap.add_argument("--swap-lr-run", action="store_true", help="also run genie with swap_lr=True")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME.FIELD=VALUE",
+                    help="also run METHOD_SUFFIX with these fields on top of METHOD's --set, e.g. "
+                         "genie_long.iters=100 (repeatable; shown beside genie in the equal-time table)")
     ap.add_argument("--iters", type=int, default=None, help="override the quick budget's iterations (smoke runs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
@@ -244,11 +255,15 @@ def main(argv=None):
     runs = [(m, dict(overrides.get(m, {}))) for m in args.methods.split(",")]
     if args.swap_lr_run:
         runs.append(("genie_swap_lr", dict(overrides.get("genie", {}), swap_lr=True)))
+    for name, opts in parse_sets(args.variant).items():
+        runs.append((name, dict(overrides.get(name.split("_")[0], {}), **opts)))
     for method, opts in runs:
         t = time.perf_counter()
+        opts = dict(opts)
+        iters = opts.pop("iters", args.iters)
         with IterLog(n_bn) as it:
             data = synthesize(teacher, method.split("_")[0], args.num_images, quiet=True, seed=0,
-                               iters=args.iters, **opts)
+                               iters=iters, **opts)
         if args.save_sets:
             data.save(os.path.join(args.save_sets, method))
         wall = time.perf_counter() - t

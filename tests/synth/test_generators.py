@@ -1,5 +1,8 @@
+import pytest
 import torch
 
+from zsq.errors import ZsqError
+from zsq.synth.genie import GenieConfig
 from zsq.synth.generators import GDFQGenerator, GDFQImageNetGenerator, GenieGenerator, gdfq_generator
 
 
@@ -40,3 +43,22 @@ def test_genie_generator_scales_with_input_and_small_head():
     small = GenieGenerator(224, head="small")  # the paper head would be a 256 -> 128*56*56 (103M) Linear
     assert small.l1.out_features == 128 * 14 * 14 and sum(p.numel() for p in small.parameters()) < 1e7
     assert small(torch.randn(2, 256)).shape == (2, 3, 224, 224)
+
+
+def test_genie_generator_width_sets_channels_and_cost():
+    narrow, wide = GenieGenerator(32, width=64), GenieGenerator(32)
+    assert narrow.l1.out_features == 64 * 8 * 8
+    convs = [m for m in narrow.body if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(64, 32), (32, 3)]
+    x = narrow(torch.randn(6, 256))
+    assert x.shape == (6, 3, 32, 32) and _standardized_per_channel(x)
+    n = lambda g: sum(p.numel() for p in g.parameters())  # noqa: E731
+    assert n(narrow) < 0.55 * n(wide)
+
+
+@pytest.mark.parametrize("width", [0, 1, 63])
+def test_genie_generator_rejects_bad_width(width):
+    with pytest.raises(ZsqError, match="even number"):
+        GenieGenerator(32, width=width)
+    with pytest.raises(ZsqError, match="even number"):
+        GenieConfig(width=width)

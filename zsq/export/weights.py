@@ -1,9 +1,8 @@
 """The integer view of a quantized layer's weight, shared by the checkpoint writer and the ONNX export.
 
 Codes are read off the layer's *quantized* weight, w_hat = (q - z) * s, as q = round(w_hat / s) + z,
-instead of asking the quantizer to re-quantize the float weight: a quantizer's ``int_repr`` may
-round differently from its forward at exact .5 boundaries (round(x/s) + z vs round(x/s + z) in
-float32), and what the model computes with is w_hat. The result is verified: (q - z) * s must
+instead of asking the quantizer to re-quantize the float weight: what the model computes with is
+w_hat, whatever quantizer made it (soft-rounding PTQ quantizers keep no float weight to re-quantize). The result is verified: (q - z) * s must
 reproduce w_hat bit for bit, so whatever the codes say is exactly what the model used.
 """
 from __future__ import annotations

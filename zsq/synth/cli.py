@@ -11,7 +11,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("synthesize", help="synthesize calibration images from a model alone",
                               description="Synthesize images from the model's BatchNorm statistics "
                                           "(no real data) and save them as a SyntheticSet directory.")
-    p.add_argument("model", help="model name (see `zsq models`)")
+    p.add_argument("model", help="model name, e.g. cifar10_resnet20, efficientnet_lite0, torchvision:resnet18")
     p.add_argument("--weights", default=None, help="checkpoint to load instead of the default weights")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--num-images", type=int, required=True)

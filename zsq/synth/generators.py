@@ -107,13 +107,20 @@ class GenieGenerator(nn.Module):
     and dominates the step time. head="small" (a zsq option, not Genie's): Linear(latent ->
     128·(H/16)²) followed by two extra (up2 -> conv3×3 128->128 -> BN -> LReLU(0.2)) stages, about
     6.8M weights at 224² (vs 103M); it reaches the same 128×H/4×H/4 tensor.
+
+    width (a zsq option; Genie: 128) is the channel count after the head; the middle conv has
+    width/2. At 32² the generator's forward+backward costs 0.65× the ResNet-20 step at width 128 and
+    about a quarter of that at 64 (benchmarks/results/synthesis.md).
     """
 
-    def __init__(self, img_size: int = 224, channels: int = 3, latent_dim: int = 256, head: str = "linear"):
+    def __init__(self, img_size: int = 224, channels: int = 3, latent_dim: int = 256, head: str = "linear",
+                 width: int = 128):
         super().__init__()
         from zsq.errors import ZsqError
 
-        self.latent_dim, self.head = latent_dim, head
+        if width < 2 or width % 2:
+            raise ZsqError(f"Genie generator width must be an even number >= 2, got {width}")
+        self.latent_dim, self.head, self.width = latent_dim, head, width
         self.init_size = _check_size(img_size, 4, "the Genie generator")
         if head == "linear":
             self.start = self.init_size
@@ -121,23 +128,23 @@ class GenieGenerator(nn.Module):
         elif head == "small":
             self.start = _check_size(img_size, 16, "the Genie generator's small head")
             self.stem = nn.Sequential(*[m for _ in range(2) for m in (
-                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(128, 128, 3, padding=1),
-                nn.BatchNorm2d(128), nn.LeakyReLU(0.2, inplace=True))])
+                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, width, 3, padding=1),
+                nn.BatchNorm2d(width), nn.LeakyReLU(0.2, inplace=True))])
         else:
             raise ZsqError(f"Genie generator head must be 'linear' or 'small', got {head!r}")
-        self.l1 = nn.Linear(latent_dim, 128 * self.start ** 2)
+        self.l1 = nn.Linear(latent_dim, width * self.start ** 2)
         self.body = nn.Sequential(
-            nn.BatchNorm2d(128),
+            nn.BatchNorm2d(width),
             nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(128, 64, 3, stride=1, padding=1),
-            nn.BatchNorm2d(64),
+            nn.Conv2d(width, width // 2, 3, stride=1, padding=1),
+            nn.BatchNorm2d(width // 2),
             nn.LeakyReLU(0.2, inplace=True),
             nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(64, channels, 3, stride=1, padding=1),
+            nn.Conv2d(width // 2, channels, 3, stride=1, padding=1),
             nn.Tanh(),
             nn.BatchNorm2d(channels, affine=False),
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.l1(z).view(z.shape[0], 128, self.start, self.start)
+        x = self.l1(z).view(z.shape[0], self.width, self.start, self.start)
         return self.body(self.stem(x))

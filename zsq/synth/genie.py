@@ -2,14 +2,16 @@
 teacher's BN-input statistics match its running statistics; strided convs swing during synthesis.
 
 Why a generator at all: the images are the output of a shared small network rather than free
-pixels, which couples them; on ResNet-20 they calibrate better than ZeroQ's free pixels (Genie-M
-W4A4 91.94 vs 90.95), although ZeroQ matches the BN statistics faster per second
-(benchmarks/results/synthesis.md).
+pixels, which couples them; the generator's final BN starts them with the right pixel statistics, so
+the BNS loss falls fast at first (on ResNet-20 2-3x below ZeroQ's for the first ~15 s of a batch),
+and they calibrate better than ZeroQ's free pixels (Genie-M W4A4 91.94 vs 90.95). Given a minute per
+batch, ZeroQ's free pixels reach the lower BNS (benchmarks/results/synthesis-resnet20.md).
 
 Learning rates: Genie's CLI documents lr_g=0.1 for the generator and lr_z=0.01 for the latents,
 but its code hands lr_g to the latents and lr_z to the generator (genie.md §6.1). zsq uses the
-documented assignment by default; ``swap_lr=True`` reproduces the official code's effective one
-(latents 0.1, generator 0.01).
+documented assignment in the paper budget; ``swap_lr=True`` swaps the two rates, which there
+reproduces the official code's effective one (latents 0.1, generator 0.01). The quick budget at 32²
+uses rates measured for it (see GenieConfig.quick).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class GenieConfig(SynthConfig):
     swing: bool = True
     input_prior: bool = True  # the per-image mean 0 / std 1 pixel term (genie.md §2.2 L_in)
     head: str = "linear"  # "linear" (Genie) or "small" (zsq option, see GenieGenerator)
+    width: int = 128  # generator channels after the head (Genie: 128; zsq option, see GenieGenerator)
 
     def __post_init__(self):
         super().__post_init__()
@@ -48,6 +51,8 @@ class GenieConfig(SynthConfig):
             raise ZsqError(f"genie learning rates must be > 0, got lr_g={self.lr_g}, lr_z={self.lr_z}")
         if self.z_patience < 0 or self.g_decay_every < 1 or not 0 < self.g_gamma <= 1:
             raise ZsqError("genie schedule needs z_patience >= 0, g_decay_every >= 1 and 0 < g_gamma <= 1")
+        if self.width < 2 or self.width % 2:
+            raise ZsqError(f"genie width must be an even number >= 2, got {self.width}")
         if self.head not in ("linear", "small"):
             raise ZsqError(f"genie head must be 'linear' or 'small', got {self.head!r}")
 
@@ -65,10 +70,13 @@ class GenieConfig(SynthConfig):
 
     @classmethod
     def quick(cls, meta) -> "GenieConfig":
-        # Chosen by measurement on the 2-core CPU (benchmarks/results/synthesis.md): the BNS loss
-        # falls fastest in the first ~100 iterations (1.55 at 117 it vs 1.43 at 300 on ResNet-20); the schedules are shortened in proportion.
         if meta.input_size[-1] <= 64:
-            return cls(batch_size=128, iters=100, z_patience=10, g_decay_every=5)
+            # Chosen by measurement on ResNet-20, one thread (benchmarks/results/synthesis.md): at 32² Genie's
+            # generator costs 0.65x the teacher's step; at width 64 a quarter of that. Learning rates from a sweep of
+            # BNS at equal time (generator 0.1/0.03/0.01/0.003/0.001, latents 0.01/0.1/0.3/1): 0.003 / 0.3. 20
+            # iterations: Genie-M W4A4 on 256 such images is as good as on 100-iteration ones (91.25-91.45 vs 91.94
+            # exact-1017) in a fifth of the synthesis time.
+            return cls(batch_size=128, iters=20, lr_g=0.003, lr_z=0.3, width=64, z_patience=10, g_decay_every=5)
         # 224²: the small generator head (measured on Lite0, 1 thread, batch 16, 12 iterations: 9.6 s/it
         # and per-layer BNS 8.3 vs 10.5 s/it and 11.9 with Genie's 103M-weight Linear head).
         return cls(batch_size=32, iters=50, z_patience=10, g_decay_every=5, head="small")
@@ -94,7 +102,7 @@ class GenieSynthesizer(Synthesizer):
                 m.generator = gen
         with torch.random.fork_rng(devices=[]):  # default init, but seeded per batch
             torch.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
-            g = GenieGenerator(h, c, cfg.latent_dim, cfg.head).train()
+            g = GenieGenerator(h, c, cfg.latent_dim, cfg.head, cfg.width).train()
         z = torch.randn(size, cfg.latent_dim, generator=gen).requires_grad_(True)
         opt_z = torch.optim.Adam([z], lr=cfg.latent_lr)
         opt_g = torch.optim.Adam(g.parameters(), lr=cfg.generator_lr)
