@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 
 import torch
@@ -111,6 +112,7 @@ def main(argv=None):
     for name, cfg in json.loads(args.configs).items():
         log = run(teacher, args.seconds, **cfg)
         print(name, " ".join(f"{s}s/{it}it:{b:.4f}" for s, it, b in log), flush=True)
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
 if __name__ == "__main__":

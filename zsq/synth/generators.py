@@ -109,8 +109,8 @@ class GenieGenerator(nn.Module):
     6.8M weights at 224² (vs 103M); it reaches the same 128×H/4×H/4 tensor.
 
     width (a zsq option; Genie: 128) is the channel count after the head; the middle conv has
-    width/2. At 32² the generator's forward+backward costs 0.65× the ResNet-20 step at width 128 and
-    about a quarter of that at 64 (benchmarks/results/synthesis.md).
+    width/2. At 32² the generator's forward+backward costs 0.62x the ResNet-20 step at width 128 and
+    a third of that at 64 (benchmarks/results/synth_sweep.md).
     """
 
     def __init__(self, img_size: int = 224, channels: int = 3, latent_dim: int = 256, head: str = "linear",

@@ -71,11 +71,11 @@ class GenieConfig(SynthConfig):
     @classmethod
     def quick(cls, meta) -> "GenieConfig":
         if meta.input_size[-1] <= 64:
-            # Chosen by measurement on ResNet-20, one thread (benchmarks/results/synthesis.md): at 32² Genie's
-            # generator costs 0.65x the teacher's step; at width 64 a quarter of that. Learning rates from a sweep of
-            # BNS at equal time (generator 0.1/0.03/0.01/0.003/0.001, latents 0.01/0.1/0.3/1): 0.003 / 0.3. 20
-            # iterations: Genie-M W4A4 on 256 such images is as good as on 100-iteration ones (91.25-91.45 vs 91.94
-            # exact-1017) in a fifth of the synthesis time.
+            # Chosen by measurement on ResNet-20, one thread (benchmarks/results/synth_sweep.md, synthesis.md):
+            # at 32² Genie's generator costs 0.62x the teacher's step; at width 64 a third of that. Learning rates
+            # from a sweep of BNS at equal CPU time (generator 0.1/0.01/0.003/0.001, latents 0.01/0.1/0.3/1):
+            # 0.003 / 0.3. 20 iterations: Genie-M W4A4 on 256 such images is as good as on 100-iteration ones
+            # (91.25 vs 91.94 exact-1017, one run each) in a fifth of the synthesis time.
             return cls(batch_size=128, iters=20, lr_g=0.003, lr_z=0.3, width=64, z_patience=10, g_decay_every=5)
         # 224²: the small generator head (measured on Lite0, 1 thread, batch 16, 12 iterations: 9.6 s/it
         # and per-layer BNS 8.3 vs 10.5 s/it and 11.9 with Genie's 103M-weight Linear head).
