@@ -98,3 +98,22 @@ def test_quantize_bn_minmax_end_to_end(capsys, tmp_path):
 
     again = zsq.evaluate(zsq.load_quantized(out), data, quiet=True)["top1"]
     assert again == pytest.approx(rep["quant_top1"])
+
+
+def test_force_starts_over_in_a_used_out_dir(capsys, tmp_path):
+    """`make demo` twice: --force must replace the earlier run's synthetic set and work state, not
+    refuse it as a foreign synthesis run; files that are not zsq's are left alone."""
+    weights = str(need_asset(RESNET20))
+    out = tmp_path / "o"
+    argv = ["quantize", "cifar10_resnet20", "--weights", weights, "--method", "minmax", "--synth", "noise",
+            "--num-images", "16", "--bits", "w8a8", "--out", str(out), "--json", "--quiet"]
+    assert run(capsys, *argv)[0] == 0
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, *argv)
+    _one_line_error(code, err, "not empty")
+    code, stdout, err = run(capsys, *argv, "--force", "--seed", "1")
+    assert code == 0, err
+    assert json.loads(stdout)["num_images"] == 16
+    assert (out / "notes.txt").read_text() == "mine"
+    meta = json.loads((out / "synth" / "meta.json").read_text())
+    assert meta["seed"] == 1  # the set was made again, not reused

@@ -2,6 +2,7 @@
 run a method, save the quantized model, and report FP32 vs quantized accuracy."""
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -52,6 +53,19 @@ def default_num_images(kind: str, budget: str) -> int:
     return 256
 
 
+RUN_STATE_DIRS = ("synth", "work")  # what a run keeps in --out besides the checkpoint, for --resume
+
+
+def clear_previous_run(out: Path) -> None:
+    """--force without --resume starts over: drop the resume state an earlier run left in ``out``
+    (its synthetic set and reconstruction/training work), which would otherwise be refused as a
+    foreign run or silently reused. Only zsq's own subfolders are removed; checkpoint files are overwritten."""
+    for name in RUN_STATE_DIRS:
+        d = out / name
+        if d.is_dir():
+            shutil.rmtree(d)
+
+
 def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-minmax", bits: str = "w4a4",
              preset: Optional[str] = None, synth: Optional[str] = None, calib_data: Optional[str] = None,
              num_images: Optional[int] = None, budget: str = "quick", iters: Optional[int] = None,
@@ -76,6 +90,8 @@ def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-min
         from zsq.models.meta import get_meta
 
         eval_set = load_dataset(eval_data, get_meta(fp_model))
+    if out is not None and force and not resume:
+        clear_previous_run(Path(out))
     job = QuantJob(budget=budget, num_images=num_images, iters=iters, epochs=epochs,
                    iters_per_epoch=iters_per_epoch, batch_size=batch_size, seed=seed,
                    out=Path(out) if out else None, resume=resume, quiet=quiet, extra=dict(options or {}))
