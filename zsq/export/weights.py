@@ -2,8 +2,9 @@
 
 Codes are read off the layer's *quantized* weight, w_hat = (q - z) * s, as q = round(w_hat / s) + z,
 instead of asking the quantizer to re-quantize the float weight: what the model computes with is
-w_hat, whatever quantizer made it (soft-rounding PTQ quantizers keep no float weight to re-quantize). The result is verified: (q - z) * s must
-reproduce w_hat bit for bit, so whatever the codes say is exactly what the model used.
+w_hat, whatever quantizer made it (soft-rounding PTQ quantizers keep no float weight to re-quantize).
+The result is verified: (q - z) * s must reproduce w_hat bit for bit, so whatever the codes say is
+exactly what the model used.
 """
 from __future__ import annotations
 

@@ -109,7 +109,8 @@ def quantize_to_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
                     qmax: int) -> torch.Tensor:
     """Integer codes (int32) of x on the grid; what an integer kernel / export stores."""
     with torch.no_grad():  # the same arithmetic as fake_quantize, so codes reproduce its output exactly
-        return (torch.round(torch.clamp(x / scale, qmin - zero_point, qmax - zero_point)) + zero_point).to(torch.int32)
+        v = torch.clamp(x / scale, qmin - zero_point, qmax - zero_point)
+        return (torch.round(v) + zero_point).to(torch.int32)
 
 
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,

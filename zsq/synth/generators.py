@@ -10,6 +10,15 @@ import torch
 import torch.nn as nn
 
 
+def check_genie_width(width: int) -> int:
+    """The Genie generator's width must be even (its middle conv has width/2 channels)."""
+    from zsq.errors import ZsqError
+
+    if width < 2 or width % 2:
+        raise ZsqError(f"Genie generator width must be an even number >= 2, got {width}")
+    return width
+
+
 def _check_size(size: int, factor: int, what: str) -> int:
     from zsq.errors import ZsqError
 
@@ -118,9 +127,7 @@ class GenieGenerator(nn.Module):
         super().__init__()
         from zsq.errors import ZsqError
 
-        if width < 2 or width % 2:
-            raise ZsqError(f"Genie generator width must be an even number >= 2, got {width}")
-        self.latent_dim, self.head, self.width = latent_dim, head, width
+        self.latent_dim, self.head, self.width = latent_dim, head, check_genie_width(width)
         self.init_size = _check_size(img_size, 4, "the Genie generator")
         if head == "linear":
             self.start = self.init_size

@@ -23,7 +23,7 @@ from zsq.errors import ZsqError
 from zsq.synth.base import BatchResult, SynthConfig, SynthContext, Synthesizer, check_finite, progress, \
     register_synthesizer
 from zsq.synth.bn_stats import BNStatsRecorder, input_prior_loss
-from zsq.synth.generators import GenieGenerator
+from zsq.synth.generators import GenieGenerator, check_genie_width
 from zsq.synth.swing import swing_copy
 
 
@@ -51,8 +51,7 @@ class GenieConfig(SynthConfig):
             raise ZsqError(f"genie learning rates must be > 0, got lr_g={self.lr_g}, lr_z={self.lr_z}")
         if self.z_patience < 0 or self.g_decay_every < 1 or not 0 < self.g_gamma <= 1:
             raise ZsqError("genie schedule needs z_patience >= 0, g_decay_every >= 1 and 0 < g_gamma <= 1")
-        if self.width < 2 or self.width % 2:
-            raise ZsqError(f"genie width must be an even number >= 2, got {self.width}")
+        check_genie_width(self.width)
         if self.head not in ("linear", "small"):
             raise ZsqError(f"genie head must be 'linear' or 'small', got {self.head!r}")
 
