@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="directory for the quantized model")
     p.add_argument("--force", action="store_true",
-                   help="start over in a non-empty --out: replaces the checkpoint, synthetic set and work state an earlier run left there")
+                   help="start over in a non-empty --out: replaces the checkpoint, synthetic set and work "
+                        "state an earlier run left there")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--eval-data", help="labelled images to report FP32 and quantized top-1 on")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
