@@ -90,8 +90,6 @@ def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-min
         from zsq.models.meta import get_meta
 
         eval_set = load_dataset(eval_data, get_meta(fp_model))
-    if out is not None and force and not resume:
-        clear_previous_run(Path(out))
     job = QuantJob(budget=budget, num_images=num_images, iters=iters, epochs=epochs,
                    iters_per_epoch=iters_per_epoch, batch_size=batch_size, seed=seed,
                    out=Path(out) if out else None, resume=resume, quiet=quiet, extra=dict(options or {}))
@@ -102,6 +100,8 @@ def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-min
         raise ZsqError("give either --synth or --calib-data, not both")
     if info.kind == "calibration" and not info.needs_images and (calib_data or synth):
         raise ZsqError(f"method {method} uses no images; drop --synth/--calib-data or pick another method")
+    if out is not None and force and not resume:  # only once the arguments have been checked
+        clear_previous_run(Path(out))
     if calib_data is not None:
         job.calib, labels, job.calib_source = load_calibration(calib_data, fp_model, num_images)
         if labels is not None and job.calib_source.startswith("synthetic"):

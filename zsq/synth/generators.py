@@ -112,10 +112,10 @@ def gdfq_generator(num_classes: int, img_size: int, channels: int = 3, latent_di
 class GenieGenerator(nn.Module):
     """Genie-D's generator (genie.md §2.1), scaled to the input: init size = H/4.
 
-    head="linear" (the paper): Linear(latent -> 128·(H/4)²). At 224² that Linear has 103M weights
+    head="linear" (the paper): Linear(latent -> width·(H/4)²). At 224² that Linear has 103M weights
     and dominates the step time. head="small" (a zsq option, not Genie's): Linear(latent ->
-    128·(H/16)²) followed by two extra (up2 -> conv3×3 128->128 -> BN -> LReLU(0.2)) stages, about
-    6.8M weights at 224² (vs 103M); it reaches the same 128×H/4×H/4 tensor.
+    width·(H/16)²) followed by two extra (up2 -> conv3×3 width->width -> BN -> LReLU(0.2)) stages, about
+    6.8M weights at 224² and width 128 (vs 103M); it reaches the same width×H/4×H/4 tensor.
 
     width (a zsq option; Genie: 128) is the channel count after the head; the middle conv has
     width/2. At 32² the generator's forward+backward costs 0.62x the ResNet-20 step at width 128 and

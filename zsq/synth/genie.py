@@ -4,8 +4,9 @@ teacher's BN-input statistics match its running statistics; strided convs swing 
 Why a generator at all: the images are the output of a shared small network rather than free
 pixels, which couples them; the generator's final BN starts them with the right pixel statistics, so
 the BNS loss falls fast at first (on ResNet-20 2-3x below ZeroQ's for the first ~15 s of a batch),
-and they calibrate better than ZeroQ's free pixels (Genie-M W4A4 91.94 vs 90.95). Given a minute per
-batch, ZeroQ's free pixels reach the lower BNS (benchmarks/results/synthesis-resnet20.md).
+and they calibrate better than ZeroQ's free pixels (Genie-M W4A4 91.25 with the current quick budget,
+91.94 with the earlier one, vs 90.95). Given a minute per batch, ZeroQ's free pixels reach the lower
+BNS (benchmarks/results/synthesis-resnet20.md).
 
 Learning rates: Genie's CLI documents lr_g=0.1 for the generator and lr_z=0.01 for the latents,
 but its code hands lr_g to the latents and lr_z to the generator (genie.md §6.1). zsq uses the
