@@ -72,13 +72,20 @@ def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-min
              epochs: Optional[int] = None, iters_per_epoch: Optional[int] = None,
              batch_size: Optional[int] = None, seed: int = 0, out: Optional[Path] = None,
              resume: bool = False, force: bool = False, eval_data: Optional[str] = None,
-             quiet: bool = False, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """`zsq quantize` as a function; returns the JSON report (see README for the keys)."""
+             quiet: bool = False, options: Optional[Dict[str, Any]] = None, device: str = "cpu",
+             precision: str = "fp32", channels_last: Optional[bool] = None) -> Dict[str, Any]:
+    """`zsq quantize` as a function; returns the JSON report (see README for the keys).
+
+    device / precision / channels_last: where and how synthesis and reconstruction/QAT compute
+    (zsq.compute.resolve); the default cpu + fp32 is bit-reproducible."""
     from zsq.methods import QuantJob, get_method
     from zsq.models import load
     from zsq.quant import get_preset, parse_bits
 
     t_start = time.time()
+    from zsq.compute import resolve
+
+    compute = resolve(device, precision, channels_last)  # a missing GPU is refused before any work
     parse_bits(bits)
     info = get_method(method)
     preset = preset or info.default_preset
@@ -92,7 +99,8 @@ def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-min
         eval_set = load_dataset(eval_data, get_meta(fp_model))
     job = QuantJob(budget=budget, num_images=num_images, iters=iters, epochs=epochs,
                    iters_per_epoch=iters_per_epoch, batch_size=batch_size, seed=seed,
-                   out=Path(out) if out else None, resume=resume, quiet=quiet, extra=dict(options or {}))
+                   out=Path(out) if out else None, resume=resume, quiet=quiet, extra=dict(options or {}),
+                   compute=compute)
     torch.manual_seed(seed)
 
     synth_seconds = 0.0
@@ -117,7 +125,8 @@ def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-min
         t0 = time.time()
         log(f"synthesizing calibration images with {synth} ({budget} budget)", quiet)
         sset = synthesize(fp_model, synth, num_images, budget=budget, seed=seed,
-                          out=(job.out / "synth") if job.out else None, resume=resume, quiet=quiet)
+                          out=(job.out / "synth") if job.out else None, resume=resume, quiet=quiet,
+                          compute=compute)
         synth_seconds = time.time() - t0
         job.calib, job.calib_source, job.synth_method = sset.images, f"synthetic:{synth}", synth
         if sset.labels is not None:
@@ -127,7 +136,7 @@ def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-min
     if eval_data is not None:
         from zsq.evaluate import evaluate
 
-        job.eval_fn = lambda m: evaluate(m, eval_set, quiet=True)
+        job.eval_fn = lambda m: evaluate(m, eval_set, quiet=True, device=next(m.parameters()).device)
         fp_res = evaluate(fp_model, eval_set, quiet=quiet)
         fp_top1 = fp_res["top1"]
 
@@ -140,6 +149,7 @@ def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-min
         "model": model, "method": method, "bits": qconfig.bits, "preset": preset,
         "preset_version": qconfig.version, "calib_source": job.calib_source,
         "num_images": None if job.calib is None else int(job.calib.shape[0]),
+        "compute": compute.describe(),
     }
     if job.out is not None:
         from zsq.export import save_quantized

@@ -24,6 +24,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="local checkpoint to load (state_dict; 'module.' prefixes stripped)")
 
 
+def add_compute_args(p: argparse.ArgumentParser) -> None:
+    """--device / --precision / --channels-last (zsq.compute.resolve)."""
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu; results on "
+                                                   "other devices are not bit-identical to cpu)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+                   help="fp32 (default, bit-reproducible), bf16 (autocast; quantizers, BN statistics, losses "
+                        "and optimizers stay fp32) or auto (bf16 where the hardware has it natively)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory layout (default: on with bf16, off with fp32)")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
@@ -92,6 +103,7 @@ def cmd_quantize(args) -> dict:
         iters=args.iters, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
         batch_size=args.batch_size, seed=args.seed, out=out, resume=args.resume, force=args.force,
         eval_data=args.eval_data, quiet=args.quiet, options=_parse_set(args.set),
+        device=args.device, precision=args.precision, channels_last=args.channels_last,
     )
     return result
 
@@ -160,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--eval-data", help="labelled images to report FP32 and quantized top-1 on")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
+    add_compute_args(p)
     _add_common(p)
     p.set_defaults(func=cmd_quantize)
 

@@ -175,3 +175,21 @@ def test_method_registration_and_job_mapping(tmp_path):
     assert {"final_top1", "best_top1", "best_epoch", "epochs", "timing"} <= set(res.report)
     cfg = res.report["config"]  # --epochs 2 rescales the paper milestones into the run
     assert cfg["epochs"] == 2 and all(cfg["warmup_epochs"] < m <= 2 for m in cfg["milestones"])
+
+
+@pytest.mark.parametrize("method", ["gdfq", "hast"])
+def test_compute_fp32_is_the_reference_and_bf16_trains(method):
+    from zsq.compute import resolve
+
+    teacher, q = _teacher(), get_preset("gdfq", "w4a4")
+    images = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    fixed = images if method == "hast" else None
+    ref, _ = distill(teacher, q, _cfg(method), fixed=fixed, seed=0, quiet=True)
+    same, rep = distill(teacher, q, _cfg(method), fixed=fixed, seed=0, quiet=True, compute=resolve("cpu", "fp32"))
+    assert all(torch.equal(v, same.state_dict()[k]) for k, v in ref.state_dict().items())
+    bf, rep = distill(teacher, q, _cfg(method), fixed=fixed, seed=0, quiet=True, compute=resolve("cpu", "bf16"))
+    assert rep["compute"]["precision"] == "bf16"
+    assert all(v.dtype == ref.state_dict()[k].dtype for k, v in bf.state_dict().items())
+    assert all(p.is_contiguous() for p in bf.parameters())  # back in NCHW for saving and export
+    assert not torch.equal(bf.layer1.conv2.weight, ref.layer1.conv2.weight)
+    assert all(math.isfinite(v) for h in rep["epochs"] for v in h["losses"].values())

@@ -29,6 +29,7 @@ class QuantJob:
     eval_fn: optional callable(model) -> dict(top1=..., top5=..., n=...) on real test images, used by
       QAT methods at chosen epochs.
     extra: method-specific options from the CLI/API.
+    compute: a zsq.compute.Compute (device, precision, layout); None = cpu, fp32, NCHW.
     """
 
     calib: Optional[Any] = None
@@ -46,6 +47,7 @@ class QuantJob:
     quiet: bool = False
     eval_fn: Optional[Callable[[nn.Module], dict]] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    compute: Optional[Any] = None
 
     def __post_init__(self):
         if self.budget not in ("quick", "paper"):

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from zsq.compute import Compute
 from zsq.errors import ZsqError
 
 
@@ -30,8 +31,9 @@ def _first_tensor(args) -> torch.Tensor:
 
 @torch.no_grad()
 def capture(model: nn.Module, unit_name: str, images: torch.Tensor, chunk: int,
-            want_output: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(inputs, outputs or None) of ``model.<unit_name>`` over all images, as CPU float32 tensors."""
+            want_output: bool, compute: Compute = Compute()) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(inputs, outputs or None) of ``model.<unit_name>`` over all images, as float32 tensors on the
+    compute device (the model runs in the compute's precision; the caches are always float32)."""
     unit = model.get_submodule(unit_name)
     n = images.shape[0]
     store: Dict[str, torch.Tensor] = {}
@@ -53,14 +55,14 @@ def capture(model: nn.Module, unit_name: str, images: torch.Tensor, chunk: int,
         for start in range(0, n, chunk):
             buf.clear()
             try:
-                model(images[start:start + chunk])
+                compute.forward(model, images[start:start + chunk])
             except _Reached:
                 pass
             if "x" not in buf:
                 raise ZsqError(f"unit {unit_name!r} was never called in the model's forward pass")
             for key, t in buf.items():
                 if key not in store:
-                    store[key] = torch.empty((n,) + tuple(t.shape[1:]), dtype=torch.float32)
+                    store[key] = torch.empty((n,) + tuple(t.shape[1:]), dtype=torch.float32, device=compute.device)
                 store[key][start:start + t.shape[0]].copy_(t)
     finally:
         for h in hooks:

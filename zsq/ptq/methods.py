@@ -60,9 +60,10 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
         raise ZsqError("--resume needs --out (the checkpoints live in OUT/work)")
     qmodel = quantize_model(fp_model, qconfig)
     engine = Reconstructor(qmodel, calib, recipe, budget, opts, work_dir=work_dir,
-                           on_unit_done=extra.get("on_unit_done"))
+                           on_unit_done=extra.get("on_unit_done"), compute=job.compute)
     report = engine.run(resume=job.resume)
-    report.update({"method": recipe.name, "preset": qconfig.describe(), "calib_source": job.calib_source,
+    qmodel.to("cpu", memory_format=torch.contiguous_format)  # saving, export and evaluation take it from here
+    report.update({"compute": engine.compute.describe(), "method": recipe.name, "preset": qconfig.describe(), "calib_source": job.calib_source,
                    "quant_seconds": time.time() - t0})
     return QuantResult(qmodel, report)
 

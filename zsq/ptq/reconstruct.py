@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from zsq.compute import Compute, as_compute
 from zsq.errors import ZsqError
 from zsq.progress import log
 from zsq.ptq import cache, checkpoint
@@ -72,7 +73,7 @@ def _qdrop_hooks(quants: List[UniformQuantizer], p: float, gen: torch.Generator)
     hooks = []
 
     def hook(_m, args, out):
-        keep = torch.rand(out.shape, generator=gen) < p
+        keep = torch.rand(out.shape, generator=gen, device=gen.device) < p
         return torch.where(keep, out, args[0])
 
     try:
@@ -95,13 +96,14 @@ class Reconstructor:
 
     def __init__(self, qmodel: nn.Module, calib: torch.Tensor, recipe: Recipe, budget: Budget,
                  opts: EngineOptions = EngineOptions(), work_dir: Optional[Path] = None,
-                 on_unit_done: Optional[Callable[[int, dict], None]] = None):
-        self.qmodel = qmodel.eval()
+                 on_unit_done: Optional[Callable[[int, dict], None]] = None, compute: Optional[Compute] = None):
+        self.compute = as_compute(compute)
+        self.qmodel = self.compute.prepare(qmodel.eval())
         self.recipe, self.budget, self.opts = recipe, budget, opts
         self.work_dir = Path(work_dir) if work_dir is not None else None
         self.on_unit_done = on_unit_done
         n = min(budget.num_images, calib.shape[0])
-        self.calib = calib[:n].detach().float().cpu().contiguous()
+        self.calib = calib[:n].detach().float().cpu().contiguous()  # captured in chunks on the device
         self.batch_size = min(budget.batch_size, n)
         self.fp_ref = copy.deepcopy(qmodel).eval()
         set_quant_state(self.fp_ref, weights=False, acts=False)
@@ -111,12 +113,13 @@ class Reconstructor:
         for u in self.units:
             mod = qmodel.get_submodule(u.name)
             self.unit_acts.append([q for _, q in act_quantizers(mod)])
-        self.estimate = cache.estimate(self.fp_ref, [u.name for u in self.units], self.calib, n)
+        self.estimate = cache.estimate(self.fp_ref, [u.name for u in self.units], self.compute.layout(self.calib[:1]), n)
         self.steps = [(pi, ui) for pi in range(len(recipe.phases)) for ui in range(len(self.units))]
         self.fingerprint = checkpoint.fingerprint(
             recipe=recipe.to_dict(), budget=[budget.iters, self.batch_size, n], seed=opts.seed,
             units=[u.name for u in self.units], calib=self.calib,
-            state=torch.cat([p.detach().flatten() for p in qmodel.state_dict().values() if p.is_floating_point()]))
+            state=torch.cat([p.detach().flatten() for p in qmodel.state_dict().values() if p.is_floating_point()]),
+            **({} if self.compute.is_reference else {"compute": str(sorted(self.compute.describe().items()))}))
 
     # ---- state of the activation quantizers -----------------------------------------------------
     def _set_acts(self, phase: Phase, upto: int) -> None:
@@ -133,10 +136,13 @@ class Reconstructor:
     def _run_unit(self, pi: int, ui: int) -> dict:
         phase, unit = self.recipe.phases[pi], self.units[ui]
         t0 = time.time()
-        gen = torch.Generator().manual_seed(_seed(self.opts.seed, pi, ui))
-        x, y = cache.capture(self.fp_ref, unit.name, self.calib, self.opts.chunk, want_output=True)
+        gen = self.compute.generator(_seed(self.opts.seed, pi, ui))
+        dev = gen.device
+        x, y = cache.capture(self.fp_ref, unit.name, self.calib, self.opts.chunk, want_output=True,
+                             compute=self.compute)
         self._set_acts(phase, ui)
-        xq, _ = cache.capture(self.qmodel, unit.name, self.calib, self.opts.chunk, want_output=False)
+        xq, _ = cache.capture(self.qmodel, unit.name, self.calib, self.opts.chunk, want_output=False,
+                              compute=self.compute)
         mod = self.qmodel.get_submodule(unit.name)
         layers = [self.qmodel.get_submodule(n) for n in unit.layers]
 
@@ -148,7 +154,7 @@ class Reconstructor:
         acts = self.unit_acts[ui] if phase.acts_on else []
         if acts:
             with torch.no_grad(), _fast_lazy_init(acts):  # Lp-2.4 init of still-uninitialised steps
-                mod(xq[:ACT_INIT_IMAGES])
+                self.compute.forward(mod, xq[:ACT_INIT_IMAGES])
 
         saved_grad = {id(p): p.requires_grad for p in self.qmodel.parameters()}
         for p in self.qmodel.parameters():
@@ -182,14 +188,14 @@ class Reconstructor:
             with _qdrop_hooks(acts, phase.qdrop_p, gen), UnitBar(iters, desc, self.opts.quiet) as bar:
                 for t in range(1, iters + 1):
                     if pos + bs > n:
-                        perm, pos = torch.randperm(n, generator=gen), 0
+                        perm, pos = torch.randperm(n, generator=gen, device=dev), 0
                     idx = perm[pos:pos + bs]
                     pos += bs
                     xin = xq[idx]
                     if 0.0 < phase.qdrop_p < 1.0:
-                        keep = torch.rand(xin.shape, generator=gen) < phase.qdrop_p
+                        keep = torch.rand(xin.shape, generator=gen, device=dev) < phase.qdrop_p
                         xin = torch.where(keep, xin, x[idx])
-                    out = mod(xin)
+                    out = self.compute.forward(mod, xin)
                     loss = _recon_loss(out, y[idx], phase.loss_p)
                     rec = float(loss.detach())
                     if soft and phase.round_weight > 0 and beta.rounding_active(t):
@@ -217,7 +223,7 @@ class Reconstructor:
             if isinstance(layer.weight_quant, SoftRoundQuantizer):
                 to_uniform(layer)
         with torch.no_grad():  # error of the hardened unit on its quantized input, no QDrop
-            final = sum(_recon_loss(mod(xq[i:i + 256]), y[i:i + 256], 2.0).item() * len(y[i:i + 256])
+            final = sum(_recon_loss(self.compute.forward(mod, xq[i:i + 256]), y[i:i + 256], 2.0).item() * len(y[i:i + 256])
                         for i in range(0, n, 256)) / n
         k = max(1, len(rec_hist) // 10)
         rec_hist = rec_hist or [final]
@@ -270,7 +276,7 @@ class Reconstructor:
             q.enabled, q.observing = True, False
         if any(not bool(q.initialized) for q in self.all_acts):
             with torch.no_grad(), _fast_lazy_init(self.all_acts):
-                self.qmodel(self.calib[:ACT_INIT_IMAGES])
+                self.compute.forward(self.qmodel, self.calib[:ACT_INIT_IMAGES])
         self.qmodel.eval()
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zsq.compute import as_compute
 from zsq.errors import ZsqError
 from zsq.models.meta import get_meta
 from zsq.progress import log, progress
@@ -120,12 +121,14 @@ class _Divergence(Exception):
 def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: Optional[torch.Tensor] = None,
             fixed_labels: Optional[torch.Tensor] = None, seed: int = 0, out: Optional[Path] = None,
             resume: bool = False, quiet: bool = False,
-            eval_fn: Optional[Callable[[nn.Module], dict]] = None) -> Tuple[nn.Module, dict]:
+            eval_fn: Optional[Callable[[nn.Module], dict]] = None, compute=None) -> Tuple[nn.Module, dict]:
     """Train a fake-quantized student of ``teacher`` by distillation; returns (student, report).
 
     fixed: images (N,C,H,W, teacher-normalized) for cfg.data/calib_data == "fixed"; fixed_labels
     optional (the teacher's argmax when absent). out: where out/work/qat_state.pt is written after
     every epoch; resume=True continues from it (refusing one made with another config).
+    compute: device/precision/layout (zsq.compute); teacher and student run through compute.forward,
+    losses and optimizers stay float32; the student comes back on the CPU.
     """
     t_start = time.time()
     meta = get_meta(teacher)
@@ -140,7 +143,8 @@ def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: 
     if cfg.ema_bias_correction is not None and qconfig.act.observer == "ema":
         qconfig = dataclasses.replace(qconfig, act=dataclasses.replace(
             qconfig.act, ema_bias_correction=cfg.ema_bias_correction))
-    teacher = copy.deepcopy(teacher).eval()
+    compute = as_compute(compute)
+    teacher = compute.prepare(copy.deepcopy(teacher).eval())
     for p in teacher.parameters():
         p.requires_grad_(False)
     student = quantize_model(teacher, qconfig).eval()
@@ -152,8 +156,15 @@ def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: 
         fixed = fixed.detach().float()
         if fixed_labels is None:
             with torch.no_grad():
-                fixed_labels = torch.cat([teacher(fixed[i:i + 256]).argmax(1) for i in range(0, len(fixed), 256)])
+                fixed_labels = torch.cat([compute.forward(teacher, fixed[i:i + 256]).argmax(1).cpu()
+                                          for i in range(0, len(fixed), 256)])
         fixed_labels = fixed_labels.long()
+
+    def run_t(v):
+        return compute.forward(teacher, v)
+
+    def run_s(v):
+        return compute.forward(student, v)
 
     # optimizers: quantized weights (GI-wrapped for AIT) and everything else (BN affine, biases)
     gi_layers = quantized_weight_layers(student)
@@ -164,6 +175,8 @@ def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: 
     w_step = gi if gi is not None else w_opt
 
     fingerprint = _fingerprint(cfg, qconfig, seed, meta.name, fixed if cfg.uses_fixed else None)
+    if not compute.is_reference:
+        fingerprint["compute"] = {k: v for k, v in compute.describe().items() if k != "precision_requested"}
     history: List[dict] = []
     start_epoch, elapsed_before = 0, 0.0
     saved = None
@@ -186,7 +199,7 @@ def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: 
         from zsq.synth.gdfq import GDFQGeneratorStream
 
         stream = GDFQGeneratorStream(teacher, cfg.batch_size, seed=seed, lr=cfg.gen_lr, betas=cfg.gen_betas,
-                                     bns_weight=cfg.bns_weight, latent_dim=cfg.latent_dim)
+                                     bns_weight=cfg.bns_weight, latent_dim=cfg.latent_dim, compute=compute)
         if saved is not None and saved.get("generator") is not None:
             stream.load_state_dict(saved["generator"])
     fixed_batches = None
@@ -234,23 +247,24 @@ def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: 
                                desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", quiet=quiet):
                 step = epoch * cfg.iters_per_epoch + it
                 x, y, t_logits = draw(epoch, step, source)
+                x, y = compute.layout(x), y.to(compute.torch_device)
                 terms: Dict[str, float] = {}
                 if stream is not None and source == "generator":
                     terms.update({f"gen_{k}": v for k, v in stream.last_losses.items()})
                 if not training:
                     with torch.no_grad():
-                        student(x)
+                        run_s(x)
                         if taps_s is not None:
                             taps_s.take()
                 else:
                     if cfg.hast is not None:
-                        loss, hterms = hast_step(teacher, student, taps_t, taps_s, x, y, cfg.hast, kd)
+                        loss, hterms = hast_step(run_t, run_s, taps_t, taps_s, x, y, cfg.hast, kd)
                         terms.update(hterms)
                     else:
                         if t_logits is None:
                             with torch.no_grad():
-                                t_logits = teacher(x)
-                        s_logits = student(x)
+                                t_logits = run_t(x)
+                        s_logits = run_s(x)
                         loss = kd(s_logits, t_logits.detach())
                         terms["kd"] = float(loss.detach())
                         if cfg.ce_scale > 0:
@@ -315,8 +329,9 @@ def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: 
                 taps.remove()
     for q in quants:
         q.observing, q.enabled = False, True
+    student.to("cpu", memory_format=torch.contiguous_format)
     seconds = elapsed_before + time.time() - t_start
-    report = {"method": cfg.method, "config": cfg.to_dict(), "epochs": history,
+    report = {"method": cfg.method, "config": cfg.to_dict(), "epochs": history, "compute": compute.describe(),
               "timing": {"seconds": seconds, "seconds_this_run": time.time() - t_start,
                          "seconds_per_epoch": [h["seconds"] for h in history]}}
     if eval_fn is not None:

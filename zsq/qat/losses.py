@@ -100,7 +100,7 @@ class FeatureTaps:
 
     def _hook(self, name: str):
         def h(_m, _inp, out):
-            self._out[name] = out
+            self._out[name] = out.float()  # feature losses stay float32 under bf16 autocast
         return h
 
     def take(self) -> List[torch.Tensor]:

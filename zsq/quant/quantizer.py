@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
+from zsq.compute import fp32_region
 from zsq.errors import ZsqError
 
 OBSERVERS = ("minmax", "percentile", "lp", "ema")
@@ -307,14 +308,16 @@ class UniformQuantizer(nn.Module):
         return quantize_to_int(x, scale, zp, self.qmin, self.qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observing:
-            self._observe(x)
-        if not self.enabled:
-            return x
-        if not self.spec.dynamic and not bool(self.initialized):
-            self.init_from(x)
-        scale, zp = self.qparams(x)
-        return fake_quantize(x, scale, zp, self.qmin, self.qmax, self.spec.ste)
+        with fp32_region(x):  # under bf16 autocast the grid arithmetic still runs in float32
+            x = x.float()
+            if self.observing:
+                self._observe(x)
+            if not self.enabled:
+                return x
+            if not self.spec.dynamic and not bool(self.initialized):
+                self.init_from(x)
+            scale, zp = self.qparams(x)
+            return fake_quantize(x, scale, zp, self.qmin, self.qmax, self.spec.ste)
 
 
 # ---- range estimators -----------------------------------------------------------------------

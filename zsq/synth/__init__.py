@@ -17,16 +17,18 @@ __all__ = ["synthesize", "get_synthesizer", "list_synthesizers", "register_synth
 
 def synthesize(teacher, method: str, num_images: int, *, budget: str = "quick", iters: int | None = None,
                batch_size: int | None = None, seed: int = 0, out=None, resume: bool = False,
-               quiet: bool = False, **options) -> SyntheticSet:
+               quiet: bool = False, compute=None, **options) -> SyntheticSet:
     """Make `num_images` images for `teacher` with `method` (see list_synthesizers()).
 
     budget: "quick" (sized for a 2-core CPU) or "paper" (the method's published iterations/sizes);
     iters / batch_size / options override single config fields (e.g. swap_lr=True for genie).
     out: directory for per-batch checkpoints and the final set (images + meta.json + grid.png);
     resume=True continues an interrupted run there to a bit-identical result.
+    compute: a zsq.compute.Compute (or a dict for zsq.compute.resolve: device, precision, channels_last);
+    None = cpu, fp32, NCHW (bit-reproducible).
     """
     return get_synthesizer(method).run(teacher, num_images, seed=seed, budget=budget, out=out, resume=resume,
-                                       quiet=quiet, iters=iters, batch_size=batch_size, **options)
+                                       quiet=quiet, compute=compute, iters=iters, batch_size=batch_size, **options)
 
 
 def __getattr__(name):

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from zsq.compute import Compute, as_compute
 from zsq.errors import ZsqError
 from zsq.models.meta import ModelMeta, get_meta
 from zsq.synth.bn_stats import batchnorm_layers, measure_genie_bns
@@ -113,6 +114,7 @@ class SynthContext:
     workdir: Optional[Path]
     quiet: bool
     state: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    compute: Compute = Compute()  # device/precision/layout: run the teacher via compute.forward(net, x)
 
 
 class Synthesizer:
@@ -162,8 +164,9 @@ class Synthesizer:
 
     # -- the driver ----------------------------------------------------------------------------
     def run(self, teacher: nn.Module, num_images: int, *, seed: int = 0, budget: str = "quick",
-            out=None, resume: bool = False, quiet: bool = False, **overrides) -> SyntheticSet:
+            out=None, resume: bool = False, quiet: bool = False, compute=None, **overrides) -> SyntheticSet:
         meta = get_meta(teacher)
+        compute = as_compute(compute)
         if self.needs_bn:
             batchnorm_layers(teacher)  # ZsqError explaining why synthesis needs BN
         cfg = self.make_config(meta, budget, **overrides)
@@ -172,6 +175,8 @@ class Synthesizer:
             "method": self.name, "model": meta.name, "weights": weights_digest(teacher),
             "config": dataclasses.asdict(cfg), "seed": int(seed), "num_images": int(num_images),
         }
+        if not compute.is_reference:  # other arithmetic, other images: do not mix them in one set
+            fingerprint["compute"] = {k: v for k, v in compute.describe().items() if k != "precision_requested"}
         out = Path(out) if out is not None else None
         ckpt = out / CKPT_DIR if out is not None else None
         done: Dict[int, BatchResult] = {}
@@ -188,8 +193,8 @@ class Synthesizer:
             ckpt.mkdir(parents=True, exist_ok=True)
             _write_manifest(ckpt, fingerprint, seconds_before, sorted(done))
 
-        work = copy.deepcopy(teacher).eval().requires_grad_(False)
-        ctx = SynthContext(work, meta, cfg, int(seed), ckpt, quiet)
+        work = compute.prepare(copy.deepcopy(teacher).eval().requires_grad_(False))
+        ctx = SynthContext(work, meta, cfg, int(seed), ckpt, quiet, compute=compute)
         t0 = time.perf_counter()
         self.setup(ctx)
         for b, size in enumerate(sizes):
@@ -201,7 +206,8 @@ class Synthesizer:
                 kept = f"; {out} keeps the {len(done)} finished batches" if out is not None else ""
                 raise NonFiniteLoss(f"{self.name}: {e} (batch {b}){kept}; try a smaller learning rate "
                                     "or another seed") from None
-            done[b] = res
+            done[b] = res = BatchResult(res.images.detach().float().cpu(),
+                                        None if res.labels is None else res.labels.cpu(), res.losses)
             if ckpt is not None:
                 _save_batch(ckpt, b, res)
                 _write_manifest(ckpt, fingerprint, seconds_before + time.perf_counter() - t0, sorted(done))
@@ -223,6 +229,7 @@ class Synthesizer:
             "losses": losses, "bns_loss": bns, "model": meta.name, "weights_digest": fingerprint["weights"],
             "input_size": list(meta.input_size), "mean": list(meta.mean), "std": list(meta.std),
             "num_classes": meta.num_classes, "batch_sizes": sizes, "torch": torch.__version__,
+            "compute": compute.describe(),
         }
         result = SyntheticSet(images, labels, set_meta)
         if out is not None:

@@ -91,7 +91,7 @@ class BNStatsRecorder:
 
     def _make_hook(self, name: str, bn: nn.BatchNorm2d):
         def hook(module, inputs):
-            x = inputs[0]
+            x = inputs[0].float()  # statistics accumulate in float32 even when the network runs in bf16
             var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
             self.records.append(BNRecord(name, mean, var, x.numel() // x.shape[1],
                                          bn.running_mean, bn.running_var))
@@ -142,12 +142,13 @@ def measure_genie_bns(teacher: nn.Module, images: torch.Tensor, batch_size: int)
     method reports, so they compare): average over chunks of genie_loss / number of BN layers."""
     was_training = teacher.training
     teacher.eval()
+    device = next(teacher.parameters()).device
     values = []
     try:
         with BNStatsRecorder(teacher) as rec:
             for i in range(0, images.shape[0], batch_size):
                 rec.clear()
-                teacher(images[i:i + batch_size])
+                teacher(images[i:i + batch_size].to(device))
                 values.append(float(rec.genie_loss()) / len(rec.records))
     finally:
         teacher.train(was_training)

@@ -24,6 +24,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--swap-lr", action="store_true", help="genie: the official code's swapped learning rates")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one field of the method's config, e.g. head=linear (repeatable)")
+    from zsq.cli import add_compute_args
+
+    add_compute_args(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -34,17 +37,21 @@ def run(args) -> dict:
     from zsq.models import load
     from zsq.synth import synthesize
 
-    teacher = load(args.model, weights=args.weights)
     from zsq.cli import _parse_set
+    from zsq.compute import resolve
+
+    compute = resolve(args.device, args.precision, args.channels_last)
+    teacher = load(args.model, weights=args.weights)
 
     options = _parse_set(getattr(args, "set", None))
     if getattr(args, "swap_lr", False):
         options["swap_lr"] = True
     data = synthesize(teacher, args.method, args.num_images, budget=args.budget, iters=args.iters,
                       batch_size=args.batch_size, seed=args.seed, out=args.out, resume=args.resume,
-                      quiet=args.quiet, **options)
+                      quiet=args.quiet, compute=compute, **options)
     m = data.meta
     result = {"method": m["method"], "model": m["model"], "num_images": len(data), "seconds": m["seconds"],
               "images_per_second": m["images_per_second"], "bns_loss": m["bns_loss"], "losses": m["losses"],
-              "budget": m["budget"], "seed": m["seed"], "out": str(args.out)}
+              "budget": m["budget"], "seed": m["seed"], "out": str(args.out),
+              "compute": m["compute"]}
     return result  # zsq/cli.py prints it (one JSON object with --json)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zsq.compute import as_compute
 from zsq.errors import ZsqError
 from zsq.models.meta import get_meta
 from zsq.synth.base import BatchResult, SynthConfig, SynthContext, Synthesizer, check_finite, derive_seed, \
@@ -43,18 +44,20 @@ class GDFQGeneratorStream:
 
     def __init__(self, teacher: nn.Module, batch_size: int, *, seed: int = 0, lr: float = 1e-3,
                  betas: Tuple[float, float] = (0.5, 0.999), bns_weight: float = 0.1, latent_dim: int = 100,
-                 train: bool = True):
+                 train: bool = True, compute=None):
         if batch_size < 2:
             raise ZsqError(f"the GDFQ generator needs batch_size >= 2 (its BNs use batch statistics), got {batch_size}")
         self.meta = get_meta(teacher)
         self.teacher, self.batch_size, self.seed = teacher, batch_size, seed
         self.bns_weight, self.train = bns_weight, train
+        self.compute = as_compute(compute)
         c, h, w = self.meta.input_size
         if h != w:
             raise ZsqError(f"the GDFQ generator makes square images; the teacher wants {h}x{w}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, _STREAM_KEY, -1 & 0xFFFFFFFF))
             self.generator = gdfq_generator(self.meta.num_classes, h, c, latent_dim).train()
+        self.generator.to(self.compute.torch_device)
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas)
         self.step_count = 0
         self.last_losses: Dict[str, float] = {}
@@ -70,13 +73,14 @@ class GDFQGeneratorStream:
         if self._recorder is None:
             raise ZsqError("this GDFQGeneratorStream is closed")
         gen = torch.Generator().manual_seed(derive_seed(self.seed, _STREAM_KEY, self.step_count))
-        z = torch.randn(self.batch_size, self.generator.latent_dim, generator=gen)
-        y = torch.randint(0, self.meta.num_classes, (self.batch_size,), generator=gen)
+        dev = self.compute.torch_device  # draws on the CPU (the same stream on every device), then moved
+        z = torch.randn(self.batch_size, self.generator.latent_dim, generator=gen).to(dev)
+        y = torch.randint(0, self.meta.num_classes, (self.batch_size,), generator=gen).to(dev)
         self.generator.train()
         with torch.set_grad_enabled(self.train):
             x = self.generator(z, y)
             self._recorder.clear()
-            logits = self.teacher(x)
+            logits = self.compute.forward(self.teacher, x)
             terms = {"ce": F.cross_entropy(logits, y), "bns": self._recorder.gdfq_loss()}
             loss = terms["ce"] + self.bns_weight * terms["bns"]
             self.last_losses = check_finite(dict(terms, total=loss), f"GDFQ generator step {self.step_count}")
@@ -155,7 +159,7 @@ class GDFQSynthesizer(Synthesizer):
         cfg: GDFQConfig = ctx.cfg
         stream = GDFQGeneratorStream(ctx.teacher, cfg.batch_size, seed=ctx.seed, lr=cfg.lr,
                                      betas=(cfg.beta1, cfg.beta2), bns_weight=cfg.bns_weight,
-                                     latent_dim=cfg.latent_dim)
+                                     latent_dim=cfg.latent_dim, compute=ctx.compute)
         state_file = ctx.workdir / "state_gdfq.pt" if ctx.workdir is not None else None
         if state_file is not None and state_file.exists():
             stream.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=True))
@@ -177,8 +181,9 @@ class GDFQSynthesizer(Synthesizer):
 
     def make_batch(self, ctx: SynthContext, index: int, size: int, gen: torch.Generator) -> BatchResult:
         g = ctx.state["generator"]
-        z = torch.randn(size, g.latent_dim, generator=gen)
-        y = torch.randint(0, ctx.meta.num_classes, (size,), generator=gen)
+        dev = ctx.compute.torch_device
+        z = torch.randn(size, g.latent_dim, generator=gen).to(dev)
+        y = torch.randint(0, ctx.meta.num_classes, (size,), generator=gen).to(dev)
         g.train()  # batch statistics, as GDFQ always runs it
         with torch.no_grad():
             x = g(z, y)

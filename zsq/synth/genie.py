@@ -103,7 +103,9 @@ class GenieSynthesizer(Synthesizer):
         with torch.random.fork_rng(devices=[]):  # default init, but seeded per batch
             torch.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
             g = GenieGenerator(h, c, cfg.latent_dim, cfg.head, cfg.width).train()
-        z = torch.randn(size, cfg.latent_dim, generator=gen).requires_grad_(True)
+        # initial values drawn on the CPU (the same start on every device), then moved
+        g = g.to(ctx.compute.torch_device)
+        z = torch.randn(size, cfg.latent_dim, generator=gen).to(ctx.compute.torch_device).requires_grad_(True)
         opt_z = torch.optim.Adam([z], lr=cfg.latent_lr)
         opt_g = torch.optim.Adam(g.parameters(), lr=cfg.generator_lr)
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt_z, mode="min", factor=0.1,
@@ -117,7 +119,7 @@ class GenieSynthesizer(Synthesizer):
                 opt_g.zero_grad(set_to_none=True)
                 x = g(z)
                 rec.clear()
-                net(x)
+                ctx.compute.forward(net, x)
                 terms = {"bns": rec.genie_loss()}
                 if cfg.input_prior:
                     terms["input"] = input_prior_loss(x)

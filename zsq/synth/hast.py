@@ -75,7 +75,7 @@ def random_resized_crop_flip(x: torch.Tensor, gen: torch.Generator, scale=(0.4, 
     flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -87,8 +87,9 @@ class HASTSynthesizer(Synthesizer):
 
     def make_batch(self, ctx: SynthContext, index: int, size: int, gen: torch.Generator) -> BatchResult:
         cfg: HASTConfig = ctx.cfg
-        labels = torch.randint(0, ctx.meta.num_classes, (size,), generator=gen)
-        x = torch.randn(size, *ctx.meta.input_size, generator=gen).requires_grad_(True)
+        dev = ctx.compute.torch_device  # draws on the CPU (the same start on every device), then moved
+        labels = torch.randint(0, ctx.meta.num_classes, (size,), generator=gen).to(dev)
+        x = torch.randn(size, *ctx.meta.input_size, generator=gen).to(dev).requires_grad_(True)
         opt = torch.optim.Adam([x], lr=cfg.lr)
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1,
                                                              patience=cfg.patience, min_lr=1e-4)
@@ -100,7 +101,7 @@ class HASTSynthesizer(Synthesizer):
                 if cfg.augment and float(torch.rand(1, generator=gen)) < 0.5:
                     inp = random_resized_crop_flip(x, gen)
                 rec.clear()
-                logits = ctx.teacher(inp)
+                logits = ctx.compute.forward(ctx.teacher, inp)
                 terms = {"bns": rec.gdfq_loss(), "hard_ce": cfg.beta * hard_sample_loss(logits, labels, cfg.gamma)}
                 loss = terms["bns"] + terms["hard_ce"]
                 values = check_finite(dict(terms, total=loss), f"iteration {t}")

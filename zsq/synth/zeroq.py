@@ -55,7 +55,7 @@ class ZeroQSynthesizer(Synthesizer):
 
     def make_batch(self, ctx: SynthContext, index: int, size: int, gen: torch.Generator) -> BatchResult:
         cfg: ZeroQConfig = ctx.cfg
-        x = torch.randn(size, *ctx.meta.input_size, generator=gen).requires_grad_(True)
+        x = torch.randn(size, *ctx.meta.input_size, generator=gen).to(ctx.compute.torch_device).requires_grad_(True)
         opt = torch.optim.Adam([x], lr=cfg.lr)
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1,
                                                              patience=cfg.patience, min_lr=1e-4)
@@ -64,7 +64,7 @@ class ZeroQSynthesizer(Synthesizer):
             for t in progress(range(cfg.iters), total=cfg.iters, desc=f"zeroq batch {index}", quiet=ctx.quiet):
                 opt.zero_grad(set_to_none=True)
                 rec.clear()
-                ctx.teacher(x)
+                ctx.compute.forward(ctx.teacher, x)
                 terms = {"bns": rec.genie_loss(), "input": batch_input_loss(x)}
                 loss = terms["bns"] + terms["input"]
                 values = check_finite(dict(terms, total=loss), f"iteration {t}")
