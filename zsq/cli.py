@@ -194,9 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from zsq import distributed as zdist
+
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
+        workers = getattr(args, "workers", None)
+        if workers is not None and not zdist.launched():
+            if workers < 1:
+                raise ZsqError(f"--workers must be >= 1, got {workers}")
+            if workers > 1:
+                return zdist.launch_workers(workers, zdist.strip_workers(argv))
+        zdist.check_supported(args.command)
+        if zdist.launched() and hasattr(args, "device"):
+            args.device = zdist.init_from_env(args.device)
         result = args.func(args)
     except ZsqError as e:
         print(f"zsq: error: {e}", file=sys.stderr)
@@ -204,7 +216,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("zsq: interrupted (use --resume to continue where supported)", file=sys.stderr)
         return 130
-    if result:
+    finally:
+        zdist.shutdown()
+    if result and zdist.env_rank() == 0:  # one answer per command, not one per process
         _emit(result, getattr(args, "json", False))
     return 0
 

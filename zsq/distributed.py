@@ -24,6 +24,11 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def env_rank() -> int:
+    """This process's rank as torchrun set it (0 outside torchrun), valid also after shutdown()."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_from_env(device: str = "cpu") -> str:
     """Join the process group torchrun described (gloo on CPU, nccl on CUDA); returns this rank's device."""
     if not launched() or dist.is_initialized():

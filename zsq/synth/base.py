@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from zsq import distributed as zdist
 from zsq.compute import Compute, as_compute
 from zsq.errors import ZsqError
 from zsq.models.meta import ModelMeta, get_meta
@@ -167,6 +168,7 @@ class Synthesizer:
             out=None, resume: bool = False, quiet: bool = False, compute=None, **overrides) -> SyntheticSet:
         meta = get_meta(teacher)
         compute = as_compute(compute)
+        lead = zdist.rank() == 0
         if self.needs_bn:
             batchnorm_layers(teacher)  # ZsqError explaining why synthesis needs BN
         cfg = self.make_config(meta, budget, **overrides)
@@ -186,20 +188,24 @@ class Synthesizer:
                 final = _resume_final(out, fingerprint)
                 if final is not None:
                     return final
-                done, seconds_before = _load_checkpoint(ckpt, fingerprint)
+                done, seconds_before = _load_checkpoint(ckpt, fingerprint, len(sizes))
             elif (ckpt / MANIFEST).exists() or (out / "meta.json").exists():
                 raise ZsqError(f"{out} already holds a synthesis run; pass resume=True (--resume) to continue "
                                "it, or choose another output directory")
-            ckpt.mkdir(parents=True, exist_ok=True)
-            _write_manifest(ckpt, fingerprint, seconds_before, sorted(done))
+            zdist.barrier()  # every rank has looked at `out` before rank 0 writes there
+            if lead:
+                ckpt.mkdir(parents=True, exist_ok=True)
+                _write_manifest(ckpt, fingerprint, seconds_before, sorted(done))
+            zdist.barrier()
 
         work = compute.prepare(copy.deepcopy(teacher).eval().requires_grad_(False))
-        ctx = SynthContext(work, meta, cfg, int(seed), ckpt, quiet, compute=compute)
+        # only rank 0 keeps per-run state files (the others recompute it: same seeds, same state)
+        ctx = SynthContext(work, meta, cfg, int(seed), ckpt if lead else None, quiet or not lead, compute=compute)
         t0 = time.perf_counter()
         self.setup(ctx)
-        for b, size in enumerate(sizes):
-            if b in done:
-                continue
+        mine = zdist.my_share([b for b in range(len(sizes)) if b not in done])  # all of them in one process
+        for b in mine:
+            size = sizes[b]
             try:
                 res = self.make_batch(ctx, b, size, batch_generator(seed, b))
             except NonFiniteLoss as e:
@@ -209,8 +215,11 @@ class Synthesizer:
             done[b] = res = BatchResult(res.images.detach().float().cpu(),
                                         None if res.labels is None else res.labels.cpu(), res.losses)
             if ckpt is not None:
-                _save_batch(ckpt, b, res)
-                _write_manifest(ckpt, fingerprint, seconds_before + time.perf_counter() - t0, sorted(done))
+                _save_batch(ckpt, b, res)  # every rank writes its own batches; resume reads the files
+                if lead:
+                    _write_manifest(ckpt, fingerprint, seconds_before + time.perf_counter() - t0, sorted(done))
+        for part in zdist.gather_objects({b: done[b] for b in mine}):
+            done.update(part)
         seconds = seconds_before + time.perf_counter() - t0
 
         images = torch.cat([done[b].images for b in range(len(sizes))])
@@ -231,14 +240,16 @@ class Synthesizer:
             "num_classes": meta.num_classes, "batch_sizes": sizes, "torch": torch.__version__,
             "compute": compute.describe(),
         }
+        set_meta["processes"] = zdist.world()
         result = SyntheticSet(images, labels, set_meta)
-        if out is not None:
+        if out is not None and lead:
             result.save(out)
             _write_manifest(ckpt, fingerprint, seconds, sorted(done), complete=True)
             for f in ckpt.glob("batch_*.pt"):
                 f.unlink()
             for f in ckpt.glob("state_*.pt"):
                 f.unlink()
+        zdist.barrier()
         return result
 
 
@@ -323,13 +334,16 @@ def _resume_final(out: Path, fingerprint: dict) -> Optional[SyntheticSet]:
     return SyntheticSet.load(out) if manifest.get("complete") else None
 
 
-def _load_checkpoint(ckpt: Path, fingerprint: dict):
+def _load_checkpoint(ckpt: Path, fingerprint: dict, num_batches: int):
+    """The finished batches: those the manifest lists and those other ranks saved (files are written
+    atomically, so an existing batch file is a finished batch)."""
     manifest = _read_manifest(ckpt)
     if manifest is None:
         return {}, 0.0
     _check_fingerprint(ckpt, manifest, fingerprint)
     done = {}
-    for b in manifest["batches"]:
+    saved = {int(f.name[len("batch_"):-len(".pt")]) for f in ckpt.glob("batch_*.pt")}
+    for b in sorted((set(manifest["batches"]) | saved) & set(range(num_batches))):
         f = ckpt / f"batch_{b:05d}.pt"
         if f.exists():
             d = torch.load(f, map_location="cpu", weights_only=True)

@@ -27,6 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from zsq.cli import add_compute_args
 
     add_compute_args(p)
+    p.add_argument("--workers", type=int, default=None,
+                   help="split the batches over N processes (runs this command under torchrun; same images)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
