@@ -50,6 +50,7 @@ def _spawn(tmp_path: Path, out: Path, crash: bool) -> None:
     mp.start_processes(_worker, args=(2, str(init), str(out), crash), nprocs=2, join=True, start_method="spawn")
 
 
+@pytest.mark.slow  # 31 s of CPU time over 5 processes (imports of torch in the spawned ranks dominate)
 def test_two_processes_same_images_and_resume_with_one(tmp_path):
     one = synthesize(tiny_bn_cnn(), "genie", 24, **ARGS)
     _spawn(tmp_path, tmp_path / "two", crash=False)
