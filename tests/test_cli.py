@@ -68,7 +68,7 @@ def test_data_that_cannot_fit_the_model(capsys, tmp_path):
 
     p = tmp_path / "small.npz"
     np.savez(p, x=np.zeros((4, 16, 16, 3), np.uint8), y=np.zeros(4, np.int64))
-    code, _, err = run(capsys, "evaluate", "cifar10_resnet20", "--data", str(p))
+    code, _, err = run(capsys, "evaluate", "cifar10_resnet20", "--random-init", "--data", str(p))
     _one_line_error(code, err, "16")
 
 

@@ -2,7 +2,6 @@
 run a method, save the quantized model, and report FP32 vs quantized accuracy."""
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -53,20 +52,16 @@ def default_num_images(kind: str, budget: str) -> int:
     return 256
 
 
-RUN_STATE_DIRS = ("synth", "work")  # what a run keeps in --out besides the checkpoint, for --resume
+def run_names(synthesizes: bool) -> tuple:
+    """The entries `zsq quantize` writes in --out: the checkpoint, the work state and (when it
+    synthesizes) the synthetic set."""
+    from zsq.export.checkpoint import CHECKPOINT_FILES, MANIFEST_FILE
+
+    return CHECKPOINT_FILES + (MANIFEST_FILE, "work") + (("synth",) if synthesizes else ())
 
 
-def clear_previous_run(out: Path) -> None:
-    """--force without --resume starts over: drop the resume state an earlier run left in ``out``
-    (its synthetic set and reconstruction/training work), which would otherwise be refused as a
-    foreign run or silently reused. Only zsq's own subfolders are removed; checkpoint files are overwritten."""
-    for name in RUN_STATE_DIRS:
-        d = out / name
-        if d.is_dir():
-            shutil.rmtree(d)
-
-
-def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-minmax", bits: str = "w4a4",
+def quantize(model: str, *, weights: Optional[str] = None, pretrained: bool = False, random_init: bool = False,
+             method: str = "bn-minmax", bits: str = "w4a4",
              preset: Optional[str] = None, synth: Optional[str] = None, calib_data: Optional[str] = None,
              num_images: Optional[int] = None, budget: str = "quick", iters: Optional[int] = None,
              epochs: Optional[int] = None, iters_per_epoch: Optional[int] = None,
@@ -77,9 +72,12 @@ def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-min
     """`zsq quantize` as a function; returns the JSON report (see README for the keys).
 
     device / precision / channels_last: where and how synthesis and reconstruction/QAT compute
-    (zsq.compute.resolve); the default cpu + fp32 is bit-reproducible."""
+    (zsq.compute.resolve); the default cpu + fp32 is bit-reproducible. Without ``weights`` or
+    ``pretrained`` the model is refused unless ``random_init=True``."""
+    from zsq.data import load_dataset
     from zsq.methods import QuantJob, get_method
-    from zsq.models import load
+    from zsq.models import load_checked
+    from zsq.models.meta import get_meta
     from zsq.quant import get_preset, parse_bits
 
     t_start = time.time()
@@ -90,17 +88,14 @@ def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-min
     info = get_method(method)
     preset = preset or info.default_preset
     qconfig = get_preset(preset, bits)
-    fp_model = load(model, weights=weights)
-    # check the data paths before any long work
-    if eval_data is not None:
-        from zsq.data import load_dataset
-        from zsq.models.meta import get_meta
-
-        eval_set = load_dataset(eval_data, get_meta(fp_model))
+    fp_model = load_checked(model, weights=weights, pretrained=pretrained, random_init=random_init)
+    meta = get_meta(fp_model)
+    eval_set = load_dataset(eval_data, meta) if eval_data is not None else None  # paths before long work
     job = QuantJob(budget=budget, num_images=num_images, iters=iters, epochs=epochs,
                    iters_per_epoch=iters_per_epoch, batch_size=batch_size, seed=seed,
-                   out=Path(out) if out else None, resume=resume, quiet=quiet, extra=dict(options or {}),
-                   compute=compute)
+                   out=Path(out) if out else None, resume=resume, quiet=quiet, compute=compute)
+    opts = info.parse_options(options, meta, budget)  # bad --set keys/values: before any work
+    job.extra.update(opts)
     torch.manual_seed(seed)
 
     synth_seconds = 0.0
@@ -108,18 +103,32 @@ def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-min
         raise ZsqError("give either --synth or --calib-data, not both")
     if info.kind == "calibration" and not info.needs_images and (calib_data or synth):
         raise ZsqError(f"method {method} uses no images; drop --synth/--calib-data or pick another method")
-    if out is not None and force and not resume:  # only once the arguments have been checked
-        clear_previous_run(Path(out))
+    synthesizes = calib_data is None and (info.needs_images or synth is not None)
+    if synthesizes:
+        synth = synth or info.default_synth
+        if synth is None:
+            raise ZsqError(f"method {method} needs images: give --synth METHOD (e.g. genie) or --calib-data PATH")
+        from zsq.synth import get_synthesizer
+
+        get_synthesizer(synth)  # an unknown name fails here, before the run folder is touched
+        if num_images is None:
+            num_images = default_num_images(info.kind, budget)
     if calib_data is not None:
         job.calib, labels, job.calib_source = load_calibration(calib_data, fp_model, num_images)
         if labels is not None and job.calib_source.startswith("synthetic"):
             job.extra.setdefault("calib_labels", labels)
-    elif info.needs_images or synth is not None:
-        synth = synth or info.default_synth
-        if num_images is None:
-            num_images = default_num_images(info.kind, budget)
-        if synth is None:
-            raise ZsqError(f"method {method} needs images: give --synth METHOD (e.g. genie) or --calib-data PATH")
+    run_folder = None
+    if out is not None:  # only once the arguments have been checked: --force may clear an earlier run
+        from zsq.runstate import RunFolder, fingerprint
+        from zsq.synth.base import weights_digest
+
+        run_folder = RunFolder(out, run_names(synthesizes))
+        run_folder.begin(fingerprint(model=model, weights=weights_digest(fp_model), method=method, bits=qconfig.bits,
+                                     preset=preset, synth=synth, calib_data=calib_data, num_images=num_images,
+                                     budget=budget, iters=iters, epochs=epochs, iters_per_epoch=iters_per_epoch,
+                                     batch_size=batch_size, seed=seed, options=opts),
+                         resume=resume, force=force, inputs=[calib_data.split("[", 1)[0]] if calib_data else [])
+    if synthesizes:
         from zsq.synth import synthesize
 
         t0 = time.time()
@@ -148,7 +157,7 @@ def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-min
     report: Dict[str, Any] = {
         "model": model, "method": method, "bits": qconfig.bits, "preset": preset,
         "preset_version": qconfig.version, "calib_source": job.calib_source,
-        "num_images": None if job.calib is None else int(job.calib.shape[0]),
+        "num_images": None if job.calib is None else int(job.calib.shape[0]), "options": opts,
         "compute": compute.describe(),
     }
     if job.out is not None:
@@ -158,6 +167,7 @@ def quantize(model: str, *, weights: Optional[str] = None, method: str = "bn-min
                                info={k: v for k, v in report.items()}, force=True)
         report["out"] = str(job.out)
         report.update({k: saved[k] for k in ("packed_bytes", "fp32_bytes") if k in saved})
+        run_folder.finish()
     if eval_data is not None:
         from zsq.evaluate import evaluate
 

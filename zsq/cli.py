@@ -22,6 +22,16 @@ _PLUGIN_COMMANDS = ("zsq.synth.cli", "zsq.export.cli", "zsq.bench.cli")
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model name, e.g. cifar10_resnet20, efficientnet_lite0, torchvision:resnet18")
     p.add_argument("--weights", help="local checkpoint to load (state_dict; 'module.' prefixes stripped)")
+    add_init_args(p)
+
+
+def add_init_args(p: argparse.ArgumentParser) -> None:
+    """--pretrained / --random-init: without --weights one of them must say where the weights come from."""
+    p.add_argument("--pretrained", action="store_true",
+                   help="zsq models: the reference weights in the shared assets; torchvision:/timm:/pytorchcv: "
+                        "the package's own download")
+    p.add_argument("--random-init", action="store_true",
+                   help="run a randomly initialised network on purpose (refused otherwise when no weights are given)")
 
 
 def add_compute_args(p: argparse.ArgumentParser) -> None:
@@ -42,7 +52,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _emit(result: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(result, indent=None, default=str))
+        from zsq.runstate import to_json
+
+        print(to_json(result, default=str))
         return
     for k, v in result.items():
         if isinstance(v, float):
@@ -53,24 +65,29 @@ def _emit(result: dict, as_json: bool) -> None:
 
 
 def check_out_dir(out: Path, force: bool) -> None:
-    """Refuse to write into an existing, non-empty directory unless forced."""
+    """Refuse to write into an existing, non-empty directory unless forced, or one that cannot be written."""
+    from zsq.runstate import check_writable_dir
+
     if out.exists() and not out.is_dir():
         raise ZsqError(f"--out {out} exists and is not a directory")
+    check_writable_dir(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise ZsqError(f"--out {out} exists and is not empty (use --force to overwrite, --resume to continue)")
 
 
-def _load_model(args):
-    from zsq.models import load
+def load_model(args):
+    """The model the command names, refusing one without weights unless --random-init."""
+    from zsq.models import load_checked
 
-    return load(args.model, weights=args.weights)
+    return load_checked(args.model, weights=args.weights, pretrained=getattr(args, "pretrained", False),
+                        random_init=getattr(args, "random_init", False))
 
 
 # ---- evaluate ---------------------------------------------------------------------------------
 def cmd_evaluate(args) -> dict:
     from zsq.evaluate import evaluate
 
-    model = _load_model(args)
+    model = load_model(args)
     t0 = time.time()
     res = evaluate(model, args.data, batch_size=args.batch_size, quiet=args.quiet)
     return {"model": args.model, "data": args.data, "top1": res["top1"], "top5": res["top5"], "n": res["n"],
@@ -95,10 +112,10 @@ def cmd_quantize(args) -> dict:
     from zsq.api import quantize
 
     out = Path(args.out)
-    if not args.resume:
-        check_out_dir(out, args.force)
+    check_out_dir(out, args.force or args.resume)
     result = quantize(
-        args.model, weights=args.weights, method=args.method, bits=args.bits, preset=args.preset,
+        args.model, weights=args.weights, pretrained=args.pretrained, random_init=args.random_init,
+        method=args.method, bits=args.bits, preset=args.preset,
         synth=args.synth, calib_data=args.calib_data, num_images=args.num_images, budget=args.budget,
         iters=args.iters, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
         batch_size=args.batch_size, seed=args.seed, out=out, resume=args.resume, force=args.force,
@@ -210,6 +227,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if zdist.launched() and hasattr(args, "device"):
             args.device = zdist.init_from_env(args.device)
         result = args.func(args)
+        if result and zdist.env_rank() == 0:  # one answer per command, not one per process
+            _emit(result, getattr(args, "json", False))
     except ZsqError as e:
         print(f"zsq: error: {e}", file=sys.stderr)
         return 2
@@ -218,8 +237,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
     finally:
         zdist.shutdown()
-    if result and zdist.env_rank() == 0:  # one answer per command, not one per process
-        _emit(result, getattr(args, "json", False))
     return 0
 
 

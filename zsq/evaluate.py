@@ -58,6 +58,9 @@ def evaluate(
     n_total = len(data)
     if n_total == 0:
         raise ZsqError("no images to evaluate")
+    from zsq.quant.calibrate import check_calibrated
+
+    check_calibrated(model)  # a float model has no activation quantizers and passes
     bs = batch_size or default_batch_size(model)
     loader = DataLoader(data, batch_size=bs, shuffle=False, num_workers=0)
     was_training = model.training
@@ -69,6 +72,9 @@ def evaluate(
             for x, y in _progress(loader, total=len(loader), desc="evaluate", quiet=quiet):
                 x, y = x.to(device), torch.as_tensor(y).to(device)
                 logits = model(x)
+                if not bool(torch.isfinite(logits).all()):
+                    raise ZsqError(f"the model gives NaN or inf outputs (images {n}..{n + len(x) - 1}); "
+                                   "its weights or quantization ranges are broken")
                 k = min(5, logits.shape[1])
                 top = logits.topk(k, dim=1).indices
                 hit = top.eq(y.view(-1, 1))

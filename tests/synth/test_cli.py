@@ -40,7 +40,7 @@ def test_cli_synthesize_set_overrides_config(tmp_path, monkeypatch):
     monkeypatch.setattr(zsq.models, "load", lambda name, weights=None: tiny_bn_cnn(), raising=False)
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="cmd"))
-    base = ["synthesize", "tiny", "--method", "genie", "--num-images", "4", "--iters", "1", "--quiet"]
+    base = ["synthesize", "tiny", "--method", "genie", "--num-images", "4", "--iters", "1", "--quiet", "--random-init"]
     args = parser.parse_args(base + ["--out", str(tmp_path / "a"), "--set", "lr_z=0.05", "--set", "head=linear"])
     run(args)
     cfg = SyntheticSet.load(tmp_path / "a").meta["config"]

@@ -58,8 +58,8 @@ def test_two_processes_same_images_and_resume_with_one(tmp_path):
     assert torch.equal(two.images, one.images) and two.meta["processes"] == 2
 
     _spawn(tmp_path, tmp_path / "killed", crash=True)  # each rank dies at its second batch
-    left = sorted(p.name for p in (tmp_path / "killed" / "ckpt").glob("batch_*.pt"))
-    assert left == ["batch_00000.pt", "batch_00001.pt"]  # one finished batch from each rank
+    left = sorted(p.name for p in (tmp_path / "killed" / "ckpt").glob("batch_*.safetensors"))
+    assert left == ["batch_00000.safetensors", "batch_00001.safetensors"]  # one finished batch from each rank
     resumed = synthesize(tiny_bn_cnn(), "genie", 24, out=tmp_path / "killed", resume=True, **ARGS)
     assert torch.equal(resumed.images, one.images) and resumed.meta["processes"] == 1
 

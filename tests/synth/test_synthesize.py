@@ -72,7 +72,7 @@ def test_save_load_roundtrip_and_grid(tiny_teacher, tmp_path):
     w, h = Image.open(tmp_path / "run" / "grid.png").size
     assert (w, h) == (2 + 8 * 18, 2 + 1 * 18)  # 8 images in one row of 8, 16 px + 2 px padding
     # per-batch checkpoint files are gone once the set is complete
-    assert not list((tmp_path / "run" / "ckpt").glob("batch_*.pt"))
+    assert not list((tmp_path / "run" / "ckpt").glob("batch_*.safetensors"))
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(tiny_teacher, tmp_path, monkeypatch):
@@ -88,7 +88,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_teacher, tmp_path, m
     monkeypatch.setattr(GenieSynthesizer, "make_batch", crash_at_batch_2)
     with pytest.raises(KeyboardInterrupt):
         synthesize(tiny_teacher, "genie", 12, out=tmp_path, **TINY)
-    assert sorted(p.name for p in (tmp_path / "ckpt").glob("batch_*.pt")) == ["batch_00000.pt", "batch_00001.pt"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("batch_*.safetensors")) == [
+        "batch_00000.safetensors", "batch_00001.safetensors"]
     monkeypatch.setattr(GenieSynthesizer, "make_batch", original)
     with pytest.raises(ZsqError, match="resume"):
         synthesize(tiny_teacher, "genie", 12, out=tmp_path, **TINY)
@@ -97,6 +98,55 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_teacher, tmp_path, m
     assert resumed.meta["seconds"] >= 0.8  # seconds accumulate over the interruption (bench rows use them)
     # resuming a finished run just loads it
     assert torch.equal(synthesize(tiny_teacher, "genie", 12, out=tmp_path, resume=True, **TINY).images, full.images)
+
+
+def test_two_batches_interrupted_inside_batch_2_reuse_batch_1(tiny_teacher, tmp_path, monkeypatch):
+    """A kill in the middle of the second batch's iterations: the resume makes only that batch again."""
+    full = synthesize(tiny_teacher, "genie", 8, **TINY)
+    calls = {"n": 0}
+    real_loss = bn_stats.genie_bns_loss
+
+    def killed_in_batch_2(records):
+        calls["n"] += 1
+        if calls["n"] == 3 + 2:  # batch 1 has 3 iterations; die at the 2nd of batch 2
+            raise KeyboardInterrupt
+        return real_loss(records)
+
+    monkeypatch.setattr(bn_stats, "genie_bns_loss", killed_in_batch_2)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(tiny_teacher, "genie", 8, out=tmp_path, **TINY)
+    monkeypatch.setattr(bn_stats, "genie_bns_loss", real_loss)
+    assert [p.name for p in (tmp_path / "ckpt").glob("batch_*")] == ["batch_00000.safetensors"]
+    made = []
+    original = GenieSynthesizer.make_batch
+
+    def counting(self, ctx, index, size, gen):
+        made.append(index)
+        return original(self, ctx, index, size, gen)
+
+    monkeypatch.setattr(GenieSynthesizer, "make_batch", counting)
+    resumed = synthesize(tiny_teacher, "genie", 8, out=tmp_path, resume=True, **TINY)
+    assert made == [1]
+    assert torch.equal(resumed.images, full.images)
+
+
+def test_damaged_batch_file_is_a_one_line_error(tiny_teacher, tmp_path, monkeypatch):
+    original = GenieSynthesizer.make_batch
+
+    def crash_at_batch_1(self, ctx, index, size, gen):
+        if index == 1:
+            raise KeyboardInterrupt
+        return original(self, ctx, index, size, gen)
+
+    monkeypatch.setattr(GenieSynthesizer, "make_batch", crash_at_batch_1)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(tiny_teacher, "genie", 8, out=tmp_path, **TINY)
+    monkeypatch.setattr(GenieSynthesizer, "make_batch", original)
+    f = tmp_path / "ckpt" / "batch_00000.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ZsqError, match="batch_00000.safetensors is damaged") as e:
+        synthesize(tiny_teacher, "genie", 8, out=tmp_path, resume=True, **TINY)
+    assert "\n" not in str(e.value)
 
 
 def test_gdfq_resume_mid_generator_training(tiny_teacher, tmp_path, monkeypatch):
@@ -147,7 +197,7 @@ def test_non_finite_loss_stops_and_keeps_the_good_batches(tiny_teacher, tmp_path
     monkeypatch.setattr(bn_stats, "genie_bns_loss", goes_bad)
     with pytest.raises(ZsqError, match=r"loss term bns=nan at iteration 0.*batch 2.*keeps the 2 finished"):
         synthesize(tiny_teacher, "genie", 12, out=tmp_path, **TINY)
-    assert len(list((tmp_path / "ckpt").glob("batch_*.pt"))) == 2
+    assert len(list((tmp_path / "ckpt").glob("batch_*.safetensors"))) == 2
 
 
 def test_bad_options_and_models(tiny_teacher):

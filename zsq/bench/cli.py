@@ -27,8 +27,10 @@ def run(args: argparse.Namespace) -> dict:
     from zsq.bench.report import write_report
     from zsq.bench.runner import load_results, merge_results, run_suite
     from zsq.bench.suites import get_suite
+    from zsq.errors import require
 
     suite = get_suite(args.suite)
+    require("matplotlib", "plots")  # the report's plots: say so now, not after hours of cells
     cmd = f"zsq bench --suite {args.suite} --budget {args.budget} --out {args.out}"
     for other in args.merge:
         merge_results(args.out, other)

@@ -111,6 +111,21 @@ def _collect(qmodel: nn.Module) -> dict:
 
 
 # ---- save --------------------------------------------------------------------------------------
+_OBSERVER_BUFFERS = ("obs_min", "obs_max")  # +-inf until something is observed; not part of the grid
+
+
+def _check_finite(parts: dict, info: Optional[dict]) -> None:
+    """A checkpoint with NaN/inf weights or ranges (or a NaN in its report) is refused, not written."""
+    from zsq.runstate import non_finite_paths
+
+    bad = [k for group in ("packed", "state") for k, t in parts[group].items()
+           if not k.endswith(_OBSERVER_BUFFERS) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad += ["info." + p.rstrip(".") for p in non_finite_paths(info or {})]
+    if bad:
+        raise ZsqError(f"the quantized model has NaN or inf values ({len(bad)} tensor(s)/value(s), e.g. {bad[0]}); "
+                       "nothing was written")
+
+
 def save_quantized(qmodel: nn.Module, out_dir, *, model_name: str, weights_path: Optional[str] = None,
                    info: Optional[dict] = None, force: bool = False) -> dict:
     """Write ``qmodel`` as a packed checkpoint into ``out_dir``; returns sizes and paths.
@@ -139,13 +154,14 @@ def save_quantized(qmodel: nn.Module, out_dir, *, model_name: str, weights_path:
         parts = _collect(qmodel)
     finally:
         qmodel.train(was_training)
+    _check_finite(parts, info)
 
     parent = out_dir.parent if out_dir.parent.exists() else None
     tmp = Path(tempfile.mkdtemp(prefix=".zsq-save-", dir=parent))
     try:
         save_file(parts["packed"], str(tmp / PACKED_FILE), metadata={"format": FORMAT_NAME})
         save_file(parts["state"], str(tmp / STATE_FILE), metadata={"format": FORMAT_NAME})
-        (tmp / QUANT_FILE).write_text(json.dumps(parts["quant"], indent=1, default=str))
+        (tmp / QUANT_FILE).write_text(json.dumps(parts["quant"], indent=1, default=str, allow_nan=False))
         files = file_entries(tmp, CHECKPOINT_FILES)
         weight_bytes = sum(t.numel() * t.element_size() for k, t in parts["packed"].items() if k.endswith(".codes"))
         manifest = {
@@ -159,7 +175,7 @@ def save_quantized(qmodel: nn.Module, out_dir, *, model_name: str, weights_path:
         }
         manifest["packed_bytes"] = sum(f["bytes"] for f in files.values())
         manifest["size_ratio"] = round(manifest["packed_bytes"] / max(parts["fp32_bytes"], 1), 4)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, allow_nan=False))
         out_dir.mkdir(parents=True, exist_ok=True)
         umask = os.umask(0)
         os.umask(umask)

@@ -33,10 +33,19 @@ def run(args) -> dict:
     from zsq.export.parity import ParityTolerance, check_parity
     from zsq.progress import log
 
+    from zsq.errors import require
+
     t0 = time.time()
+    require("onnx", "onnx")
+    require("onnxruntime", "onnx")
     onnx_path = Path(args.onnx)
+    if onnx_path.is_dir():
+        raise ZsqError(f"--onnx {onnx_path} is a directory; give a file name, e.g. {onnx_path / 'model.onnx'}")
     if onnx_path.exists() and not args.force:
         raise ZsqError(f"{onnx_path} exists (use --force to overwrite)")
+    from zsq.runstate import check_writable_dir
+
+    check_writable_dir(onnx_path.parent if str(onnx_path.parent) else Path("."))
     if args.num_check < 1:
         raise ZsqError(f"--num-check must be at least 1, got {args.num_check}")
     tol = ParityTolerance(args.min_agreement, args.max_rel_logit_diff)

@@ -70,11 +70,18 @@ def compare_logits(ref: np.ndarray, got: np.ndarray, labels: Optional[np.ndarray
     return out
 
 
+def _finite(logits: np.ndarray, who: str) -> np.ndarray:
+    """NaN logits compare as 'not greater than' any tolerance, so they must be refused explicitly."""
+    if not np.isfinite(logits).all():
+        raise ZsqError(f"{who} gives NaN or inf logits on the check images; the model is broken, parity cannot pass")
+    return logits
+
+
 def check_parity(qmodel: nn.Module, onnx_path, images: torch.Tensor, labels=None, *,
                  tolerance: ParityTolerance = ParityTolerance(), batch_size: int = 64, threads: int = 2) -> dict:
     """Run both on ``images``; return the comparison, raise ZsqError when out of tolerance."""
-    ref = run_torch(qmodel, images, batch_size)
-    got = run_ort(ort_session(onnx_path, threads), images, batch_size)
+    ref = _finite(run_torch(qmodel, images, batch_size), "the zsq model")
+    got = _finite(run_ort(ort_session(onnx_path, threads), images, batch_size), "onnxruntime")
     res = compare_logits(ref, got, None if labels is None else np.asarray(labels))
     res.update({"min_agreement": tolerance.min_agreement, "max_rel_logit_diff_allowed": tolerance.max_rel_logit_diff})
     if res["top1_agreement"] < tolerance.min_agreement or res["max_rel_logit_diff"] > tolerance.max_rel_logit_diff:

@@ -3,16 +3,30 @@ initialisation), activation ranges from BatchNorm statistics -- no images at all
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
-from zsq.methods.registry import QuantJob, QuantResult, register_method
+from zsq.errors import ZsqError
+from zsq.methods.registry import QuantJob, QuantResult, register_method, schema_options, user_options
+from zsq.options import check_range, parse_options
 from zsq.quant import calibrate_from_bn, quantize_model
 
 
+@dataclass(frozen=True)
+class BnMinmaxOptions:
+    """bn_k: activation range = mean +- bn_k std of the BN-simulated activations (clipped to what they reach)."""
+
+    bn_k: float = 4.0
+
+    def __post_init__(self):
+        check_range("bn_k", self.bn_k, 0.0, 64.0, lo_open=True)
+
+
 @register_method("bn-minmax", kind="calibration", needs_images=False, default_preset="genie",
-                 summary="no images: weight ranges from the weights, activation ranges from BN statistics")
+                 summary="no images: weight ranges from the weights, activation ranges from BN statistics",
+                 options=schema_options(BnMinmaxOptions, "bn-minmax"))
 def bn_minmax(fp_model, qconfig, job: QuantJob) -> QuantResult:
     t0 = time.time()
-    k = float(job.extra.get("bn_k", 4.0))
+    k = parse_options(BnMinmaxOptions, user_options(job.extra), "bn-minmax").bn_k
     qmodel = quantize_model(fp_model, qconfig)
     calibrate_from_bn(qmodel, k=k, seed=job.seed)
     return QuantResult(qmodel, {"bn_k": k, "quant_seconds": time.time() - t0})
@@ -24,6 +38,8 @@ def minmax(fp_model, qconfig, job: QuantJob) -> QuantResult:
     from zsq.quant import calibrate
 
     t0 = time.time()
+    if user_options(job.extra):
+        raise ZsqError(f"method minmax takes no options (got {', '.join(sorted(user_options(job.extra)))})")
     qmodel = quantize_model(fp_model, qconfig)
     calibrate(qmodel, job.calib, batch_size=job.batch_size or 64, quiet=job.quiet)
     return QuantResult(qmodel, {"quant_seconds": time.time() - t0})

@@ -71,20 +71,47 @@ class MethodInfo:
     default_preset: str
     default_synth: Optional[str]
     summary: str
+    options: Optional[Callable[[Dict[str, Any], Any, str], Dict[str, Any]]] = None
+
+    def parse_options(self, values: Optional[Dict[str, Any]], meta, budget: str) -> Dict[str, Any]:
+        """The method's --set options, validated by its family's schema: the dict the job and report get."""
+        values = dict(values or {})
+        if self.options is None:
+            if values:
+                raise ZsqError(f"method {self.name} takes no options (got {', '.join(sorted(values))})")
+            return {}
+        return self.options(values, meta, budget)
+
+
+INTERNAL_KEYS = ("calib_labels", "on_unit_done")  # job.extra entries set by zsq/the API, not --set options
+
+
+def user_options(extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """job.extra without zsq's internal entries: what a method validates against its schema."""
+    return {k: v for k, v in (extra or {}).items() if k not in INTERNAL_KEYS}
+
+
+def schema_options(cls: type, what: str) -> Callable[[Dict[str, Any], Any, str], Dict[str, Any]]:
+    """``options=`` for register_method from a frozen-dataclass schema (see zsq.options)."""
+    import dataclasses
+
+    from zsq.options import parse_options
+
+    return lambda values, meta, budget: dataclasses.asdict(parse_options(cls, values, what))
 
 
 _METHODS: Dict[str, MethodInfo] = {}
 
 
 def register_method(name: str, *, kind: str, needs_images: bool, default_preset: str,
-                    default_synth: Optional[str] = None, summary: str = ""):
+                    default_synth: Optional[str] = None, summary: str = "", options=None):
     """Decorator: ``@register_method("genie", kind="ptq", needs_images=True, default_preset="genie",
     default_synth="genie", summary="...")``."""
 
     def deco(fn):
         if name in _METHODS and _METHODS[name].fn is not fn:
             raise ValueError(f"method {name!r} registered twice")
-        _METHODS[name] = MethodInfo(name, fn, kind, needs_images, default_preset, default_synth, summary)
+        _METHODS[name] = MethodInfo(name, fn, kind, needs_images, default_preset, default_synth, summary, options)
         return fn
 
     return deco

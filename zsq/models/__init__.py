@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
+import torch
 import torch.nn as nn
 
 from zsq.errors import ZsqError
@@ -18,7 +19,7 @@ from zsq.models import cifar_resnet  # noqa: F401  (registers models)
 from zsq.models import efficientnet_lite  # noqa: F401  (registers models)
 
 __all__ = [
-    "load", "list_models", "register_model", "ModelMeta", "get_meta", "set_meta",
+    "load", "load_checked", "list_models", "register_model", "ModelMeta", "get_meta", "set_meta",
     "load_weights", "read_state_dict",
 ]
 
@@ -45,6 +46,24 @@ def load(name: str, weights: Union[str, Path, None] = None, pretrained: bool = F
         load_weights(model, weights)
     model.eval()
     return set_meta(model, meta)
+
+
+def load_checked(name: str, weights: Union[str, Path, None] = None, *, pretrained: bool = False,
+                 random_init: bool = False) -> nn.Module:
+    """``load`` for commands that produce results: a model with neither weights nor ``pretrained``
+    is refused unless ``random_init`` says a randomly initialised network is meant (its numbers
+    would otherwise look like a real model's)."""
+    if weights is None and not pretrained and not random_init:
+        raise ZsqError(f"no weights for {name}: give --weights PATH (API: weights=...) or --pretrained "
+                       "(API: pretrained=True); use --random-init (API: random_init=True) to run a randomly "
+                       "initialised network on purpose")
+    if pretrained:
+        return load(name, weights=weights, pretrained=True)
+    if weights is not None:
+        return load(name, weights=weights)
+    with torch.random.fork_rng(devices=[]):  # the same random network every time (resumable), global RNG untouched
+        torch.manual_seed(0)
+        return load(name)
 
 
 def _default_weights(entry) -> Path:

@@ -63,5 +63,8 @@ def load_weights(model: nn.Module, path) -> nn.Module:
     if extra:
         raise ZsqError(f"weights {path} do not match the model: unexpected key {extra[0]!r} "
                        f"({len(extra)} unexpected in all)")
+    bad = [k for k in own if sd[k].is_floating_point() and not bool(torch.isfinite(sd[k]).all())]
+    if bad:
+        raise ZsqError(f"weights {path} hold NaN or inf values in {bad[0]!r} ({len(bad)} tensor(s) in all)")
     model.load_state_dict({k: sd[k] for k in own}, strict=True)
     return model

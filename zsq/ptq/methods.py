@@ -2,23 +2,42 @@
 
 Each takes ``fp_model, qconfig, job`` and returns a QuantResult whose model is a plain zsq fake-quant
 model (hard-rounded weights, frozen UniformQuantizers) and whose report has per-unit losses, the units
-used, the cache size and quant_seconds. Options in ``job.extra``: ``work_dir`` (checkpoints; default
-``job.out/"work"``), ``max_cache_mib`` (default 8192), ``chunk`` (images per caching forward).
+used, the cache size and quant_seconds. Options (``--set``, job.extra): the PTQOptions schema below.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from zsq.errors import ZsqError
-from zsq.methods.registry import QuantJob, QuantResult, register_method
+from zsq.methods.registry import QuantJob, QuantResult, register_method, schema_options, user_options
+from zsq.options import check_range, parse_options
 from zsq.ptq import presets  # noqa: F401  (registers the brecq and qdrop presets)
 from zsq.ptq.budgets import RECIPES, EngineOptions, Recipe, get_budget
 from zsq.ptq.reconstruct import Reconstructor
 from zsq.quant.config import QuantConfig
 from zsq.quant.transforms import quantize_model
+
+
+@dataclass(frozen=True)
+class PTQOptions:
+    """--set options of every reconstruction method: images per caching forward, the cache limit, and
+    where resume checkpoints go (default OUT/work)."""
+
+    chunk: int = 128
+    max_cache_mib: float = 8192.0
+    work_dir: Optional[str] = None
+
+    def __post_init__(self):
+        check_range("chunk", self.chunk, 1)
+        check_range("max_cache_mib", self.max_cache_mib, 0.0, lo_open=True)
+
+
+
 
 
 def check_calib(fp_model, calib) -> torch.Tensor:
@@ -53,9 +72,9 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
     calib = check_calib(fp_model, job.calib)
     budget = get_budget(job.budget).override(job.iters, job.batch_size, job.num_images)
     extra = dict(job.extra or {})
-    opts = EngineOptions(seed=job.seed, quiet=job.quiet, chunk=int(extra.get("chunk", 128)),
-                         max_cache_mib=float(extra.get("max_cache_mib", 8192)))
-    work_dir = extra.get("work_dir") or (Path(job.out) / "work" if job.out is not None else None)
+    user = parse_options(PTQOptions, user_options(extra), recipe.name)
+    opts = EngineOptions(seed=job.seed, quiet=job.quiet, chunk=user.chunk, max_cache_mib=user.max_cache_mib)
+    work_dir = user.work_dir or (Path(job.out) / "work" if job.out is not None else None)
     if job.resume and work_dir is None:
         raise ZsqError("--resume needs --out (the checkpoints live in OUT/work)")
     qmodel = quantize_model(fp_model, qconfig)
@@ -70,24 +89,28 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
 
 @register_method("genie", kind="ptq", needs_images=True, default_preset="genie", default_synth="genie",
                  summary="Genie-M: block reconstruction, soft bits + jointly learned weight steps, LSQ act steps, "
-                         "QDrop p=0.5 (with Genie-D images unless --calib-data)")
+                         "QDrop p=0.5 (with Genie-D images unless --calib-data)",
+                 options=schema_options(PTQOptions, "genie"))
 def genie(fp_model, qconfig, job: QuantJob) -> QuantResult:
     return run_recipe(RECIPES["genie"], fp_model, qconfig, job)
 
 
 @register_method("qdrop", kind="ptq", needs_images=True, default_preset="qdrop", default_synth="genie",
-                 summary="QDrop: block reconstruction, soft bits and act steps jointly, QDrop p=0.5, lambda 0.01")
+                 summary="QDrop: block reconstruction, soft bits and act steps jointly, QDrop p=0.5, lambda 0.01",
+                 options=schema_options(PTQOptions, "qdrop"))
 def qdrop(fp_model, qconfig, job: QuantJob) -> QuantResult:
     return run_recipe(RECIPES["qdrop"], fp_model, qconfig, job)
 
 
 @register_method("brecq", kind="ptq", needs_images=True, default_preset="brecq", default_synth="genie",
-                 summary="BRECQ: block reconstruction, two passes (AdaRound weights, then act steps)")
+                 summary="BRECQ: block reconstruction, two passes (AdaRound weights, then act steps)",
+                 options=schema_options(PTQOptions, "brecq"))
 def brecq(fp_model, qconfig, job: QuantJob) -> QuantResult:
     return run_recipe(RECIPES["brecq"], fp_model, qconfig, job)
 
 
 @register_method("adaround", kind="ptq", needs_images=True, default_preset="brecq", default_synth="genie",
-                 summary="AdaRound: layer-wise soft rounding (fixed steps), then act steps, lambda 0.01")
+                 summary="AdaRound: layer-wise soft rounding (fixed steps), then act steps, lambda 0.01",
+                 options=schema_options(PTQOptions, "adaround"))
 def adaround(fp_model, qconfig, job: QuantJob) -> QuantResult:
     return run_recipe(RECIPES["adaround"], fp_model, qconfig, job)

@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from zsq import runstate
 from zsq.compute import Compute, as_compute
 from zsq.errors import ZsqError
 from zsq.progress import log
@@ -117,8 +118,9 @@ class Reconstructor:
         self.steps = [(pi, ui) for pi in range(len(recipe.phases)) for ui in range(len(self.units))]
         self.fingerprint = checkpoint.fingerprint(
             recipe=recipe.to_dict(), budget=[budget.iters, self.batch_size, n], seed=opts.seed,
-            units=[u.name for u in self.units], calib=self.calib,
-            state=torch.cat([p.detach().flatten() for p in qmodel.state_dict().values() if p.is_floating_point()]),
+            units=[u.name for u in self.units], calib_images=self.calib,
+            initial_model=torch.cat([p.detach().flatten() for p in qmodel.state_dict().values()
+                                     if p.is_floating_point()]),
             **({} if self.compute.is_reference else {"compute": str(sorted(self.compute.describe().items()))}))
 
     # ---- state of the activation quantizers -----------------------------------------------------
@@ -244,7 +246,7 @@ class Reconstructor:
         if resume and self.work_dir is not None:
             ck = checkpoint.load(self.work_dir, self.fingerprint)
             if ck is not None:
-                self.qmodel.load_state_dict(ck["state"])
+                runstate.restore(self.qmodel, ck["state"], self.work_dir / checkpoint.CKPT_NAME)
                 start, records = ck["done"], list(ck["records"])
                 log(f"resuming after {start} of {len(self.steps)} unit steps", quiet)
         for k in range(start, len(self.steps)):

@@ -115,7 +115,9 @@ class QATConfig:
     def with_options(self, **options) -> "QATConfig":
         """Override fields by name (the CLI's --epochs etc. and job.extra); GI/HAST fields may be given
         with a ``gi_`` / ``hast_`` prefix (e.g. gi_rho=1e-4, hast_eps=0.02). Unknown names are refused."""
-        top = {f.name for f in fields(self)}
+        from zsq.options import parse_options
+
+        top = {f.name for f in fields(self)} - {"gi", "hast", "method"}
         own, gi, hast, bad = {}, {}, {}, []
         for k, v in options.items():
             if v is None:
@@ -124,17 +126,20 @@ class QATConfig:
                 gi[k[3:]] = v
             elif k.startswith("hast_") and self.hast is not None and k[5:] in {f.name for f in fields(HASTTrainConfig)}:
                 hast[k[5:]] = v
-            elif k in top and k not in ("gi", "hast", "method"):
+            elif k in top:
                 own[k] = v
             else:
                 bad.append(k)
         if bad:
-            raise ZsqError(f"unknown option(s) for {self.method}: {', '.join(sorted(bad))}")
-        cfg = replace(self, **own)
+            valid = sorted(top) + [f"gi_{f.name}" for f in fields(GIConfig) if self.gi is not None] + [
+                f"hast_{f.name}" for f in fields(HASTTrainConfig) if self.hast is not None]
+            raise ZsqError(f"{self.method} has no option {', '.join(sorted(bad))}; its options are: {', '.join(valid)}")
+        cfg = parse_options(QATConfig, own, self.method, base=self)
         if gi:
-            cfg = replace(cfg, gi=replace(cfg.gi, **gi))
+            cfg = replace(cfg, gi=parse_options(GIConfig, gi, f"{self.method} (gi_ options)", base=cfg.gi))
         if hast:
-            cfg = replace(cfg, hast=replace(cfg.hast, **hast))
+            cfg = replace(cfg, hast=parse_options(HASTTrainConfig, hast, f"{self.method} (hast_ options)",
+                                                  base=cfg.hast))
         return cfg
 
     def rescaled(self, epochs: int, iters_per_epoch: int, batch_size: int, warmup_epochs: int,

@@ -9,7 +9,7 @@
             epoch < warmup: only Q(x) to calibrate ranges
             else: student loss (KD [+CE] for gdfq/ait, HAST's KD+FA with SDP), SGD/Adam step, GI if on
         evaluate on real images at chosen epochs (final = headline, best epoch reported separately)
-        checkpoint (student, optimizers, generator, history) -> out/work/qat_state.pt
+        checkpoint (student, optimizers, generator, history) -> out/work/qat_state.safetensors
 
 Every random draw comes from a generator seeded by (seed, step), so a run resumed from the last
 epoch checkpoint repeats the interrupted epoch exactly.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zsq import runstate
 from zsq.compute import as_compute
 from zsq.errors import ZsqError
 from zsq.models.meta import get_meta
@@ -39,7 +39,7 @@ from zsq.qat.losses import FeatureTaps, kd_kl_loss, residual_branch_taps
 from zsq.quant import act_quantizers, quantize_model
 from zsq.quant.config import QuantConfig
 
-STATE_FILE = "qat_state.pt"
+STATE_FILE = "qat_state.safetensors"
 _SHUFFLE_KEY, _AUG_KEY = 0x5A7, 0xA06
 
 
@@ -78,28 +78,12 @@ class FixedBatches:
         return x, y
 
 
-def _fingerprint(cfg: QATConfig, qconfig: QuantConfig, seed: int, teacher_name: str,
+def _fingerprint(cfg: QATConfig, qconfig: QuantConfig, seed: int, teacher: nn.Module,
                  fixed: Optional[torch.Tensor]) -> dict:
-    fp = {"qat": cfg.to_dict(), "quant": qconfig.to_dict(), "seed": seed, "teacher": teacher_name,
-          "fixed_images": None if fixed is None else [int(fixed.shape[0]), round(float(fixed.double().sum()), 3)]}
-    return json.loads(json.dumps(fp, default=str))
+    from zsq.synth.base import weights_digest
 
-
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _differences(old: dict, new: dict) -> List[str]:
-    a, b = _flat(old), _flat(new)
-    return [f"{k}: {a.get(k)!r} in the checkpoint vs {b.get(k)!r} now" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k)]
+    return runstate.fingerprint(qat=cfg.to_dict(), quant=qconfig.to_dict(), seed=seed, teacher=get_meta(teacher).name,
+                                teacher_weights=weights_digest(teacher), fixed_images=fixed)
 
 
 def _make_optimizer(params, cfg: QATConfig) -> torch.optim.Optimizer:
@@ -125,7 +109,7 @@ def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: 
     """Train a fake-quantized student of ``teacher`` by distillation; returns (student, report).
 
     fixed: images (N,C,H,W, teacher-normalized) for cfg.data/calib_data == "fixed"; fixed_labels
-    optional (the teacher's argmax when absent). out: where out/work/qat_state.pt is written after
+    optional (the teacher's argmax when absent). out: where out/work/qat_state.safetensors is written after
     every epoch; resume=True continues from it (refusing one made with another config).
     compute: device/precision/layout (zsq.compute); teacher and student run through compute.forward,
     losses and optimizers stay float32; the student comes back on the CPU.
@@ -138,7 +122,7 @@ def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: 
         raise ZsqError(f"the fixed images are {tuple(fixed.shape[1:])} but the teacher wants {tuple(meta.input_size)}")
     state_path = Path(out) / "work" / STATE_FILE if out is not None else None
     if resume and state_path is None:
-        raise ZsqError("resume needs an output directory (--out) holding the previous run's work/qat_state.pt")
+        raise ZsqError(f"resume needs an output directory (--out) holding the previous run's work/{STATE_FILE}")
 
     if cfg.ema_bias_correction is not None and qconfig.act.observer == "ema":
         qconfig = dataclasses.replace(qconfig, act=dataclasses.replace(
@@ -174,21 +158,18 @@ def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: 
     gi = GradientInundation(w_opt, gi_layers, cfg.gi) if cfg.gi is not None else None
     w_step = gi if gi is not None else w_opt
 
-    fingerprint = _fingerprint(cfg, qconfig, seed, meta.name, fixed if cfg.uses_fixed else None)
+    fingerprint = _fingerprint(cfg, qconfig, seed, teacher, fixed if cfg.uses_fixed else None)
     if not compute.is_reference:
         fingerprint["compute"] = {k: v for k, v in compute.describe().items() if k != "precision_requested"}
     history: List[dict] = []
     start_epoch, elapsed_before = 0, 0.0
     saved = None
     if resume and state_path.exists():
-        saved = torch.load(state_path, map_location="cpu", weights_only=False)
-        diffs = _differences(saved["fingerprint"], fingerprint)
-        if diffs:
-            raise ZsqError(f"cannot resume from {state_path}: it was made with a different configuration ("
-                           + "; ".join(diffs[:5]) + (" ..." if len(diffs) > 5 else "") + ")")
-        student.load_state_dict(saved["student"])
-        w_step.load_state_dict(saved["w_opt"])
-        o_opt.load_state_dict(saved["o_opt"])
+        saved = runstate.load_state(state_path)
+        runstate.check_same_run(state_path, saved.get("fingerprint"), fingerprint)
+        runstate.restore(student, saved["student"], state_path)
+        runstate.restore(w_step, saved["w_opt"], state_path)
+        runstate.restore(o_opt, saved["o_opt"], state_path)
         history, start_epoch, elapsed_before = saved["history"], saved["epochs_done"], saved["seconds"]
         log(f"{cfg.method}: resuming after epoch {start_epoch - 1} from {state_path}", quiet)
     elif state_path is not None and state_path.exists():
@@ -201,7 +182,7 @@ def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: 
         stream = GDFQGeneratorStream(teacher, cfg.batch_size, seed=seed, lr=cfg.gen_lr, betas=cfg.gen_betas,
                                      bns_weight=cfg.bns_weight, latent_dim=cfg.latent_dim, compute=compute)
         if saved is not None and saved.get("generator") is not None:
-            stream.load_state_dict(saved["generator"])
+            runstate.restore(stream, saved["generator"], state_path)
     fixed_batches = None
     if fixed is not None:
         augment = cfg.hast is not None and cfg.hast.augment
@@ -310,13 +291,10 @@ def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: 
             log(f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}: {shown or 'calibration'}{acc} "
                 f"({row['seconds']:.0f}s, ETA {eta:.0f}s)", quiet)
             if state_path is not None:
-                state_path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = state_path.with_suffix(".tmp")
-                torch.save({"fingerprint": fingerprint, "epochs_done": epoch + 1, "student": student.state_dict(),
+                runstate.save_state(state_path, {"fingerprint": fingerprint, "epochs_done": epoch + 1, "student": student.state_dict(),
                             "w_opt": w_step.state_dict(), "o_opt": o_opt.state_dict(),
                             "generator": stream.state_dict() if stream is not None else None,
-                            "history": history, "seconds": elapsed_before + time.time() - t_start}, tmp)
-                tmp.replace(state_path)
+                            "history": history, "seconds": elapsed_before + time.time() - t_start})
     except _Divergence as e:
         kept = (f"the last good checkpoint (after epoch {history[-1]['epoch']}) is kept at {state_path}"
                 if history and state_path is not None else "no checkpoint was written yet")

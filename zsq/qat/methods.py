@@ -14,7 +14,7 @@ import time
 import torch
 
 from zsq.errors import ZsqError
-from zsq.methods.registry import QuantJob, QuantResult, register_method
+from zsq.methods.registry import QuantJob, QuantResult, register_method, user_options
 from zsq.models.meta import get_meta
 from zsq.qat.config import method_config, paper_config
 from zsq.qat.loop import distill
@@ -31,6 +31,8 @@ def _fixed_set(job: QuantJob):
         calib = calib.images
     if not torch.is_tensor(calib) or calib.dim() != 4:
         raise ZsqError("QAT training images must be a float tensor (N, C, H, W)")
+    if not bool(torch.isfinite(calib).all()):
+        raise ZsqError("QAT training images contain NaN or inf")
     return calib, labels
 
 
@@ -46,7 +48,7 @@ def _run(name: str, fp_model, qconfig, job: QuantJob) -> QuantResult:
             warmup_epochs=warm, live_range_epochs=min(cfg.live_range_epochs, job.epochs)),
             ema_bias_correction=cfg.ema_bias_correction)
     images, labels = _fixed_set(job)
-    extra = {k: v for k, v in job.extra.items() if k != "calib_labels"}
+    extra = user_options(job.extra)
     if name == "ait" and images is not None:
         extra.setdefault("data", "fixed")
         extra.setdefault("calib_data", "fixed")
@@ -62,28 +64,38 @@ def _run(name: str, fp_model, qconfig, job: QuantJob) -> QuantResult:
     return QuantResult(model, report)
 
 
+def _options(name: str):
+    """The QAT schema: QATConfig's fields (and gi_*/hast_* for the sub-configs), types and ranges checked."""
+    def parse(values, meta, budget):
+        method_config(name, meta, budget).with_options(**values)  # ZsqError on a bad key or value
+        return dict(values)
+
+    return parse
+
+
 @register_method("gdfq", kind="qat", needs_images=False, default_preset="gdfq",
-                 summary="GDFQ: generator (CE + 0.1*BNS) trained alongside; student CE + KL(T=20) distillation")
+                 summary="GDFQ: generator (CE + 0.1*BNS) trained alongside; student CE + KL(T=20) distillation",
+                 options=_options("gdfq"))
 def gdfq(fp_model, qconfig, job: QuantJob) -> QuantResult:
     return _run("gdfq", fp_model, qconfig, job)
 
 
 @register_method("ait", kind="qat", needs_images=False, default_preset="gdfq",
                  summary="AIT: KL-only distillation + gradient inundation (generator, or a fixed set via "
-                         "--synth/--calib-data)")
+                         "--synth/--calib-data)", options=_options("ait"))
 def ait(fp_model, qconfig, job: QuantJob) -> QuantResult:
     return _run("ait", fp_model, qconfig, job)
 
 
 @register_method("hast", kind="qat", needs_images=True, default_preset="gdfq", default_synth="hast",
                  summary="HAST (official code): hard samples, KD + feature alignment on clean + "
-                         "sign-gradient-perturbed copies")
+                         "sign-gradient-perturbed copies", options=_options("hast"))
 def hast(fp_model, qconfig, job: QuantJob) -> QuantResult:
     return _run("hast", fp_model, qconfig, job)
 
 
 @register_method("hast-paper", kind="qat", needs_images=True, default_preset="gdfq", default_synth="hast",
                  summary="HAST as the paper states it: perturbation raises the student's difficulty, "
-                         "loss on perturbed samples only")
+                         "loss on perturbed samples only", options=_options("hast-paper"))
 def hast_paper(fp_model, qconfig, job: QuantJob) -> QuantResult:
     return _run("hast-paper", fp_model, qconfig, job)

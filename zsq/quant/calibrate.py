@@ -12,6 +12,17 @@ from zsq.progress import progress
 from zsq.quant.transforms import act_quantizers
 
 
+def check_calibrated(qmodel: nn.Module) -> None:
+    """ZsqError when an activation quantizer would set its range from the first batch it is run on
+    (never calibrated and not observing): the numbers would depend on whatever data came first."""
+    lazy = [n for n, q in act_quantizers(qmodel) if getattr(q, "enabled", False) and not getattr(q, "observing", True)
+            and hasattr(q, "initialized") and not bool(q.initialized) and not q.spec.dynamic]
+    if lazy:
+        raise ZsqError(f"the quantized model is not calibrated ({len(lazy)} activation quantizer(s), e.g. {lazy[0]}, "
+                       "have no range): run zsq.quant.calibrate(model, images) or calibrate_from_bn(model) first, "
+                       "or set observing=True on them to take ranges from the data on purpose")
+
+
 def _batches(images: torch.Tensor, batch_size: int):
     for i in range(0, images.shape[0], batch_size):
         yield images[i:i + batch_size]
@@ -26,6 +37,8 @@ def calibrate(qmodel: nn.Module, images: torch.Tensor, batch_size: int = 64, qui
     """
     if images is None or images.shape[0] == 0:
         raise ZsqError("calibration needs at least one image")
+    if not bool(torch.isfinite(images).all()):
+        raise ZsqError("calibration images contain NaN or inf")
     quants = [q for _, q in act_quantizers(qmodel)]
     for q in quants:
         q.reset_observer()

@@ -28,9 +28,11 @@ import torch
 import torch.nn as nn
 
 from zsq import distributed as zdist
+from zsq import runstate
 from zsq.compute import Compute, as_compute
 from zsq.errors import ZsqError
 from zsq.models.meta import ModelMeta, get_meta
+from zsq.options import parse_options
 from zsq.synth.bn_stats import batchnorm_layers, measure_genie_bns
 from zsq.synth.dataset import SyntheticSet
 
@@ -134,11 +136,7 @@ class Synthesizer:
             raise ZsqError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
         base = getattr(self.config_cls, budget)(meta)
         overrides = {k: v for k, v in overrides.items() if v is not None}
-        names = {f.name for f in dataclasses.fields(self.config_cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise ZsqError(f"{self.name} has no option {', '.join(unknown)}; its options are: {', '.join(sorted(names))}")
-        return dataclasses.replace(base, **overrides)
+        return parse_options(self.config_cls, overrides, self.name, base=base)
 
     def plan(self, num_images: int, batch_size: int) -> List[int]:
         """Batch sizes for num_images; one smaller batch if num_images < batch_size."""
@@ -245,9 +243,7 @@ class Synthesizer:
         if out is not None and lead:
             result.save(out)
             _write_manifest(ckpt, fingerprint, seconds, sorted(done), complete=True)
-            for f in ckpt.glob("batch_*.pt"):
-                f.unlink()
-            for f in ckpt.glob("state_*.pt"):
+            for f in [*ckpt.glob("batch_*.safetensors"), *ckpt.glob("state_*.safetensors")]:
                 f.unlink()
         zdist.barrier()
         return result
@@ -296,34 +292,17 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def _write_manifest(ckpt: Path, fingerprint: dict, seconds: float, batches: List[int], complete=False) -> None:
-    tmp = ckpt / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, "seconds": seconds, "batches": batches,
-                               "complete": complete}, indent=2, sort_keys=True))
-    tmp.replace(ckpt / MANIFEST)
+    runstate.write_json(ckpt / MANIFEST, {"fingerprint": fingerprint, "seconds": seconds, "batches": batches,
+                                          "complete": complete}, indent=2, sort_keys=True)
 
 
 def _read_manifest(ckpt: Path) -> Optional[dict]:
     p = ckpt / MANIFEST
-    return json.loads(p.read_text()) if p.exists() else None
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> List[str]:
-    diffs = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            diffs.append(f"{prefix}{k} (checkpoint: {a!r}, now: {b!r})")
-    return diffs
+    return runstate.read_json(p) if p.exists() else None
 
 
 def _check_fingerprint(ckpt: Path, manifest: dict, fingerprint: dict) -> None:
-    old = json.loads(json.dumps(manifest["fingerprint"]))
-    new = json.loads(json.dumps(fingerprint))
-    diffs = _differences(old, new)
-    if diffs:
-        raise ZsqError(f"cannot resume from {ckpt.parent}: it was made with a different " + "; ".join(diffs))
+    runstate.check_same_run(ckpt.parent, manifest.get("fingerprint"), json.loads(json.dumps(fingerprint)))
 
 
 def _resume_final(out: Path, fingerprint: dict) -> Optional[SyntheticSet]:
@@ -334,6 +313,10 @@ def _resume_final(out: Path, fingerprint: dict) -> Optional[SyntheticSet]:
     return SyntheticSet.load(out) if manifest.get("complete") else None
 
 
+def batch_file(ckpt: Path, index: int) -> Path:
+    return ckpt / f"batch_{index:05d}.safetensors"
+
+
 def _load_checkpoint(ckpt: Path, fingerprint: dict, num_batches: int):
     """The finished batches: those the manifest lists and those other ranks saved (files are written
     atomically, so an existing batch file is a finished batch)."""
@@ -342,11 +325,11 @@ def _load_checkpoint(ckpt: Path, fingerprint: dict, num_batches: int):
         return {}, 0.0
     _check_fingerprint(ckpt, manifest, fingerprint)
     done = {}
-    saved = {int(f.name[len("batch_"):-len(".pt")]) for f in ckpt.glob("batch_*.pt")}
-    for b in sorted((set(manifest["batches"]) | saved) & set(range(num_batches))):
-        f = ckpt / f"batch_{b:05d}.pt"
+    saved = {int(f.name[len("batch_"):-len(".safetensors")]) for f in ckpt.glob("batch_*.safetensors")}
+    for b in sorted((set(int(b) for b in manifest.get("batches", [])) | saved) & set(range(num_batches))):
+        f = batch_file(ckpt, b)
         if f.exists():
-            d = torch.load(f, map_location="cpu", weights_only=True)
+            d = runstate.load_state(f)
             done[b] = BatchResult(d["images"], d.get("labels"), dict(d["losses"]))
     return done, float(manifest.get("seconds", 0.0))
 
@@ -355,6 +338,4 @@ def _save_batch(ckpt: Path, index: int, res: BatchResult) -> None:
     d = {"images": res.images, "losses": dict(res.losses)}
     if res.labels is not None:
         d["labels"] = res.labels
-    tmp = ckpt / f"batch_{index:05d}.pt.tmp"
-    torch.save(d, tmp)
-    tmp.replace(ckpt / f"batch_{index:05d}.pt")
+    runstate.save_state(batch_file(ckpt, index), d)

@@ -13,6 +13,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                           "(no real data) and save them as a SyntheticSet directory.")
     p.add_argument("model", help="model name, e.g. cifar10_resnet20, efficientnet_lite0, torchvision:resnet18")
     p.add_argument("--weights", default=None, help="checkpoint to load instead of the default weights")
+    from zsq.cli import add_init_args
+
+    add_init_args(p)
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--num-images", type=int, required=True)
     p.add_argument("--budget", choices=("quick", "paper"), default="quick")
@@ -36,14 +39,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
-    from zsq.models import load
+    from zsq.cli import _parse_set, load_model
     from zsq.synth import synthesize
 
-    from zsq.cli import _parse_set
     from zsq.compute import resolve
+    from zsq.runstate import check_writable_dir
 
     compute = resolve(args.device, args.precision, args.channels_last)
-    teacher = load(args.model, weights=args.weights)
+    check_writable_dir(args.out)  # --out FILE / unwritable: refused before any work
+    teacher = load_model(args)
 
     options = _parse_set(getattr(args, "set", None))
     if getattr(args, "swap_lr", False):

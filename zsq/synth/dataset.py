@@ -9,7 +9,6 @@ On-disk format (a directory; see docs/synthesis.md):
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -17,6 +16,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from zsq.errors import ZsqError
+from zsq.runstate import read_json, write_json
 
 TENSORS_ST = "images.safetensors"
 TENSORS_PT = "images.pt"
@@ -49,6 +49,8 @@ class SyntheticSet:
     def save(self, directory) -> Path:
         """Write tensors, meta.json and grid.png into `directory` (created if needed)."""
         d = Path(directory)
+        if not bool(torch.isfinite(self.images).all()):
+            raise ZsqError(f"synthetic images contain NaN or inf; refusing to write them to {d}")
         d.mkdir(parents=True, exist_ok=True)
         tensors = {"images": self.images}
         if self.labels is not None:
@@ -60,7 +62,7 @@ class SyntheticSet:
         except ImportError:
             torch.save(tensors, d / TENSORS_PT)
         meta = dict(self.meta, format_version=FORMAT_VERSION, num_images=len(self))
-        (d / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        write_json(d / META, meta, indent=2, sort_keys=True, default=str)
         self.save_grid(d / GRID)
         return d
 
@@ -77,15 +79,35 @@ class SyntheticSet:
         d = Path(directory)
         if not (d / META).exists():
             raise ZsqError(f"{d} is not a SyntheticSet directory (no {META}); make one with `zsq synthesize`")
-        meta = json.loads((d / META).read_text())
+        meta = read_json(d / META)
+        if not isinstance(meta, dict):
+            raise ZsqError(f"{d / META} is damaged (not a JSON object)")
         if (d / TENSORS_ST).exists():
-            try:
-                from safetensors.torch import load_file
-            except ImportError as e:
-                raise ZsqError(f"{d / TENSORS_ST} needs the 'safetensors' package (pip install safetensors)") from e
-            tensors = load_file(str(d / TENSORS_ST))
+            path, tensors = d / TENSORS_ST, _read_tensors(d / TENSORS_ST, safetensors=True)
         elif (d / TENSORS_PT).exists():
-            tensors = torch.load(d / TENSORS_PT, map_location="cpu", weights_only=True)
+            path, tensors = d / TENSORS_PT, _read_tensors(d / TENSORS_PT, safetensors=False)
         else:
             raise ZsqError(f"{d} has {META} but no {TENSORS_ST} or {TENSORS_PT}")
-        return cls(tensors["images"], tensors.get("labels"), meta)
+        images = tensors.get("images")
+        if not torch.is_tensor(images) or not images.is_floating_point():
+            raise ZsqError(f"{path} holds no float 'images' tensor")
+        if not bool(torch.isfinite(images).all()):
+            bad = int((~torch.isfinite(images)).sum())
+            raise ZsqError(f"{path}: {bad} image values are NaN or inf; refusing to calibrate on them")
+        return cls(images, tensors.get("labels"), meta)
+
+
+def _read_tensors(path: Path, safetensors: bool) -> Dict[str, torch.Tensor]:
+    """The tensors of an images file; a one-line ZsqError naming it when it is truncated or garbled."""
+    try:
+        if safetensors:
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated files raise several error types
+        raise ZsqError(f"{path} is damaged or not a synthetic image file ({str(e).strip()[:120] or type(e).__name__})"
+                       .replace("\n", " ")) from None
+    if not isinstance(obj, dict):
+        raise ZsqError(f"{path} is not a synthetic image file (holds a {type(obj).__name__})")
+    return obj

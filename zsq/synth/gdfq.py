@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zsq import runstate
 from zsq.compute import as_compute
 from zsq.errors import ZsqError
 from zsq.models.meta import get_meta
@@ -160,22 +161,20 @@ class GDFQSynthesizer(Synthesizer):
         stream = GDFQGeneratorStream(ctx.teacher, cfg.batch_size, seed=ctx.seed, lr=cfg.lr,
                                      betas=(cfg.beta1, cfg.beta2), bns_weight=cfg.bns_weight,
                                      latent_dim=cfg.latent_dim, compute=ctx.compute)
-        state_file = ctx.workdir / "state_gdfq.pt" if ctx.workdir is not None else None
+        state_file = ctx.workdir / "state_gdfq.safetensors" if ctx.workdir is not None else None
         if state_file is not None and state_file.exists():
-            stream.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=True))
+            runstate.restore(stream, runstate.load_state(state_file), state_file)
         try:
             todo = range(stream.step_count, cfg.iters)
             for _ in progress(todo, total=len(todo), desc="gdfq generator", quiet=ctx.quiet):
                 stream.step()
                 if state_file is not None and (stream.step_count % cfg.ckpt_every == 0 or stream.step_count == cfg.iters):
-                    tmp = state_file.with_suffix(".tmp")
-                    torch.save(dict(stream.state_dict(), losses=stream.last_losses), tmp)
-                    tmp.replace(state_file)
+                    runstate.save_state(state_file, dict(stream.state_dict(), losses=stream.last_losses))
         finally:
             stream.close()
         losses = stream.last_losses
         if not losses and state_file is not None and state_file.exists():
-            losses = dict(torch.load(state_file, map_location="cpu", weights_only=True).get("losses", {}))
+            losses = dict(runstate.load_state(state_file).get("losses", {}))
         ctx.state["generator"] = stream.generator
         ctx.state["losses"] = losses
 
