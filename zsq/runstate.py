@@ -61,7 +61,7 @@ def differences(old: Any, new: Any, prefix: str = "") -> List[str]:
 
 def check_same_run(where, old: dict, new: dict) -> None:
     """ZsqError naming what differs when the saved fingerprint ``old`` is not this run's ``new``."""
-    diffs = differences(old, new)
+    diffs = sorted(differences(old, new), key=lambda d: d.split(" (", 1)[0].count("."))  # top-level first
     if diffs:
         more = f" and {len(diffs) - 6} more" if len(diffs) > 6 else ""
         raise ZsqError(f"cannot resume from {where}: it was made with a different run: "
