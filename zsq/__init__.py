@@ -1,20 +1,40 @@
 """zsq: zero-shot (data-free) quantization of PyTorch vision models.
 
     import zsq
-    model = zsq.models.load("cifar10_resnet20", weights="resnet20-12fca82f.th")
-    qmodel = zsq.quantize_model(model, zsq.get_preset("genie", "w4a4"))
+    result = zsq.quantize("cifar10_resnet20", weights="resnet20-12fca82f.th", bits="w4a4")
+    result = zsq.quantize(my_module, input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406),
+                          std=(0.229, 0.224, 0.225), method="bn-minmax", bits="w8a8")
+    result.model, result.report
 """
 __version__ = "0.1.0"
 
-from zsq import models, quant  # noqa: F401,E402
-from zsq.errors import ZsqError  # noqa: F401,E402
-from zsq.evaluate import evaluate  # noqa: F401,E402  (the function; the module stays importable as zsq.evaluate)
-from zsq.quant import QuantConfig, get_preset, list_presets, quantize_model  # noqa: F401,E402
-from zsq.api import quantize  # noqa: F401,E402
+from zsq import models, quant  # noqa: E402
+from zsq.errors import ZsqError  # noqa: E402
+from zsq.evaluate import evaluate  # noqa: E402  (the function; the module stays importable as zsq.evaluate)
+from zsq.quant import QuantConfig, get_preset, list_presets, quantize_model  # noqa: E402
+from zsq.api import quantize  # noqa: E402
+
+__all__ = [
+    "quantize", "QuantResult", "quantize_model", "QuantConfig", "get_preset", "list_presets", "evaluate",
+    "synthesize", "load_quantized", "get_method", "list_methods", "register_method", "ZsqError", "models", "quant",
+    "__version__",
+]
+
+# imported on first use: the method and synthesis packages pull in every method
+_LAZY = {"QuantResult": "zsq.methods", "get_method": "zsq.methods", "list_methods": "zsq.methods",
+         "register_method": "zsq.methods", "synthesize": "zsq.synth"}
 
 
-def load_quantized(path):
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'zsq' has no attribute {name!r}")
+
+
+def load_quantized(path, **kwargs):
     """Rebuild a quantized model saved by `zsq quantize --out` (see zsq.export)."""
     from zsq.export import load_quantized as _load
 
-    return _load(path)
+    return _load(path, **kwargs)

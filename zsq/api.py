@@ -60,7 +60,44 @@ def run_names(synthesizes: bool) -> tuple:
     return CHECKPOINT_FILES + (MANIFEST_FILE, "work") + (("synth",) if synthesizes else ())
 
 
-def quantize(model: str, *, weights: Optional[str] = None, pretrained: bool = False, random_init: bool = False,
+def resolve_model(model, weights: Optional[str] = None, pretrained: bool = False, random_init: bool = False,
+                  meta=None, input_size=None, mean=None, std=None):
+    """(float model, name for reports) from a model name or a user's nn.Module.
+
+    A module is copied (the caller's object is never touched); it needs metadata: its own
+    ``zsq_meta``, ``meta=ModelMeta(...)``, or ``input_size=``, ``mean=`` and ``std=``."""
+    import copy
+
+    import torch.nn as nn
+
+    from zsq.models.meta import ModelMeta, set_meta
+
+    if isinstance(model, str):
+        from zsq.models import load_checked
+
+        return load_checked(model, weights=weights, pretrained=pretrained, random_init=random_init), model
+    if not isinstance(model, nn.Module):
+        raise ZsqError(f"model must be a model name or a torch.nn.Module, got {type(model).__name__}")
+    if weights is not None or pretrained:
+        raise ZsqError("weights=/pretrained= apply to model names; load the state dict into your module first")
+    name = type(model).__name__
+    if meta is None and getattr(model, "zsq_meta", None) is None:
+        for arg, value in (("input_size", input_size), ("mean", mean), ("std", std)):
+            if value is None:
+                raise ZsqError(f"an nn.Module without zsq metadata needs meta=ModelMeta(...) or {arg}= "
+                               f"(input_size=(C, H, W), mean=(...), std=(...))")
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(1, *tuple(input_size)))
+        meta = ModelMeta(name, int(out.shape[-1]), tuple(input_size), tuple(mean), tuple(std))
+    fp_model = copy.deepcopy(model).eval()
+    if meta is not None:
+        if not isinstance(meta, ModelMeta):
+            raise ZsqError(f"meta must be a zsq.models.ModelMeta, got {type(meta).__name__}")
+        set_meta(fp_model, meta)
+    return fp_model, f"module:{name}"
+
+
+def quantize(model, *, weights: Optional[str] = None, pretrained: bool = False, random_init: bool = False,
              method: str = "bn-minmax", bits: str = "w4a4",
              preset: Optional[str] = None, synth: Optional[str] = None, calib_data: Optional[str] = None,
              num_images: Optional[int] = None, budget: str = "quick", iters: Optional[int] = None,
@@ -68,17 +105,21 @@ def quantize(model: str, *, weights: Optional[str] = None, pretrained: bool = Fa
              batch_size: Optional[int] = None, seed: int = 0, out: Optional[Path] = None,
              resume: bool = False, force: bool = False, eval_data: Optional[str] = None,
              quiet: bool = False, options: Optional[Dict[str, Any]] = None, device: str = "cpu",
-             precision: str = "fp32", channels_last: Optional[bool] = None) -> Dict[str, Any]:
-    """`zsq quantize` as a function; returns the JSON report (see README for the keys).
+             precision: str = "fp32", channels_last: Optional[bool] = None, meta=None, input_size=None,
+             mean=None, std=None, strict: bool = False):
+    """`zsq quantize` as a function, on a model name or your own nn.Module (with ``meta=`` or
+    ``input_size=``/``mean=``/``std=`` when it has no zsq metadata). Returns a QuantResult:
+    ``.model`` the quantized model, ``.report`` the JSON report (see README for the keys).
+    ``strict``: refuse layers zsq would keep in float (Conv3d, ConvTranspose2d, LSTM).
 
     device / precision / channels_last: where and how synthesis and reconstruction/QAT compute
     (zsq.compute.resolve); the default cpu + fp32 is bit-reproducible. Without ``weights`` or
     ``pretrained`` the model is refused unless ``random_init=True``."""
     from zsq.data import load_dataset
-    from zsq.methods import QuantJob, get_method
-    from zsq.models import load_checked
+    from zsq.methods import QuantJob, QuantResult, get_method
     from zsq.models.meta import get_meta
     from zsq.quant import get_preset, parse_bits
+    from zsq.quant.graph import unsupported_layers
 
     t_start = time.time()
     from zsq.compute import resolve
@@ -88,7 +129,11 @@ def quantize(model: str, *, weights: Optional[str] = None, pretrained: bool = Fa
     info = get_method(method)
     preset = preset or info.default_preset
     qconfig = get_preset(preset, bits)
-    fp_model = load_checked(model, weights=weights, pretrained=pretrained, random_init=random_init)
+    fp_model, model_name = resolve_model(model, weights, pretrained, random_init, meta, input_size, mean, std)
+    kept = unsupported_layers(fp_model)
+    if strict and kept:
+        raise ZsqError(f"--strict: layer {kept[0][0]} ({kept[0][1]}) has no quantized form in zsq "
+                       f"({len(kept)} such layer(s)); drop --strict to keep them in float")
     meta = get_meta(fp_model)
     eval_set = load_dataset(eval_data, meta) if eval_data is not None else None  # paths before long work
     job = QuantJob(budget=budget, num_images=num_images, iters=iters, epochs=epochs,
@@ -123,7 +168,7 @@ def quantize(model: str, *, weights: Optional[str] = None, pretrained: bool = Fa
         from zsq.synth.base import weights_digest
 
         run_folder = RunFolder(out, run_names(synthesizes))
-        run_folder.begin(fingerprint(model=model, weights=weights_digest(fp_model), method=method, bits=qconfig.bits,
+        run_folder.begin(fingerprint(model=model_name, weights=weights_digest(fp_model), method=method, bits=qconfig.bits,
                                      preset=preset, synth=synth, calib_data=calib_data, num_images=num_images,
                                      budget=budget, iters=iters, epochs=epochs, iters_per_epoch=iters_per_epoch,
                                      batch_size=batch_size, seed=seed, options=opts),
@@ -155,7 +200,7 @@ def quantize(model: str, *, weights: Optional[str] = None, pretrained: bool = Fa
     quant_seconds = time.time() - t0
 
     report: Dict[str, Any] = {
-        "model": model, "method": method, "bits": qconfig.bits, "preset": preset,
+        "model": model_name, "method": method, "bits": qconfig.bits, "preset": preset,
         "preset_version": qconfig.version, "calib_source": job.calib_source,
         "num_images": None if job.calib is None else int(job.calib.shape[0]), "options": opts,
         "compute": compute.describe(),
@@ -163,7 +208,7 @@ def quantize(model: str, *, weights: Optional[str] = None, pretrained: bool = Fa
     if job.out is not None:
         from zsq.export import save_quantized
 
-        saved = save_quantized(result.model, job.out, model_name=model, weights_path=weights,
+        saved = save_quantized(result.model, job.out, model_name=model_name, weights_path=weights,
                                info={k: v for k, v in report.items()}, force=True)
         report["out"] = str(job.out)
         report.update({k: saved[k] for k in ("packed_bytes", "fp32_bytes") if k in saved})
@@ -178,4 +223,10 @@ def quantize(model: str, *, weights: Optional[str] = None, pretrained: bool = Fa
                    "seconds": round(time.time() - t_start, 2)})
     # the method's own report (QAT: final_top1/best_top1/best_epoch/epochs; PTQ: unit_losses, units ...)
     report.update({k: v for k, v in result.report.items() if k not in report})
-    return report
+    plan = getattr(result.model, "zsq_quant_plan", {}) or {}
+    report.setdefault("capture", plan.get("capture"))
+    if plan.get("eager_fallback"):
+        report["eager_fallback"] = [f["module"] for f in plan["eager_fallback"]]
+    if plan.get("kept_float"):
+        report["kept_float"] = [f["layer"] for f in plan["kept_float"]]
+    return QuantResult(model=result.model, report=report)

@@ -119,10 +119,50 @@ def cmd_quantize(args) -> dict:
         synth=args.synth, calib_data=args.calib_data, num_images=args.num_images, budget=args.budget,
         iters=args.iters, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
         batch_size=args.batch_size, seed=args.seed, out=out, resume=args.resume, force=args.force,
-        eval_data=args.eval_data, quiet=args.quiet, options=_parse_set(args.set),
+        eval_data=args.eval_data, quiet=args.quiet, options=_parse_set(args.set), strict=args.strict,
         device=args.device, precision=args.precision, channels_last=args.channels_last,
     )
-    return result
+    return result.report
+
+
+def cmd_inspect(args) -> dict:
+    """The protocol audit: where a preset puts every quantizer on this model, without quantizing."""
+    from zsq.ptq.units import find_units
+    from zsq.quant import get_preset, quantize_model
+    from zsq.quant.transforms import describe_plan
+
+    from zsq.models import load_checked
+
+    # the plan does not depend on the weights: without --weights/--pretrained a seeded random network will do
+    model = load_checked(args.model, weights=args.weights, pretrained=args.pretrained, random_init=True)
+    q = quantize_model(model, get_preset(args.preset, args.bits), strict=args.strict, quiet=args.quiet)
+    plan = describe_plan(q)
+    plan["model"] = args.model
+    plan["units"] = [u.describe() for u in find_units(q, "block")]
+    if args.json:
+        return plan
+    _print_plan(plan)
+    return {}
+
+
+def _print_plan(plan: dict) -> None:
+    print(f"{plan['model']}: preset {plan['preset']} {plan['bits']}, capture: {plan['capture']}")
+    print(f"layers ({len(plan['layers'])}):")
+    for r in plan["layers"]:
+        a = f"A{r['a_bits']}" if r["a_bits"] else "input float"
+        print(f"  {r['layer']:<40} {r['type']:<18} W{r['w_bits']} {a}")
+    print(f"activation quantizers ({len(plan['activation_quantizers'])}):")
+    for a in plan["activation_quantizers"]:
+        shared = f"  shared by {', '.join(a['used_by'])}" if len(a["used_by"]) > 1 else ""
+        print(f"  {a['quantizer']:<48} {a['role']:<16} A{a['bits']} reads {a['reads']}{shared}")
+    print(f"residual quantizers: {len(plan['residual_quantizers'])}; shared quantizers: {len(plan['shared'])}")
+    for what in ("kept_float", "eager_fallback"):
+        rows = plan[what]
+        print(f"{what.replace('_', ' ')}: {len(rows)}")
+        for r in rows:
+            print(f"  {r.get('layer') or r.get('module')}: {r['why']}")
+    blocks = [u for u in plan["units"] if u["kind"] == "block"]
+    print(f"reconstruction units: {len(plan['units'])} ({len(blocks)} blocks)")
 
 
 def cmd_methods(args) -> dict:
@@ -190,8 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", help="labelled images to report FP32 and quantized top-1 on")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
     add_compute_args(p)
+    p.add_argument("--strict", action="store_true",
+                   help="refuse layers zsq has no quantized form for (Conv3d, ConvTranspose2d, LSTM) instead "
+                        "of keeping them in float")
     _add_common(p)
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("inspect", help="print where a preset puts every quantizer on a model (protocol audit)")
+    _add_model_args(p)
+    p.add_argument("--preset", default="genie", help="protocol preset (default genie)")
+    p.add_argument("--bits", default="w4a4", help="wXaY (default w4a4)")
+    p.add_argument("--strict", action="store_true", help="refuse layers zsq would keep in float")
+    _add_common(p)
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("methods", help="list methods, presets and synthesizers")
     p.add_argument("--json", action="store_true")

@@ -1,10 +1,12 @@
 """Reconstruction units: which parts of a model are optimised together (spec genie.md 3.4).
 
 Residual blocks are reconstructed as a whole (their output error is what the next block sees, and the
-residual add lets the convs compensate each other); every Conv/Linear outside a known block is its own
-unit. Blocks are recognised by class name from a registry, so torchvision, pytorchcv, timm and zsq's
-own blocks need no imports here; ``register_block_type`` adds more. A model with no known block still
-works: it falls back to one unit per layer.
+residual add lets the convs compensate each other); every Conv/Linear outside a block is its own
+unit. Blocks come from the captured graph (``zsq.quant.graph``): a module whose own forward merges two
+paths from its input (an add/cat after an identity or projection shortcut) is a block, and so is every
+module of the same class (a stride-2 block of that type without its skip). A registry of class names
+(torchvision, pytorchcv, timm and zsq's own blocks; ``register_block_type`` adds more) is applied
+first, as an override, and covers modules fx cannot trace.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from typing import Dict, Iterable, List, Optional
 import torch.nn as nn
 
 from zsq.errors import ZsqError
-from zsq.quant.modules import FLOAT_TO_QUANT, QUANT_LAYER_TYPES
+from zsq.quant import graph as G
+from zsq.quant.modules import QUANT_LAYER_TYPES, float_type_name
 
 # class name -> where it comes from (documentation only)
 _BLOCK_TYPES: Dict[str, str] = {
@@ -58,16 +61,24 @@ def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
+def graph_block_types(qmodel: nn.Module) -> Dict[str, str]:
+    """Class names of the modules the captured graph shows to be residual blocks."""
+    return {type(qmodel.get_submodule(n)).__name__: "found in the graph (residual merge)"
+            for n in G.residual_blocks(qmodel)}
+
+
 def find_units(qmodel: nn.Module, granularity: str = "block",
-               extra_block_types: Optional[Iterable[str]] = None) -> List[Unit]:
+               extra_block_types: Optional[Iterable[str]] = None, use_graph: bool = True) -> List[Unit]:
     """Units of a quantized model in module (= network) order.
 
-    granularity "block": registered blocks, then single layers for what no block covers (Genie, BRECQ,
-    QDrop); "layer": every Conv/Linear alone (AdaRound).
+    granularity "block": registered blocks and blocks found in the graph, then single layers for what
+    no block covers (Genie, BRECQ, QDrop); "layer": every Conv/Linear alone (AdaRound).
     """
     if granularity not in GRANULARITIES:
         raise ZsqError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     names = set(_BLOCK_TYPES) | set(extra_block_types or ())
+    if granularity == "block" and use_graph:
+        names |= set(graph_block_types(qmodel))
     modules = list(qmodel.named_modules())
     layer_names = [n for n, m in modules if isinstance(m, QUANT_LAYER_TYPES)]
     if not layer_names:
@@ -84,14 +95,9 @@ def find_units(qmodel: nn.Module, granularity: str = "block",
                 covered.append(name)
                 continue
         if isinstance(mod, QUANT_LAYER_TYPES):
-            units.append(Unit(name, "layer", _float_type_name(mod), [name]))
+            units.append(Unit(name, "layer", float_type_name(mod), [name]))
             covered.append(name)
     return units
-
-
-def _float_type_name(mod: nn.Module) -> str:
-    """The float layer a quant wrapper stands in for ('Conv2d' for QuantConv2d)."""
-    return next(f.__name__ for f, q in FLOAT_TO_QUANT.items() if isinstance(mod, q))
 
 
 def summarize_units(units: List[Unit]) -> str:

@@ -110,5 +110,52 @@ class QuantInput(nn.Module):
         return self.module(self.input_quant(x))
 
 
-QUANT_LAYER_TYPES = (QuantConv2d, QuantLinear)
+class QuantKeepForward(_WeightQuantMixin):
+    """Weight (and input) quantization for a Conv2d/Linear *subclass* with its own forward (timm's
+    ``Conv2dSame``, efficientnet_pytorch's ``Conv2dStaticSamePadding``, a user's padded conv): the
+    subclass's forward runs unchanged, reading the fake-quantized weight in place of ``weight``, so
+    its padding and whatever else it does are kept. Built by ``keep_forward_quant``."""
+
+    float_type: type
+
+    def forward(self, x, *args, **kwargs):
+        w = self._parameters["weight"]
+        self._parameters["weight"] = self.quantized_weight()  # a plain tensor for this call only
+        try:
+            return self.float_type.forward(self, self.quantized_input(x), *args, **kwargs)
+        finally:
+            self._parameters["weight"] = w
+
+
+_KEEP_FORWARD_TYPES: dict = {}
+
+
+def keep_forward_quant(layer: nn.Module, w_spec: Optional[QuantSpec], a_spec: Optional[QuantSpec]) -> nn.Module:
+    """Turn ``layer`` (a Conv2d/Linear subclass, modified in place) into its quantized form that keeps
+    the subclass's forward. One class per float class, so every such layer of a type looks alike."""
+    cls = type(layer)
+    qcls = _KEEP_FORWARD_TYPES.get(cls)
+    if qcls is None:
+        qcls = type(f"Quant{cls.__name__}", (QuantKeepForward, cls), {"float_type": cls})
+        _KEEP_FORWARD_TYPES[cls] = qcls
+    layer.__class__ = qcls
+    layer.weight_quant = make_weight_quantizer(layer.weight, w_spec) if w_spec is not None else None
+    layer.input_quant = UniformQuantizer(a_spec) if a_spec is not None else None
+    return layer
+
+
+def is_plain(layer: nn.Module) -> bool:
+    """An exact nn.Conv2d / nn.Linear (not a subclass that might change what forward computes)."""
+    return type(layer) in (nn.Conv2d, nn.Linear)
+
+
+QUANT_LAYER_TYPES = (QuantConv2d, QuantLinear, QuantKeepForward)
 FLOAT_TO_QUANT = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+
+
+def float_type_name(layer: nn.Module) -> str:
+    """The float layer a quant wrapper stands in for ('Conv2d' for QuantConv2d, 'Conv2dSame' for
+    QuantConv2dSame)."""
+    if isinstance(layer, QuantKeepForward):
+        return layer.float_type.__name__
+    return next((f.__name__ for f, q in FLOAT_TO_QUANT.items() if isinstance(layer, q)), type(layer).__name__)

@@ -1,24 +1,35 @@
-"""Graph rewrites that turn a float model into a fake-quantized one, one small transform each.
+"""Rewrites that turn a float model into a fake-quantized one, placed from a captured graph.
 
-All work in eager mode on module attributes (no tracing compiler needed), so any CNN built from
-nn.Conv2d / nn.Linear / nn.ReLU(6) modules can be wrapped. Models whose activations are functional
-(F.relu) get no "after_relu" quantizers there; models that reuse one ReLU module in several places
-(torchvision's ResNet blocks) share one quantizer between those places.
+``zsq.quant.graph`` traces each module with torch.fx (children as leaves), so quantizers go where the
+preset says by what the model *calls*, not by module names: every Conv2d/Linear (a subclass with its
+own forward keeps it), after every ReLU/ReLU6/hardtanh call (module or functional; one quantizer per
+call site even when a module is reused), and on the skip input of every residual add/cat. Where a
+parameter-free module sits on the spot (a ``shortcut``, a ReLU used once) it is wrapped in place;
+elsewhere a quantizer module is inserted into that one module's graph (it becomes an fx.GraphModule
+of the same class name), so every module keeps its name. A module fx cannot trace keeps module rules
+(today's eager rewrite) and is named in the plan and on stderr. Every rewrite is checked: with all
+quantizers off the model must reproduce the float output bit for bit, else ZsqError names the first
+module that differs.
 """
 from __future__ import annotations
 
 import copy
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+import torch.fx as fx
+
 from zsq.errors import ZsqError
+from zsq.progress import log
+from zsq.quant import graph as G
 from zsq.quant.config import QuantConfig
-from zsq.quant.modules import QUANT_LAYER_TYPES, QuantAct, QuantConv2d, QuantInput, QuantLinear
+from zsq.quant.modules import (QUANT_LAYER_TYPES, QuantAct, QuantConv2d, QuantInput, QuantLinear, is_plain,
+                               keep_forward_quant)
 from zsq.quant.quantizer import UniformQuantizer
 
-ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+ACTIVATIONS = G.ACT_MODULES
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -28,7 +39,7 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def float_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """Conv2d/Linear layers (not yet wrapped) in module order."""
+    """Conv2d/Linear layers (subclasses too; not yet wrapped) in module order."""
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, QUANT_LAYER_TYPES)]
 
@@ -84,7 +95,7 @@ def _conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, s
         for name, m in model.named_modules():
             if isinstance(m, nn.Conv2d):
                 hooks.append(m.register_forward_hook(conv_hook(name)))
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, nn.BatchNorm2d) and type(m).forward is nn.BatchNorm2d.forward:
                 hooks.append(m.register_forward_pre_hook(bn_hook(name)))
         with torch.no_grad():
             model(example)
@@ -125,40 +136,166 @@ def wrap_layers(model: nn.Module, config: QuantConfig) -> List[dict]:
         w_bits, a_bits, q_in = config.layer_bits(name, i, len(layers))
         w_spec = config.weight.with_bits(w_bits)
         a_spec = config.act.with_bits(a_bits) if q_in else None
-        cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
-        set_submodule(model, name, cls.from_float(mod, w_spec, a_spec))
-        plan.append({"layer": name, "type": type(mod).__name__, "w_bits": w_bits,
-                     "a_bits": a_bits if q_in else None})
+        if is_plain(mod):
+            cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
+            set_submodule(model, name, cls.from_float(mod, w_spec, a_spec))
+        else:  # a subclass: its forward (padding, ...) is kept, it reads the quantized weight
+            keep_forward_quant(mod, w_spec, a_spec)
+        plan.append({"layer": name, "type": type(mod).__name__ if is_plain(mod) else mod.float_type.__name__,
+                     "w_bits": w_bits, "a_bits": a_bits if q_in else None})
     return plan
 
 
-# ---- 3. activation quantizers after ReLU/ReLU6 --------------------------------------------------
-def quantize_after_activations(model: nn.Module, config: QuantConfig) -> List[str]:
-    """Replace each ReLU/ReLU6 module with QuantAct(act, quantizer) (GDFQ's placement)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, ACTIVATIONS)]
-    layers = [n for n, _ in quant_layers(model)]
-    for name in names:
-        a_bits = config.a_bits
-        for o in config.overrides:
-            if not o.pattern.startswith("@") and o.matches(name, -1, len(layers)) and o.a_bits is not None:
-                a_bits = o.a_bits
-        act = model.get_submodule(name)
-        set_submodule(model, name, QuantAct(act, UniformQuantizer(config.act.with_bits(a_bits))))
-    return names
+# ---- 3./4. activation and residual quantizers, placed from the captured graph --------------------
+def _act_bits(config: QuantConfig, name: str, count: int) -> int:
+    """Activation bits of an after-activation quantizer: fnmatch overrides on its name apply."""
+    a_bits = config.a_bits
+    for o in config.overrides:
+        if not o.pattern.startswith("@") and o.matches(name, -1, count) and o.a_bits is not None:
+            a_bits = o.a_bits
+    return a_bits
 
 
-# ---- 4. residual inputs ------------------------------------------------------------------------
-def quantize_residuals(model: nn.Module, config: QuantConfig) -> List[str]:
-    """Wrap parameter-free residual modules (named in config.residual_module_names) in QuantInput."""
-    done = []
-    for name, m in list(model.named_modules()):
-        attr = name.rpartition(".")[2]
-        if attr in config.residual_module_names and not isinstance(m, QuantInput):
-            if any(True for _ in m.parameters()):
-                continue  # a projection shortcut: its conv is a wrapped layer already
-            set_submodule(model, name, QuantInput(m, UniformQuantizer(config.act)))
-            done.append(name)
-    return done
+class _Placer:
+    """Collects the quantizers a preset asks for and puts them in: wrapping a module in place where one
+    sits on the spot, else inserting a quantizer module into its owner's graph."""
+
+    def __init__(self, model: nn.Module, cap: G.Capture):
+        self.model, self.cap = model, cap
+        self.changed: Dict[str, fx.Graph] = {}
+        self.calls: Dict[str, List[Tuple[str, fx.Node]]] = {}  # module name -> its call sites
+        for owner, graph in cap.graphs.items():
+            for node in graph.nodes:
+                if node.op == "call_module":
+                    self.calls.setdefault(G.join(owner, node.target), []).append((owner, node))
+
+    def owner(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name) if name else self.model
+
+    def wrap(self, name: str, make) -> None:
+        set_submodule(self.model, name, make(self.model.get_submodule(name)))
+
+    def _attr(self, owner: str, base: str) -> str:
+        mod, attr, i = self.owner(owner), base, 1
+        while hasattr(mod, attr):
+            i += 1
+            attr = f"{base}{i}"
+        return attr
+
+    def insert_after(self, owner: str, node: fx.Node, module: nn.Module) -> str:
+        """A quantizer module reading ``node``'s output; all later users read the quantizer instead."""
+        graph = self.cap.graphs[owner]
+        attr = self._attr(owner, f"{node.name}_quant")
+        self.owner(owner).add_module(attr, module)
+        with graph.inserting_after(node):
+            new = graph.call_module(attr, (node,))
+        node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        self.changed[owner] = graph
+        return G.join(owner, attr)
+
+    def insert_before(self, owner: str, consumer: fx.Node, value: fx.Node, base: str, module: nn.Module) -> str:
+        """A quantizer module between ``value`` and one consumer of it."""
+        graph = self.cap.graphs[owner]
+        attr = self._attr(owner, base)
+        self.owner(owner).add_module(attr, module)
+        with graph.inserting_before(consumer):
+            new = graph.call_module(attr, (value,))
+        consumer.replace_input_with(value, new)
+        self.changed[owner] = graph
+        return G.join(owner, attr)
+
+    def apply(self) -> List[str]:
+        """Give each changed module the forward of its edited graph (class name and attributes kept)."""
+        for owner, graph in self.changed.items():
+            graph.lint()
+            set_forward_from_graph(self.owner(owner), graph)
+        return sorted(self.changed)
+
+
+def set_forward_from_graph(mod: nn.Module, graph: fx.Graph) -> None:
+    """Swap ``mod``'s class for a subclass of the same name whose forward is ``graph``'s code, so the
+    module keeps its name, children, attributes and isinstance, and fx traces the new forward."""
+    code = graph.python_code(root_module="self")
+    ns = dict(code.globals)
+    exec(compile(code.src, f"<zsq-rewritten {type(mod).__name__}>", "exec"), ns)
+    base = getattr(type(mod), "zsq_float_class", type(mod))
+    cls = type(base.__name__, (base,), {"forward": ns["forward"], "zsq_float_class": base,
+                                        "__module__": base.__module__, "__qualname__": base.__qualname__})
+    mod.__class__ = cls
+
+
+def quantize_after_activations(model: nn.Module, config: QuantConfig, placer: _Placer,
+                               untraced: List[str]) -> List[dict]:
+    """GDFQ's placement: a quantizer after every ReLU/ReLU6/hardtanh call site. A module called once
+    is wrapped (QuantAct, its name kept); a reused module or a functional call gets one inserted
+    quantizer per call. Modules fx could not trace: their activation children are wrapped (eager)."""
+    count = len(quant_layers(model))
+    sites, done = [], set()
+    for owner, graph in placer.cap.graphs.items():
+        omod = placer.owner(owner)
+        for node in list(graph.nodes):
+            if not G.is_activation(omod, node):
+                continue
+            if node.op == "call_module":
+                name = G.join(owner, node.target)
+                if len(placer.calls[name]) == 1:
+                    if name not in done:
+                        q = UniformQuantizer(config.act.with_bits(_act_bits(config, name, count)))
+                        placer.wrap(name, lambda act: QuantAct(act, q))
+                        done.add(name)
+                        sites.append({"quantizer": name + ".quant", "reads": name, "how": "wrapped"})
+                    continue
+                reads = f"{name} (call {placer.calls[name].index((owner, node)) + 1} of {len(placer.calls[name])})"
+            else:
+                reads = f"{G.join(owner, node.name)} ({getattr(node.target, '__name__', node.target)})"
+            q = UniformQuantizer(config.act.with_bits(_act_bits(config, G.join(owner, node.name), count)))
+            qname = placer.insert_after(owner, node, QuantAct(nn.Identity(), q))
+            sites.append({"quantizer": qname + ".quant", "reads": reads, "how": "inserted"})
+    for owner in untraced:  # eager rules for what fx could not see
+        for attr, child in placer.owner(owner).named_children():
+            name = G.join(owner, attr)
+            if isinstance(child, ACTIVATIONS) and name not in placer.calls:
+                q = UniformQuantizer(config.act.with_bits(_act_bits(config, name, count)))
+                set_submodule(model, name, QuantAct(child, q))
+                sites.append({"quantizer": name + ".quant", "reads": name, "how": "eager (owner not traced)"})
+    return sites
+
+
+def quantize_residuals(model: nn.Module, config: QuantConfig, placer: _Placer, untraced: List[str]) -> List[dict]:
+    """The skip input of every residual add/cat gets the block input quantized (Genie's Identity
+    wrappers): a parameter-free module at the start of the skip path (a ``shortcut``) is wrapped in
+    QuantInput, else a QuantInput(Identity) is inserted where the skip path leaves the fork.
+    Modules fx could not trace: children named in ``config.residual_module_names`` (eager rule)."""
+    sites, seen = [], set()
+    for owner, graph in placer.cap.graphs.items():
+        omod = placer.owner(owner)
+        for s in G.residual_skips(omod, graph):
+            first = s.chain[-1] if s.chain else None
+            key = (owner, s.consumer, s.fork)
+            if key in seen:
+                continue
+            seen.add(key)
+            merge = f"{G.join(owner, s.merge.name)} input {s.index}"
+            if first is not None and first.op == "call_module" and len(placer.calls[G.join(owner, first.target)]) == 1:
+                name = G.join(owner, first.target)
+                if not isinstance(model.get_submodule(name), QuantInput):
+                    placer.wrap(name, lambda m: QuantInput(m, UniformQuantizer(config.act)))
+                sites.append({"quantizer": name + ".input_quant", "reads": G.join(owner, s.fork.name),
+                              "merge": merge, "how": "wrapped"})
+                continue
+            qname = placer.insert_before(owner, s.consumer, s.fork, f"{s.merge.name}_skip_quant",
+                                         QuantInput(nn.Identity(), UniformQuantizer(config.act)))
+            sites.append({"quantizer": qname + ".input_quant", "reads": G.join(owner, s.fork.name),
+                          "merge": merge, "how": "inserted"})
+    for owner in untraced:
+        for attr, m in list(placer.owner(owner).named_children()):
+            name = G.join(owner, attr)
+            if attr in config.residual_module_names and not isinstance(m, QuantInput) \
+                    and not any(True for _ in m.parameters()):
+                set_submodule(model, name, QuantInput(m, UniformQuantizer(config.act)))
+                sites.append({"quantizer": name + ".input_quant", "reads": name, "merge": "?",
+                              "how": "eager (owner not traced)"})
+    return sites
 
 
 # ---- 5. consumers of one tensor share one input quantizer --------------------------------------
@@ -203,44 +340,165 @@ def share_input_quantizers(model: nn.Module, example: torch.Tensor) -> List[Tupl
     return shares
 
 
+# ---- 6. the check: quantizers off => the float model, bit for bit ---------------------------------
+def _outputs_by_module(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
+    """(name, output) of every module that returns a tensor, in the order they finish."""
+    got: List[Tuple[str, torch.Tensor]] = []
+    hooks = []
+
+    def hook(name):
+        def h(_m, _i, out):
+            if isinstance(out, torch.Tensor):
+                got.append((name, out.detach().clone()))
+        return h
+
+    try:
+        for name, mod in model.named_modules():
+            if name:
+                hooks.append(mod.register_forward_hook(hook(name)))
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+def first_difference(reference: nn.Module, qmodel: nn.Module, example: torch.Tensor) -> Optional[str]:
+    """The first module (in the reference's execution order) whose output the rewrite changed."""
+    with quantizers_off(qmodel):
+        mine = {}
+        for name, out in _outputs_by_module(qmodel, example):
+            mine.setdefault(name, out)
+    for name, out in _outputs_by_module(reference, example):
+        other = mine.get(name)
+        if other is not None and (other.shape != out.shape or not torch.equal(other, out)):
+            return f"{name} ({type(reference.get_submodule(name)).__name__})"
+    return None
+
+
+def check_rewrite(model: nn.Module, qmodel: nn.Module, expected: torch.Tensor, example: torch.Tensor,
+                  fold: bool) -> None:
+    """Raise ZsqError unless ``qmodel`` with every quantizer off reproduces ``expected`` exactly."""
+    with quantizers_off(qmodel), torch.no_grad():
+        got = qmodel(example)
+    if isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.equal(got, expected):
+        return
+    reference = copy.deepcopy(model).eval()
+    if fold:
+        fold_batchnorm(reference, example)
+    where = first_difference(reference, qmodel, example) or "the model output"
+    raise ZsqError(f"the quantized rewrite does not reproduce the float model with quantizers off: first "
+                   f"difference at {where}; refusing (please report this model)")
+
+
+class quantizers_off:
+    """Context manager: every weight and activation quantizer off, restored on exit."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.saved = [(q, q.enabled) for q in _all_quantizers(self.model)]
+        for q, _ in self.saved:
+            q.enabled = False
+        return self.model
+
+    def __exit__(self, *exc):
+        for q, e in self.saved:
+            q.enabled = e
+        return False
+
+
+def _all_quantizers(model: nn.Module) -> List[nn.Module]:
+    qs = [q for _, q in act_quantizers(model)]
+    qs += [layer.weight_quant for _, layer in quant_layers(model)
+           if layer.weight_quant is not None and hasattr(layer.weight_quant, "enabled")]
+    return qs
+
+
 # ---- the whole pipeline -------------------------------------------------------------------------
-def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optional[torch.Tensor] = None
-                   ) -> nn.Module:
+def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optional[torch.Tensor] = None,
+                   strict: bool = False, quiet: bool = False) -> nn.Module:
     """A new fake-quantized model (the float model is never mutated).
 
+    Needs an example input (``example_input`` or the model's zsq metadata): it checks the rewrite
+    (quantizers off => the float output, bit for bit) and finds which quantizers read one tensor.
     Weight quantizers are initialised from the weights at once; activation quantizers are not:
     calibrate them (``zsq.quant.calibrate``), set their ranges, or let them initialise lazily on
-    the first forward. ``model.zsq_quant_plan`` records what was placed where.
+    the first forward. ``model.zsq_quant_plan`` records what was placed where and what stayed float.
+    ``strict`` turns layers zsq has no quantized form for (Conv3d, ConvTranspose2d, LSTM) into an error.
     """
     if not isinstance(config, QuantConfig):
         raise ZsqError(f"config must be a QuantConfig (e.g. zsq.get_preset('genie', 'w4a4')), got {type(config).__name__}")
     qmodel = copy.deepcopy(model).eval()
+    if not float_layers(qmodel):
+        raise ZsqError("the model has no Conv2d or Linear layer to quantize")
     if example_input is None:
         example_input = example_input_for(qmodel)
-    folded = []
-    if config.fold_bn:
-        if example_input is None:
-            raise ZsqError("BN folding needs an example input (model has no zsq metadata)")
-        folded = fold_batchnorm(qmodel, example_input)
+    if example_input is None:
+        raise ZsqError("quantize_model needs an example input to check the rewrite: pass example_input= or "
+                       "attach metadata with zsq.models.set_meta(model, ModelMeta(...))")
+    kept_float = [{"layer": n, "type": t, "why": "zsq has no quantized form for this layer type"}
+                  for n, t in G.unsupported_layers(qmodel)]
+    if strict and kept_float:
+        k = kept_float[0]
+        raise ZsqError(f"--strict: layer {k['layer']} ({k['type']}) has no quantized form in zsq "
+                       f"({len(kept_float)} such layer(s)); drop --strict to keep them in float")
+    folded = fold_batchnorm(qmodel, example_input) if config.fold_bn else []
+    with torch.no_grad():
+        expected = qmodel(example_input)
+    cap = G.capture(qmodel)
+    untraced = _untraced_that_matter(qmodel, cap, example_input)
+    for name, why in untraced.items():
+        log(f"eager fallback for {name or 'the model'} ({type(qmodel.get_submodule(name)).__name__}): fx could "
+            f"not trace it ({why}); module rules apply inside it", quiet)
+    kept_float += _functional_layers(qmodel, cap)
     plan = wrap_layers(qmodel, config)
+    placer = _Placer(qmodel, cap)
     after_act, residual, shared = [], [], []
     if config.act_placement == "after_relu":
-        after_act = quantize_after_activations(qmodel, config)
-    else:
-        if config.quantize_residual:
-            residual = quantize_residuals(qmodel, config)
-        if example_input is not None:
-            shared = share_input_quantizers(qmodel, example_input)
+        after_act = quantize_after_activations(qmodel, config, placer, list(untraced))
+    elif config.quantize_residual:
+        residual = quantize_residuals(qmodel, config, placer, list(untraced))
+    rewritten = placer.apply()
+    check_rewrite(model, qmodel, expected, example_input, bool(config.fold_bn))
+    if config.act_placement != "after_relu":
+        shared = share_input_quantizers(qmodel, example_input)
     qmodel.zsq_quant_plan = {
         "config": config.to_dict(),
+        "capture": "fx" if not untraced else "fx, eager fallback in parts",
         "layers": plan,
         "folded_bn": [list(p) for p in folded],
-        "after_activation": after_act,
-        "residual": residual,
+        "after_activation": [s["quantizer"].rsplit(".", 1)[0] for s in after_act],
+        "residual": [s["quantizer"].rsplit(".", 1)[0] for s in residual],
+        "activation_sites": after_act,
+        "residual_sites": residual,
         "shared_input_quantizers": [list(s) for s in shared],
+        "rewritten_modules": rewritten,
+        "eager_fallback": [{"module": n, "why": w} for n, w in untraced.items()],
+        "kept_float": kept_float,
+        "verified": "quantizers off reproduce the float output bit for bit",
     }
     qmodel.zsq_quant_config = config
     return qmodel
+
+
+def _untraced_that_matter(model: nn.Module, cap: G.Capture, example: torch.Tensor) -> Dict[str, str]:
+    """Modules fx could not trace that themselves run an activation, add/cat or conv/linear (seen at
+    run time); the rest (e.g. a padding module computing sizes in Python) change nothing here."""
+    if not cap.untraced:
+        return {}
+    inside = G.calls_inside(model, list(cap.untraced), example)
+    return {n: f"{why}; it runs {', '.join(sorted(inside[n]))} itself"
+            for n, why in cap.untraced.items() if inside.get(n)}
+
+
+def _functional_layers(model: nn.Module, cap: G.Capture) -> List[dict]:
+    """Functional conv/linear calls (F.conv2d(x, self.w)): no module to wrap, kept in float."""
+    return [{"layer": G.join(owner, node.name), "type": getattr(node.target, "__name__", str(node.target)),
+             "why": "functional call with the module's own weight; zsq quantizes Conv2d/Linear modules"}
+            for owner, graph in cap.graphs.items() for node in graph.nodes if G.is_functional_layer(node)]
 
 
 def set_quant_state(model: nn.Module, weights: bool = True, acts: bool = True) -> None:
@@ -250,3 +508,71 @@ def set_quant_state(model: nn.Module, weights: bool = True, acts: bool = True) -
             layer.weight_quant.enabled = weights
     for _, q in act_quantizers(model):
         q.enabled = acts
+
+
+# ---- the plan, for `zsq inspect` --------------------------------------------------------------
+def _readers(qmodel: nn.Module, example: torch.Tensor) -> Dict[str, str]:
+    """For each activation quantizer, the module that produced the tensor it reads (run with every
+    quantizer off; the innermost producer is named)."""
+    produced: Dict[int, str] = {}
+    reads: Dict[str, str] = {}
+    keep = []
+    hooks = []
+    quant_ids = {id(q): n for n, q in act_quantizers(qmodel)}
+
+    def out_hook(name):
+        def h(_m, _i, out):
+            if isinstance(out, torch.Tensor):  # the latest producer (in-place ReLU), not a container
+                keep.append(out)
+                if not produced.get(id(out), "").startswith(name + "."):
+                    produced[id(out)] = name
+        return h
+
+    def in_hook(_m, args):
+        x = args[0]
+        keep.append(x)
+        reads.setdefault(quant_ids[id(_m)], produced.get(id(x), "the model input"))
+
+    try:
+        for name, mod in qmodel.named_modules():
+            if id(mod) in quant_ids:
+                hooks.append(mod.register_forward_pre_hook(in_hook))
+            elif name and not isinstance(mod, (QuantAct, QuantInput)):
+                hooks.append(mod.register_forward_hook(out_hook(name)))
+        with quantizers_off(qmodel), torch.no_grad():
+            qmodel(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return reads
+
+
+def describe_plan(qmodel: nn.Module, example: Optional[torch.Tensor] = None) -> dict:
+    """What a quantized model quantizes, where, and what it reads: one JSON-able dict."""
+    plan = getattr(qmodel, "zsq_quant_plan", None)
+    if plan is None:
+        raise ZsqError("not a zsq quantized model (no zsq_quant_plan)")
+    example = example if example is not None else example_input_for(qmodel, batch=1)
+    reads = _readers(qmodel, example) if example is not None else {}
+    owners: Dict[int, List[str]] = {}
+    for name, m in qmodel.named_modules():
+        q = getattr(m, "input_quant", None) if isinstance(m, QUANT_LAYER_TYPES + (QuantInput,)) else \
+            getattr(m, "quant", None) if isinstance(m, QuantAct) else None
+        if q is not None:
+            owners.setdefault(id(q), []).append(name)
+    residual = set(plan.get("residual", []))
+    after = set(plan.get("after_activation", []))
+    acts = []
+    for qname, q in act_quantizers(qmodel):
+        owner = qname.rsplit(".", 1)[0]
+        role = "residual" if owner in residual else "after activation" if owner in after else "layer input"
+        acts.append({"quantizer": qname, "role": role, "bits": q.bits, "reads": reads.get(qname, "?"),
+                     "used_by": owners.get(id(q), [owner])})
+    return {
+        "preset": plan["config"]["preset"], "bits": f"w{plan['config']['w_bits']}a{plan['config']['a_bits']}",
+        "capture": plan.get("capture"), "layers": plan["layers"], "activation_quantizers": acts,
+        "residual_quantizers": plan.get("residual_sites", []),
+        "shared": [a for a in acts if len(a["used_by"]) > 1],
+        "kept_float": plan.get("kept_float", []), "eager_fallback": plan.get("eager_fallback", []),
+        "rewritten_modules": plan.get("rewritten_modules", []),
+    }
