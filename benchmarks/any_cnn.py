@@ -1,6 +1,7 @@
 """Issue 13 evidence: graph capture on zsq's own teachers and on an independently written Lite0.
 
-    PYTHONPATH=$PWD python benchmarks/any_cnn.py --threads 1 > benchmarks/results/any_cnn_run.txt
+    PYTHONPATH=$PWD python benchmarks/any_cnn.py --threads 1 --eval indep_lite0
+    PYTHONPATH=$PWD python benchmarks/any_cnn.py --threads 1 --eval efficientnet_lite0
 
 1. ResNet-20 (exact-1017) and EfficientNet-Lite0 (val1300) through ``zsq.quantize(name, ...)`` with
    bn-minmax at W8A8 (+ W4A8 for Lite0): the plan (layers, residual/activation quantizers, units) and
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import resource
@@ -108,6 +110,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-eval", action="store_true", help="plans and units only")
+    ap.add_argument("--eval", choices=("efficientnet_lite0", "indep_lite0"), default="indep_lite0",
+                    help="which Lite0 to quantize (bn-minmax W8A8, W4A8) and evaluate on val1300")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lite_w = asset_path("imagenet/efficientnet-lite0-57934424.pth")
@@ -127,8 +131,9 @@ def main():
     with torch.no_grad():
         print("indep vs efficientnet_lite0 float logits max |diff|:", (indep(x) - ref(x)).abs().max().item(), flush=True)
 
-    for label, m in (("cifar10_resnet20", zsq.models.load("cifar10_resnet20", weights=r20_w)),
-                     ("efficientnet_lite0", ref), ("indep_lite0", indep)):
+    plans = (("cifar10_resnet20", zsq.models.load("cifar10_resnet20", weights=r20_w)),
+             ("efficientnet_lite0", ref), ("indep_lite0", indep))
+    for label, m in plans if args.eval == "indep_lite0" else ():
         for preset in ("genie", "gdfq"):
             q = quantize_model(m, get_preset(preset, "w4a8"), example_input=x[:, :, :m.zsq_meta.input_size[1],
                                                                                  :m.zsq_meta.input_size[2]])
@@ -138,28 +143,29 @@ def main():
                   flush=True)
     if args.skip_eval:
         return
-    r = zsq.quantize("cifar10_resnet20", weights=r20_w, method="bn-minmax", bits="w8a8", eval_data=c10, quiet=True)
-    print(json.dumps({"model": "cifar10_resnet20", "bits": "w8a8", "fp32_top1": r.report["fp32_top1"],
-                      "quant_top1": r.report["quant_top1"], "n": r.report["n"]}), flush=True)
+    if args.eval == "indep_lite0":
+        r = zsq.quantize("cifar10_resnet20", weights=r20_w, method="bn-minmax", bits="w8a8", eval_data=c10, quiet=True)
+        print(json.dumps({"model": "cifar10_resnet20", "bits": "w8a8", "fp32_top1": r.report["fp32_top1"],
+                          "quant_top1": r.report["quant_top1"], "n": r.report["n"]}), flush=True)
     from zsq.data import load_images_tensor
 
     t0 = time.time()
     images = load_images_tensor(val, meta)  # the same preprocessing as efficientnet_lite0's meta
     print(f"val1300 decoded in {time.time() - t0:.0f}s", flush=True)
-    for label, model, kw in (("efficientnet_lite0", "efficientnet_lite0", {"weights": str(lite_w)}),
-                             ("indep_lite0", indep, {"meta": meta})):
-        fp = ref if label == "efficientnet_lite0" else indep
+    with torch.no_grad():
+        print("indep vs efficientnet_lite0 float logits on 32 val1300 images max |diff|:",
+              (indep(images[0][:32]) - ref(images[0][:32])).abs().max().item(), flush=True)
+    model, kw = (("efficientnet_lite0", {"weights": str(lite_w)}) if args.eval == "efficientnet_lite0"
+                 else (indep, {"meta": meta}))
+    for bits in ("w8a8", "w4a8"):
         t0 = time.time()
-        print(json.dumps({"model": label, "bits": "fp32", "top1": zsq.evaluate(fp, images, quiet=True)["top1"],
-                          "seconds": round(time.time() - t0, 1)}), flush=True)
-        for bits in ("w8a8", "w4a8"):
-            t0 = time.time()
-            res = zsq.quantize(model, method="bn-minmax", bits=bits, quiet=True, **kw)
-            top1 = zsq.evaluate(res.model, images, quiet=True)["top1"]
-            print(json.dumps({"model": label, "bits": bits, "quant_top1": top1, "capture": res.report["capture"],
-                              "seconds": round(time.time() - t0, 1),
-                              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}),
-                  flush=True)
+        res = zsq.quantize(model, method="bn-minmax", bits=bits, quiet=True, **kw)
+        ev = zsq.evaluate(res.model, images, quiet=True, return_preds=True)
+        print(json.dumps({"model": args.eval, "bits": bits, "quant_top1": ev["top1"], "n": ev["n"],
+                          "capture": res.report["capture"], "seconds": round(time.time() - t0, 1),
+                          "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                          "preds_sha": hashlib.sha256(torch.as_tensor(ev["preds"]).numpy().tobytes()).hexdigest()[:16]}),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -314,3 +314,17 @@ def test_inspect_prints_the_plan_as_json(capsys):
     assert sum(u["kind"] == "block" for u in plan["units"]) == 9
     reads = {a["quantizer"]: a["reads"] for a in plan["activation_quantizers"]}
     assert reads["layer1.0.conv2.input_quant"] == "layer1.0.relu1"
+
+
+def test_a_users_module_with_inserted_quantizers_saves_and_loads(tmp_path):
+    import zsq
+
+    torch.manual_seed(0)
+    m = Hand().eval()
+    res = zsq.quantize(m, input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.5,) * 3, method="bn-minmax",
+                       bits="w4a4", out=tmp_path / "q", quiet=True)
+    assert any(n.endswith("_skip_quant") for n in res.model.zsq_quant_plan["residual"])  # `out += x` got one
+    loaded = zsq.load_quantized(tmp_path / "q", model_factory=lambda name: Hand())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), res.model(x))

@@ -462,6 +462,9 @@ def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optiona
     elif config.quantize_residual:
         residual = quantize_residuals(qmodel, config, placer, list(untraced))
     rewritten = placer.apply()
+    order = {name: i for i, (name, _) in enumerate(qmodel.named_modules())}
+    for sites in (after_act, residual):  # module order, as the plan listed them before graph capture
+        sites.sort(key=lambda s: order.get(s["quantizer"].rsplit(".", 1)[0], len(order)))
     check_rewrite(model, qmodel, expected, example_input, bool(config.fold_bn))
     if config.act_placement != "after_relu":
         shared = share_input_quantizers(qmodel, example_input)
