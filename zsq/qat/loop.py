@@ -128,10 +128,11 @@ def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: 
         qconfig = dataclasses.replace(qconfig, act=dataclasses.replace(
             qconfig.act, ema_bias_correction=cfg.ema_bias_correction))
     compute = as_compute(compute)
+    # quantize the float NCHW teacher: the rewrite is checked bit for bit against it, then both move to the compute layout
+    student = compute.prepare(quantize_model(copy.deepcopy(teacher).eval(), qconfig).eval())
     teacher = compute.prepare(copy.deepcopy(teacher).eval())
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student = quantize_model(teacher, qconfig).eval()
     for p in student.parameters():
         p.requires_grad_(True)
     quants = [q for _, q in act_quantizers(student)]
