@@ -4,6 +4,7 @@ plus zero-shot accuracy (bn-minmax, no images), runtime agreement next to the fl
 runtime ran in integers, and the W4 (opset 21, INT4 weights) ResNet-20 file size.
 
     PYTHONPATH=. python benchmarks/deploy.py --json benchmarks/results/deploy.json
+    PYTHONPATH=. python benchmarks/deploy.py --render benchmarks/results/deploy.json   # the tables
 
 Latencies are medians over rounds that time the three graphs of one (model, runtime, threads,
 batch) cell in turn, so load changes on a shared machine hit all three alike; the ratios are the
@@ -69,8 +70,49 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
+def _pct(v) -> str:
+    return f"{100 * v:.2f} %"
+
+
+def render(data: dict) -> str:
+    """Markdown tables from the JSON a run wrote (nothing is re-measured)."""
+    lines = ["## Accuracy (zero-shot, bn-minmax: no images) and runtime agreement", "",
+             "| model | variant | n | FP32 top-1 | zsq top-1 (delta vs FP32) | float floor (n) | runtime | runtime top-1 "
+             "| agreement | ran in integers | float compute left |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in data["models"].items():
+        for key, v in row["variants"].items():
+            for rt in ("ort", "openvino"):
+                if rt not in v:
+                    continue
+                r = v[rt]
+                lines.append(f"| {name} | {key} ({v['preset']} {v['bits']}) | {row['n']} | {_pct(row['fp32_top1'])} | "
+                             f"{_pct(v['zsq_top1'])} ({100 * (v['zsq_top1'] - row['fp32_top1']):+.2f}) | "
+                             f"{_pct(v['float_floor'])} ({v['floor_n']}) | {rt} | {_pct(r['top1'])} | "
+                             f"**{_pct(r['agreement'])}** | {r['integer_ops'] or '-'} | {r['float_ops'] or '-'} |")
+    lines += ["", "## ONNX file sizes", "", "| model | variant | opset | .onnx bytes | vs FP32 .onnx | INT4/UINT4 weights |",
+              "|---|---|---|---|---|---|"]
+    for name, row in data["models"].items():
+        lines.append(f"| {name} | fp32 | 17 | {row['fp32_onnx_bytes']:,} | 1.000x | - |")
+        for key, v in row["variants"].items():
+            lines.append(f"| {name} | {key} | 21 | {v['onnx_bytes']:,} | {v['onnx_ratio_vs_fp32']:.3f}x | {v['int4_weights']} |")
+            if "opset17_onnx_bytes" in v:
+                lines.append(f"| {name} | {key} | 17 | {v['opset17_onnx_bytes']:,} | "
+                             f"{v['opset17_onnx_bytes'] / row['fp32_onnx_bytes']:.3f}x | 0 |")
+    lines += ["", "## Latency (median ms; FP32 / deploy W8A8 / genie W8A8 QDQ timed in turn each round)", "",
+              "| model | runtime | threads | batch | FP32 | deploy W8A8 | genie W8A8 | FP32 / deploy | FP32 / genie | load (1 min) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["latency"]:
+        ms = r["ms"]
+        load = r["load"].split("load average:")[-1].split(",")[0].strip()
+        lines.append(f"| {r['model']} | {r['runtime']} | {r['threads']} | {r['batch']} | {ms['fp32']:.2f} | "
+                     f"{ms['deploy']:.2f} | {ms['genie']:.2f} | **{ms['fp32'] / ms['deploy']:.2f}x** | "
+                     f"{ms['fp32'] / ms['genie']:.2f}x | {load} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--render", help="print the markdown tables of a JSON written by an earlier run, and exit")
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--n", type=int, default=None, help="images per model (default: the whole set)")
     ap.add_argument("--floor-n", type=int, default=256, help="images for the float64 floor (default 256)")
@@ -79,6 +121,9 @@ def main():
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--json", help="also write the raw rows here")
     args = ap.parse_args()
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())), end="")
+        return
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="zsq-deploy-bench-"))
     out = {"load_start": uptime(), "models": {}, "latency": []}

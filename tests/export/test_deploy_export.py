@@ -110,3 +110,20 @@ def test_fold_keeps_the_codes_and_lets_more_layers_fuse(tmp_path):
     assert [n.split(" ")[0] for n in rt.float_layers()] == ["conv1", "block/conv2", "block", "dw", "fc"]
     assert (run_batches(rt, x).argmax(1) == ref.numpy().argmax(1)).all()
     assert np.abs(run_batches(rt, x) - ref.numpy()).max() < 1e-3 * float(ref.std())
+
+
+def test_cli_fold_reports_what_was_folded_and_what_stays_float(tmp_path, monkeypatch):
+    from tests.export.test_onnx import _cli_args
+    from tests.export.tiny import tiny_factory
+    from zsq.export import checkpoint as ckpt_mod
+    from zsq.export import cli as export_cli
+
+    monkeypatch.setattr(ckpt_mod, "_build_model", lambda name, factory: tiny_factory(seed=9))
+    save_quantized(tiny_quantized("genie", "w8a8"), tmp_path / "ck", model_name="tiny_resnet")
+    res = export_cli.run(_cli_args(ckpt=str(tmp_path / "ck"), onnx=str(tmp_path / "m.onnx"),
+                                   extra=["--fold", "--latency-runs", "0", "--threads", "1"]))
+    assert res["folded_bn"] == [["conv1", "bn1"], ["block.conv1", "block.bn1"], ["block.conv2", "block.bn2"]]
+    ort_res = res["runtimes"]["ort"]
+    assert ort_res["integer_ops"] == {"QLinearConv": 1} and "block/conv2 (Conv)" in ort_res["float_layers"]
+    assert ort_res["top1_agreement"] >= res["tolerance"]["min_agreement"] and "latency_ms" not in ort_res
+    assert "BatchNormalization" not in res["ops"]
