@@ -74,6 +74,33 @@ def _pct(v) -> str:
     return f"{100 * v:.2f} %"
 
 
+def merge(paths) -> dict:
+    """One result dict from run JSONs and/or run logs (a log's lines are the rows the run printed)."""
+    out = {"models": {}, "latency": []}
+    for p in paths:
+        text = p.read_text()
+        try:
+            parts = [json.loads(text)]
+        except json.JSONDecodeError:
+            parts = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        for d in parts:
+            if "models" in d:
+                for name, row in d["models"].items():
+                    out["models"].setdefault(name, {"variants": {}}).update(row)
+                out["latency"] += d.get("latency", [])
+            elif "runtime" in d:
+                out["latency"].append(d)
+            else:
+                for name, v in d.items():
+                    if isinstance(v, dict):
+                        row = out["models"].setdefault(name, {"variants": {}})
+                        if "n" in v:
+                            row.update(v)
+                        else:
+                            row["variants"].update(v)
+    return out
+
+
 def render(data: dict) -> str:
     """Markdown tables from the JSON a run wrote (nothing is re-measured)."""
     lines = ["## Accuracy (zero-shot, bn-minmax: no images) and runtime agreement", "",
@@ -112,7 +139,8 @@ def render(data: dict) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--render", help="print the markdown tables of a JSON written by an earlier run, and exit")
+    ap.add_argument("--render", nargs="+", help="print the markdown tables of JSONs written by earlier runs "
+                                                "(or of their logs: one JSON object a line), and exit")
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--n", type=int, default=None, help="images per model (default: the whole set)")
     ap.add_argument("--floor-n", type=int, default=256, help="images for the float64 floor (default 256)")
@@ -122,7 +150,7 @@ def main():
     ap.add_argument("--json", help="also write the raw rows here")
     args = ap.parse_args()
     if args.render:
-        print(render(json.loads(Path(args.render).read_text())), end="")
+        print(render(merge([Path(p) for p in args.render])), end="")
         return
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="zsq-deploy-bench-"))
@@ -140,6 +168,7 @@ def main():
             fp_logits = run_torch(fp, x, 50)
             row = {"n": int(x.shape[0]), "fp32_top1": float((fp_logits.argmax(1) == yn).mean()),
                    "fp32_onnx_bytes": paths["fp32"].stat().st_size, "variants": {}}
+            print(json.dumps({name: {k: row[k] for k in ("n", "fp32_top1", "fp32_onnx_bytes")}}), flush=True)
             variants = {"deploy": ("deploy", "w8a8"), "genie": ("genie", "w8a8")}
             if name == "cifar10_resnet20":
                 variants["genie_w4a4"] = ("genie", "w4a4")
