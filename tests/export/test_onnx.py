@@ -19,7 +19,7 @@ from zsq.export.parity import ParityTolerance, check_parity, ort_session, run_or
 @pytest.mark.parametrize("preset,bits", [("genie", "w4a4"), ("gdfq", "w4a4"), ("genie", "w8a8"), ("gdfq", "w3a5")])
 def test_qdq_graph_matches_fake_quant(tmp_path, preset, bits):
     q = tiny_quantized(preset, bits)
-    info = export_onnx(q, tmp_path / "m.onnx")
+    info = export_onnx(q, tmp_path / "m.onnx", opset=17)  # the int8/uint8-container form for older runtimes
     model = onnx.load(str(tmp_path / "m.onnx"))
     onnx.checker.check_model(model)
     ops = info["ops"]
@@ -44,7 +44,7 @@ def test_qdq_graph_matches_fake_quant(tmp_path, preset, bits):
 
 def test_weight_codes_in_onnx_equal_zsq_codes(tmp_path):
     q = tiny_quantized("gdfq", "w4a4")
-    export_onnx(q, tmp_path / "m.onnx")
+    export_onnx(q, tmp_path / "m.onnx", opset=17)
     model = onnx.load(str(tmp_path / "m.onnx"))
     int_inits = sorted((onnx.numpy_helper.to_array(i) for i in model.graph.initializer
                         if i.data_type == onnx.TensorProto.UINT8 and len(i.dims) >= 2), key=lambda a: a.size)

@@ -15,11 +15,20 @@ def add_parser(subparsers) -> None:
                                         "(.npz / labels.csv folder / ImageFolder, PATH[START:STOP]); "
                                         "default: random inputs")
     p.add_argument("--num-check", type=int, default=256, help="images to compare (default 256)")
-    p.add_argument("--min-agreement", type=float, default=0.99, help="least top-1 agreement accepted (default 0.99)")
+    p.add_argument("--min-agreement", type=float, default=None,
+                   help="least top-1 agreement accepted (default: the model's own float floor - 0.002, i.e. its "
+                        "agreement with its float64 copy on the same images, less 0.2 points)")
     p.add_argument("--max-rel-logit-diff", type=float, default=0.5,
                    help="largest |logit diff| / logit std accepted (default 0.5)")
+    p.add_argument("--opset", type=int, default=21,
+                   help="ONNX opset 13-21 (default 21: weights that fit 4 bits as INT4/UINT4; 17 for older runtimes)")
+    p.add_argument("--runtime", default="ort", help="check (and time) in ort, openvino, or all (default ort)")
+    p.add_argument("--latency-runs", type=int, default=20, help="timed runs per runtime and batch size (0: none)")
+    p.add_argument("--fold", action="store_true",
+                   help="fold BatchNorm into the quantized weights first (paper presets: same codes, exact up to "
+                        "float rounding) and list the layers a runtime still runs in float")
     p.add_argument("--force", action="store_true", help="overwrite an existing ONNX file")
-    p.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="runtime threads (default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no log lines")
     p.set_defaults(func=run)
@@ -29,8 +38,9 @@ def run(args) -> dict:
     import torch
 
     from zsq.export.checkpoint import load_quantized
-    from zsq.export.onnx_export import export_onnx
-    from zsq.export.parity import ParityTolerance, check_parity
+    from zsq.export.onnx_export import check_opset, export_onnx
+    from zsq.export.parity import ParityTolerance, check_parity, numeric_floor
+    from zsq.export.runtimes import latency_ms, open_runtime, parse_runtimes
     from zsq.progress import log
 
     from zsq.errors import require
@@ -48,6 +58,13 @@ def run(args) -> dict:
     check_writable_dir(onnx_path.parent if str(onnx_path.parent) else Path("."))
     if args.num_check < 1:
         raise ZsqError(f"--num-check must be at least 1, got {args.num_check}")
+    check_opset(args.opset)
+    runtimes = parse_runtimes(args.runtime)
+    if "openvino" in runtimes:
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            raise ZsqError("--runtime openvino needs OpenVINO: pip install 'zsq[openvino]'") from None
     tol = ParityTolerance(args.min_agreement, args.max_rel_logit_diff)
     qmodel = load_quantized(args.checkpoint)
     meta = getattr(qmodel, "zsq_meta", None)
@@ -62,21 +79,47 @@ def run(args) -> dict:
     else:
         images = torch.randn(args.num_check, *meta.input_size, generator=torch.Generator().manual_seed(0))
         source = "random normal inputs (give --check-data for real images)"
+    floor = numeric_floor(qmodel, images)
+    folded, to_export = [], qmodel
+    if args.fold:
+        from zsq.export.fold import fold_quantized_batchnorm
+
+        to_export, folded = fold_quantized_batchnorm(qmodel, images[:4])
+        log(f"folded {len(folded)} BatchNorm layers into the quantized weights", args.quiet)
     tmp = onnx_path.with_name(onnx_path.name + ".partial")
+    checks = {}
     try:
-        info = export_onnx(qmodel, tmp)
-        log(f"wrote {info['onnx_bytes']} bytes, ops {info['ops']}; comparing on {images.shape[0]} images", args.quiet)
-        parity = check_parity(qmodel, tmp, images, labels, tolerance=tol, threads=args.threads)
+        info = export_onnx(to_export, tmp, opset=args.opset)
+        log(f"wrote {info['onnx_bytes']} bytes (opset {args.opset}, {len(info['int4_weights'])} INT4/UINT4 weights), "
+            f"ops {info['ops']}; comparing on {images.shape[0]} images; float floor {floor:.4f}", args.quiet)
+        for name in runtimes:
+            res = check_parity(qmodel, tmp, images, labels, tolerance=tol, threads=args.threads, runtime=name,
+                               floor=floor)
+            if args.latency_runs > 0:
+                rt = open_runtime(name, tmp, args.threads)
+                res["latency_ms"] = {f"batch{b}": round(latency_ms(rt, images[:b].numpy(), args.latency_runs), 3)
+                                     for b in sorted({1, min(32, images.shape[0])})}
+            log(f"{name}: top-1 agreement {res['top1_agreement']:.4f} (floor {floor:.4f}), integer ops "
+                f"{res['integer_ops']}, latency {res.get('latency_ms')}", args.quiet)
+            checks[name] = {k: res[k] for k in ("runtime_version", "n", "top1_agreement", "max_logit_diff",
+                                                "mean_logit_diff", "max_rel_logit_diff", "integer_ops")
+                            if k in res}
+            checks[name]["float_layers"] = open_runtime(name, tmp, 1).float_layers()
+            checks[name].update({k: res[k] for k in ("torch_top1", "onnx_top1", "latency_ms") if k in res})
         tmp.replace(onnx_path)
     finally:
         if tmp.exists():
             tmp.unlink()
     ck = getattr(qmodel, "zsq_checkpoint", {})
+    first = checks[runtimes[0]]
     return {"checkpoint": str(args.checkpoint), "onnx": str(onnx_path), "onnx_bytes": info["onnx_bytes"],
-            "opset": info["opset"], "model": ck.get("model_name"), "bits": ck.get("bits"),
-            "check_data": source, "n": parity["n"], "top1_agreement": parity["top1_agreement"],
-            "max_logit_diff": parity["max_logit_diff"], "mean_logit_diff": parity["mean_logit_diff"],
-            "max_rel_logit_diff": parity["max_rel_logit_diff"],
-            **({"torch_top1": parity["torch_top1"], "onnx_top1": parity["onnx_top1"]} if labels is not None else {}),
-            "tolerance": {"min_agreement": tol.min_agreement, "max_rel_logit_diff": tol.max_rel_logit_diff},
+            "opset": info["opset"], "int4_weights": len(info["int4_weights"]), "model": ck.get("model_name"),
+            "bits": ck.get("bits"), "preset": ck.get("preset"),
+            "check_data": source, "n": first["n"], "float_floor": floor,
+            "top1_agreement": first["top1_agreement"], "max_logit_diff": first["max_logit_diff"],
+            "mean_logit_diff": first["mean_logit_diff"], "max_rel_logit_diff": first["max_rel_logit_diff"],
+            **({"torch_top1": first["torch_top1"], "onnx_top1": first["onnx_top1"]} if labels is not None else {}),
+            "runtimes": checks, "folded_bn": folded,
+            "tolerance": {"min_agreement": tol.bar(floor), "floor_margin": tol.floor_margin,
+                          "max_rel_logit_diff": tol.max_rel_logit_diff},
             "ops": info["ops"], "seconds": round(time.time() - t0, 2)}

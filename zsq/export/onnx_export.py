@@ -10,7 +10,10 @@ Every quantizer becomes standard ONNX operators that any runtime understands:
 
 The export swaps the quantizers of a deep copy for export-only modules whose forward computes the
 same values as the fake-quant model and whose autograd ``symbolic`` emits the Q/DQ nodes; the
-TorchScript exporter (``dynamo=False``) then writes the graph. Opset 17 (per-axis Q/DQ needs >= 13).
+TorchScript exporter (``dynamo=False``) then writes the graph at opset 13-20 (per-axis Q/DQ needs
+>= 13). Opset 21 (the default) is written by converting the opset-17 graph with the onnx package,
+since torch's exporter stops at 20, and storing every weight whose codes fit 4 bits as an
+INT4/UINT4 initializer (two codes a byte), so a W4 .onnx is about as small as the packed checkpoint.
 """
 from __future__ import annotations
 
@@ -28,7 +31,9 @@ from zsq.quant.modules import QuantAct, QuantInput
 from zsq.export.weights import weight_grid
 from zsq.quant.transforms import quant_layers
 
-OPSET = 17
+OPSET = 21  # default: INT4/UINT4 weight initializers
+TORCH_MAX_OPSET = 20  # torch.onnx (TorchScript) writes up to this opset
+SUPPORTED_OPSETS = range(13, 22)
 
 
 def _container(qmin: int, qmax: int, what: str) -> Tuple[torch.dtype, int, int]:
@@ -171,11 +176,102 @@ def export_model(qmodel: nn.Module) -> nn.Module:
     return m
 
 
+def check_opset(opset: int) -> int:
+    if not isinstance(opset, int) or opset not in SUPPORTED_OPSETS:
+        raise ZsqError(f"ONNX opset {opset!r} is not supported: zsq writes opsets {SUPPORTED_OPSETS[0]}-"
+                       f"{SUPPORTED_OPSETS[-1]} (per-channel DequantizeLinear needs 13, INT4 weights 21)")
+    return opset
+
+
+def _fits(arr, lo: int, hi: int) -> bool:
+    return arr.size == 0 or (int(arr.min()) >= lo and int(arr.max()) <= hi)
+
+
+def _int4_tensor(name: str, arr, dtype):
+    import numpy as np
+    from onnx import helper
+
+    from zsq.export.packing import pack_codes
+
+    nibbles = torch.from_numpy(arr.astype(np.int64).reshape(-1) & 0xF)  # two's complement for INT4
+    return helper.make_tensor(name, dtype, list(arr.shape), pack_codes(nibbles, 4, 0).numpy().tobytes(), raw=True)
+
+
+def pack_int4_weights(model) -> List[str]:
+    """In place: every DequantizeLinear whose int8/uint8 initializer codes and zero point fit 4 bits
+    gets INT4/UINT4 initializers (ONNX packs two codes a byte, low nibble first, as zsq's own
+    packing does). Values are unchanged. Returns the converted weight names."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    # the exporter writes equal constants once and feeds the copies through Identity nodes
+    alias = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity" and n.input[0] in inits}
+    users = {}
+    for n in model.graph.node:
+        for i in n.input:
+            users[i] = users.get(i, 0) + 1
+    done = []
+    for n in model.graph.node:
+        if n.op_type != "DequantizeLinear" or len(n.input) < 3 or n.input[0] not in inits:
+            continue
+        if alias.get(n.input[2], n.input[2]) not in inits or users[n.input[0]] != 1:
+            continue  # zero point computed, or codes shared with another node: leave them as they are
+        x, zp = numpy_helper.to_array(inits[n.input[0]]), numpy_helper.to_array(inits[alias.get(n.input[2], n.input[2])])
+        if x.dtype == np.uint8 and _fits(x, 0, 15) and _fits(zp, 0, 15):
+            dtype = TensorProto.UINT4
+        elif x.dtype == np.int8 and _fits(x, -8, 7) and _fits(zp, -8, 7):
+            dtype = TensorProto.INT4
+        else:
+            continue
+        inits[n.input[0]].CopyFrom(_int4_tensor(n.input[0], x, dtype))
+        # the exporter shares equal zero points (all-zero, symmetric grids) between layers: each gets its own
+        zp_name = n.input[0] + ".zero_point4"
+        model.graph.initializer.append(_int4_tensor(zp_name, zp, dtype))
+        users[n.input[2]] -= 1
+        n.input[2] = zp_name
+        done.append(n.input[0])
+    _drop_unused(model)
+    return done
+
+
+def _drop_unused(model) -> None:
+    """Remove Identity nodes and initializers nothing reads any more."""
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        used = {i for n in model.graph.node for i in n.input} | outputs
+        dead = [n for n in model.graph.node if n.op_type == "Identity" and not any(o in used for o in n.output)]
+        for n in dead:
+            model.graph.node.remove(n)
+        if not dead:
+            break
+    used = {i for n in model.graph.node for i in n.input}
+    for t in [t for t in model.graph.initializer if t.name not in used]:
+        model.graph.initializer.remove(t)
+
+
+def _to_opset21(model):
+    """The opset-17 graph at opset 21 with 4-bit weights; (model, converted weight names)."""
+    from onnx import version_converter
+
+    try:
+        model = version_converter.convert_version(model, 21)
+    except Exception as e:
+        raise ZsqError(f"converting the graph to ONNX opset 21 failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                       f"export with opset 17") from None
+    del model.graph.value_info[:]  # shapes the converter inferred: not needed, and they double small files
+    return model, pack_int4_weights(model)
+
+
 def export_onnx(qmodel: nn.Module, path, *, input_size: Optional[Tuple[int, int, int]] = None,
                 opset: int = OPSET) -> dict:
-    """Write ``qmodel`` as a QDQ ONNX graph (batch dimension dynamic) and check it with onnx.checker."""
+    """Write ``qmodel`` as a QDQ ONNX graph (batch dimension dynamic) and check it with onnx.checker.
+
+    opset 21 (default) stores weights whose codes fit 4 bits as INT4/UINT4; 13-20 keep int8/uint8
+    containers for runtimes without opset 21."""
     import onnx
 
+    check_opset(opset)
     if input_size is None:
         meta = getattr(qmodel, "zsq_meta", None)
         if meta is None:
@@ -187,14 +283,17 @@ def export_onnx(qmodel: nn.Module, path, *, input_size: Optional[Tuple[int, int,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(em, (x,), buf, dynamo=False, opset_version=opset, input_names=["input"],
-                              output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                              do_constant_folding=True)
+            torch.onnx.export(em, (x,), buf, dynamo=False, opset_version=opset if opset <= TORCH_MAX_OPSET else 17,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, do_constant_folding=True)
     except ZsqError:
         raise
     except Exception as e:
         raise ZsqError(f"torch.onnx.export failed: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     model = onnx.load_from_string(buf.getvalue())
+    int4 = []
+    if opset > TORCH_MAX_OPSET:
+        model, int4 = _to_opset21(model)
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
@@ -206,4 +305,4 @@ def export_onnx(qmodel: nn.Module, path, *, input_size: Optional[Tuple[int, int,
     ops = {}
     for n in model.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return {"onnx": str(path), "onnx_bytes": len(data), "opset": opset, "ops": ops}
+    return {"onnx": str(path), "onnx_bytes": len(data), "opset": opset, "ops": ops, "int4_weights": int4}

@@ -28,6 +28,8 @@ CIFAR10_META = dict(
 class ShortcutA(nn.Module):
     """Parameter-free option-A shortcut: subsample by ``stride``, zero-pad channels on both sides."""
 
+    zsq_grid_preserving = True  # outputs are input values or 0: a quantized input stays on its grid
+
     def __init__(self, in_planes: int, out_planes: int, stride: int):
         super().__init__()
         if (out_planes - in_planes) % 2:

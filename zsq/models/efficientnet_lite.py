@@ -43,6 +43,8 @@ def same_pads(size: int, kernel: int, stride: int, dilation: int = 1) -> Tuple[i
 class SamePad2d(nn.Module):
     """Parameter-free TF "SAME" padding, computed from the input size at forward time."""
 
+    zsq_grid_preserving = True  # zero padding: a quantized input stays on its grid
+
     def __init__(self, kernel: int, stride: int = 1, dilation: int = 1):
         super().__init__()
         self.kernel, self.stride, self.dilation = kernel, stride, dilation

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from zsq.errors import ZsqError
 from zsq.progress import progress
+from zsq.quant.modules import FoldedBatchNorm
 from zsq.quant.transforms import act_quantizers
 
 
@@ -89,7 +90,8 @@ def calibrate_from_bn(qmodel: nn.Module, k: float = 4.0, num_images: int = 64, c
     [min_c(mean_c - k std_c), max_c(mean_c + k std_c)] over its input's channels, clipped to what
     the simulated activations actually reached.
     """
-    bns = [m for m in qmodel.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    # a BN folded into its conv (brecq/qdrop/deploy presets) keeps its affine for this simulation
+    bns = [m for m in qmodel.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, FoldedBatchNorm))]
     if not bns:
         raise ZsqError("bn-minmax needs BatchNorm layers: this model has none, so there are no statistics "
                        "to derive activation ranges from (calibrate with images instead)")

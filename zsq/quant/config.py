@@ -13,7 +13,7 @@ from typing import Callable, Dict, Optional, Tuple
 from zsq.errors import ZsqError
 from zsq.quant.quantizer import QuantSpec
 
-PLACEMENTS = ("layer_input", "after_relu")
+PLACEMENTS = ("layer_input", "after_relu", "deploy")
 
 
 def parse_bits(text: str) -> Tuple[int, int]:
@@ -64,7 +64,8 @@ class QuantConfig:
 
     act_placement: "layer_input" (Genie/BRECQ: each Conv/Linear quantizes its input; with
       quantize_residual, residual ``shortcut`` modules too, sharing the quantizer of the layer that
-      reads the same tensor) or "after_relu" (GDFQ/AIT/HAST: a quantizer after every ReLU/ReLU6).
+      reads the same tensor), "after_relu" (GDFQ/AIT/HAST: a quantizer after every ReLU/ReLU6) or
+      "deploy" (every tensor an integer kernel reads or writes, each once; ``zsq.quant.deploy``).
     quantize_image_input: whether the first layer's input (the image) is quantized in layer_input mode.
     fold_bn: fold BatchNorm into the preceding conv before quantizing.
     """
@@ -103,7 +104,7 @@ class QuantConfig:
     def layer_bits(self, name: str, index: int, count: int) -> Tuple[int, int, bool]:
         """(w_bits, a_bits, quantize_input) for the index-th of count Conv/Linear layers."""
         w, a = self.w_bits, self.a_bits
-        q_in = self.act_placement == "layer_input" and (index > 0 or self.quantize_image_input)
+        q_in = self.act_placement != "after_relu" and (index > 0 or self.quantize_image_input)
         for o in self.overrides:
             if o.matches(name, index, count):
                 w = o.w_bits if o.w_bits is not None else w
@@ -185,4 +186,22 @@ def _gdfq() -> QuantConfig:
         quantize_residual=False,
         overrides=(),
         fold_bn=False,
+    )
+
+
+@register_preset("deploy", "integer kernels (onnxruntime QLinearConv, OpenVINO int8): BN folded; W per-channel "
+                           "symmetric int8 grid; A per-tensor asym (uint8) on every conv input and output, ReLU "
+                           "outputs included; all layers at k bits, image input quantized")
+def _deploy() -> QuantConfig:
+    return QuantConfig(
+        preset="deploy",
+        version=1,
+        weight=QuantSpec(per_channel=True, symmetric=True, signed=True, observer="minmax"),
+        act=QuantSpec(per_channel=False, symmetric=False, observer="lp", lp_p=2.4, lp_ratios=100,
+                      learnable=True, ste="clip"),
+        act_placement="deploy",
+        quantize_residual=True,
+        quantize_image_input=True,
+        overrides=(),
+        fold_bn=True,
     )

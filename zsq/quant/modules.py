@@ -149,6 +149,30 @@ def is_plain(layer: nn.Module) -> bool:
     return type(layer) in (nn.Conv2d, nn.Linear)
 
 
+class FoldedBatchNorm(nn.Identity):
+    """What a BatchNorm2d becomes once folded into the conv before it: the identity, keeping the
+    BN's affine (gamma, beta) as non-saved buffers so data-free calibration (``calibrate_from_bn``)
+    can still simulate what the layer outputs. Nothing of it is in the state dict."""
+
+    affine = True
+
+    def __init__(self, num_features: int, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.num_features = num_features
+        self.register_buffer("weight", weight.detach().clone(), persistent=False)
+        self.register_buffer("bias", bias.detach().clone(), persistent=False)
+
+    @classmethod
+    def from_bn(cls, bn: nn.BatchNorm2d) -> "FoldedBatchNorm":
+        c = bn.num_features
+        w = bn.weight if bn.affine else torch.ones(c, device=bn.running_mean.device)
+        b = bn.bias if bn.affine else torch.zeros(c, device=bn.running_mean.device)
+        return cls(c, w, b)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, folded"
+
+
 QUANT_LAYER_TYPES = (QuantConv2d, QuantLinear, QuantKeepForward)
 FLOAT_TO_QUANT = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 

@@ -309,7 +309,8 @@ class UniformQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with fp32_region(x):  # under bf16 autocast the grid arithmetic still runs in float32
-            x = x.float()
+            if x.dtype in (torch.float16, torch.bfloat16):
+                x = x.float()  # float64 stays float64 (the float-floor copy in zsq.export.parity)
             if self.observing:
                 self._observe(x)
             if not self.enabled:

@@ -25,7 +25,7 @@ from zsq.errors import ZsqError
 from zsq.progress import log
 from zsq.quant import graph as G
 from zsq.quant.config import QuantConfig
-from zsq.quant.modules import (QUANT_LAYER_TYPES, QuantAct, QuantConv2d, QuantInput, QuantLinear, is_plain,
+from zsq.quant.modules import (QUANT_LAYER_TYPES, FoldedBatchNorm, QuantAct, QuantConv2d, QuantInput, QuantLinear, is_plain,
                                keep_forward_quant)
 from zsq.quant.quantizer import UniformQuantizer
 
@@ -121,7 +121,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, s
             bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
             new_bias = beta + (bias - bn.running_mean) * factor
             conv.bias = nn.Parameter(new_bias)
-        set_submodule(model, bn_name, nn.Identity())
+        set_submodule(model, bn_name, FoldedBatchNorm.from_bn(bn))
     return pairs
 
 
@@ -457,16 +457,23 @@ def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optiona
     plan = wrap_layers(qmodel, config)
     placer = _Placer(qmodel, cap)
     after_act, residual, shared = [], [], []
-    if config.act_placement == "after_relu":
+    deploy = None
+    if config.act_placement in ("after_relu", "deploy"):
         after_act = quantize_after_activations(qmodel, config, placer, list(untraced))
-    elif config.quantize_residual:
+    if config.act_placement != "after_relu" and config.quantize_residual:
         residual = quantize_residuals(qmodel, config, placer, list(untraced))
     rewritten = placer.apply()
     order = {name: i for i, (name, _) in enumerate(qmodel.named_modules())}
     for sites in (after_act, residual):  # module order, as the plan listed them before graph capture
         sites.sort(key=lambda s: order.get(s["quantizer"].rsplit(".", 1)[0], len(order)))
     check_rewrite(model, qmodel, expected, example_input, bool(config.fold_bn))
-    if config.act_placement != "after_relu":
+    if config.act_placement == "deploy":
+        from zsq.quant.deploy import place_deploy_quantizers
+
+        deploy = place_deploy_quantizers(qmodel, config, plan, example_input)
+        residual = [r for r in residual if r["quantizer"].rsplit(".", 1)[0] not in deploy["inputs_already_quantized"]]
+        shared = deploy["shared"]
+    elif config.act_placement != "after_relu":
         shared = share_input_quantizers(qmodel, example_input)
     qmodel.zsq_quant_plan = {
         "config": config.to_dict(),
@@ -483,6 +490,9 @@ def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optiona
         "kept_float": kept_float,
         "verified": "quantizers off reproduce the float output bit for bit",
     }
+    if deploy is not None:
+        qmodel.zsq_quant_plan.update(folded_outputs=deploy["folded_outputs"],
+                                     inputs_already_quantized=deploy["inputs_already_quantized"])
     qmodel.zsq_quant_config = config
     return qmodel
 

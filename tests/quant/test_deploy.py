@@ -1,0 +1,92 @@
+"""The deploy preset: BN folding is exact, quantizers sit where integer kernels need them, every
+method runs on it."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tests.export.tiny import tiny_factory, tiny_images
+from zsq.methods import get_method
+from zsq.methods.registry import QuantJob
+from zsq.quant import calibrate_from_bn, get_preset, quantize_model
+from zsq.quant.modules import FoldedBatchNorm, QuantAct
+from zsq.quant.transforms import act_quantizers, fold_batchnorm, quant_layers, set_quant_state
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def test_folding_is_exact_in_float():
+    model = tiny_factory()
+    x = tiny_images(8)
+    folded = copy.deepcopy(model)
+    pairs = fold_batchnorm(folded, x)
+    assert [p[1] for p in pairs] == ["bn1", "block.bn1", "block.bn2"]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        ref, got = model(x), folded(x)
+    assert not torch.equal(ref, model.fc(torch.zeros(8, 8)))  # the BNs matter for this model
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # the deploy model with quantization switched off is the float model too
+    q = quantize_model(model, get_preset("deploy", "w8a8"))
+    set_quant_state(q, weights=False, acts=False)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_deploy_places_each_tensor_once():
+    q = quantize_model(tiny_factory(), get_preset("deploy", "w8a8"))
+    plan = q.zsq_quant_plan
+    assert plan["config"]["preset"] == "deploy" and plan["config"]["fold_bn"]
+    # conv2's output goes to the residual add: quantized at its folded BN's slot
+    assert plan["folded_outputs"] == ["block.bn2"]
+    assert isinstance(q.block.bn2, QuantAct) and isinstance(q.block.bn2.act, FoldedBatchNorm)
+    assert plan["after_activation"] == ["relu", "block.relu1", "block.relu2", "relu6"]
+    # inputs that are ReLU outputs already need no second quantizer; the image and the pooled
+    # features do
+    assert plan["inputs_already_quantized"] == ["block.conv1", "block.conv2", "block.shortcut", "dw"]
+    assert q.conv1.input_quant is not None and q.fc.input_quant is not None
+    assert q.block.conv1.input_quant is None and isinstance(q.block.shortcut, nn.Identity)
+    for _, layer in quant_layers(q):
+        assert layer.weight_quant.spec.symmetric and layer.weight_quant.qmin == -128
+    for _, aq in act_quantizers(q):
+        assert not aq.spec.symmetric and aq.bits == 8
+
+
+def test_bn_minmax_works_on_folded_bn_and_keeps_relu_zero_points_at_zero():
+    q = quantize_model(tiny_factory(), get_preset("deploy", "w8a8"))
+    calibrate_from_bn(q)
+    for name, aq in act_quantizers(q):
+        scale, zp = (t.detach() for t in aq.qparams(None))
+        assert bool(aq.initialized) and float(scale) > 0
+        if "relu" in name:  # after a ReLU the runtime may drop the ReLU only with zero point 0
+            assert float(zp) == 0.0, name
+    # the conv2 output (pre-add) range comes from the folded BN's affine: about min(beta - 4 gamma)
+    scale, zp = (t.detach() for t in q.block.bn2.quant.qparams(None))
+    bn = tiny_factory().block.bn2
+    expected = float((bn.bias - 4 * bn.weight).detach().min())
+    assert abs(float(-zp * scale) - expected) < 0.1 * abs(expected)
+
+
+@pytest.mark.parametrize("method", ["bn-minmax", "minmax", "genie", "brecq", "qdrop", "adaround", "ait", "hast",
+                                    "gdfq"])
+def test_every_method_runs_on_the_deploy_preset(method):
+    model = tiny_factory()
+    images = tiny_images(16, seed=3)
+    info = get_method(method)
+    job = QuantJob(calib=images if info.needs_images or method == "ait" else None, calib_source="test",
+                   iters=4, batch_size=8, epochs=1, iters_per_epoch=1, quiet=True)
+    res = info.fn(model, get_preset("deploy", "w8a8"), job)
+    q = res.model
+    assert q.zsq_quant_config.preset == "deploy"
+    assert all(isinstance(layer.bias, torch.Tensor) for _, layer in quant_layers(q)[:-1])  # BN folded into biases
+    with torch.no_grad():
+        out = q(tiny_images(4))
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+    assert all(bool(aq.initialized) for _, aq in act_quantizers(q))
