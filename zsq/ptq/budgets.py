@@ -111,6 +111,7 @@ class EngineOptions:
     keep_better: a unit keeps its reconstructed weights/steps only if its output error on those images
     is lower than its starting point's, else the start is restored (reconstruction on few images can
     overfit and make a good model worse). holdout=0 with keep_better=False is the plain engine.
+    augment: that many flipped/shifted views of each training image are added (never of held-out ones).
     """
 
     seed: int = 0
@@ -119,12 +120,15 @@ class EngineOptions:
     quiet: bool = False
     holdout: float = 0.125
     keep_better: bool = True
+    augment: int = 0  # augmented views added per training image (zsq.ptq.augment: flip + shift)
 
     def __post_init__(self):
         if self.chunk < 1 or self.max_cache_mib <= 0:
             raise ZsqError("chunk must be >= 1 and max_cache_mib > 0")
         if not 0.0 <= self.holdout < 1.0:
             raise ZsqError(f"holdout must be in [0, 1), got {self.holdout}")
+        if self.augment < 0:
+            raise ZsqError(f"augment must be >= 0 views per image, got {self.augment}")
         if self.keep_better and self.holdout == 0.0:
             raise ZsqError("keep_better needs held-out images: set holdout > 0 (e.g. 0.125) or keep_better=false")
 

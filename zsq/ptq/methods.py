@@ -26,13 +26,14 @@ from zsq.quant.transforms import quantize_model
 @dataclass(frozen=True)
 class PTQOptions:
     """--set options of every reconstruction method: images per caching forward, the cache limit,
-    where resume checkpoints go (default OUT/work), and the keep-the-better rule (EngineOptions)."""
+    where resume checkpoints go (default OUT/work), the keep-the-better rule and augmented views (EngineOptions)."""
 
     chunk: int = 128
     max_cache_mib: float = 8192.0
     work_dir: Optional[str] = None
     holdout: float = 0.125  # share of the calibration images held out of training (keep-the-better)
     keep_better: bool = True  # a unit keeps its reconstruction only if better on the held-out images
+    augment: int = 0  # flipped/shifted views added per training image (zsq.ptq.augment)
 
     def __post_init__(self):
         check_range("chunk", self.chunk, 1)
@@ -76,7 +77,7 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
     extra = dict(job.extra or {})
     user = parse_options(PTQOptions, user_options(extra), recipe.name)
     opts = EngineOptions(seed=job.seed, quiet=job.quiet, chunk=user.chunk, max_cache_mib=user.max_cache_mib,
-                         holdout=user.holdout, keep_better=user.keep_better)
+                         holdout=user.holdout, keep_better=user.keep_better, augment=user.augment)
     work_dir = user.work_dir or (Path(job.out) / "work" if job.out is not None else None)
     if job.resume and work_dir is None:
         raise ZsqError("--resume needs --out (the checkpoints live in OUT/work)")

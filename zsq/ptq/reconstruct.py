@@ -30,6 +30,7 @@ from zsq.compute import Compute, as_compute
 from zsq.errors import ZsqError
 from zsq.progress import log
 from zsq.ptq import cache, checkpoint
+from zsq.ptq.augment import augmented_views
 from zsq.ptq.budgets import Budget, EngineOptions, Phase, Recipe
 from zsq.ptq.schedule import BetaSchedule
 from zsq.ptq.soft_round import SoftRoundQuantizer, to_uniform
@@ -140,6 +141,10 @@ class Reconstructor:
         n = min(budget.num_images, calib.shape[0])
         # on the CPU, captured in chunks on the device; the training images first, then the held-out ones
         self.calib, self.n_train = _split_holdout(calib[:n].detach().float().cpu(), opts.holdout, opts.seed)
+        if opts.augment:  # views of the training images go between them and the held-out ones
+            train, held = self.calib[:self.n_train], self.calib[self.n_train:]
+            views = augmented_views(train, opts.augment, _seed(opts.seed, 7919, 0))
+            self.calib, self.n_train = torch.cat([train, views, held]).contiguous(), self.n_train + views.shape[0]
         self.batch_size = min(budget.batch_size, self.n_train)
         self.fp_ref = copy.deepcopy(qmodel).eval()
         set_quant_state(self.fp_ref, weights=False, acts=False)
@@ -153,7 +158,7 @@ class Reconstructor:
         self.steps = [(pi, ui) for pi in range(len(recipe.phases)) for ui in range(len(self.units))]
         self.fingerprint = checkpoint.fingerprint(
             recipe=recipe.to_dict(), budget=[budget.iters, self.batch_size, n], seed=opts.seed,
-            holdout=[opts.holdout, opts.keep_better],
+            holdout=[opts.holdout, opts.keep_better], augment=opts.augment,
             units=[u.name for u in self.units], calib_images=self.calib,
             initial_model=torch.cat([p.detach().flatten() for p in qmodel.state_dict().values()
                                      if p.is_floating_point()]),
@@ -314,7 +319,7 @@ class Reconstructor:
         report = {
             "recipe": self.recipe.to_dict(),
             "budget": {"name": self.budget.name, "iters": self.budget.iters, "batch_size": self.batch_size,
-                       "num_images": self.calib.shape[0], "train_images": self.n_train,
+                       "num_images": self.calib.shape[0], "train_images": self.n_train, "augment": self.opts.augment,
                        "holdout_images": self.calib.shape[0] - self.n_train},
             "keep_better": self.opts.keep_better,
             "reverted_units": [f"{r['phase']}:{r['unit']}" for r in records if r.get("kept") is False],
