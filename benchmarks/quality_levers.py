@@ -16,17 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ASSETS = Path(os.environ.get("ZSQ_ASSETS", Path(__file__).resolve().parents[1] / ".." / "shared" / "assets"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zsq.assets import CIFAR10_EXACT, LITE0, RESNET20, VAL1300, asset  # noqa: E402
+
+# default weights and evaluation images; Lite0 evaluates on val1300[256:] so that val1300[0:256] can
+# serve as the real-data calibration reference (--calib-data .../val1300[0:64])
 MODELS = {
-    "cifar10_resnet20": (ASSETS / "cifar10" / "resnet20-12fca82f.th",
-                         ASSETS / "cifar10" / "cifar10_test_lossless_first1017.npz"),
+    "cifar10_resnet20": (asset(RESNET20), str(asset(CIFAR10_EXACT))),
+    "efficientnet_lite0": (asset(LITE0), f"{asset(VAL1300)}[256:]"),
 }
 OUT = Path("runs/levers")
 
@@ -62,7 +65,9 @@ def cmd_run(a) -> None:
     fp = zsq.models.load(a.model, weights=str(weights))
     load0, t0 = _load(), time.time()
     synth_opts = _pairs(a.synth_set)
-    if a.calib_data:
+    if a.method == "bn-minmax":
+        calib, source, synth_s = torch.zeros(0), "none", 0.0
+    elif a.calib_data:
         calib, _, source = load_calibration(a.calib_data, fp, a.num_images)
         synth_s = 0.0
     else:
@@ -75,18 +80,21 @@ def cmd_run(a) -> None:
     job = QuantJob(calib=calib, iters=a.iters, num_images=a.num_images, seed=a.seed, quiet=not a.verbose,
                    extra=_pairs(a.set))
     tq = time.time()
-    res = get_method("genie").fn(fp, get_preset("genie", a.bits), job)
+    info = get_method(a.method)
+    if not info.needs_images:
+        job.calib, source, synth_s = None, "none", 0.0
+    res = info.fn(fp, get_preset(info.default_preset, a.bits), job)
     quant_s = time.time() - tq
     ev = evaluate(res.model, eval_data, quiet=True, return_preds=True)
     from zsq.data import load_dataset
     from zsq.models.meta import get_meta
 
-    labels = [int(y) for _, y in load_dataset(eval_data, get_meta(fp))]
+    labels = [int(y) for y in load_dataset(eval_data, get_meta(fp)).targets()]
     hits = [int(p == y) for p, y in zip(ev["preds"], labels)]
     units = res.report.get("unit_losses", [])
     rec = {
-        "tag": a.tag, "argv": sys.argv, "model": a.model, "bits": a.bits, "seed": a.seed, "calib": source,
-        "num_images": int(calib.shape[0]), "synth_options": synth_opts, "options": _pairs(a.set),
+        "tag": a.tag, "argv": sys.argv, "model": a.model, "method": a.method, "bits": a.bits, "seed": a.seed, "calib": source,
+        "num_images": int(calib.shape[0]) if a.method != "bn-minmax" else 0, "synth_options": synth_opts, "options": _pairs(a.set),
         "top1": ev["top1"], "n": ev["n"], "synth_seconds": round(synth_s, 1), "quant_seconds": round(quant_s, 1),
         "seconds": round(time.time() - t0, 1), "threads": a.threads, "load_before": load0, "load_after": _load(),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -126,7 +134,8 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--tag", required=True)
-    r.add_argument("--model", default="cifar10_resnet20")
+    r.add_argument("--model", default="cifar10_resnet20", choices=sorted(MODELS))
+    r.add_argument("--method", default="genie", choices=["genie", "bn-minmax"])
     r.add_argument("--weights")
     r.add_argument("--eval-data")
     r.add_argument("--bits", default="w2a4")
