@@ -71,3 +71,19 @@ def test_bad_class_options():
         GenieConfig(class_loss="focal")
     with pytest.raises(ZsqError, match=">= 0"):
         GenieConfig(diversity_weight=-1.0)
+
+
+def test_set_made_before_the_coverage_options_still_resumes(tiny_teacher, tmp_path):
+    import json
+
+    kw = dict(budget="quick", iters=2, batch_size=4, seed=0, quiet=True)
+    first = synthesize(tiny_teacher, "genie", 8, out=tmp_path, **kw)
+    man = tmp_path / "ckpt" / "manifest.json"
+    m = json.loads(man.read_text())
+    for k in ("class_loss", "class_weight", "diversity_weight"):  # as written before these fields existed
+        del m["fingerprint"]["config"][k]
+    man.write_text(json.dumps(m))
+    again = synthesize(tiny_teacher, "genie", 8, out=tmp_path, resume=True, **kw)
+    assert torch.equal(again.images, first.images)
+    with pytest.raises(ZsqError, match=r"config\.class_loss \(checkpoint: 'none', now: 'ce'\)"):
+        synthesize(tiny_teacher, "genie", 8, out=tmp_path, resume=True, class_loss="ce", **kw)
