@@ -180,5 +180,5 @@ def test_keep_better_options(tiny, tiny_images):
     with pytest.raises(ZsqError, match="keep_better"):
         genie(tiny, cfg, QuantJob(calib=tiny_images, iters=2, quiet=True, extra={"keep_better": "maybe"}))
     r = genie(tiny, cfg, QuantJob(calib=tiny_images, iters=2, quiet=True,
-                                  extra={"holdout": 0, "keep_better": "false"})).report
+                                  extra={"holdout": 0, "keep_better": False})).report
     assert r["budget"]["holdout_images"] == 0 and all(u["holdout_start"] is None for u in r["unit_losses"])
