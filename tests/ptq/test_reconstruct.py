@@ -128,11 +128,14 @@ def _nearest(tiny, cfg):
     return _weights(q)
 
 
+KEEP = EngineOptions(quiet=True, holdout=0.125, keep_better=True)
+
+
 def test_worse_reconstruction_keeps_its_start(tiny, tiny_images):
     cfg = get_preset("genie", "w4a8")
     start = _nearest(tiny, cfg)
     q = quantize_model(tiny, cfg)
-    rep = Reconstructor(q, tiny_images, BAD_LR, Budget("t", 10, 16, 48), EngineOptions(quiet=True)).run()
+    rep = Reconstructor(q, tiny_images, BAD_LR, Budget("t", 10, 16, 48), KEEP).run()
     units = rep["unit_losses"]
     assert rep["budget"]["holdout_images"] == 6 and rep["budget"]["train_images"] == 42
     assert all(u["kept"] is False and u["holdout_end"] >= u["holdout_start"] for u in units), units
@@ -150,7 +153,7 @@ def test_worse_reconstruction_keeps_its_start(tiny, tiny_images):
 
 def test_better_reconstruction_is_kept(tiny, tiny_images):
     q = quantize_model(tiny, get_preset("genie", "w2a8"))
-    rep = Reconstructor(q, tiny_images, WEIGHTS_ONLY, Budget("t", 40, 16, 48), EngineOptions(quiet=True)).run()
+    rep = Reconstructor(q, tiny_images, WEIGHTS_ONLY, Budget("t", 40, 16, 48), KEEP).run()
     kept = [u for u in rep["unit_losses"] if u["kept"]]
     assert kept and all(u["holdout_end"] < u["holdout_start"] for u in kept)
     assert all(u["holdout_end"] >= u["holdout_start"] for u in rep["unit_losses"] if u["kept"] is False)
@@ -174,7 +177,8 @@ def test_holdout_split_is_seeded_and_disjoint(tiny_images):
 def test_keep_better_options(tiny, tiny_images):
     cfg = get_preset("genie", "w4a4")
     with pytest.raises(ZsqError, match="holdout > 0"):
-        EngineOptions(holdout=0.0)
+        EngineOptions(holdout=0.0, keep_better=True)
+    assert EngineOptions().holdout == 0.0 and not EngineOptions().keep_better  # opt-in until measured
     with pytest.raises(ZsqError, match="holdout must be in"):
         EngineOptions(holdout=1.0)
     with pytest.raises(ZsqError, match="keep_better"):

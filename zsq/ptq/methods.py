@@ -31,8 +31,8 @@ class PTQOptions:
     chunk: int = 128
     max_cache_mib: float = 8192.0
     work_dir: Optional[str] = None
-    holdout: float = 0.125  # share of the calibration images held out of training (keep-the-better)
-    keep_better: bool = True  # a unit keeps its reconstruction only if better on the held-out images
+    holdout: float = 0.0  # share of the calibration images held out of training (keep-the-better)
+    keep_better: bool = False  # a unit keeps its reconstruction only if better on the held-out images
     augment: int = 0  # flipped/shifted views added per training image (zsq.ptq.augment)
 
     def __post_init__(self):
