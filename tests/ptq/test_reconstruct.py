@@ -107,3 +107,82 @@ def test_bad_inputs(tiny, tiny_images):
         get_preset("genie", "w1a4")
     with pytest.raises(ZsqError):
         Budget("x", 0, 32, 1024)
+
+
+# ---- keep the better (held-out images decide whether a unit keeps its reconstruction) -----------------
+BAD_LR = Recipe("bad-lr", "block", (
+    Phase("w", train_rounding=True, learn_weight_scale=True, train_act_scale=False, acts_on=False,
+          round_weight=0.01, lr_v=1e-2, lr_weight_scale=5.0),  # a step size lr that wrecks the grid
+))
+
+
+def _weights(q):
+    return {n: l.weight_quant(l.weight).detach().clone() for n, l in quant_layers(q)}
+
+
+def _nearest(tiny, cfg):
+    q = quantize_model(tiny, cfg)
+    set_quant_state(q, weights=True, acts=False)
+    with torch.no_grad():
+        q(torch.zeros(1, 3, 16, 16))  # initialises the weight grids (round to nearest)
+    return _weights(q)
+
+
+KEEP = EngineOptions(quiet=True, holdout=0.125, keep_better=True)
+
+
+def test_worse_reconstruction_keeps_its_start(tiny, tiny_images):
+    cfg = get_preset("genie", "w4a8")
+    start = _nearest(tiny, cfg)
+    q = quantize_model(tiny, cfg)
+    rep = Reconstructor(q, tiny_images, BAD_LR, Budget("t", 10, 16, 48), KEEP).run()
+    units = rep["unit_losses"]
+    assert rep["budget"]["holdout_images"] == 6 and rep["budget"]["train_images"] == 42
+    assert all(u["kept"] is False and u["holdout_end"] >= u["holdout_start"] for u in units), units
+    assert len(rep["reverted_units"]) == len(units)
+    after = _weights(q)
+    for name, w in start.items():  # every unit is back at round-to-nearest on its initial grid
+        assert torch.allclose(after[name], w, atol=1e-6), name
+    # without the rule the same recipe keeps the damage
+    q2 = quantize_model(tiny, cfg)
+    rep2 = Reconstructor(q2, tiny_images, BAD_LR, Budget("t", 10, 16, 48),
+                         EngineOptions(quiet=True, keep_better=False)).run()
+    assert all(u["kept"] is None for u in rep2["unit_losses"]) and not rep2["reverted_units"]
+    assert any(not torch.allclose(_weights(q2)[n], w, atol=1e-6) for n, w in start.items())
+
+
+def test_better_reconstruction_is_kept(tiny, tiny_images):
+    q = quantize_model(tiny, get_preset("genie", "w2a8"))
+    rep = Reconstructor(q, tiny_images, WEIGHTS_ONLY, Budget("t", 40, 16, 48), KEEP).run()
+    kept = [u for u in rep["unit_losses"] if u["kept"]]
+    assert kept and all(u["holdout_end"] < u["holdout_start"] for u in kept)
+    assert all(u["holdout_end"] >= u["holdout_start"] for u in rep["unit_losses"] if u["kept"] is False)
+
+
+def test_holdout_split_is_seeded_and_disjoint(tiny_images):
+    from zsq.ptq.reconstruct import _split_holdout
+
+    a, n = _split_holdout(tiny_images, 0.125, seed=3)
+    b, _ = _split_holdout(tiny_images, 0.125, seed=3)
+    c, _ = _split_holdout(tiny_images, 0.125, seed=4)
+    assert n == 42 and torch.equal(a, b) and not torch.equal(a[n:], c[n:])
+    rows = {tuple(r.flatten()[:4].tolist()) for r in tiny_images}
+    assert {tuple(r.flatten()[:4].tolist()) for r in a} == rows  # a reordering: nothing lost, nothing doubled
+    same, m = _split_holdout(tiny_images, 0.0, seed=3)
+    assert m == 48 and torch.equal(same, tiny_images)
+    with pytest.raises(ZsqError, match="none to train on"):
+        _split_holdout(tiny_images[:1], 0.5, seed=0)
+
+
+def test_keep_better_options(tiny, tiny_images):
+    cfg = get_preset("genie", "w4a4")
+    with pytest.raises(ZsqError, match="holdout > 0"):
+        EngineOptions(holdout=0.0, keep_better=True)
+    assert EngineOptions().holdout == 0.0 and not EngineOptions().keep_better  # opt-in until measured
+    with pytest.raises(ZsqError, match="holdout must be in"):
+        EngineOptions(holdout=1.0)
+    with pytest.raises(ZsqError, match="keep_better"):
+        genie(tiny, cfg, QuantJob(calib=tiny_images, iters=2, quiet=True, extra={"keep_better": "maybe"}))
+    r = genie(tiny, cfg, QuantJob(calib=tiny_images, iters=2, quiet=True,
+                                  extra={"holdout": 0, "keep_better": False})).report
+    assert r["budget"]["holdout_images"] == 0 and all(u["holdout_start"] is None for u in r["unit_losses"])

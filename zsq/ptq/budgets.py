@@ -105,16 +105,32 @@ class Recipe:
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """Run-level options: seed, where checkpoints go, memory limit, forward chunk for the caches."""
+    """Run-level options: seed, where checkpoints go, memory limit, forward chunk for the caches.
+
+    holdout: share of the calibration images kept out of training (a seeded choice, at least one image);
+    keep_better: a unit keeps its reconstructed weights/steps only if its output error on those images
+    is lower than its starting point's, else the start is restored (reconstruction on few images can
+    overfit and make a good model worse). holdout=0 with keep_better=False is the plain engine.
+    augment: that many flipped/shifted views of each training image are added (never of held-out ones).
+    """
 
     seed: int = 0
     chunk: int = 128
     max_cache_mib: float = 8192.0
     quiet: bool = False
+    holdout: float = 0.0  # off by default until measured on W4A4 (see docs/ptq.md)
+    keep_better: bool = False
+    augment: int = 0  # augmented views added per training image (zsq.ptq.augment: flip + shift)
 
     def __post_init__(self):
         if self.chunk < 1 or self.max_cache_mib <= 0:
             raise ZsqError("chunk must be >= 1 and max_cache_mib > 0")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ZsqError(f"holdout must be in [0, 1), got {self.holdout}")
+        if self.augment < 0:
+            raise ZsqError(f"augment must be >= 0 views per image, got {self.augment}")
+        if self.keep_better and self.holdout == 0.0:
+            raise ZsqError("keep_better needs held-out images: set holdout > 0 (e.g. 0.125) or keep_better=false")
 
 
 # ---- the four methods (spec genie.md 3.6) -----------------------------------------------------

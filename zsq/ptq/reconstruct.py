@@ -7,8 +7,10 @@ For each phase of a recipe and each unit in network order:
 3. optimise: the unit reads mix(x_q, x) (QDrop at the unit input) and each activation quantizer keeps
    its quantized value with probability p (QDrop inside); loss = mean sum_c |y_hat - y|^p + lambda *
    rounding loss, beta annealed after the warm-up; Adam on V, cosine-annealed Adam on the steps;
-4. harden (codes floor(W/s0) + 1[V >= 0] written back as plain UniformQuantizer weights) and
-   checkpoint, so ``resume`` continues after the last finished unit.
+4. harden (codes floor(W/s0) + 1[V >= 0] written back as plain UniformQuantizer weights);
+5. keep the better (EngineOptions.keep_better): compare the unit's output error on held-out calibration
+   images (never trained on) before and after 2-4, and restore the start if training did not lower it;
+6. checkpoint, so ``resume`` continues after the last finished unit.
 The FP reference is a copy of the quantized model with quantization switched off, so whatever the
 preset did to the graph (BN folding) the reference and the student agree layer by layer.
 """
@@ -28,6 +30,7 @@ from zsq.compute import Compute, as_compute
 from zsq.errors import ZsqError
 from zsq.progress import log
 from zsq.ptq import cache, checkpoint
+from zsq.ptq.augment import augmented_views
 from zsq.ptq.budgets import Budget, EngineOptions, Phase, Recipe
 from zsq.ptq.schedule import BetaSchedule
 from zsq.ptq.soft_round import SoftRoundQuantizer, to_uniform
@@ -92,6 +95,38 @@ def _recon_loss(y_hat: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
     return err.sum(1).mean() if err.dim() > 1 else err.mean()
 
 
+@torch.no_grad()
+def _output_error(fwd: Callable[[torch.Tensor], torch.Tensor], xq: torch.Tensor, y: torch.Tensor) -> Optional[float]:
+    """The unit's squared output error (``fwd``: the unit) on its quantized input, no QDrop, averaged over images."""
+    n = xq.shape[0]
+    if n == 0:
+        return None
+    return sum(_recon_loss(fwd(xq[i:i + 256]), y[i:i + 256], 2.0).item() * len(y[i:i + 256])
+               for i in range(0, n, 256)) / n
+
+
+def _split_holdout(calib: torch.Tensor, share: float, seed: int):
+    """(images reordered as training part then held-out part, number of training images). The held-out
+    images are a seeded choice of round(share * n) (at least one when share > 0), in their original order."""
+    n = calib.shape[0]
+    k = 0 if share == 0 else max(1, round(share * n))
+    if k >= n:
+        raise ZsqError(f"holding out {k} of {n} calibration images leaves none to train on: give more images "
+                       "or set holdout=0 and keep_better=false")
+    if k == 0:
+        return calib.contiguous(), n
+    held = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, 9973, 0)))[:k]
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[held] = True
+    return torch.cat([calib[~mask], calib[mask]]).contiguous(), n - k
+
+
+def _hard(soft: List[SoftRoundQuantizer], on: bool) -> None:
+    """Soft bits evaluated as 1[V >= 0] (on) or as h(V) (training)."""
+    for s in soft:
+        s.hard = on
+
+
 class Reconstructor:
     """Runs a recipe on one quantized model (modified in place)."""
 
@@ -104,8 +139,13 @@ class Reconstructor:
         self.work_dir = Path(work_dir) if work_dir is not None else None
         self.on_unit_done = on_unit_done
         n = min(budget.num_images, calib.shape[0])
-        self.calib = calib[:n].detach().float().cpu().contiguous()  # captured in chunks on the device
-        self.batch_size = min(budget.batch_size, n)
+        # on the CPU, captured in chunks on the device; the training images first, then the held-out ones
+        self.calib, self.n_train = _split_holdout(calib[:n].detach().float().cpu(), opts.holdout, opts.seed)
+        if opts.augment:  # views of the training images go between them and the held-out ones
+            train, held = self.calib[:self.n_train], self.calib[self.n_train:]
+            views = augmented_views(train, opts.augment, _seed(opts.seed, 7919, 0))
+            self.calib, self.n_train = torch.cat([train, views, held]).contiguous(), self.n_train + views.shape[0]
+        self.batch_size = min(budget.batch_size, self.n_train)
         self.fp_ref = copy.deepcopy(qmodel).eval()
         set_quant_state(self.fp_ref, weights=False, acts=False)
         self.units: List[Unit] = find_units(qmodel, recipe.granularity)
@@ -118,6 +158,7 @@ class Reconstructor:
         self.steps = [(pi, ui) for pi in range(len(recipe.phases)) for ui in range(len(self.units))]
         self.fingerprint = checkpoint.fingerprint(
             recipe=recipe.to_dict(), budget=[budget.iters, self.batch_size, n], seed=opts.seed,
+            holdout=[opts.holdout, opts.keep_better], augment=opts.augment,
             units=[u.name for u in self.units], calib_images=self.calib,
             initial_model=torch.cat([p.detach().flatten() for p in qmodel.state_dict().values()
                                      if p.is_floating_point()]),
@@ -147,6 +188,11 @@ class Reconstructor:
                               compute=self.compute)
         mod = self.qmodel.get_submodule(unit.name)
         layers = [self.qmodel.get_submodule(n) for n in unit.layers]
+        n, bs = self.n_train, self.batch_size
+        xq_hold, y_hold = xq[n:], y[n:]
+
+        def unit_fwd(t: torch.Tensor) -> torch.Tensor:
+            return self.compute.forward(mod, t)
 
         soft: List[SoftRoundQuantizer] = []
         if phase.train_rounding:
@@ -156,7 +202,13 @@ class Reconstructor:
         acts = self.unit_acts[ui] if phase.acts_on else []
         if acts:
             with torch.no_grad(), _fast_lazy_init(acts):  # Lp-2.4 init of still-uninitialised steps
-                self.compute.forward(mod, xq[:ACT_INIT_IMAGES])
+                self.compute.forward(mod, xq[:min(ACT_INIT_IMAGES, n)])
+        # the start: soft bits at init, hardened, are round-to-nearest on the initial grid
+        judge = self.opts.keep_better and xq_hold.shape[0] > 0
+        _hard(soft, True)
+        hold_start = _output_error(unit_fwd, xq_hold, y_hold)
+        _hard(soft, False)
+        start = {k: v.detach().clone() for k, v in mod.state_dict().items()} if judge else None
 
         saved_grad = {id(p): p.requires_grad for p in self.qmodel.parameters()}
         for p in self.qmodel.parameters():
@@ -181,7 +233,6 @@ class Reconstructor:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=iters, eta_min=0.0) if opt_s else None
         beta = BetaSchedule(max(iters, 1), self.recipe.beta_start, self.recipe.beta_end, self.recipe.warmup)
 
-        n, bs = self.calib.shape[0], self.batch_size
         perm, pos = None, n
         rec_hist: List[float] = []
         round_val = 0.0
@@ -221,24 +272,31 @@ class Reconstructor:
         finally:
             for p in self.qmodel.parameters():
                 p.requires_grad_(saved_grad.get(id(p), True))
+        _hard(soft, True)
+        hold_end = _output_error(unit_fwd, xq_hold, y_hold)
+        kept = None if not judge else (iters == 0 or hold_end < hold_start)
+        if kept is False:  # training made the unit worse on images it never saw: back to the start
+            mod.load_state_dict(start)
         for layer in layers:
             if isinstance(layer.weight_quant, SoftRoundQuantizer):
                 to_uniform(layer)
-        with torch.no_grad():  # error of the hardened unit on its quantized input, no QDrop
-            final = sum(_recon_loss(self.compute.forward(mod, xq[i:i + 256]), y[i:i + 256], 2.0).item() * len(y[i:i + 256])
-                        for i in range(0, n, 256)) / n
+        final = _output_error(unit_fwd, xq[:n], y[:n])  # the hardened unit on its training images, no QDrop
         k = max(1, len(rec_hist) // 10)
         rec_hist = rec_hist or [final]
         return {"unit": unit.name, "kind": unit.kind, "phase": phase.name, "iters": iters,
                 "loss_start": sum(rec_hist[:k]) / k, "loss_end": sum(rec_hist[-k:]) / k,
-                "round_loss_end": round_val, "hard_loss": final, "seconds": time.time() - t0}
+                "round_loss_end": round_val, "hard_loss": final, "holdout_start": hold_start,
+                "holdout_end": hold_end, "kept": kept, "seconds": time.time() - t0}
 
     # ---- the whole run -------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
         t0 = time.time()
         quiet = self.opts.quiet
+        held = self.calib.shape[0] - self.n_train
         log(f"{self.recipe.name}: {summarize_units(self.units)}; {len(self.recipe.phases)} phase(s), "
-            f"{self.budget.iters} iters/unit, batch {self.batch_size}, {self.calib.shape[0]} images", quiet)
+            f"{self.budget.iters} iters/unit, batch {self.batch_size}, {self.n_train} training images"
+            + (f", {held} held out" + (" (a unit keeps its result only if better there)"
+                                       if self.opts.keep_better else "") if held else ""), quiet)
         log(self.estimate.describe(), quiet)
         cache.check_memory(self.estimate, int(self.opts.max_cache_mib * 2 ** 20))
         records: List[dict] = []
@@ -261,7 +319,10 @@ class Reconstructor:
         report = {
             "recipe": self.recipe.to_dict(),
             "budget": {"name": self.budget.name, "iters": self.budget.iters, "batch_size": self.batch_size,
-                       "num_images": self.calib.shape[0]},
+                       "num_images": self.calib.shape[0], "train_images": self.n_train, "augment": self.opts.augment,
+                       "holdout_images": self.calib.shape[0] - self.n_train},
+            "keep_better": self.opts.keep_better,
+            "reverted_units": [f"{r['phase']}:{r['unit']}" for r in records if r.get("kept") is False],
             "units": [u.describe() for u in self.units],
             "units_summary": summarize_units(self.units),
             "unit_losses": records,
@@ -287,7 +348,10 @@ def log_summary(records: List[dict], quiet: bool) -> None:
     if quiet or not records:
         return
     width = max(len(r["unit"]) for r in records)
-    log(f"{'phase':<8} {'unit':<{width}} {'iters':>6} {'loss start':>11} {'loss end':>10} {'hard':>10} {'sec':>6}")
+    log(f"{'phase':<8} {'unit':<{width}} {'iters':>6} {'loss start':>11} {'loss end':>10} {'hard':>10} "
+        f"{'held start':>10} {'held end':>10} {'kept':>8} {'sec':>6}")
     for r in records:
+        kept = {True: "yes", False: "REVERTED"}.get(r.get("kept"), "-")
+        held = [f"{v:>10.4g}" if v is not None else f"{'-':>10}" for v in (r.get("holdout_start"), r.get("holdout_end"))]
         log(f"{r['phase']:<8} {r['unit']:<{width}} {r['iters']:>6} {r['loss_start']:>11.4g} {r['loss_end']:>10.4g} "
-            f"{r['hard_loss']:>10.4g} {r['seconds']:>6.1f}")
+            f"{r['hard_loss']:>10.4g} {held[0]} {held[1]} {kept:>8} {r['seconds']:>6.1f}")

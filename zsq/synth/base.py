@@ -183,10 +183,11 @@ class Synthesizer:
         seconds_before = 0.0
         if out is not None:
             if resume:
-                final = _resume_final(out, fingerprint)
+                defaults = _field_defaults(self.config_cls)
+                final = _resume_final(out, fingerprint, defaults)
                 if final is not None:
                     return final
-                done, seconds_before = _load_checkpoint(ckpt, fingerprint, len(sizes))
+                done, seconds_before = _load_checkpoint(ckpt, fingerprint, len(sizes), defaults)
             elif (ckpt / MANIFEST).exists() or (out / "meta.json").exists():
                 raise ZsqError(f"{out} already holds a synthesis run; pass resume=True (--resume) to continue "
                                "it, or choose another output directory")
@@ -301,15 +302,25 @@ def _read_manifest(ckpt: Path) -> Optional[dict]:
     return runstate.read_json(p) if p.exists() else None
 
 
-def _check_fingerprint(ckpt: Path, manifest: dict, fingerprint: dict) -> None:
-    runstate.check_same_run(ckpt.parent, manifest.get("fingerprint"), json.loads(json.dumps(fingerprint)))
+def _field_defaults(config_cls: type) -> Dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(config_cls) if f.default is not dataclasses.MISSING}
 
 
-def _resume_final(out: Path, fingerprint: dict) -> Optional[SyntheticSet]:
+def _check_fingerprint(ckpt: Path, manifest: dict, fingerprint: dict, defaults: Optional[dict] = None) -> None:
+    """Refuse a checkpoint made by a different run. A config field the checkpoint does not have was added
+    to zsq after it was made; new fields default to the earlier behaviour, so the checkpoint counts as
+    made with that default (and differs only if the run now asks for another value)."""
+    old = json.loads(json.dumps(manifest.get("fingerprint")))
+    if isinstance(old, dict) and isinstance(old.get("config"), dict):
+        old["config"] = dict(json.loads(json.dumps(defaults or {})), **old["config"])
+    runstate.check_same_run(ckpt.parent, old, json.loads(json.dumps(fingerprint)))
+
+
+def _resume_final(out: Path, fingerprint: dict, defaults: Optional[dict] = None) -> Optional[SyntheticSet]:
     manifest = _read_manifest(out / CKPT_DIR)
     if manifest is None:
         return None
-    _check_fingerprint(out / CKPT_DIR, manifest, fingerprint)
+    _check_fingerprint(out / CKPT_DIR, manifest, fingerprint, defaults)
     return SyntheticSet.load(out) if manifest.get("complete") else None
 
 
@@ -317,13 +328,13 @@ def batch_file(ckpt: Path, index: int) -> Path:
     return ckpt / f"batch_{index:05d}.safetensors"
 
 
-def _load_checkpoint(ckpt: Path, fingerprint: dict, num_batches: int):
+def _load_checkpoint(ckpt: Path, fingerprint: dict, num_batches: int, defaults: Optional[dict] = None):
     """The finished batches: those the manifest lists and those other ranks saved (files are written
     atomically, so an existing batch file is a finished batch)."""
     manifest = _read_manifest(ckpt)
     if manifest is None:
         return {}, 0.0
-    _check_fingerprint(ckpt, manifest, fingerprint)
+    _check_fingerprint(ckpt, manifest, fingerprint, defaults)
     done = {}
     saved = {int(f.name[len("batch_"):-len(".safetensors")]) for f in ckpt.glob("batch_*.safetensors")}
     for b in sorted((set(int(b) for b in manifest.get("batches", [])) | saved) & set(range(num_batches))):

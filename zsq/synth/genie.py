@@ -16,16 +16,48 @@ uses rates measured for it (see GenieConfig.quick).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Dict, Optional
 
 import torch
+import torch.nn.functional as F
 
 from zsq.errors import ZsqError
-from zsq.synth.base import BatchResult, SynthConfig, SynthContext, Synthesizer, check_finite, progress, \
-    register_synthesizer
+from zsq.synth.base import BatchResult, SynthConfig, SynthContext, Synthesizer, check_finite, derive_seed, \
+    progress, register_synthesizer
 from zsq.synth.bn_stats import BNStatsRecorder, input_prior_loss
 from zsq.synth.generators import GenieGenerator, check_genie_width
 from zsq.synth.swing import swing_copy
+
+
+CLASS_LOSSES = ("none", "ce", "margin")
+MARGIN = 1.0  # logit margin of the "margin" class loss
+COVERAGE_STREAM = 0xC1A55  # derive_seed key of the class permutation (independent of the batch streams)
+
+
+def assigned_classes(num_classes: int, seed: int, start: int, size: int) -> torch.Tensor:
+    """Classes of images start..start+size-1 of a run: a seeded permutation of all classes dealt out in
+    order, so N images get min(N, C) distinct classes and every class appears N//C or N//C + 1 times."""
+    perm = torch.randperm(num_classes, generator=torch.Generator().manual_seed(derive_seed(seed, COVERAGE_STREAM)))
+    return perm[(start + torch.arange(size)) % num_classes]
+
+
+def class_terms(logits: torch.Tensor, labels: torch.Tensor, kind: str, weight: float,
+                diversity: float) -> Dict[str, torch.Tensor]:
+    """The coverage terms: CE or a logit margin toward each image's class, and batch diversity."""
+    terms: Dict[str, torch.Tensor] = {}
+    if kind == "ce":
+        terms["class"] = weight * F.cross_entropy(logits, labels)
+    elif kind == "margin":
+        target = logits.gather(1, labels[:, None]).squeeze(1)
+        other = logits.scatter(1, labels[:, None], float("-inf")).max(1).values
+        terms["class"] = weight * F.relu(other - target + MARGIN).mean()
+    if diversity > 0:
+        p = F.softmax(logits, 1).mean(0)
+        ent = -(p * p.clamp_min(1e-12).log()).sum()
+        terms["diversity"] = diversity * (1 - ent / math.log(logits.shape[1]))
+    return terms
 
 
 @dataclass
@@ -45,6 +77,10 @@ class GenieConfig(SynthConfig):
     input_prior: bool = True  # the per-image mean 0 / std 1 pixel term (genie.md §2.2 L_in)
     head: str = "linear"  # "linear" (Genie) or "small" (zsq option, see GenieGenerator)
     width: int = 128  # generator channels after the head (Genie: 128; zsq option, see GenieGenerator)
+    # class coverage (zsq option, not Genie's): each image gets an assigned class, spread over the classes
+    class_loss: str = "none"  # "none" (Genie-D), "ce" or "margin" on the teacher's logits for the assigned class
+    class_weight: float = 1.0
+    diversity_weight: float = 0.0  # weight of 1 - H(batch-mean softmax) / log(C): 0 when the batch covers evenly
 
     def __post_init__(self):
         super().__post_init__()
@@ -55,6 +91,10 @@ class GenieConfig(SynthConfig):
         check_genie_width(self.width)
         if self.head not in ("linear", "small"):
             raise ZsqError(f"genie head must be 'linear' or 'small', got {self.head!r}")
+        if self.class_loss not in CLASS_LOSSES:
+            raise ZsqError(f"genie class_loss must be one of {', '.join(CLASS_LOSSES)}, got {self.class_loss!r}")
+        if self.class_weight < 0 or self.diversity_weight < 0:
+            raise ZsqError("genie class_weight and diversity_weight must be >= 0")
 
     @property
     def generator_lr(self) -> float:
@@ -106,6 +146,10 @@ class GenieSynthesizer(Synthesizer):
         # initial values drawn on the CPU (the same start on every device), then moved
         g = g.to(ctx.compute.torch_device)
         z = torch.randn(size, cfg.latent_dim, generator=gen).to(ctx.compute.torch_device).requires_grad_(True)
+        labels: Optional[torch.Tensor] = None
+        if cfg.class_loss != "none":
+            labels = assigned_classes(ctx.meta.num_classes, ctx.seed, index * cfg.batch_size, size)
+            labels = labels.to(ctx.compute.torch_device)
         opt_z = torch.optim.Adam([z], lr=cfg.latent_lr)
         opt_g = torch.optim.Adam(g.parameters(), lr=cfg.generator_lr)
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt_z, mode="min", factor=0.1,
@@ -119,10 +163,12 @@ class GenieSynthesizer(Synthesizer):
                 opt_g.zero_grad(set_to_none=True)
                 x = g(z)
                 rec.clear()
-                ctx.compute.forward(net, x)
+                logits = ctx.compute.forward(net, x)
                 terms = {"bns": rec.genie_loss()}
                 if cfg.input_prior:
                     terms["input"] = input_prior_loss(x)
+                if labels is not None or cfg.diversity_weight > 0:
+                    terms.update(class_terms(logits, labels, cfg.class_loss, cfg.class_weight, cfg.diversity_weight))
                 loss = sum(terms.values())
                 values = check_finite(dict(terms, total=loss), f"iteration {t}")
                 loss.backward()
@@ -135,4 +181,4 @@ class GenieSynthesizer(Synthesizer):
         if x_last is None:  # iters == 0: the untrained generator's images
             with torch.no_grad():
                 x_last = g(z)
-        return BatchResult(x_last.clone(), None, values)
+        return BatchResult(x_last.clone(), None if labels is None else labels.cpu(), values)

@@ -1,0 +1,161 @@
+"""Paired measurements of the quality levers of issue 15 (keep-the-better reconstruction, Genie-D class
+coverage, augmentation during reconstruction) on one model, one bit setting, one seed.
+
+    # one run: synthesize (or reuse) the calibration set, reconstruct with Genie-M, evaluate, keep per-image hits
+    python benchmarks/quality_levers.py run --tag w2a4-base --bits w2a4 --set holdout=0 --set keep_better=false
+    python benchmarks/quality_levers.py run --tag w2a4-keep --bits w2a4
+    # paired comparison on the same images (exact McNemar test on the discordant pairs)
+    python benchmarks/quality_levers.py compare w2a4-base w2a4-keep
+
+Each run writes runs/levers/<tag>.json: the command, options, top-1, times, `uptime` load before and
+after, peak RSS and the per-image hits (1 = correct) that `compare` pairs up. Synthetic sets are cached
+in runs/levers/synth-<synth tag> (the same seed and options give the same images).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zsq.assets import CIFAR10_EXACT, LITE0, RESNET20, VAL1300, asset  # noqa: E402
+
+# default weights and evaluation images; Lite0 evaluates on val1300[256:] so that val1300[0:256] can
+# serve as the real-data calibration reference (--calib-data .../val1300[0:64])
+MODELS = {
+    "cifar10_resnet20": (asset(RESNET20), str(asset(CIFAR10_EXACT))),
+    "efficientnet_lite0": (asset(LITE0), f"{asset(VAL1300)}[256:]"),
+}
+OUT = Path("runs/levers")
+
+
+def _value(v: str):
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def _pairs(items):
+    return {k: _value(v) for k, v in (s.split("=", 1) for s in items or [])}
+
+
+def _load() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def cmd_run(a) -> None:
+    import torch
+
+    import zsq
+    from zsq.api import load_calibration
+    from zsq.evaluate import evaluate
+    from zsq.methods import QuantJob, get_method
+    from zsq.quant import get_preset
+    from zsq.synth import synthesize
+
+    torch.set_num_threads(a.threads)
+    weights, eval_data = MODELS.get(a.model, (None, None))
+    weights, eval_data = a.weights or weights, a.eval_data or eval_data
+    fp = zsq.models.load(a.model, weights=str(weights))
+    load0, t0 = _load(), time.time()
+    synth_opts = _pairs(a.synth_set)
+    if a.method == "bn-minmax":
+        calib, source, synth_s = torch.zeros(0), "none", 0.0
+    elif a.calib_data:
+        calib, _, source = load_calibration(a.calib_data, fp, a.num_images)
+        synth_s = 0.0
+    else:
+        sdir = OUT / f"synth-{a.synth_tag}"
+        ts = time.time()
+        sset = synthesize(fp, "genie", a.num_images, budget="quick", seed=a.seed, out=sdir, resume=True,
+                          quiet=True, **synth_opts)
+        synth_s = sset.meta.get("seconds", time.time() - ts)
+        calib, source = sset.images, f"synthetic:genie:{sdir}"
+    job = QuantJob(calib=calib, iters=a.iters, num_images=a.num_images, seed=a.seed, quiet=not a.verbose,
+                   extra=_pairs(a.set))
+    tq = time.time()
+    info = get_method(a.method)
+    if not info.needs_images:
+        job.calib, source, synth_s = None, "none", 0.0
+    res = info.fn(fp, get_preset(info.default_preset, a.bits), job)
+    quant_s = time.time() - tq
+    ev = evaluate(res.model, eval_data, quiet=True, return_preds=True)
+    from zsq.data import load_dataset
+    from zsq.models.meta import get_meta
+
+    labels = [int(y) for y in load_dataset(eval_data, get_meta(fp)).targets()]
+    hits = [int(p == y) for p, y in zip(ev["preds"], labels)]
+    units = res.report.get("unit_losses", [])
+    rec = {
+        "tag": a.tag, "argv": sys.argv, "model": a.model, "method": a.method, "bits": a.bits, "seed": a.seed, "calib": source,
+        "num_images": int(calib.shape[0]) if a.method != "bn-minmax" else 0, "synth_options": synth_opts, "options": _pairs(a.set),
+        "top1": ev["top1"], "n": ev["n"], "synth_seconds": round(synth_s, 1), "quant_seconds": round(quant_s, 1),
+        "seconds": round(time.time() - t0, 1), "threads": a.threads, "load_before": load0, "load_after": _load(),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "reverted_units": [u["unit"] for u in units if u.get("kept") is False],
+        "units": [{k: u.get(k) for k in ("unit", "holdout_start", "holdout_end", "kept")} for u in units],
+        "hits": hits,
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{a.tag}.json").write_text(json.dumps(rec))
+    print(json.dumps({k: v for k, v in rec.items() if k not in ("hits", "units", "argv")}))
+
+
+def mcnemar(a, b):
+    """(only a right, only b right, exact two-sided p) for paired 0/1 hits."""
+    if len(a) != len(b):
+        raise SystemExit("runs were evaluated on different image sets")
+    n10 = sum(1 for x, y in zip(a, b) if x and not y)
+    n01 = sum(1 for x, y in zip(a, b) if y and not x)
+    m = n10 + n01
+    if m == 0:
+        return n10, n01, 1.0
+    tail = sum(math.comb(m, i) for i in range(min(n10, n01) + 1)) / 2 ** m
+    return n10, n01, min(1.0, 2 * tail)
+
+
+def cmd_compare(a) -> None:
+    base = json.loads((OUT / f"{a.base}.json").read_text())
+    for tag in a.others:
+        other = json.loads((OUT / f"{tag}.json").read_text())
+        n10, n01, p = mcnemar(base["hits"], other["hits"])
+        print(f"{a.base} {base['top1']:.2f} vs {tag} {other['top1']:.2f}: only base right {n10}, "
+              f"only {tag} right {n01}, McNemar exact p = {p:.3g}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--tag", required=True)
+    r.add_argument("--model", default="cifar10_resnet20", choices=sorted(MODELS))
+    r.add_argument("--method", default="genie", choices=["genie", "bn-minmax"])
+    r.add_argument("--weights")
+    r.add_argument("--eval-data")
+    r.add_argument("--bits", default="w2a4")
+    r.add_argument("--num-images", type=int, default=256)
+    r.add_argument("--iters", type=int)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--calib-data", help="real images instead of Genie-D (PATH[a:b])")
+    r.add_argument("--synth-tag", default="base", help="cache name of the synthetic set (change with --synth-set)")
+    r.add_argument("--synth-set", action="append", metavar="KEY=VALUE", help="Genie-D option")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="reconstruction option (job.extra)")
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--verbose", action="store_true")
+    r.set_defaults(func=cmd_run)
+    c = sub.add_parser("compare")
+    c.add_argument("base")
+    c.add_argument("others", nargs="+")
+    c.set_defaults(func=cmd_compare)
+    a = p.parse_args()
+    a.func(a)
+
+
+if __name__ == "__main__":
+    main()
