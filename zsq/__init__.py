@@ -13,6 +13,7 @@ from zsq.errors import ZsqError  # noqa: E402
 from zsq.evaluate import evaluate  # noqa: E402  (the function; the module stays importable as zsq.evaluate)
 from zsq.quant import QuantConfig, get_preset, list_presets, quantize_model  # noqa: E402
 from zsq.api import quantize  # noqa: E402
+from zsq import methods, ptq, qat, synth  # noqa: F401,E402  (fill the method, preset and synthesizer registries)
 
 __all__ = [
     "quantize", "QuantResult", "quantize_model", "QuantConfig", "get_preset", "list_presets", "evaluate",
@@ -20,7 +21,7 @@ __all__ = [
     "__version__",
 ]
 
-# imported on first use: the method and synthesis packages pull in every method
+# names of the method and synthesis packages, reached through them
 _LAZY = {"QuantResult": "zsq.methods", "get_method": "zsq.methods", "list_methods": "zsq.methods",
          "register_method": "zsq.methods", "synthesize": "zsq.synth"}
 

@@ -61,7 +61,7 @@ def run_names(synthesizes: bool) -> tuple:
 
 
 def resolve_model(model, weights: Optional[str] = None, pretrained: bool = False, random_init: bool = False,
-                  meta=None, input_size=None, mean=None, std=None):
+                  meta=None, input_size=None, mean=None, std=None, seed: int = 0):
     """(float model, name for reports) from a model name or a user's nn.Module.
 
     A module is copied (the caller's object is never touched); it needs metadata: its own
@@ -75,7 +75,9 @@ def resolve_model(model, weights: Optional[str] = None, pretrained: bool = False
     if isinstance(model, str):
         from zsq.models import load_checked
 
-        return load_checked(model, weights=weights, pretrained=pretrained, random_init=random_init), model
+        with torch.random.fork_rng(devices=[]):  # a random init from the run's seed; the caller's RNG is kept
+            torch.manual_seed(seed)
+            return load_checked(model, weights=weights, pretrained=pretrained, random_init=random_init), model
     if not isinstance(model, nn.Module):
         raise ZsqError(f"model must be a model name or a torch.nn.Module, got {type(model).__name__}")
     if weights is not None or pretrained:
@@ -97,6 +99,92 @@ def resolve_model(model, weights: Optional[str] = None, pretrained: bool = False
     return fp_model, f"module:{name}"
 
 
+def _plan_images(info, method: str, synth: Optional[str], calib_data: Optional[str], num_images: Optional[int],
+                 budget: str):
+    """(synthesizes?, synthesizer, number of images), every name checked before any work."""
+    if calib_data is not None and synth is not None:
+        raise ZsqError("give either --synth or --calib-data, not both")
+    if info.kind == "calibration" and not info.needs_images and (calib_data or synth):
+        raise ZsqError(f"method {method} uses no images; drop --synth/--calib-data or pick another method")
+    synthesizes = calib_data is None and (info.needs_images or synth is not None)
+    if synthesizes:
+        synth = synth or info.default_synth
+        if synth is None:
+            raise ZsqError(f"method {method} needs images: give --synth METHOD (e.g. genie) or --calib-data PATH")
+        from zsq.synth import get_synthesizer
+
+        get_synthesizer(synth)  # an unknown name fails here, before the run folder is touched
+        if num_images is None:
+            num_images = default_num_images(info.kind, budget)
+    return synthesizes, synth, num_images
+
+
+def _synthesize(job, fp_model, synth: str, num_images: int) -> float:
+    """Synthesize the calibration images into ``job``; seconds taken."""
+    from zsq.synth import synthesize
+
+    t0 = time.time()
+    log(f"synthesizing calibration images with {synth} ({job.budget} budget)", job.quiet)
+    sset = synthesize(fp_model, synth, num_images, budget=job.budget, seed=job.seed,
+                      out=(job.out / "synth") if job.out else None, resume=job.resume, quiet=job.quiet,
+                      compute=job.compute)
+    job.calib, job.calib_source, job.synth_method = sset.images, f"synthetic:{synth}", synth
+    if sset.labels is not None:
+        job.extra.setdefault("calib_labels", sset.labels)
+    return time.time() - t0
+
+
+def _begin_run_folder(out, synthesizes: bool, fp_model, *, resume: bool, force: bool, calib_data: Optional[str],
+                      **run):
+    """The run folder, begun with this run's fingerprint (``run``: what defines the run)."""
+    from zsq.runstate import RunFolder, fingerprint
+    from zsq.synth.base import weights_digest
+
+    run_folder = RunFolder(out, run_names(synthesizes))
+    run_folder.begin(fingerprint(model=run.pop("model"), weights=weights_digest(fp_model), **run,
+                                 calib_data=calib_data),
+                     resume=resume, force=force, inputs=[calib_data.split("[", 1)[0]] if calib_data else [])
+    return run_folder
+
+
+def _save(report: Dict[str, Any], qmodel, job, model_name: str, weights: Optional[str]) -> None:
+    """The packed checkpoint in ``job.out``; its sizes go into the report."""
+    from zsq.export import save_quantized
+
+    saved = save_quantized(qmodel, job.out, model_name=model_name, weights_path=weights,
+                           info={k: v for k, v in report.items()}, force=True)
+    report["out"] = str(job.out)
+    report.update({k: saved[k] for k in ("packed_bytes", "fp32_bytes") if k in saved})
+
+
+def _base_report(model_name: str, method: str, qconfig, preset: str, job, opts, compute) -> Dict[str, Any]:
+    return {"model": model_name, "method": method, "bits": qconfig.bits, "preset": preset,
+            "preset_version": qconfig.version, "calib_source": job.calib_source,
+            "num_images": None if job.calib is None else int(job.calib.shape[0]), "options": opts,
+            "compute": compute.describe()}
+
+
+def _check_strict(fp_model, strict: bool) -> None:
+    from zsq.quant.graph import unsupported_layers
+
+    kept = unsupported_layers(fp_model)
+    if strict and kept:
+        raise ZsqError(f"--strict: layer {kept[0][0]} ({kept[0][1]}) has no quantized form in zsq "
+                       f"({len(kept)} such layer(s)); drop --strict to keep them in float")
+
+
+def _add_method_report(report: Dict[str, Any], result) -> None:
+    """The method's own report (QAT: final/best top-1, epochs; PTQ: unit losses, units ...) and what graph
+    capture did (capture mode, eager fallbacks, layers kept in float)."""
+    report.update({k: v for k, v in result.report.items() if k not in report})
+    plan = getattr(result.model, "zsq_quant_plan", {}) or {}
+    report.setdefault("capture", plan.get("capture"))
+    if plan.get("eager_fallback"):
+        report["eager_fallback"] = [f["module"] for f in plan["eager_fallback"]]
+    if plan.get("kept_float"):
+        report["kept_float"] = [f["layer"] for f in plan["kept_float"]]
+
+
 def quantize(model, *, weights: Optional[str] = None, pretrained: bool = False, random_init: bool = False,
              method: str = "bn-minmax", bits: str = "w4a4",
              preset: Optional[str] = None, synth: Optional[str] = None, calib_data: Optional[str] = None,
@@ -115,25 +203,21 @@ def quantize(model, *, weights: Optional[str] = None, pretrained: bool = False, 
     device / precision / channels_last: where and how synthesis and reconstruction/QAT compute
     (zsq.compute.resolve); the default cpu + fp32 is bit-reproducible. Without ``weights`` or
     ``pretrained`` the model is refused unless ``random_init=True``."""
+    from zsq.compute import resolve
     from zsq.data import load_dataset
+    from zsq.evaluate import evaluate
     from zsq.methods import QuantJob, QuantResult, get_method
     from zsq.models.meta import get_meta
     from zsq.quant import get_preset, parse_bits
-    from zsq.quant.graph import unsupported_layers
 
     t_start = time.time()
-    from zsq.compute import resolve
-
     compute = resolve(device, precision, channels_last)  # a missing GPU is refused before any work
     parse_bits(bits)
     info = get_method(method)
     preset = preset or info.default_preset
     qconfig = get_preset(preset, bits)
-    fp_model, model_name = resolve_model(model, weights, pretrained, random_init, meta, input_size, mean, std)
-    kept = unsupported_layers(fp_model)
-    if strict and kept:
-        raise ZsqError(f"--strict: layer {kept[0][0]} ({kept[0][1]}) has no quantized form in zsq "
-                       f"({len(kept)} such layer(s)); drop --strict to keep them in float")
+    fp_model, model_name = resolve_model(model, weights, pretrained, random_init, meta, input_size, mean, std, seed)
+    _check_strict(fp_model, strict)
     meta = get_meta(fp_model)
     eval_set = load_dataset(eval_data, meta) if eval_data is not None else None  # paths before long work
     job = QuantJob(budget=budget, num_images=num_images, iters=iters, epochs=epochs,
@@ -141,92 +225,41 @@ def quantize(model, *, weights: Optional[str] = None, pretrained: bool = False, 
                    out=Path(out) if out else None, resume=resume, quiet=quiet, compute=compute)
     opts = info.parse_options(options, meta, budget)  # bad --set keys/values: before any work
     job.extra.update(opts)
-    torch.manual_seed(seed)
 
     synth_seconds = 0.0
-    if calib_data is not None and synth is not None:
-        raise ZsqError("give either --synth or --calib-data, not both")
-    if info.kind == "calibration" and not info.needs_images and (calib_data or synth):
-        raise ZsqError(f"method {method} uses no images; drop --synth/--calib-data or pick another method")
-    synthesizes = calib_data is None and (info.needs_images or synth is not None)
-    if synthesizes:
-        synth = synth or info.default_synth
-        if synth is None:
-            raise ZsqError(f"method {method} needs images: give --synth METHOD (e.g. genie) or --calib-data PATH")
-        from zsq.synth import get_synthesizer
-
-        get_synthesizer(synth)  # an unknown name fails here, before the run folder is touched
-        if num_images is None:
-            num_images = default_num_images(info.kind, budget)
+    synthesizes, synth, num_images = _plan_images(info, method, synth, calib_data, num_images, budget)
     if calib_data is not None:
         job.calib, labels, job.calib_source = load_calibration(calib_data, fp_model, num_images)
         if labels is not None and job.calib_source.startswith("synthetic"):
             job.extra.setdefault("calib_labels", labels)
     run_folder = None
     if out is not None:  # only once the arguments have been checked: --force may clear an earlier run
-        from zsq.runstate import RunFolder, fingerprint
-        from zsq.synth.base import weights_digest
-
-        run_folder = RunFolder(out, run_names(synthesizes))
-        run_folder.begin(fingerprint(model=model_name, weights=weights_digest(fp_model), method=method, bits=qconfig.bits,
-                                     preset=preset, synth=synth, calib_data=calib_data, num_images=num_images,
-                                     budget=budget, iters=iters, epochs=epochs, iters_per_epoch=iters_per_epoch,
-                                     batch_size=batch_size, seed=seed, options=opts),
-                         resume=resume, force=force, inputs=[calib_data.split("[", 1)[0]] if calib_data else [])
+        run_folder = _begin_run_folder(out, synthesizes, fp_model, resume=resume, force=force, calib_data=calib_data,
+                                       model=model_name, method=method, bits=qconfig.bits, preset=preset, synth=synth,
+                                       num_images=num_images, budget=budget, iters=iters, epochs=epochs,
+                                       iters_per_epoch=iters_per_epoch, batch_size=batch_size, seed=seed, options=opts)
     if synthesizes:
-        from zsq.synth import synthesize
-
-        t0 = time.time()
-        log(f"synthesizing calibration images with {synth} ({budget} budget)", quiet)
-        sset = synthesize(fp_model, synth, num_images, budget=budget, seed=seed,
-                          out=(job.out / "synth") if job.out else None, resume=resume, quiet=quiet,
-                          compute=compute)
-        synth_seconds = time.time() - t0
-        job.calib, job.calib_source, job.synth_method = sset.images, f"synthetic:{synth}", synth
-        if sset.labels is not None:
-            job.extra.setdefault("calib_labels", sset.labels)
+        synth_seconds = _synthesize(job, fp_model, synth, num_images)
 
     fp_top1 = None
     if eval_data is not None:
-        from zsq.evaluate import evaluate
-
         job.eval_fn = lambda m: evaluate(m, eval_set, quiet=True, device=next(m.parameters()).device)
-        fp_res = evaluate(fp_model, eval_set, quiet=quiet)
-        fp_top1 = fp_res["top1"]
+        fp_top1 = evaluate(fp_model, eval_set, quiet=quiet)["top1"]
 
     t0 = time.time()
     log(f"quantizing with {method} ({qconfig.describe()})", quiet)
     result = info.fn(fp_model, qconfig, job)
     quant_seconds = time.time() - t0
 
-    report: Dict[str, Any] = {
-        "model": model_name, "method": method, "bits": qconfig.bits, "preset": preset,
-        "preset_version": qconfig.version, "calib_source": job.calib_source,
-        "num_images": None if job.calib is None else int(job.calib.shape[0]), "options": opts,
-        "compute": compute.describe(),
-    }
+    report = _base_report(model_name, method, qconfig, preset, job, opts, compute)
     if job.out is not None:
-        from zsq.export import save_quantized
-
-        saved = save_quantized(result.model, job.out, model_name=model_name, weights_path=weights,
-                               info={k: v for k, v in report.items()}, force=True)
-        report["out"] = str(job.out)
-        report.update({k: saved[k] for k in ("packed_bytes", "fp32_bytes") if k in saved})
+        _save(report, result.model, job, model_name, weights)
         run_folder.finish()
     if eval_data is not None:
-        from zsq.evaluate import evaluate
-
         q_res = evaluate(result.model, eval_set, quiet=quiet)
         report.update({"fp32_top1": fp_top1, "quant_top1": q_res["top1"], "quant_top5": q_res["top5"],
                        "n": q_res["n"]})
     report.update({"synth_seconds": round(synth_seconds, 2), "quant_seconds": round(quant_seconds, 2),
                    "seconds": round(time.time() - t_start, 2)})
-    # the method's own report (QAT: final_top1/best_top1/best_epoch/epochs; PTQ: unit_losses, units ...)
-    report.update({k: v for k, v in result.report.items() if k not in report})
-    plan = getattr(result.model, "zsq_quant_plan", {}) or {}
-    report.setdefault("capture", plan.get("capture"))
-    if plan.get("eager_fallback"):
-        report["eager_fallback"] = [f["module"] for f in plan["eager_fallback"]]
-    if plan.get("kept_float"):
-        report["kept_float"] = [f["layer"] for f in plan["kept_float"]]
+    _add_method_report(report, result)
     return QuantResult(model=result.model, report=report)

@@ -95,7 +95,8 @@ def cmd_evaluate(args) -> dict:
 
 
 # ---- quantize ---------------------------------------------------------------------------------
-def _parse_set(items: List[str]) -> Dict[str, object]:
+def parse_set(items: Optional[List[str]]) -> Dict[str, object]:
+    """``--set KEY=VALUE`` items as a dict; values are JSON when they parse as JSON, else strings."""
     out: Dict[str, object] = {}
     for item in items or []:
         if "=" not in item:
@@ -119,7 +120,7 @@ def cmd_quantize(args) -> dict:
         synth=args.synth, calib_data=args.calib_data, num_images=args.num_images, budget=args.budget,
         iters=args.iters, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
         batch_size=args.batch_size, seed=args.seed, out=out, resume=args.resume, force=args.force,
-        eval_data=args.eval_data, quiet=args.quiet, options=_parse_set(args.set), strict=args.strict,
+        eval_data=args.eval_data, quiet=args.quiet, options=parse_set(args.set), strict=args.strict,
         device=args.device, precision=args.precision, channels_last=args.channels_last,
     )
     return result.report
@@ -171,13 +172,9 @@ def cmd_methods(args) -> dict:
 
     methods = list_methods()
     presets = list_presets()
-    synths = {}
-    try:
-        from zsq.synth import get_synthesizer, list_synthesizers
+    from zsq.synth import get_synthesizer, list_synthesizers
 
-        synths = {name: get_synthesizer(name).summary for name in list_synthesizers()}
-    except ImportError:
-        pass
+    synths = {name: get_synthesizer(name).summary for name in list_synthesizers()}
     if not args.json:
         print("methods:")
         for name, info in methods.items():

@@ -10,22 +10,13 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from zsq.errors import ZsqError
 from zsq.models.meta import get_meta
-
-
-def _progress(iterable, total: int, desc: str, quiet: bool):
-    try:  # the shared progress helper, once it exists
-        from zsq.progress import progress
-    except ImportError:
-        from tqdm import tqdm
-
-        return tqdm(iterable, total=total, desc=desc, disable=quiet, leave=False)
-    return progress(iterable, total=total, desc=desc, quiet=quiet)
+from zsq.progress import progress
 
 
 def default_batch_size(model: nn.Module) -> int:
     """Large batches for small (CIFAR-size) inputs, moderate for ImageNet-size ones."""
     meta = getattr(model, "zsq_meta", None)
-    if meta is not None and meta.input_size[-1] <= 64:
+    if meta is not None and meta.small_input:
         return 500
     return 50
 
@@ -69,7 +60,7 @@ def evaluate(
     preds = []
     try:
         with torch.inference_mode():
-            for x, y in _progress(loader, total=len(loader), desc="evaluate", quiet=quiet):
+            for x, y in progress(loader, total=len(loader), desc="evaluate", quiet=quiet):
                 x, y = x.to(device), torch.as_tensor(y).to(device)
                 logits = model(x)
                 if not bool(torch.isfinite(logits).all()):

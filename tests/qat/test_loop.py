@@ -163,15 +163,15 @@ def test_hast_trains_on_a_fixed_set_with_both_variants(tmp_path):
 
 
 def test_method_registration_and_job_mapping(tmp_path):
-    from zsq.methods.registry import QuantJob, _METHODS
+    from zsq.methods.registry import METHODS as _METHODS, QuantJob
     import zsq.qat.methods  # noqa: F401
 
     assert {"gdfq", "ait", "hast", "hast-paper"} <= set(_METHODS)
-    assert _METHODS["hast"].default_synth == "hast" and _METHODS["ait"].default_preset == "gdfq"
+    assert _METHODS.get("hast").default_synth == "hast" and _METHODS.get("ait").default_preset == "gdfq"
     teacher = _teacher()
     job = QuantJob(calib=torch.randn(8, 3, 8, 8), calib_source="synthetic:genie", epochs=2, iters_per_epoch=1,
                    batch_size=4, quiet=True, eval_fn=_eval, extra={"lr": 1e-2})
-    res = _METHODS["ait"].fn(teacher, get_preset("gdfq", "w4a4"), job)
+    res = _METHODS.get("ait").fn(teacher, get_preset("gdfq", "w4a4"), job)
     assert res.report["config"]["data"] == "fixed" and res.report["data"] == "synthetic:genie"
     assert {"final_top1", "best_top1", "best_epoch", "epochs", "timing"} <= set(res.report)
     cfg = res.report["config"]  # --epochs 2 rescales the paper milestones into the run

@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 from zsq.errors import ZsqError
+from zsq.synth.base import list_synthesizers
 
 DATA_NONE, DATA_REAL = "none", "real"
-SYNTHS = ("genie", "zeroq", "gdfq", "hast", "noise")
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,9 @@ class Cell:
     def __post_init__(self):
         if self.model not in MODELS:
             raise ZsqError(f"bench: unknown model {self.model!r} (known: {', '.join(MODELS)})")
-        if self.data not in (DATA_NONE, DATA_REAL) + SYNTHS:
-            raise ZsqError(f"bench: data must be none, real or one of {SYNTHS}, got {self.data!r}")
+        if self.data not in (DATA_NONE, DATA_REAL, *list_synthesizers()):
+            raise ZsqError(f"bench: data must be none, real or one of {', '.join(list_synthesizers())}, "
+                           f"got {self.data!r}")
 
     @property
     def key(self) -> str:

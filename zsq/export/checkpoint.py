@@ -33,6 +33,7 @@ from zsq.export.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, fil
                                  zsq_version)
 from zsq.export.packing import pack_codes, unpack_codes
 from zsq.export.weights import weight_grid
+from zsq.quant.state import set_flags
 from zsq.quant.transforms import act_quantizers, quant_layers
 
 PACKED_FILE = "packed_weights.safetensors"
@@ -202,17 +203,10 @@ def _build_model(model_name: str, model_factory: Optional[Callable[[str], nn.Mod
     return load(model_name)
 
 
-def load_quantized(path, *, model_factory: Optional[Callable[[str], nn.Module]] = None) -> nn.Module:
-    """Rebuild the fake-quant model saved by ``save_quantized`` (CPU, eval mode).
-
-    ``model_factory(model_name) -> nn.Module`` replaces ``zsq.models.load`` (for custom models).
-    """
+def _read_checkpoint(folder: Path):
+    """(manifest, quant.json, packed weights, float state), the files checked against the manifest."""
     from safetensors.torch import load_file
 
-    from zsq.quant.config import QuantConfig
-    from zsq.quant.transforms import quantize_model
-
-    folder = Path(path)
     manifest = read_manifest(folder)
     for name in CHECKPOINT_FILES:
         if name not in manifest["files"]:
@@ -225,32 +219,37 @@ def load_quantized(path, *, model_factory: Optional[Callable[[str], nn.Module]] 
         raise
     except Exception as e:  # hashes matched, so this is a writer bug or a hand-made manifest
         raise ZsqError(f"checkpoint {folder} cannot be read: {e.__class__.__name__}: {e}") from None
+    return manifest, quant, packed, state
 
-    model = _build_model(manifest["model_name"], model_factory)
-    example = None
-    if quant.get("meta"):
+
+def _rebuild(folder: Path, model_name: str, quant: dict, model_factory):
+    """The model quantized with the saved config, input quantizers shared exactly as saved."""
+    from zsq.quant.config import QuantConfig
+    from zsq.quant.transforms import quantize_model
+
+    model = _build_model(model_name, model_factory)
+    if quant.get("meta") and getattr(model, "zsq_meta", None) is None:
         from zsq.models.meta import ModelMeta, set_meta
 
-        meta = ModelMeta.from_dict(quant["meta"])
-        if getattr(model, "zsq_meta", None) is None:
-            set_meta(model, meta)
-        example = torch.randn(2, *meta.input_size, generator=torch.Generator().manual_seed(0))
+        set_meta(model, ModelMeta.from_dict(quant["meta"]))
     config = QuantConfig.from_dict(quant["config"])
-    qmodel = quantize_model(model, config, example_input=example)
-
-    # input quantizers shared between the readers of one tensor, exactly as saved
+    qmodel = quantize_model(model, config)
     for sharer, owner in quant.get("shared_input_quantizers", []):
         try:
             qmodel.get_submodule(sharer).input_quant = qmodel.get_submodule(owner).input_quant
         except AttributeError:
-            raise ZsqError(f"checkpoint {folder} does not fit {manifest['model_name']}: no module {sharer} / {owner}") from None
+            raise ZsqError(f"checkpoint {folder} does not fit {model_name}: no module {sharer} / {owner}") from None
+    return qmodel, config
 
+
+def _load_packed(qmodel: nn.Module, folder: Path, model_name: str, quant: dict, packed: dict) -> List[str]:
+    """Weights from their packed codes with frozen grids; the tensor names this covers (prefixes end in '.')."""
     layers = dict(quant_layers(qmodel))
     saved_names = [e["name"] for e in quant["layers"]]
     unknown = [n for n in saved_names if n not in layers]
     if unknown:
-        raise ZsqError(f"checkpoint {folder} does not fit {manifest['model_name']}: no layer {unknown[0]}")
-    skip_names, skip_prefixes = set(), []
+        raise ZsqError(f"checkpoint {folder} does not fit {model_name}: no layer {unknown[0]}")
+    covered = []
     for e in quant["layers"]:
         name, layer = e["name"], layers[e["name"]]
         if list(layer.weight.shape) != e["shape"]:
@@ -263,21 +262,25 @@ def load_quantized(path, *, model_factory: Optional[Callable[[str], nn.Module]] 
         layer.weight_quant = FrozenWeightQuantizer(scale, zp, e["bits"], e["qmin"], e["qmax"])
         if not torch.equal(layer.quantized_weight().detach(), deq):
             raise ZsqError(f"layer {name}: stored grid does not reproduce its weights (checkpoint {folder})")
-        skip_names.add(f"{name}.weight")
-        skip_prefixes.append(f"{name}.weight_quant.")
+        covered += [f"{name}.weight", f"{name}.weight_quant."]
     # layers saved without a weight quantizer keep theirs off
     for name, layer in layers.items():
         if name not in saved_names:
             layer.weight_quant = None
+    return covered
 
+
+def _load_state(qmodel: nn.Module, folder: Path, what: str, state: dict, covered: List[str]) -> None:
+    """Every other parameter and buffer from the float state; names must match exactly."""
+    skip_names = {c for c in covered if not c.endswith(".")}
+    skip_prefixes = [c for c in covered if c.endswith(".")]
     targets = {k: t for k, t in _named_tensors(qmodel).items()
                if k not in skip_names and not any(k.startswith(p) for p in skip_prefixes)}
     missing = sorted(set(targets) - set(state))
     unexpected = sorted(set(state) - set(targets))
     if missing or unexpected:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise ZsqError(f"checkpoint {folder} does not fit {manifest['model_name']} quantized with "
-                       f"{config.describe()}: {what}")
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise ZsqError(f"checkpoint {folder} does not fit {what}: {detail}")
     with torch.no_grad():
         for k, t in targets.items():
             src = state[k]
@@ -285,13 +288,21 @@ def load_quantized(path, *, model_factory: Optional[Callable[[str], nn.Module]] 
                 raise ZsqError(f"checkpoint {folder}: {k} has shape {list(src.shape)}, the model {list(t.shape)}")
             t.copy_(src.to(t.dtype))
 
+
+def load_quantized(path, *, model_factory: Optional[Callable[[str], nn.Module]] = None) -> nn.Module:
+    """Rebuild the fake-quant model saved by ``save_quantized`` (CPU, eval mode).
+
+    ``model_factory(model_name) -> nn.Module`` replaces ``zsq.models.load`` (for custom models).
+    """
+    folder = Path(path)
+    manifest, quant, packed, state = _read_checkpoint(folder)
+    model_name = manifest["model_name"]
+    qmodel, config = _rebuild(folder, model_name, quant, model_factory)
+    covered = _load_packed(qmodel, folder, model_name, quant, packed)
+    _load_state(qmodel, folder, f"{model_name} quantized with {config.describe()}", state, covered)
     saved_acts = {a["name"]: a for a in quant.get("act_quantizers", [])}
     for name, q in act_quantizers(qmodel):
-        if hasattr(q, "observing"):
-            q.observing = False
-        if hasattr(q, "_samples"):
-            q._samples = []
-        q.enabled = saved_acts.get(name, {}).get("enabled", True)
+        set_flags([q], observing=False, enabled=saved_acts.get(name, {}).get("enabled", True))
     qmodel.zsq_quant_plan = quant.get("plan", {})
     qmodel.zsq_quant_config = config
     qmodel.zsq_checkpoint = {k: manifest[k] for k in ("model_name", "format_version", "zsq_version", "bits",

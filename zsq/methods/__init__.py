@@ -1,9 +1,8 @@
-"""Quantization methods; importing this package registers every method.
+"""Quantization methods: the registry every family registers into, and the calibration baselines.
 
-Each line below imports one method family's registration; add yours here.
+Importing this package registers bn-minmax and minmax; ``zsq.ptq`` and ``zsq.qat`` register their own
+methods when imported (``zsq/__init__`` imports both, so every method is listed).
 """
 from zsq.methods.registry import QuantJob, QuantResult, get_method, list_methods, register_method  # noqa: F401
 
 from zsq.methods import bn_minmax  # noqa: F401,E402
-from zsq.qat import methods as _qat_methods  # noqa: F401,E402
-from zsq.ptq import methods as _ptq_methods  # noqa: F401,E402

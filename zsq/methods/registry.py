@@ -1,8 +1,9 @@
 """Registry of quantization methods (bn-minmax, genie, brecq, ait, ...), like timm's model registry.
 
 A method is a function ``fn(fp_model, qconfig, job) -> QuantResult``. It must not mutate ``fp_model``.
-Packages register their methods on import; ``zsq.methods.__init__`` imports them all, so
-``zsq methods`` and ``zsq quantize --method`` see every one.
+Each package registers its methods when imported (``zsq.methods`` the calibration baselines,
+``zsq.ptq`` and ``zsq.qat`` their families); ``zsq/__init__`` imports them all, so ``zsq methods``
+and ``zsq quantize --method`` see every one.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, Callable, Dict, Optional
 import torch.nn as nn
 
 from zsq.errors import ZsqError
+from zsq.registry import Registry
 
 
 @dataclass
@@ -100,7 +102,7 @@ def schema_options(cls: type, what: str) -> Callable[[Dict[str, Any], Any, str],
     return lambda values, meta, budget: dataclasses.asdict(parse_options(cls, values, what))
 
 
-_METHODS: Dict[str, MethodInfo] = {}
+METHODS: Registry[MethodInfo] = Registry("method")
 
 
 def register_method(name: str, *, kind: str, needs_images: bool, default_preset: str,
@@ -109,23 +111,16 @@ def register_method(name: str, *, kind: str, needs_images: bool, default_preset:
     default_synth="genie", summary="...")``."""
 
     def deco(fn):
-        if name in _METHODS and _METHODS[name].fn is not fn:
-            raise ValueError(f"method {name!r} registered twice")
-        _METHODS[name] = MethodInfo(name, fn, kind, needs_images, default_preset, default_synth, summary, options)
+        METHODS.register(name, MethodInfo(name, fn, kind, needs_images, default_preset, default_synth, summary,
+                                          options))
         return fn
 
     return deco
 
 
 def get_method(name: str) -> MethodInfo:
-    import zsq.methods  # noqa: F401  (imports every method module so they register)
-
-    if name not in _METHODS:
-        raise ZsqError(f"unknown method {name!r}; choose one of: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name]
+    return METHODS.get(name)
 
 
 def list_methods() -> Dict[str, MethodInfo]:
-    import zsq.methods  # noqa: F401
-
-    return dict(sorted(_METHODS.items()))
+    return METHODS.items()

@@ -7,6 +7,9 @@ from typing import Tuple
 import torch.nn as nn
 
 
+SMALL_INPUT_SIDE = 64  # the CIFAR-vs-ImageNet line every budget and architecture choice uses
+
+
 @dataclass(frozen=True)
 class ModelMeta:
     """How to feed a model: every evaluator and synthesizer reads this, never hard-codes it.
@@ -26,6 +29,12 @@ class ModelMeta:
     interpolation: str = "bilinear"
     dataset: str = ""
     extra: dict = field(default_factory=dict)
+
+    @property
+    def small_input(self) -> bool:
+        """CIFAR-sized input (side <= SMALL_INPUT_SIDE): the papers' CIFAR budgets and architectures
+        apply, else their ImageNet ones."""
+        return self.input_size[-1] <= SMALL_INPUT_SIDE
 
     def to_dict(self) -> dict:
         d = asdict(self)

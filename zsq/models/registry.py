@@ -6,15 +6,13 @@ saying how to feed it, and optionally the shared asset that holds its reference 
 """
 from __future__ import annotations
 
-import difflib
-import fnmatch
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch.nn as nn
 
-from zsq.errors import ZsqError
 from zsq.models.meta import ModelMeta
+from zsq.registry import Registry
 
 # Prefixes of names resolved by zsq.models.external (third-party packages, imported lazily).
 EXTERNAL_PREFIXES = ("torchvision:", "pytorchcv:", "timm:")
@@ -28,7 +26,8 @@ class ModelEntry:
     default_weights: Optional[str] = None  # asset path relative to zsq.assets.assets_dir()
 
 
-_REGISTRY: Dict[str, ModelEntry] = {}
+MODELS: Registry[ModelEntry] = Registry(
+    "model", hint=" (zsq.models.list_models()); others as torchvision:<arch>, pytorchcv:<arch> or timm:<arch>")
 
 
 def register_model(meta: ModelMeta, default_weights: Optional[str] = None, name: Optional[str] = None):
@@ -36,9 +35,7 @@ def register_model(meta: ModelMeta, default_weights: Optional[str] = None, name:
 
     def deco(fn: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
         key = name or fn.__name__
-        if key in _REGISTRY:
-            raise ValueError(f"model {key!r} registered twice")
-        _REGISTRY[key] = ModelEntry(key, fn, meta, default_weights)
+        MODELS.register(key, ModelEntry(key, fn, meta, default_weights))
         return fn
 
     return deco
@@ -49,18 +46,9 @@ def list_models(pattern: str = "*") -> List[str]:
 
     Third-party models are reached as ``torchvision:<arch>``, ``pytorchcv:<arch>``, ``timm:<arch>``.
     """
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    return MODELS.names(pattern)
 
 
 def get_entry(name: str) -> ModelEntry:
     """The registry entry for ``name``; ZsqError with close matches when unknown."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        pass
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=4, cutoff=0.5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise ZsqError(
-        f"unknown model {name!r}.{hint} zsq's own models: {', '.join(list_models())} "
-        f"(zsq.models.list_models()); others as torchvision:<arch>, pytorchcv:<arch> or timm:<arch>"
-    )
+    return MODELS.get(name)

@@ -1,11 +1,12 @@
 """Post-training quantization by block reconstruction: Genie-M, QDrop, BRECQ and AdaRound.
 
-    import zsq.methods, zsq.ptq.methods  # noqa
+    import zsq
     result = zsq.methods.get_method("genie").fn(teacher, zsq.quant.get_preset("genie", "w4a4"), job)
 
-See docs/ptq.md. Importing ``zsq.ptq.methods`` registers the methods and the brecq/qdrop presets.
+See docs/ptq.md. Importing ``zsq.ptq`` registers its methods and the brecq/qdrop presets.
 """
 from zsq.ptq.budgets import BUDGETS, RECIPES, Budget, EngineOptions, Phase, Recipe, get_budget  # noqa: F401
 from zsq.ptq.reconstruct import Reconstructor  # noqa: F401
 from zsq.ptq.soft_round import SoftRoundQuantizer, to_uniform  # noqa: F401
 from zsq.ptq.units import Unit, find_units, register_block_type  # noqa: F401
+from zsq.ptq import methods  # noqa: F401,E402  (registers genie, qdrop, brecq, adaround)

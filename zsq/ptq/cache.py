@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from zsq.compute import Compute
 from zsq.errors import ZsqError
+from zsq.hooks import Hooks
 
 
 class _Reached(Exception):
@@ -48,10 +49,10 @@ def capture(model: nn.Module, unit_name: str, images: torch.Tensor, chunk: int,
         buf["y"] = _first_tensor(out).detach()
         raise _Reached
 
-    hooks = [unit.register_forward_pre_hook(pre)]
-    if want_output:
-        hooks.append(unit.register_forward_hook(post))
-    try:
+    with Hooks() as hooks:
+        hooks.pre(unit, pre)
+        if want_output:
+            hooks.post(unit, post)
         for start in range(0, n, chunk):
             buf.clear()
             try:
@@ -64,9 +65,6 @@ def capture(model: nn.Module, unit_name: str, images: torch.Tensor, chunk: int,
                 if key not in store:
                     store[key] = torch.empty((n,) + tuple(t.shape[1:]), dtype=torch.float32, device=compute.device)
                 store[key][start:start + t.shape[0]].copy_(t)
-    finally:
-        for h in hooks:
-            h.remove()
     return store["x"], store.get("y")
 
 
@@ -94,7 +92,6 @@ class CacheEstimate:
 def estimate(model: nn.Module, unit_names: List[str], example: torch.Tensor, num_images: int) -> CacheEstimate:
     """Measure each unit's input/output size on one image and scale to ``num_images``."""
     sizes: Dict[str, List[int]] = {}
-    hooks = []
 
     def make(name):
         def post(_m, args, out):
@@ -103,13 +100,10 @@ def estimate(model: nn.Module, unit_names: List[str], example: torch.Tensor, num
                 sizes[name] = [x[0].numel(), y[0].numel()]
         return post
 
-    try:
+    with Hooks() as hooks:
         for name in unit_names:
-            hooks.append(model.get_submodule(name).register_forward_hook(make(name)))
+            hooks.post(model.get_submodule(name), make(name))
         model(example[:1])
-    finally:
-        for h in hooks:
-            h.remove()
     missing = [n for n in unit_names if n not in sizes]
     if missing:
         raise ZsqError(f"units never called in the forward pass: {', '.join(missing)}")

@@ -20,7 +20,7 @@ import copy
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,7 @@ import torch.nn as nn
 from zsq import runstate
 from zsq.compute import Compute, as_compute
 from zsq.errors import ZsqError
+from zsq.hooks import Hooks
 from zsq.progress import log
 from zsq.ptq import cache, checkpoint
 from zsq.ptq.augment import augmented_views
@@ -36,7 +37,8 @@ from zsq.ptq.schedule import BetaSchedule
 from zsq.ptq.soft_round import SoftRoundQuantizer, to_uniform
 from zsq.ptq.unit_bar import UnitBar
 from zsq.ptq.units import Unit, find_units, summarize_units
-from zsq.quant.quantizer import UniformQuantizer
+from zsq.quant.quantizer import UniformQuantizer, subsample_with_extremes
+from zsq.quant.state import set_flags
 from zsq.quant.transforms import act_quantizers, set_quant_state
 
 ACT_INIT_IMAGES = 32  # Genie initialises activation steps on the first 32 calibration samples
@@ -48,7 +50,7 @@ def _seed(seed: int, phase: int, unit: int) -> int:
 
 
 @contextmanager
-def _fast_lazy_init(quants: List[UniformQuantizer]):
+def _fast_lazy_init(quants: List[UniformQuantizer], seed: int):
     """Uninitialised per-tensor quantizers initialise from a seeded subsample of their first input
     (plus its min and max, so sign and range are exact) instead of all of it: the core's 100-ratio
     Lp search over 32 full feature maps takes tens of seconds on a CPU, the subsample well under one,
@@ -56,37 +58,25 @@ def _fast_lazy_init(quants: List[UniformQuantizer]):
     def pre(q, args):
         if bool(q.initialized) or q.spec.per_channel or q.spec.dynamic or not q.enabled:
             return
-        x = args[0].detach().flatten()
-        if x.numel() > ACT_INIT_VALUES:
-            idx = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[:ACT_INIT_VALUES]
-            x = torch.cat([x[idx], x.min().reshape(1), x.max().reshape(1)])
-        q.init_from(x)
+        q.init_from(subsample_with_extremes(args[0].detach().flatten(), ACT_INIT_VALUES, seed))
 
-    hooks = []
-    try:
-        hooks = [q.register_forward_pre_hook(pre) for q in quants]
+    with Hooks() as hooks:
+        for q in quants:
+            hooks.pre(q, pre)
         yield
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 @contextmanager
 def _qdrop_hooks(quants: List[UniformQuantizer], p: float, gen: torch.Generator):
     """Each quantizer's output keeps its quantized value with probability p, else the float input."""
-    hooks = []
-
     def hook(_m, args, out):
         keep = torch.rand(out.shape, generator=gen, device=gen.device) < p
         return torch.where(keep, out, args[0])
 
-    try:
-        if 0.0 < p < 1.0:
-            hooks = [q.register_forward_hook(hook) for q in quants]
+    with Hooks() as hooks:
+        for q in quants if 0.0 < p < 1.0 else []:
+            hooks.post(q, hook)
         yield
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def _recon_loss(y_hat: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
@@ -125,6 +115,55 @@ def _hard(soft: List[SoftRoundQuantizer], on: bool) -> None:
     """Soft bits evaluated as 1[V >= 0] (on) or as h(V) (training)."""
     for s in soft:
         s.hard = on
+
+
+def _soft_rounding(layers: List[nn.Module], phase: Phase) -> List[SoftRoundQuantizer]:
+    """Swap in soft-rounding weight quantizers when the phase trains the rounding."""
+    soft: List[SoftRoundQuantizer] = []
+    if phase.train_rounding:
+        for layer in layers:
+            layer.weight_quant = SoftRoundQuantizer(layer.weight, layer.weight_quant, phase.learn_weight_scale)
+            soft.append(layer.weight_quant)
+    return soft
+
+
+def _param_groups(phase: Phase, soft: List[SoftRoundQuantizer], acts: List[UniformQuantizer]):
+    """(rounding variables, step sizes): Adam groups with the phase's learning rates."""
+    groups_fast, groups_scale = [], []
+    if soft:
+        groups_fast.append({"params": [s.v for s in soft], "lr": phase.lr_v})
+        if phase.learn_weight_scale:
+            groups_scale.append({"params": [s.scale for s in soft], "lr": phase.lr_weight_scale})
+    if phase.train_act_scale:
+        act_params = [q.scale for q in acts if isinstance(q.scale, nn.Parameter)]
+        if act_params:
+            groups_scale.append({"params": act_params, "lr": phase.lr_act_scale})
+    return groups_fast, groups_scale
+
+
+@contextmanager
+def _only_trainable(model: nn.Module, params: List[torch.Tensor]):
+    """Gradients for ``params`` only inside the block; every parameter's requires_grad restored after."""
+    saved = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(saved.get(id(p), True))
+
+
+def _step(optimizers, loss: torch.Tensor) -> None:
+    for o in optimizers:
+        if o is not None:
+            o.zero_grad(set_to_none=True)
+    loss.backward()
+    for o in optimizers:
+        if o is not None:
+            o.step()
 
 
 class Reconstructor:
@@ -167,20 +206,15 @@ class Reconstructor:
     # ---- state of the activation quantizers -----------------------------------------------------
     def _set_acts(self, phase: Phase, upto: int) -> None:
         """Activation quantization on for units 0..upto when the phase has it, off elsewhere."""
-        on = set()
+        set_flags(self.all_acts, enabled=False, observing=False)
         if phase.acts_on:
-            for qs in self.unit_acts[: upto + 1]:
-                on.update(id(q) for q in qs)
-        for q in self.all_acts:
-            q.enabled = id(q) in on
-            q.observing = False
+            set_flags([q for qs in self.unit_acts[: upto + 1] for q in qs], enabled=True)
 
     # ---- one unit ------------------------------------------------------------------------------
     def _run_unit(self, pi: int, ui: int) -> dict:
         phase, unit = self.recipe.phases[pi], self.units[ui]
         t0 = time.time()
         gen = self.compute.generator(_seed(self.opts.seed, pi, ui))
-        dev = gen.device
         x, y = cache.capture(self.fp_ref, unit.name, self.calib, self.opts.chunk, want_output=True,
                              compute=self.compute)
         self._set_acts(phase, ui)
@@ -188,20 +222,16 @@ class Reconstructor:
                               compute=self.compute)
         mod = self.qmodel.get_submodule(unit.name)
         layers = [self.qmodel.get_submodule(n) for n in unit.layers]
-        n, bs = self.n_train, self.batch_size
+        n = self.n_train
         xq_hold, y_hold = xq[n:], y[n:]
 
         def unit_fwd(t: torch.Tensor) -> torch.Tensor:
             return self.compute.forward(mod, t)
 
-        soft: List[SoftRoundQuantizer] = []
-        if phase.train_rounding:
-            for layer in layers:
-                layer.weight_quant = SoftRoundQuantizer(layer.weight, layer.weight_quant, phase.learn_weight_scale)
-                soft.append(layer.weight_quant)
+        soft = _soft_rounding(layers, phase)
         acts = self.unit_acts[ui] if phase.acts_on else []
         if acts:
-            with torch.no_grad(), _fast_lazy_init(acts):  # Lp-2.4 init of still-uninitialised steps
+            with torch.no_grad(), _fast_lazy_init(acts, self.opts.seed):  # Lp-2.4 init of still-uninitialised steps
                 self.compute.forward(mod, xq[:min(ACT_INIT_IMAGES, n)])
         # the start: soft bits at init, hardened, are round-to-nearest on the initial grid
         judge = self.opts.keep_better and xq_hold.shape[0] > 0
@@ -209,84 +239,75 @@ class Reconstructor:
         hold_start = _output_error(unit_fwd, xq_hold, y_hold)
         _hard(soft, False)
         start = {k: v.detach().clone() for k, v in mod.state_dict().items()} if judge else None
-
-        saved_grad = {id(p): p.requires_grad for p in self.qmodel.parameters()}
-        for p in self.qmodel.parameters():
-            p.requires_grad_(False)
-        groups_fast, groups_scale = [], []
-        if soft:
-            groups_fast.append({"params": [s.v for s in soft], "lr": phase.lr_v})
-            if phase.learn_weight_scale:
-                groups_scale.append({"params": [s.scale for s in soft], "lr": phase.lr_weight_scale})
-        if phase.train_act_scale:
-            act_params = [q.scale for q in acts if isinstance(q.scale, nn.Parameter)]
-            if act_params:
-                groups_scale.append({"params": act_params, "lr": phase.lr_act_scale})
-        for g in groups_fast + groups_scale:
-            for p in g["params"]:
-                p.requires_grad_(True)
+        groups = _param_groups(phase, soft, acts)
         iters = max(1, round(self.budget.iters * phase.iters_scale))
-        if not groups_fast and not groups_scale:
+        if not groups[0] and not groups[1]:
             iters = 0  # nothing to learn here (e.g. the stem in an activation phase: its input stays float)
-        opt_v = torch.optim.Adam(groups_fast) if groups_fast else None
-        opt_s = torch.optim.Adam(groups_scale) if groups_scale else None
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=iters, eta_min=0.0) if opt_s else None
-        beta = BetaSchedule(max(iters, 1), self.recipe.beta_start, self.recipe.beta_end, self.recipe.warmup)
-
-        perm, pos = None, n
-        rec_hist: List[float] = []
-        round_val = 0.0
         desc = f"{phase.name} {ui + 1}/{len(self.units)} {unit.name}"
-        try:
-            with _qdrop_hooks(acts, phase.qdrop_p, gen), UnitBar(iters, desc, self.opts.quiet) as bar:
-                for t in range(1, iters + 1):
-                    if pos + bs > n:
-                        perm, pos = torch.randperm(n, generator=gen, device=dev), 0
-                    idx = perm[pos:pos + bs]
-                    pos += bs
-                    xin = xq[idx]
-                    if 0.0 < phase.qdrop_p < 1.0:
-                        keep = torch.rand(xin.shape, generator=gen, device=dev) < phase.qdrop_p
-                        xin = torch.where(keep, xin, x[idx])
-                    out = self.compute.forward(mod, xin)
-                    loss = _recon_loss(out, y[idx], phase.loss_p)
-                    rec = float(loss.detach())
-                    if soft and phase.round_weight > 0 and beta.rounding_active(t):
-                        b = beta.beta(t)
-                        rl = sum(s.round_loss(b) for s in soft)
-                        round_val = float(rl.detach())
-                        loss = loss + phase.round_weight * rl
-                    if not torch.isfinite(loss):
-                        raise ZsqError(f"reconstruction loss became {float(loss)} in unit {unit.name} at step {t}")
-                    for o in (opt_v, opt_s):
-                        if o is not None:
-                            o.zero_grad(set_to_none=True)
-                    loss.backward()
-                    for o in (opt_v, opt_s):
-                        if o is not None:
-                            o.step()
-                    if sched is not None:
-                        sched.step()
-                    rec_hist.append(rec)
-                    bar.update(rec)
-        finally:
-            for p in self.qmodel.parameters():
-                p.requires_grad_(saved_grad.get(id(p), True))
+        with _only_trainable(self.qmodel, [p for g in groups[0] + groups[1] for p in g["params"]]):
+            rec_hist, round_val = self._train(phase, unit, mod, soft, acts, gen, (x, y, xq), groups, iters, desc)
         _hard(soft, True)
         hold_end = _output_error(unit_fwd, xq_hold, y_hold)
         kept = None if not judge else (iters == 0 or hold_end < hold_start)
         if kept is False:  # training made the unit worse on images it never saw: back to the start
             mod.load_state_dict(start)
-        for layer in layers:
-            if isinstance(layer.weight_quant, SoftRoundQuantizer):
-                to_uniform(layer)
-        final = _output_error(unit_fwd, xq[:n], y[:n])  # the hardened unit on its training images, no QDrop
+        final = self._harden(layers, mod, xq[:n], y[:n])  # the hardened unit on its training images, no QDrop
         k = max(1, len(rec_hist) // 10)
         rec_hist = rec_hist or [final]
         return {"unit": unit.name, "kind": unit.kind, "phase": phase.name, "iters": iters,
                 "loss_start": sum(rec_hist[:k]) / k, "loss_end": sum(rec_hist[-k:]) / k,
                 "round_loss_end": round_val, "hard_loss": final, "holdout_start": hold_start,
                 "holdout_end": hold_end, "kept": kept, "seconds": time.time() - t0}
+
+    def _train(self, phase: Phase, unit: Unit, mod: nn.Module, soft: List[SoftRoundQuantizer],
+               acts: List[UniformQuantizer], gen: torch.Generator, data, groups, iters: int,
+               desc: str) -> Tuple[List[float], float]:
+        """The unit's optimisation; (reconstruction loss per step, the last rounding loss)."""
+        x, y, xq = data
+        groups_fast, groups_scale = groups
+        opt_v = torch.optim.Adam(groups_fast) if groups_fast else None
+        opt_s = torch.optim.Adam(groups_scale) if groups_scale else None
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=iters, eta_min=0.0) if opt_s else None
+        beta = BetaSchedule(max(iters, 1), self.recipe.beta_start, self.recipe.beta_end, self.recipe.warmup)
+        n, bs, dev = self.n_train, self.batch_size, gen.device  # training images only (held-out ones follow)
+        perm, pos = None, n
+        rec_hist: List[float] = []
+        round_val = 0.0
+        with _qdrop_hooks(acts, phase.qdrop_p, gen), UnitBar(iters, desc, self.opts.quiet) as bar:
+            for t in range(1, iters + 1):
+                if pos + bs > n:
+                    perm, pos = torch.randperm(n, generator=gen, device=dev), 0
+                idx = perm[pos:pos + bs]
+                pos += bs
+                xin = xq[idx]
+                if 0.0 < phase.qdrop_p < 1.0:
+                    keep = torch.rand(xin.shape, generator=gen, device=dev) < phase.qdrop_p
+                    xin = torch.where(keep, xin, x[idx])
+                loss = _recon_loss(self.compute.forward(mod, xin), y[idx], phase.loss_p)
+                rec = float(loss.detach())
+                if soft and phase.round_weight > 0 and beta.rounding_active(t):
+                    b = beta.beta(t)
+                    rl = sum(s.round_loss(b) for s in soft)
+                    round_val = float(rl.detach())
+                    loss = loss + phase.round_weight * rl
+                if not torch.isfinite(loss):
+                    raise ZsqError(f"reconstruction loss became {float(loss)} in unit {unit.name} at step {t}")
+                _step([opt_v, opt_s], loss)
+                if sched is not None:
+                    sched.step()
+                rec_hist.append(rec)
+                bar.update(rec)
+        return rec_hist, round_val
+
+    def _harden(self, layers: List[nn.Module], mod: nn.Module, xq: torch.Tensor, y: torch.Tensor) -> float:
+        """Soft rounding made hard; the unit's error on its quantized input, without QDrop."""
+        for layer in layers:
+            if isinstance(layer.weight_quant, SoftRoundQuantizer):
+                to_uniform(layer)
+        n = xq.shape[0]
+        with torch.no_grad():
+            return sum(_recon_loss(self.compute.forward(mod, xq[i:i + 256]), y[i:i + 256], 2.0).item()
+                       * len(y[i:i + 256]) for i in range(0, n, 256)) / n
 
     # ---- the whole run -------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
@@ -335,10 +356,9 @@ class Reconstructor:
 
     def _finish(self) -> None:
         """Every activation quantizer on; any no unit owned is initialised on the first images."""
-        for q in self.all_acts:
-            q.enabled, q.observing = True, False
+        set_flags(self.all_acts, enabled=True, observing=False)
         if any(not bool(q.initialized) for q in self.all_acts):
-            with torch.no_grad(), _fast_lazy_init(self.all_acts):
+            with torch.no_grad(), _fast_lazy_init(self.all_acts, self.opts.seed):
                 self.compute.forward(self.qmodel, self.calib[:ACT_INIT_IMAGES])
         self.qmodel.eval()
 

@@ -18,9 +18,11 @@ import torch.nn as nn
 from zsq.errors import ZsqError
 from zsq.quant import graph as G
 from zsq.quant.modules import QUANT_LAYER_TYPES, float_type_name
+from zsq.registry import Registry
 
 # class name -> where it comes from (documentation only)
-_BLOCK_TYPES: Dict[str, str] = {
+BLOCK_TYPES: Registry[str] = Registry("block type")
+for _name, _source in {
     "BasicBlock": "torchvision/timm ResNet, zsq CIFAR ResNet",
     "Bottleneck": "torchvision/timm ResNet",
     "InvertedResidual": "torchvision MobileNetV2/V3, timm EfficientNet",
@@ -30,18 +32,19 @@ _BLOCK_TYPES: Dict[str, str] = {
     "ResBottleneckBlock": "RegNet (BRECQ/Genie model files)",
     "DwsConvBlock": "pytorchcv MobileNet",
     "ConvBlock": "pytorchcv conv-bn-act (stems); target is its activated output",
-}
+}.items():
+    BLOCK_TYPES.register(_name, _source)
 
 GRANULARITIES = ("block", "layer")
 
 
 def register_block_type(class_name: str, source: str = "user") -> None:
     """Treat modules whose class is named ``class_name`` as one reconstruction unit."""
-    _BLOCK_TYPES[class_name] = source
+    BLOCK_TYPES.register(class_name, source)
 
 
 def block_types() -> Dict[str, str]:
-    return dict(_BLOCK_TYPES)
+    return BLOCK_TYPES.items()
 
 
 @dataclass
@@ -76,7 +79,7 @@ def find_units(qmodel: nn.Module, granularity: str = "block",
     """
     if granularity not in GRANULARITIES:
         raise ZsqError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    names = set(_BLOCK_TYPES) | set(extra_block_types or ())
+    names = set(BLOCK_TYPES) | set(extra_block_types or ())
     if granularity == "block" and use_graph:
         names |= set(graph_block_types(qmodel))
     modules = list(qmodel.named_modules())

@@ -7,3 +7,4 @@ from zsq.qat.config import HASTTrainConfig, QATConfig, method_config, paper_conf
 from zsq.qat.inundation import GIConfig, GradientInundation, quantized_weight_layers  # noqa: F401
 from zsq.qat.losses import channel_attention, feature_alignment_loss, kd_kl_loss  # noqa: F401
 from zsq.qat.loop import distill  # noqa: F401
+from zsq.qat import methods  # noqa: F401,E402  (registers gdfq, ait, hast, hast-paper)

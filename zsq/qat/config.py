@@ -156,13 +156,9 @@ class QATConfig:
         return cfg
 
 
-def _small_input(meta) -> bool:
-    return meta.input_size[-1] <= 64
-
-
 def paper_config(method: str, meta) -> QATConfig:
     """The published recipe for a method on this teacher (CIFAR-size vs ImageNet-size inputs)."""
-    small = _small_input(meta)
+    small = meta.small_input
     if method == "gdfq":  # ait.md §1.6, GDFQ original column
         return QATConfig(method="gdfq", batch_size=200 if small else 16, warmup_epochs=4 if small else 50,
                          lr=1e-4 if small else 1e-6, weight_decay=1e-4, ce_scale=1.0)
@@ -195,5 +191,5 @@ def method_config(method: str, meta, budget: str = "quick") -> QATConfig:
     cfg = paper_config(method, meta)
     if budget == "paper":
         return cfg
-    cfg = cfg.rescaled(**(QUICK_CIFAR if _small_input(meta) else QUICK_IMAGENET))
+    cfg = cfg.rescaled(**(QUICK_CIFAR if meta.small_input else QUICK_IMAGENET))
     return replace(cfg, ema_bias_correction=False)

@@ -38,6 +38,7 @@ from zsq.qat.inundation import GradientInundation, quantized_weight_layers
 from zsq.qat.losses import FeatureTaps, kd_kl_loss, residual_branch_taps
 from zsq.quant import act_quantizers, quantize_model
 from zsq.quant.config import QuantConfig
+from zsq.quant.state import set_flags
 
 STATE_FILE = "qat_state.safetensors"
 _SHUFFLE_KEY, _AUG_KEY = 0x5A7, 0xA06
@@ -102,6 +103,276 @@ class _Divergence(Exception):
     pass
 
 
+@dataclasses.dataclass
+class _Optimizers:
+    """Quantized weights (GI-wrapped for AIT) and everything else (BN affine, biases), stepped together."""
+
+    w_opt: torch.optim.Optimizer
+    o_opt: torch.optim.Optimizer
+    gi: Optional[GradientInundation]
+
+    @classmethod
+    def build(cls, student: nn.Module, cfg: QATConfig) -> "_Optimizers":
+        gi_layers = quantized_weight_layers(student)
+        weight_ids = {id(w) for _, w, _ in gi_layers}
+        w_opt = _make_optimizer([w for _, w, _ in gi_layers], cfg)
+        o_opt = _make_optimizer([p for p in student.parameters() if id(p) not in weight_ids], cfg)
+        return cls(w_opt, o_opt, GradientInundation(w_opt, gi_layers, cfg.gi) if cfg.gi is not None else None)
+
+    @property
+    def w_step(self):
+        return self.gi if self.gi is not None else self.w_opt
+
+    def set_epoch(self, epoch: int, lr: float, cfg: QATConfig) -> None:
+        _set_lr(self.w_opt, lr)
+        _set_lr(self.o_opt, lr)
+        if self.gi is not None:
+            self.gi.set_epoch(epoch, first_student_epoch=epoch == cfg.warmup_epochs)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.w_step.zero_grad(set_to_none=True)
+        self.o_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.o_opt.step()
+        self.w_step.step()
+
+
+class _Checkpoint:
+    """out/work/qat_state.pt: written after every epoch, read back by resume (same config only)."""
+
+    def __init__(self, out: Optional[Path], fingerprint: dict):
+        self.path = Path(out) / "work" / STATE_FILE if out is not None else None
+        self.fingerprint = fingerprint
+
+    def load(self, resume: bool, method: str, quiet: bool) -> Optional[dict]:
+        if not resume or not self.path.exists():
+            if self.path is not None and self.path.exists():
+                log(f"{method}: {self.path} exists; starting over (use --resume to continue it)", quiet)
+            return None
+        saved = runstate.load_state(self.path)
+        runstate.check_same_run(self.path, saved.get("fingerprint"), self.fingerprint)
+        log(f"{method}: resuming after epoch {saved['epochs_done'] - 1} from {self.path}", quiet)
+        return saved
+
+    def save(self, loop: "_Loop", epochs_done: int, seconds: float) -> None:
+        if self.path is None:
+            return
+        runstate.save_state(self.path, {
+            "fingerprint": self.fingerprint, "epochs_done": epochs_done, "student": loop.student.state_dict(),
+            "w_opt": loop.opt.w_step.state_dict(), "o_opt": loop.opt.o_opt.state_dict(),
+            "generator": loop.stream.state_dict() if loop.stream is not None else None,
+            "history": loop.history, "seconds": seconds})
+
+
+def _check_inputs(cfg: QATConfig, meta, fixed: Optional[torch.Tensor], out: Optional[Path], resume: bool) -> None:
+    if cfg.uses_fixed and (fixed is None or len(fixed) == 0):
+        raise ZsqError(f"{cfg.method} trains on a fixed image set: give images (--synth METHOD or --calib-data DIR)")
+    if fixed is not None and tuple(fixed.shape[1:]) != tuple(meta.input_size):
+        raise ZsqError(f"the fixed images are {tuple(fixed.shape[1:])} but the teacher wants {tuple(meta.input_size)}")
+    if resume and out is None:
+        raise ZsqError(f"resume needs an output directory (--out) holding the previous run's work/{STATE_FILE}")
+
+
+def _loop_qconfig(qconfig: QuantConfig, cfg: QATConfig) -> QuantConfig:
+    """The preset with the loop's EMA bias-correction rule, when it sets one."""
+    if cfg.ema_bias_correction is not None and qconfig.act.observer == "ema":
+        qconfig = dataclasses.replace(qconfig, act=dataclasses.replace(
+            qconfig.act, ema_bias_correction=cfg.ema_bias_correction))
+    return qconfig
+
+
+def _teacher_and_student(teacher: nn.Module, qconfig: QuantConfig, compute) -> Tuple[nn.Module, nn.Module]:
+    """A frozen copy of the teacher (on the compute device) and a trainable fake-quantized student."""
+    # quantize the float NCHW teacher (the rewrite is checked bit for bit against it), then move both
+    student = compute.prepare(quantize_model(copy.deepcopy(teacher).eval(), qconfig).eval())
+    teacher = compute.prepare(copy.deepcopy(teacher).eval())
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return teacher, student
+
+
+def _fixed_set(teacher: nn.Module, fixed: Optional[torch.Tensor], labels: Optional[torch.Tensor], compute):
+    """Fixed images as float and their labels (the teacher's argmax when none are given)."""
+    if fixed is None:
+        return None, labels
+    fixed = fixed.detach().float()
+    if labels is None:
+        with torch.no_grad():
+            labels = torch.cat([compute.forward(teacher, fixed[i:i + 256]).argmax(1).cpu()
+                                for i in range(0, len(fixed), 256)])
+    return fixed, labels.long()
+
+
+class _Loop:
+    """One distillation run's moving parts; distill() drives it epoch by epoch."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, cfg: QATConfig, quiet: bool,
+                 eval_fn: Optional[Callable[[nn.Module], dict]], compute):
+        self.teacher, self.student, self.cfg, self.quiet, self.eval_fn = teacher, student, cfg, quiet, eval_fn
+        self.compute = compute
+        self.quants = [q for _, q in act_quantizers(student)]
+        self.opt: Optional[_Optimizers] = None
+        self.stream = self.fixed_batches = self.taps_t = self.taps_s = None
+        self.history: List[dict] = []
+        self.best_top1: Optional[float] = None
+        self.best_epoch: Optional[int] = None
+
+    def resume_from(self, saved: Optional[dict], path: Optional[Path]) -> Tuple[int, float]:
+        """Restore a saved run; (first epoch to run, seconds already spent)."""
+        if saved is None:
+            return 0, 0.0
+        runstate.restore(self.student, saved["student"], path)
+        runstate.restore(self.opt.w_step, saved["w_opt"], path)
+        runstate.restore(self.opt.o_opt, saved["o_opt"], path)
+        self.history = saved["history"]
+        for h in self.history:
+            if h.get("top1") is not None and (self.best_top1 is None or h["top1"] > self.best_top1):
+                self.best_top1, self.best_epoch = h["top1"], h["epoch"]
+        return saved["epochs_done"], saved["seconds"]
+
+    def open_sources(self, fixed, fixed_labels, seed: int, saved: Optional[dict], start_epoch: int,
+                     path: Optional[Path]) -> None:
+        """The GDFQ generator (while an epoch still needs it), the fixed batches and HAST's feature taps."""
+        cfg = self.cfg
+        if cfg.uses_generator and start_epoch < (cfg.epochs if cfg.data == "generator" else cfg.warmup_epochs):
+            from zsq.synth.gdfq import GDFQGeneratorStream
+
+            self.stream = GDFQGeneratorStream(self.teacher, cfg.batch_size, seed=seed, lr=cfg.gen_lr,
+                                              betas=cfg.gen_betas, bns_weight=cfg.bns_weight,
+                                              latent_dim=cfg.latent_dim, compute=self.compute)
+            if saved is not None and saved.get("generator") is not None:
+                runstate.restore(self.stream, saved["generator"], path)
+        if fixed is not None:
+            augment = cfg.hast is not None and cfg.hast.augment
+            self.fixed_batches = FixedBatches(fixed, fixed_labels, cfg.batch_size, seed, augment)
+        if cfg.hast is not None and cfg.hast.feature_weight > 0:
+            names = residual_branch_taps(self.teacher)
+            self.taps_t = FeatureTaps(self.teacher, names).__enter__()
+            self.taps_s = FeatureTaps(self.student, names).__enter__()
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        for taps in (self.taps_t, self.taps_s):
+            if taps is not None:
+                taps.remove()
+
+    def run_t(self, x: torch.Tensor) -> torch.Tensor:
+        return self.compute.forward(self.teacher, x)
+
+    def run_s(self, x: torch.Tensor) -> torch.Tensor:
+        return self.compute.forward(self.student, x)
+
+    def kd(self, s_logits, t_logits):
+        return kd_kl_loss(s_logits, t_logits, self.cfg.temperature, self.cfg.kd_scale, self.cfg.kl_reduction)
+
+    def draw(self, step: int, source: str):
+        if source == "generator":
+            x, y = self.stream.step()
+            return x, y, self.stream.last_logits
+        x, y = self.fixed_batches.batch(step)
+        return x, y, None
+
+    def student_loss(self, x, y, t_logits) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """KD (+CE) for gdfq/ait, HAST's KD+FA with SDP."""
+        cfg = self.cfg
+        if cfg.hast is not None:
+            return hast_step(self.run_t, self.run_s, self.taps_t, self.taps_s, x, y, cfg.hast, self.kd)
+        if t_logits is None:
+            with torch.no_grad():
+                t_logits = self.run_t(x)
+        s_logits = self.run_s(x)
+        loss = self.kd(s_logits, t_logits.detach())
+        terms = {"kd": float(loss.detach())}
+        if cfg.ce_scale > 0:
+            ce = F.cross_entropy(s_logits, y)
+            loss = loss + cfg.ce_scale * ce
+            terms["ce"] = float(ce.detach())
+        terms["loss"] = float(loss.detach())
+        return loss, terms
+
+    def batch(self, epoch: int, it: int, source: str, training: bool) -> Dict[str, float]:
+        """One iteration: warm-up epochs only run Q(x) (ranges), later ones take a student step."""
+        x, y, t_logits = self.draw(epoch * self.cfg.iters_per_epoch + it, source)
+        x, y = self.compute.layout(x), y.to(self.compute.torch_device)
+        terms: Dict[str, float] = {}
+        if self.stream is not None and source == "generator":
+            terms.update({f"gen_{k}": v for k, v in self.stream.last_losses.items()})
+        if not training:
+            with torch.no_grad():
+                self.run_s(x)
+                if self.taps_s is not None:
+                    self.taps_s.take()
+            return terms
+        loss, student_terms = self.student_loss(x, y, t_logits)
+        terms.update(student_terms)
+        if not math.isfinite(terms["loss"]):
+            raise _Divergence(f"epoch {epoch}, iteration {it}: student loss {terms['loss']}")
+        self.opt.step(loss)
+        return terms
+
+    def epoch(self, epoch: int) -> dict:
+        """Schedule, iterations, range freeze; the epoch's history row (before evaluation)."""
+        cfg = self.cfg
+        lr = cfg.lr_at(epoch)
+        self.opt.set_epoch(epoch, lr, cfg)
+        if self.stream is not None:
+            _set_lr(self.stream.optimizer, cfg.gen_lr * (lr / cfg.lr))
+        set_flags(self.quants, observing=epoch < cfg.live_range_epochs, enabled=True)
+        training = epoch >= cfg.warmup_epochs
+        source = cfg.data if training else cfg.calib_data
+        if source == "generator" and self.stream is None:
+            raise ZsqError("internal: generator needed after it was released")
+        sums: Dict[str, float] = {}
+        for it in progress(range(cfg.iters_per_epoch), total=cfg.iters_per_epoch,
+                           desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", quiet=self.quiet):
+            for k, v in self.batch(epoch, it, source, training).items():
+                sums[k] = sums.get(k, 0.0) + v
+        set_flags(self.quants, observing=False)  # freeze after every epoch (GDFQ's freeze_model)
+        if self.stream is not None and cfg.data != "generator" and epoch + 1 >= cfg.warmup_epochs:
+            self.stream.close()  # HAST: the calibration generator is discarded after calibration
+            self.stream = None
+        return {"epoch": epoch, "lr": lr, "trained": training,
+                "losses": {k: v / cfg.iters_per_epoch for k, v in sums.items()}}
+
+    def assess(self, row: dict) -> None:
+        """GI's epoch summary and, at chosen epochs, top-1 on real images (tracking the best)."""
+        cfg, epoch, training = self.cfg, row["epoch"], row["trained"]
+        if self.opt.gi is not None and training:
+            summary = self.opt.gi.epoch_summary()
+            row["gi"] = {"rho": summary["rho"], "mean_alpha": summary["mean_alpha"],
+                         "unreached": summary["unreached"]}
+            for name, n in summary["unreached"].items():
+                log(f"{cfg.method}: GI could not reach rho={summary['rho']:.1e} in {name} at {n}/"
+                    f"{summary['steps']} steps (alpha at its cap)", self.quiet)
+        due = training and ((epoch + 1 - cfg.warmup_epochs) % cfg.eval_every == 0 or epoch == cfg.epochs - 1)
+        if self.eval_fn is not None and (due or epoch == cfg.warmup_epochs - 1):
+            row["top1"] = float(self.eval_fn(self.student)["top1"])
+            if self.best_top1 is None or row["top1"] > self.best_top1:
+                self.best_top1, self.best_epoch = row["top1"], epoch
+
+    def log_row(self, row: dict, eta: float) -> None:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in row["losses"].items() if not k.startswith("gen_"))
+        acc = f", top1={row['top1']:.2f}" if "top1" in row else ""
+        log(f"{self.cfg.method} epoch {row['epoch'] + 1}/{self.cfg.epochs}: {shown or 'calibration'}{acc} "
+            f"({row['seconds']:.0f}s, ETA {eta:.0f}s)", self.quiet)
+
+    def report(self, seconds: float, seconds_this_run: float) -> dict:
+        report = {"method": self.cfg.method, "config": self.cfg.to_dict(), "epochs": self.history,
+                  "compute": self.compute.describe(),
+                  "timing": {"seconds": seconds, "seconds_this_run": seconds_this_run,
+                             "seconds_per_epoch": [h["seconds"] for h in self.history]}}
+        if self.eval_fn is not None:
+            final = self.history[-1].get("top1") if self.history else None
+            report.update(final_top1=final, best_top1=self.best_top1, best_epoch=self.best_epoch,
+                          selection_note="final_top1 is the headline; best_top1 selects the epoch on the test "
+                                         "images (as GDFQ/AIT/HAST report), so it is optimistic")
+        return report
+
+
 def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: Optional[torch.Tensor] = None,
             fixed_labels: Optional[torch.Tensor] = None, seed: int = 0, out: Optional[Path] = None,
             resume: bool = False, quiet: bool = False,
@@ -116,206 +387,35 @@ def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: 
     """
     t_start = time.time()
     meta = get_meta(teacher)
-    if cfg.uses_fixed and (fixed is None or len(fixed) == 0):
-        raise ZsqError(f"{cfg.method} trains on a fixed image set: give images (--synth METHOD or --calib-data DIR)")
-    if fixed is not None and tuple(fixed.shape[1:]) != tuple(meta.input_size):
-        raise ZsqError(f"the fixed images are {tuple(fixed.shape[1:])} but the teacher wants {tuple(meta.input_size)}")
-    state_path = Path(out) / "work" / STATE_FILE if out is not None else None
-    if resume and state_path is None:
-        raise ZsqError(f"resume needs an output directory (--out) holding the previous run's work/{STATE_FILE}")
-
-    if cfg.ema_bias_correction is not None and qconfig.act.observer == "ema":
-        qconfig = dataclasses.replace(qconfig, act=dataclasses.replace(
-            qconfig.act, ema_bias_correction=cfg.ema_bias_correction))
+    _check_inputs(cfg, meta, fixed, out, resume)
+    qconfig = _loop_qconfig(qconfig, cfg)
     compute = as_compute(compute)
-    # quantize the float NCHW teacher: the rewrite is checked bit for bit against it, then both move to the compute layout
-    student = compute.prepare(quantize_model(copy.deepcopy(teacher).eval(), qconfig).eval())
-    teacher = compute.prepare(copy.deepcopy(teacher).eval())
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    for p in student.parameters():
-        p.requires_grad_(True)
-    quants = [q for _, q in act_quantizers(student)]
-
-    if fixed is not None:
-        fixed = fixed.detach().float()
-        if fixed_labels is None:
-            with torch.no_grad():
-                fixed_labels = torch.cat([compute.forward(teacher, fixed[i:i + 256]).argmax(1).cpu()
-                                          for i in range(0, len(fixed), 256)])
-        fixed_labels = fixed_labels.long()
-
-    def run_t(v):
-        return compute.forward(teacher, v)
-
-    def run_s(v):
-        return compute.forward(student, v)
-
-    # optimizers: quantized weights (GI-wrapped for AIT) and everything else (BN affine, biases)
-    gi_layers = quantized_weight_layers(student)
-    weight_ids = {id(w) for _, w, _ in gi_layers}
-    w_opt = _make_optimizer([w for _, w, _ in gi_layers], cfg)
-    o_opt = _make_optimizer([p for p in student.parameters() if id(p) not in weight_ids], cfg)
-    gi = GradientInundation(w_opt, gi_layers, cfg.gi) if cfg.gi is not None else None
-    w_step = gi if gi is not None else w_opt
-
+    teacher, student = _teacher_and_student(teacher, qconfig, compute)
+    loop = _Loop(teacher, student, cfg, quiet, eval_fn, compute)
+    fixed, fixed_labels = _fixed_set(teacher, fixed, fixed_labels, compute)
+    loop.opt = _Optimizers.build(student, cfg)
     fingerprint = _fingerprint(cfg, qconfig, seed, teacher, fixed if cfg.uses_fixed else None)
     if not compute.is_reference:
         fingerprint["compute"] = {k: v for k, v in compute.describe().items() if k != "precision_requested"}
-    history: List[dict] = []
-    start_epoch, elapsed_before = 0, 0.0
-    saved = None
-    if resume and state_path.exists():
-        saved = runstate.load_state(state_path)
-        runstate.check_same_run(state_path, saved.get("fingerprint"), fingerprint)
-        runstate.restore(student, saved["student"], state_path)
-        runstate.restore(w_step, saved["w_opt"], state_path)
-        runstate.restore(o_opt, saved["o_opt"], state_path)
-        history, start_epoch, elapsed_before = saved["history"], saved["epochs_done"], saved["seconds"]
-        log(f"{cfg.method}: resuming after epoch {start_epoch - 1} from {state_path}", quiet)
-    elif state_path is not None and state_path.exists():
-        log(f"{cfg.method}: {state_path} exists; starting over (use --resume to continue it)", quiet)
-
-    stream = None
-    if cfg.uses_generator and start_epoch < (cfg.epochs if cfg.data == "generator" else cfg.warmup_epochs):
-        from zsq.synth.gdfq import GDFQGeneratorStream
-
-        stream = GDFQGeneratorStream(teacher, cfg.batch_size, seed=seed, lr=cfg.gen_lr, betas=cfg.gen_betas,
-                                     bns_weight=cfg.bns_weight, latent_dim=cfg.latent_dim, compute=compute)
-        if saved is not None and saved.get("generator") is not None:
-            runstate.restore(stream, saved["generator"], state_path)
-    fixed_batches = None
-    if fixed is not None:
-        augment = cfg.hast is not None and cfg.hast.augment
-        fixed_batches = FixedBatches(fixed, fixed_labels, cfg.batch_size, seed, augment)
-    taps_t = taps_s = None
-    if cfg.hast is not None and cfg.hast.feature_weight > 0:
-        names = residual_branch_taps(teacher)
-        taps_t, taps_s = FeatureTaps(teacher, names).__enter__(), FeatureTaps(student, names).__enter__()
-
-    def kd(s_logits, t_logits):
-        return kd_kl_loss(s_logits, t_logits, cfg.temperature, cfg.kd_scale, cfg.kl_reduction)
-
-    def draw(epoch: int, step: int, source: str):
-        if source == "generator":
-            x, y = stream.step()
-            return x, y, stream.last_logits
-        x, y = fixed_batches.batch(step)
-        return x, y, None
-
-    best_top1, best_epoch = None, None
-    for h in history:
-        if h.get("top1") is not None and (best_top1 is None or h["top1"] > best_top1):
-            best_top1, best_epoch = h["top1"], h["epoch"]
+    ckpt = _Checkpoint(out, fingerprint)
+    saved = ckpt.load(resume, cfg.method, quiet)
+    start_epoch, elapsed_before = loop.resume_from(saved, ckpt.path)
+    loop.open_sources(fixed, fixed_labels, seed, saved, start_epoch, ckpt.path)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t_epoch = time.time()
-            lr = cfg.lr_at(epoch)
-            _set_lr(w_opt, lr)
-            _set_lr(o_opt, lr)
-            if stream is not None:
-                _set_lr(stream.optimizer, cfg.gen_lr * (lr / cfg.lr))
-            if gi is not None:
-                gi.set_epoch(epoch, first_student_epoch=epoch == cfg.warmup_epochs)
-            live = epoch < cfg.live_range_epochs
-            for q in quants:
-                q.observing, q.enabled = live, True
-            training = epoch >= cfg.warmup_epochs
-            source = cfg.data if training else cfg.calib_data
-            if source == "generator" and stream is None:
-                raise ZsqError("internal: generator needed after it was released")
-            sums: Dict[str, float] = {}
-            for it in progress(range(cfg.iters_per_epoch), total=cfg.iters_per_epoch,
-                               desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", quiet=quiet):
-                step = epoch * cfg.iters_per_epoch + it
-                x, y, t_logits = draw(epoch, step, source)
-                x, y = compute.layout(x), y.to(compute.torch_device)
-                terms: Dict[str, float] = {}
-                if stream is not None and source == "generator":
-                    terms.update({f"gen_{k}": v for k, v in stream.last_losses.items()})
-                if not training:
-                    with torch.no_grad():
-                        run_s(x)
-                        if taps_s is not None:
-                            taps_s.take()
-                else:
-                    if cfg.hast is not None:
-                        loss, hterms = hast_step(run_t, run_s, taps_t, taps_s, x, y, cfg.hast, kd)
-                        terms.update(hterms)
-                    else:
-                        if t_logits is None:
-                            with torch.no_grad():
-                                t_logits = run_t(x)
-                        s_logits = run_s(x)
-                        loss = kd(s_logits, t_logits.detach())
-                        terms["kd"] = float(loss.detach())
-                        if cfg.ce_scale > 0:
-                            ce = F.cross_entropy(s_logits, y)
-                            loss = loss + cfg.ce_scale * ce
-                            terms["ce"] = float(ce.detach())
-                        terms["loss"] = float(loss.detach())
-                    if not math.isfinite(terms["loss"]):
-                        raise _Divergence(f"epoch {epoch}, iteration {it}: student loss {terms['loss']}")
-                    w_step.zero_grad(set_to_none=True)
-                    o_opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    o_opt.step()
-                    w_step.step()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v
-            for q in quants:  # freeze after every epoch (GDFQ's freeze_model)
-                q.observing = False
-            if stream is not None and cfg.data != "generator" and epoch + 1 >= cfg.warmup_epochs:
-                stream.close()  # HAST: the calibration generator is discarded after calibration
-                stream = None
-            row = {"epoch": epoch, "lr": lr, "trained": training,
-                   "losses": {k: v / cfg.iters_per_epoch for k, v in sums.items()}}
-            if gi is not None and training:
-                summary = gi.epoch_summary()
-                row["gi"] = {"rho": summary["rho"], "mean_alpha": summary["mean_alpha"],
-                             "unreached": summary["unreached"]}
-                for name, n in summary["unreached"].items():
-                    log(f"{cfg.method}: GI could not reach rho={summary['rho']:.1e} in {name} at {n}/"
-                        f"{summary['steps']} steps (alpha at its cap)", quiet)
-            due = training and ((epoch + 1 - cfg.warmup_epochs) % cfg.eval_every == 0 or epoch == cfg.epochs - 1)
-            if eval_fn is not None and (due or epoch == cfg.warmup_epochs - 1):
-                res = eval_fn(student)
-                row["top1"] = float(res["top1"])
-                if best_top1 is None or row["top1"] > best_top1:
-                    best_top1, best_epoch = row["top1"], epoch
+            row = loop.epoch(epoch)
+            loop.assess(row)
             row["seconds"] = time.time() - t_epoch
-            history.append(row)
-            done = epoch + 1 - start_epoch
-            eta = (time.time() - t_start) / done * (cfg.epochs - epoch - 1)
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in row["losses"].items() if not k.startswith("gen_"))
-            acc = f", top1={row['top1']:.2f}" if "top1" in row else ""
-            log(f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}: {shown or 'calibration'}{acc} "
-                f"({row['seconds']:.0f}s, ETA {eta:.0f}s)", quiet)
-            if state_path is not None:
-                runstate.save_state(state_path, {"fingerprint": fingerprint, "epochs_done": epoch + 1, "student": student.state_dict(),
-                            "w_opt": w_step.state_dict(), "o_opt": o_opt.state_dict(),
-                            "generator": stream.state_dict() if stream is not None else None,
-                            "history": history, "seconds": elapsed_before + time.time() - t_start})
+            loop.history.append(row)
+            loop.log_row(row, (time.time() - t_start) / (epoch + 1 - start_epoch) * (cfg.epochs - epoch - 1))
+            ckpt.save(loop, epoch + 1, elapsed_before + time.time() - t_start)
     except _Divergence as e:
-        kept = (f"the last good checkpoint (after epoch {history[-1]['epoch']}) is kept at {state_path}"
-                if history and state_path is not None else "no checkpoint was written yet")
+        kept = (f"the last good checkpoint (after epoch {loop.history[-1]['epoch']}) is kept at {ckpt.path}"
+                if loop.history and ckpt.path is not None else "no checkpoint was written yet")
         raise ZsqError(f"{cfg.method}: the student diverged at {e}; stopped, {kept}") from None
     finally:
-        if stream is not None:
-            stream.close()
-        for taps in (taps_t, taps_s):
-            if taps is not None:
-                taps.remove()
-    for q in quants:
-        q.observing, q.enabled = False, True
+        loop.close()
+    set_flags(loop.quants, observing=False, enabled=True)
     student.to("cpu", memory_format=torch.contiguous_format)
-    seconds = elapsed_before + time.time() - t_start
-    report = {"method": cfg.method, "config": cfg.to_dict(), "epochs": history, "compute": compute.describe(),
-              "timing": {"seconds": seconds, "seconds_this_run": time.time() - t_start,
-                         "seconds_per_epoch": [h["seconds"] for h in history]}}
-    if eval_fn is not None:
-        final = history[-1].get("top1") if history else None
-        report.update(final_top1=final, best_top1=best_top1, best_epoch=best_epoch,
-                      selection_note="final_top1 is the headline; best_top1 selects the epoch on the test "
-                                     "images (as GDFQ/AIT/HAST report), so it is optimistic")
-    return student, report
+    return student, loop.report(elapsed_before + time.time() - t_start, time.time() - t_start)

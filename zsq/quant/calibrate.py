@@ -2,14 +2,14 @@
 statistics alone (no images at all)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 
 from zsq.errors import ZsqError
+from zsq.hooks import Hooks
 from zsq.progress import progress
 from zsq.quant.modules import FoldedBatchNorm
+from zsq.quant.state import observing, quantizer_flags, set_flags
 from zsq.quant.transforms import act_quantizers
 
 
@@ -30,29 +30,23 @@ def _batches(images: torch.Tensor, batch_size: int):
 
 
 @torch.no_grad()
-def calibrate(qmodel: nn.Module, images: torch.Tensor, batch_size: int = 64, quiet: bool = True) -> nn.Module:
+def calibrate(qmodel: nn.Module, images: torch.Tensor, batch_size: int = 64, quiet: bool = True,
+              seed: int = 0) -> nn.Module:
     """Set every activation quantizer's range from float activations on ``images`` (in place).
 
     Each quantizer uses its own spec's observer (minmax / percentile / lp / ema). Activations are
-    observed with activation quantization off, so every range sees float inputs.
+    observed with activation quantization off, so every range sees float inputs. ``seed`` (the run's)
+    seeds the subsamples percentile/Lp searches see.
     """
     if images is None or images.shape[0] == 0:
         raise ZsqError("calibration needs at least one image")
     if not bool(torch.isfinite(images).all()):
         raise ZsqError("calibration images contain NaN or inf")
-    quants = [q for _, q in act_quantizers(qmodel)]
-    for q in quants:
-        q.reset_observer()
-        q.initialized.fill_(False)
-        q.observing, q.enabled = True, False
-    try:
+    with observing(qmodel, seed):
         qmodel.eval()
         n_batches = (images.shape[0] + batch_size - 1) // batch_size
         for xb in progress(_batches(images, batch_size), total=n_batches, desc="calibrate", quiet=quiet):
             qmodel(xb)
-    finally:
-        for q in quants:
-            q.freeze()
     return qmodel
 
 
@@ -101,7 +95,6 @@ def calibrate_from_bn(qmodel: nn.Module, k: float = 4.0, num_images: int = 64, c
     gen = torch.Generator().manual_seed(seed)
     quants = act_quantizers(qmodel)
     stats = {}
-    hooks = []
 
     def pre(qname):
         def h(mod, inp):
@@ -111,26 +104,20 @@ def calibrate_from_bn(qmodel: nn.Module, k: float = 4.0, num_images: int = 64, c
             stats[qname] = (flat.mean(1), flat.std(1), x.min(), x.max())
         return h
 
-    for name, q in quants:
-        q.enabled = False
-        q.observing = False
-        hooks.append(q.register_forward_pre_hook(pre(name)))
     sampler = _BNSampler(gen, corr)
-    hooks += [bn.register_forward_hook(sampler) for bn in bns]
-    try:
+    with Hooks() as hooks, quantizer_flags([q for _, q in quants], enabled=False, observing=False):
+        for name, q in quants:
+            hooks.pre(q, pre(name))
+        for bn in bns:
+            hooks.post(bn, sampler)
         x = torch.randn(num_images, *meta.input_size, generator=gen)
         qmodel.eval()
         qmodel(x)
-    finally:
-        for h in hooks:
-            h.remove()
     for name, q in quants:
-        if name not in stats:
-            q.enabled = True  # never reached: falls back to lazy initialisation
-            continue
-        mean, std, lo_seen, hi_seen = stats[name]
-        lo = torch.maximum((mean - k * std).min(), lo_seen)
-        hi = torch.minimum((mean + k * std).max(), hi_seen)
-        q.set_range(lo, hi)
-        q.enabled = True
+        if name in stats:  # a quantizer never reached falls back to lazy initialisation
+            mean, std, lo_seen, hi_seen = stats[name]
+            lo = torch.maximum((mean - k * std).min(), lo_seen)
+            hi = torch.minimum((mean + k * std).max(), hi_seen)
+            q.set_range(lo, hi)
+    set_flags([q for _, q in quants], enabled=True, observing=False)
     return qmodel

@@ -12,6 +12,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 from zsq.errors import ZsqError
 from zsq.quant.quantizer import QuantSpec
+from zsq.registry import Registry
 
 PLACEMENTS = ("layer_input", "after_relu", "deploy")
 
@@ -131,25 +132,24 @@ class QuantConfig:
 
 
 # ---- presets ---------------------------------------------------------------------------------
-_PRESETS: Dict[str, Tuple[Callable[[], QuantConfig], str]] = {}
+PRESETS: Registry[Tuple[Callable[[], QuantConfig], str]] = Registry("preset")
 
 
 def register_preset(name: str, summary: str):
+    """Decorator: ``fn() -> QuantConfig`` becomes preset ``name`` (filled by zsq.quant and zsq.ptq on import)."""
     def deco(fn: Callable[[], QuantConfig]):
-        _PRESETS[name] = (fn, summary)
+        PRESETS.register(name, (fn, summary))
         return fn
 
     return deco
 
 
 def get_preset(name: str, bits: str | Tuple[int, int] = "w4a4") -> QuantConfig:
-    if name not in _PRESETS:
-        raise ZsqError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(_PRESETS))}")
-    return _PRESETS[name][0]().with_bits(bits)
+    return PRESETS.get(name)[0]().with_bits(bits)
 
 
 def list_presets() -> Dict[str, str]:
-    return {k: v[1] for k, v in sorted(_PRESETS.items())}
+    return {k: v[1] for k, v in PRESETS.items().items()}
 
 
 @register_preset("genie", "Genie/BRECQ: W per-channel asym (Lp-2.4 init), A per-tensor sym at layer inputs "

@@ -32,7 +32,7 @@ class _WeightQuantMixin:
     input_quant: Optional[nn.Module]
 
     def _take_float(self, layer: nn.Module, w_spec: Optional[QuantSpec], a_spec: Optional[QuantSpec]):
-        self.to(layer.weight.device)
+        self.to_empty(device=layer.weight.device)
         with torch.no_grad():
             self.weight.copy_(layer.weight)
             if layer.bias is not None:
@@ -59,9 +59,10 @@ class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, w_spec: Optional[QuantSpec], a_spec: Optional[QuantSpec]):
+        # built on the meta device: the float weights are copied in, so no default init and no global RNG draw
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                 padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                bias=conv.bias is not None, padding_mode=conv.padding_mode)
+                bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta")
         return q._take_float(conv, w_spec, a_spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +79,7 @@ class QuantLinear(_WeightQuantMixin, nn.Linear):
 
     @classmethod
     def from_float(cls, lin: nn.Linear, w_spec: Optional[QuantSpec], a_spec: Optional[QuantSpec]):
-        q = cls(lin.in_features, lin.out_features, bias=lin.bias is not None)
+        q = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
         return q._take_float(lin, w_spec, a_spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

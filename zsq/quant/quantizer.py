@@ -21,7 +21,8 @@ from zsq.compute import fp32_region
 from zsq.errors import ZsqError
 
 OBSERVERS = ("minmax", "percentile", "lp", "ema")
-LP_SAMPLE = 1 << 18  # values an activation Lp search looks at (per-tensor)
+LP_SAMPLE = 1 << 18  # values an activation Lp search looks at (per-tensor), and kept per observed batch
+QUANTILE_SAMPLE = 1 << 24  # torch.quantile's input limit
 STE_MODES = ("clip", "identity")
 
 
@@ -171,6 +172,7 @@ class UniformQuantizer(nn.Module):
         self._samples: list = []  # for percentile/lp over several batches (not saved)
         self.enabled = True
         self.observing = False
+        self.sample_seed = 0  # seeds the subsamples range searches see (zsq.quant.state.observing sets it)
 
     # ---- grid -------------------------------------------------------------------------------
     @property
@@ -217,19 +219,16 @@ class UniformQuantizer(nn.Module):
         x = x.detach()
         self._decide_sign(x)
         if self.spec.observer == "lp":
-            if not self.spec.per_channel and x.numel() > LP_SAMPLE:
-                # a seeded subsample plus the exact extremes: the search sees the true range, at a
-                # fraction of the cost on full feature maps
-                flat = x.flatten()
-                idx = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:LP_SAMPLE]
-                x = torch.cat([flat[idx], flat.min().reshape(1), flat.max().reshape(1)])
+            if not self.spec.per_channel:
+                # the search sees the true range, at a fraction of the cost on full feature maps
+                x = subsample_with_extremes(x, LP_SAMPLE, self.sample_seed)
             scale, zp = lp_search(x, self.spec, self.signed)
             with torch.no_grad():
                 self.scale.copy_(scale.reshape(self.scale.shape))
                 self.zero_point.copy_(zp.reshape(self.zero_point.shape))
             self.initialized.fill_(True)
             return
-        lo, hi = tensor_range(x, self.spec)
+        lo, hi = tensor_range(x, self.spec, self.sample_seed)
         self.set_range(lo, hi, signed=self.signed)
 
     def _observe(self, x: torch.Tensor) -> None:
@@ -264,7 +263,7 @@ class UniformQuantizer(nn.Module):
                 self.signed_flag.fill_(bool(self.signed_flag) or bool((x.min() < 0).item()))
             return
         # percentile / lp: keep a bounded sample of the values, decide at freeze()
-        self._samples.append(_subsample(x, s, 1 << 18))
+        self._samples.append(_subsample(x, s, LP_SAMPLE, self.sample_seed))
 
     def freeze(self) -> None:
         """End calibration: compute the grid from what was observed, stop observing, enable."""
@@ -329,21 +328,34 @@ def _minmax(x: torch.Tensor, spec: QuantSpec) -> Tuple[torch.Tensor, torch.Tenso
     return x.min(), x.max()
 
 
-def _subsample(x: torch.Tensor, spec: QuantSpec, cap: int) -> torch.Tensor:
+def sample_indices(n: int, cap: int, seed: int = 0) -> torch.Tensor:
+    """``cap`` of ``range(n)`` without replacement, drawn from their own generator seeded with ``seed``
+    (the run's seed: a range search need not see every value, and must not touch the global RNG)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:cap]
+
+
+def subsample_with_extremes(x: torch.Tensor, cap: int, seed: int = 0) -> torch.Tensor:
+    """``x`` itself when it has at most ``cap`` values, else a seeded subsample of ``cap`` values plus
+    the exact min and max (so sign and range stay exact), flattened."""
+    if x.numel() <= cap:
+        return x
+    flat = x.flatten()
+    return torch.cat([flat[sample_indices(flat.numel(), cap, seed)], flat.min().reshape(1), flat.max().reshape(1)])
+
+
+def _subsample(x: torch.Tensor, spec: QuantSpec, cap: int, seed: int = 0) -> torch.Tensor:
     if spec.per_channel:
         flat = _flatten_channels(x, spec.ch_axis)
         if flat.shape[1] > cap:
-            idx = torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(0))[:cap]
-            flat = flat[:, idx]
+            flat = flat[:, sample_indices(flat.shape[1], cap, seed)]
         return flat
     flat = x.flatten()
     if flat.numel() > cap:
-        idx = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:cap]
-        flat = flat[idx]
+        flat = flat[sample_indices(flat.numel(), cap, seed)]
     return flat
 
 
-def tensor_range(x: torch.Tensor, spec: QuantSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+def tensor_range(x: torch.Tensor, spec: QuantSpec, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Range of x by the spec's observer (minmax/ema -> min/max; percentile -> tails)."""
     if spec.observer != "percentile":
         return _minmax(x, spec)
@@ -353,8 +365,8 @@ def tensor_range(x: torch.Tensor, spec: QuantSpec) -> Tuple[torch.Tensor, torch.
         flat = _flatten_channels(x, spec.ch_axis).float()
         return torch.quantile(flat, q_lo, dim=1), torch.quantile(flat, q_hi, dim=1)
     flat = x.flatten().float()
-    if flat.numel() > 1 << 24:
-        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[: 1 << 24]]
+    if flat.numel() > QUANTILE_SAMPLE:
+        flat = flat[sample_indices(flat.numel(), QUANTILE_SAMPLE, seed)]
     return torch.quantile(flat, q_lo), torch.quantile(flat, q_hi)
 
 

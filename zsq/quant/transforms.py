@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.fx as fx
 
 from zsq.errors import ZsqError
+from zsq.hooks import Hooks
 from zsq.progress import log
 from zsq.quant import graph as G
 from zsq.quant.config import QuantConfig
@@ -69,7 +70,8 @@ def example_input_for(model: nn.Module, batch: int = 2) -> Optional[torch.Tensor
     if meta is None:
         return None
     dev = next(model.parameters()).device
-    return torch.randn(batch, *meta.input_size, device=dev, generator=None)
+    gen = torch.Generator(device=dev).manual_seed(0)  # a shape probe: its values never reach a result
+    return torch.randn(batch, *meta.input_size, device=dev, generator=gen)
 
 
 # ---- 1. BN folding -----------------------------------------------------------------------------
@@ -77,7 +79,6 @@ def _conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, s
     """(conv, bn) name pairs where the BN reads exactly the conv's output tensor."""
     produced: Dict[int, str] = {}
     pairs: List[Tuple[str, str]] = []
-    hooks = []
 
     def conv_hook(name):
         def h(mod, inp, out):
@@ -91,17 +92,14 @@ def _conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, s
                 pairs.append((src, name))
         return h
 
-    try:
+    with Hooks() as hooks:
         for name, m in model.named_modules():
             if isinstance(m, nn.Conv2d):
-                hooks.append(m.register_forward_hook(conv_hook(name)))
+                hooks.post(m, conv_hook(name))
             elif isinstance(m, nn.BatchNorm2d) and type(m).forward is nn.BatchNorm2d.forward:
-                hooks.append(m.register_forward_pre_hook(bn_hook(name)))
+                hooks.pre(m, bn_hook(name))
         with torch.no_grad():
             model(example)
-    finally:
-        for h in hooks:
-            h.remove()
     return pairs
 
 
@@ -306,7 +304,6 @@ def share_input_quantizers(model: nn.Module, example: torch.Tensor) -> List[Tupl
     first_reader: Dict[int, Tuple[str, nn.Module]] = {}
     shares: List[Tuple[str, str]] = []
     keep_alive = []
-    hooks = []
     owners = [(n, m) for n, m in model.named_modules()
               if isinstance(m, QUANT_LAYER_TYPES + (QuantInput,)) and m.input_quant is not None]
 
@@ -321,19 +318,13 @@ def share_input_quantizers(model: nn.Module, example: torch.Tensor) -> List[Tupl
                 shares.append((name, prev[0]))
         return h
 
-    was_enabled = [(q, q.enabled) for _, q in act_quantizers(model)]
-    try:
-        for _, q in act_quantizers(model):
-            q.enabled = False
+    from zsq.quant.state import quantizers_disabled  # state.py builds on this module
+
+    with Hooks() as hooks:
         for name, mod in owners:
-            hooks.append(mod.register_forward_pre_hook(pre(name, mod)))
-        with torch.no_grad():
+            hooks.pre(mod, pre(name, mod))
+        with torch.no_grad(), quantizers_disabled(model, weights=False):
             model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-        for q, e in was_enabled:
-            q.enabled = e
     for sharer, owner in shares:
         s_mod, o_mod = model.get_submodule(sharer), model.get_submodule(owner)
         s_mod.input_quant = o_mod.input_quant

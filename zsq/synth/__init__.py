@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from zsq.synth.base import SynthConfig, Synthesizer, get_synthesizer, list_synthesizers, register_synthesizer
 from zsq.synth.dataset import SyntheticSet
+from zsq.synth import gdfq, genie, hast, noise, zeroq  # noqa: F401,E402  (each registers its synthesizer)
+from zsq.synth.gdfq import GDFQGeneratorStream  # noqa: E402
 
 __all__ = ["synthesize", "get_synthesizer", "list_synthesizers", "register_synthesizer", "Synthesizer",
            "SynthConfig", "SyntheticSet", "GDFQGeneratorStream"]
@@ -30,10 +32,3 @@ def synthesize(teacher, method: str, num_images: int, *, budget: str = "quick", 
     return get_synthesizer(method).run(teacher, num_images, seed=seed, budget=budget, out=out, resume=resume,
                                        quiet=quiet, compute=compute, iters=iters, batch_size=batch_size, **options)
 
-
-def __getattr__(name):
-    if name == "GDFQGeneratorStream":
-        from zsq.synth.gdfq import GDFQGeneratorStream
-
-        return GDFQGeneratorStream
-    raise AttributeError(name)

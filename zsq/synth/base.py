@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from zsq.compute import Compute, as_compute
 from zsq.errors import ZsqError
 from zsq.models.meta import ModelMeta, get_meta
 from zsq.options import parse_options
+from zsq.registry import Registry
 from zsq.synth.bn_stats import batchnorm_layers, measure_genie_bns
 from zsq.synth.dataset import SyntheticSet
 
@@ -49,17 +49,6 @@ def derive_seed(seed: int, *keys: int) -> int:
 
 def batch_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(seed, index))
-
-
-def progress(iterable, *, total: int, desc: str, quiet: bool):
-    """zsq.progress.progress when the lead's module is there, else tqdm."""
-    try:
-        from zsq.progress import progress as _progress
-    except ImportError:
-        from tqdm import tqdm
-
-        return tqdm(iterable, total=total, desc=desc, disable=quiet, leave=False)
-    return _progress(iterable, total=total, desc=desc, quiet=quiet)
 
 
 class NonFiniteLoss(ZsqError):
@@ -221,26 +210,7 @@ class Synthesizer:
             done.update(part)
         seconds = seconds_before + time.perf_counter() - t0
 
-        images = torch.cat([done[b].images for b in range(len(sizes))])
-        labels = None
-        if done[0].labels is not None:
-            labels = torch.cat([done[b].labels for b in range(len(sizes))])
-        loss_names = sorted({k for r in done.values() for k in r.losses})
-        losses = {k: float(np.mean([r.losses[k] for r in done.values() if k in r.losses])) for k in loss_names}
-        try:
-            bns = measure_genie_bns(work, images, cfg.batch_size)
-        except ZsqError:  # no BN (only the noise baseline gets this far)
-            bns = None
-        set_meta = {
-            "method": self.name, "config": dataclasses.asdict(cfg), "budget": budget, "seed": int(seed),
-            "seconds": seconds, "images_per_second": num_images / max(seconds, 1e-9),
-            "losses": losses, "bns_loss": bns, "model": meta.name, "weights_digest": fingerprint["weights"],
-            "input_size": list(meta.input_size), "mean": list(meta.mean), "std": list(meta.std),
-            "num_classes": meta.num_classes, "batch_sizes": sizes, "torch": torch.__version__,
-            "compute": compute.describe(),
-        }
-        set_meta["processes"] = zdist.world()
-        result = SyntheticSet(images, labels, set_meta)
+        result = self._assemble(ctx, done, sizes, budget, seconds, fingerprint["weights"])
         if out is not None and lead:
             result.save(out)
             _write_manifest(ckpt, fingerprint, seconds, sorted(done), complete=True)
@@ -249,38 +219,48 @@ class Synthesizer:
         zdist.barrier()
         return result
 
+    def _assemble(self, ctx: SynthContext, done: Dict[int, BatchResult], sizes: List[int], budget: str,
+                  seconds: float, weights: str) -> SyntheticSet:
+        """The batches as one SyntheticSet, with the mean losses, the Genie-form BNS and the metadata."""
+        cfg, meta = ctx.cfg, ctx.meta
+        images = torch.cat([done[b].images for b in range(len(sizes))])
+        labels = None
+        if done[0].labels is not None:
+            labels = torch.cat([done[b].labels for b in range(len(sizes))])
+        loss_names = sorted({k for r in done.values() for k in r.losses})
+        losses = {k: float(np.mean([r.losses[k] for r in done.values() if k in r.losses])) for k in loss_names}
+        try:
+            bns = measure_genie_bns(ctx.teacher, images, cfg.batch_size)
+        except ZsqError:  # no BN (only the noise baseline gets this far)
+            bns = None
+        set_meta = {
+            "method": self.name, "config": dataclasses.asdict(cfg), "budget": budget, "seed": ctx.seed,
+            "seconds": seconds, "images_per_second": sum(sizes) / max(seconds, 1e-9),
+            "losses": losses, "bns_loss": bns, "model": meta.name, "weights_digest": weights,
+            "input_size": list(meta.input_size), "mean": list(meta.mean), "std": list(meta.std),
+            "num_classes": meta.num_classes, "batch_sizes": sizes, "torch": torch.__version__,
+            "compute": ctx.compute.describe(),
+        }
+        set_meta["processes"] = zdist.world()
+        return SyntheticSet(images, labels, set_meta)
 
-# -- registry ---------------------------------------------------------------------------------
-_REGISTRY: Dict[str, type] = {}
+
+# -- registry (filled by zsq.synth.__init__, which imports every built-in synthesizer) ----------
+SYNTHESIZERS: Registry[type] = Registry("synthesis method")
 
 
 def register_synthesizer(cls: type) -> type:
     """Class decorator: makes `cls` available as get_synthesizer(cls.name)."""
-    if not cls.name:
-        raise ValueError("a Synthesizer needs a name")
-    _REGISTRY[cls.name] = cls
+    SYNTHESIZERS.register(cls.name, cls)
     return cls
 
 
 def get_synthesizer(name: str) -> Synthesizer:
-    _load_builtin()
-    try:
-        return _REGISTRY[name]()
-    except KeyError:
-        raise ZsqError(f"unknown synthesis method {name!r}; choose one of {', '.join(list_synthesizers())}") from None
+    return SYNTHESIZERS.get(name)()
 
 
 def list_synthesizers() -> List[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def _load_builtin() -> None:
-    import zsq.synth.gdfq  # noqa: F401  (registration happens on import)
-    import zsq.synth.genie  # noqa: F401
-    import zsq.synth.hast  # noqa: F401
-    import zsq.synth.noise  # noqa: F401
-    import zsq.synth.zeroq  # noqa: F401
+    return SYNTHESIZERS.names()
 
 
 # -- checkpoint files -------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-METHODS = ("zeroq", "gdfq", "genie", "hast", "noise")
+from zsq.synth.base import list_synthesizers
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -16,7 +16,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from zsq.cli import add_init_args
 
     add_init_args(p)
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, choices=list_synthesizers())
     p.add_argument("--num-images", type=int, required=True)
     p.add_argument("--budget", choices=("quick", "paper"), default="quick")
     p.add_argument("--iters", type=int, default=None, help="iterations per batch (gdfq: generator steps)")
@@ -39,7 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
-    from zsq.cli import _parse_set, load_model
+    from zsq.cli import load_model, parse_set
     from zsq.synth import synthesize
 
     from zsq.compute import resolve
@@ -48,8 +48,7 @@ def run(args) -> dict:
     compute = resolve(args.device, args.precision, args.channels_last)
     check_writable_dir(args.out)  # --out FILE / unwritable: refused before any work
     teacher = load_model(args)
-
-    options = _parse_set(getattr(args, "set", None))
+    options = parse_set(getattr(args, "set", None))
     if getattr(args, "swap_lr", False):
         options["swap_lr"] = True
     data = synthesize(teacher, args.method, args.num_images, budget=args.budget, iters=args.iters,

@@ -20,8 +20,9 @@ from zsq import runstate
 from zsq.compute import as_compute
 from zsq.errors import ZsqError
 from zsq.models.meta import get_meta
+from zsq.progress import progress
 from zsq.synth.base import BatchResult, SynthConfig, SynthContext, Synthesizer, check_finite, derive_seed, \
-    progress, register_synthesizer
+    register_synthesizer
 from zsq.synth.bn_stats import BNStatsRecorder
 from zsq.synth.generators import gdfq_generator
 
@@ -138,13 +139,13 @@ class GDFQConfig(SynthConfig):
 
     @classmethod
     def paper(cls, meta) -> "GDFQConfig":
-        if meta.input_size[-1] <= 64:
+        if meta.small_input:
             return cls()
         return cls(batch_size=16, iters=10000)
 
     @classmethod
     def quick(cls, meta) -> "GDFQConfig":
-        if meta.input_size[-1] <= 64:
+        if meta.small_input:
             return cls(batch_size=64, iters=200)
         return cls(batch_size=16, iters=50)
 

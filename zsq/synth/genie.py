@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from zsq.errors import ZsqError
+from zsq.progress import progress
 from zsq.synth.base import BatchResult, SynthConfig, SynthContext, Synthesizer, check_finite, derive_seed, \
-    progress, register_synthesizer
+    register_synthesizer
 from zsq.synth.bn_stats import BNStatsRecorder, input_prior_loss
 from zsq.synth.generators import GenieGenerator, check_genie_width
 from zsq.synth.swing import swing_copy
@@ -110,7 +111,7 @@ class GenieConfig(SynthConfig):
 
     @classmethod
     def quick(cls, meta) -> "GenieConfig":
-        if meta.input_size[-1] <= 64:
+        if meta.small_input:
             # Chosen by measurement on ResNet-20, one thread (benchmarks/results/synth_sweep.md, synthesis.md):
             # at 32² Genie's generator costs 0.62x the teacher's step; at width 64 a third of that. Learning rates
             # from a sweep of BNS at equal CPU time (generator 0.1/0.01/0.003/0.001, latents 0.01/0.1/0.3/1):

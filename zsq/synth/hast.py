@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from zsq.errors import ZsqError
-from zsq.synth.base import BatchResult, SynthConfig, SynthContext, Synthesizer, check_finite, progress, \
-    register_synthesizer
+from zsq.synth.base import SynthConfig, SynthContext, register_synthesizer
 from zsq.synth.bn_stats import BNStatsRecorder
+from zsq.synth.pixels import PixelSynthesizer
 
 
 @dataclass
@@ -51,7 +50,7 @@ class HASTConfig(SynthConfig):
 
     @classmethod
     def quick(cls, meta) -> "HASTConfig":
-        if meta.input_size[-1] <= 64:
+        if meta.small_input:
             return cls._for(meta, batch_size=128, iters=100, patience=10)
         return cls._for(meta, batch_size=32, iters=50, patience=10)
 
@@ -80,32 +79,19 @@ def random_resized_crop_flip(x: torch.Tensor, gen: torch.Generator, scale=(0.4, 
 
 
 @register_synthesizer
-class HASTSynthesizer(Synthesizer):
+class HASTSynthesizer(PixelSynthesizer):
     name = "hast"
     summary = "HAST: pixel optimisation, GDFQ-form BNS + beta*(1-p)^gamma*CE on random labels"
     config_cls = HASTConfig
 
-    def make_batch(self, ctx: SynthContext, index: int, size: int, gen: torch.Generator) -> BatchResult:
+    def labels(self, ctx: SynthContext, size: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, ctx.meta.num_classes, (size,), generator=gen).to(ctx.compute.torch_device)
+
+    def terms(self, ctx: SynthContext, rec: BNStatsRecorder, x: torch.Tensor, labels: torch.Tensor, gen) -> dict:
         cfg: HASTConfig = ctx.cfg
-        dev = ctx.compute.torch_device  # draws on the CPU (the same start on every device), then moved
-        labels = torch.randint(0, ctx.meta.num_classes, (size,), generator=gen).to(dev)
-        x = torch.randn(size, *ctx.meta.input_size, generator=gen).to(dev).requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=cfg.lr)
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1,
-                                                             patience=cfg.patience, min_lr=1e-4)
-        values = {}
-        with BNStatsRecorder(ctx.teacher) as rec:
-            for t in progress(range(cfg.iters), total=cfg.iters, desc=f"hast batch {index}", quiet=ctx.quiet):
-                opt.zero_grad(set_to_none=True)
-                inp = x
-                if cfg.augment and float(torch.rand(1, generator=gen)) < 0.5:
-                    inp = random_resized_crop_flip(x, gen)
-                rec.clear()
-                logits = ctx.compute.forward(ctx.teacher, inp)
-                terms = {"bns": rec.gdfq_loss(), "hard_ce": cfg.beta * hard_sample_loss(logits, labels, cfg.gamma)}
-                loss = terms["bns"] + terms["hard_ce"]
-                values = check_finite(dict(terms, total=loss), f"iteration {t}")
-                loss.backward()
-                opt.step()
-                plateau.step(values["total"])
-        return BatchResult(x.detach().clone(), labels, values)
+        inp = x
+        if cfg.augment and float(torch.rand(1, generator=gen)) < 0.5:
+            inp = random_resized_crop_flip(x, gen)
+        rec.clear()
+        logits = ctx.compute.forward(ctx.teacher, inp)
+        return {"bns": rec.gdfq_loss(), "hard_ce": cfg.beta * hard_sample_loss(logits, labels, cfg.gamma)}

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from zsq.errors import ZsqError
-from zsq.synth.base import BatchResult, SynthConfig, SynthContext, Synthesizer, check_finite, progress, \
-    register_synthesizer
+from zsq.synth.base import SynthConfig, SynthContext, register_synthesizer
 from zsq.synth.bn_stats import BNStatsRecorder
+from zsq.synth.pixels import PixelSynthesizer
 
 
 @dataclass
@@ -36,7 +36,7 @@ class ZeroQConfig(SynthConfig):
 
     @classmethod
     def quick(cls, meta) -> "ZeroQConfig":
-        if meta.input_size[-1] <= 64:
+        if meta.small_input:
             return cls(batch_size=128, iters=100, patience=10)
         return cls(batch_size=32, iters=50, patience=10)
 
@@ -48,27 +48,12 @@ def batch_input_loss(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_synthesizer
-class ZeroQSynthesizer(Synthesizer):
+class ZeroQSynthesizer(PixelSynthesizer):
     name = "zeroq"
     summary = "ZeroQ: optimise pixels to match BN statistics (Genie-form BNS + input term)"
     config_cls = ZeroQConfig
 
-    def make_batch(self, ctx: SynthContext, index: int, size: int, gen: torch.Generator) -> BatchResult:
-        cfg: ZeroQConfig = ctx.cfg
-        x = torch.randn(size, *ctx.meta.input_size, generator=gen).to(ctx.compute.torch_device).requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=cfg.lr)
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1,
-                                                             patience=cfg.patience, min_lr=1e-4)
-        values = {}
-        with BNStatsRecorder(ctx.teacher) as rec:
-            for t in progress(range(cfg.iters), total=cfg.iters, desc=f"zeroq batch {index}", quiet=ctx.quiet):
-                opt.zero_grad(set_to_none=True)
-                rec.clear()
-                ctx.compute.forward(ctx.teacher, x)
-                terms = {"bns": rec.genie_loss(), "input": batch_input_loss(x)}
-                loss = terms["bns"] + terms["input"]
-                values = check_finite(dict(terms, total=loss), f"iteration {t}")
-                loss.backward()
-                opt.step()
-                plateau.step(values["total"])
-        return BatchResult(x.detach().clone(), None, values)
+    def terms(self, ctx: SynthContext, rec: BNStatsRecorder, x: torch.Tensor, labels, gen) -> dict:
+        rec.clear()
+        ctx.compute.forward(ctx.teacher, x)
+        return {"bns": rec.genie_loss(), "input": batch_input_loss(x)}
