@@ -34,18 +34,14 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> dict:
-    import torch
-
-    from zsq.export.checkpoint import load_quantized
-    from zsq.export.onnx_export import check_opset, export_onnx
-    from zsq.export.parity import ParityTolerance, check_parity, numeric_floor
-    from zsq.export.runtimes import latency_ms, open_runtime, parse_runtimes
-    from zsq.progress import log
-
+def _checked_args(args):
+    """(onnx path, runtimes, tolerance) once every argument and optional package is checked, before any work."""
     from zsq.errors import require
+    from zsq.export.onnx_export import check_opset
+    from zsq.export.parity import ParityTolerance
+    from zsq.export.runtimes import parse_runtimes
+    from zsq.runstate import check_writable_dir
 
-    t0 = time.time()
     require("onnx", "onnx")
     require("onnxruntime", "onnx")
     onnx_path = Path(args.onnx)
@@ -53,8 +49,6 @@ def run(args) -> dict:
         raise ZsqError(f"--onnx {onnx_path} is a directory; give a file name, e.g. {onnx_path / 'model.onnx'}")
     if onnx_path.exists() and not args.force:
         raise ZsqError(f"{onnx_path} exists (use --force to overwrite)")
-    from zsq.runstate import check_writable_dir
-
     check_writable_dir(onnx_path.parent if str(onnx_path.parent) else Path("."))
     if args.num_check < 1:
         raise ZsqError(f"--num-check must be at least 1, got {args.num_check}")
@@ -65,7 +59,40 @@ def run(args) -> dict:
             import openvino  # noqa: F401
         except ImportError:
             raise ZsqError("--runtime openvino needs OpenVINO: pip install 'zsq[openvino]'") from None
-    tol = ParityTolerance(args.min_agreement, args.max_rel_logit_diff)
+    return onnx_path, runtimes, ParityTolerance(args.min_agreement, args.max_rel_logit_diff)
+
+
+def _runtime_check(name: str, qmodel, onnx_file: Path, images, labels, tol, floor: float, args) -> dict:
+    """One runtime's parity (agreement next to the float floor), integer ops, float layers and latency."""
+    from zsq.export.parity import check_parity
+    from zsq.export.runtimes import latency_ms, open_runtime
+    from zsq.progress import log
+
+    res = check_parity(qmodel, onnx_file, images, labels, tolerance=tol, threads=args.threads, runtime=name,
+                       floor=floor)
+    if args.latency_runs > 0:
+        rt = open_runtime(name, onnx_file, args.threads)
+        res["latency_ms"] = {f"batch{b}": round(latency_ms(rt, images[:b].numpy(), args.latency_runs), 3)
+                             for b in sorted({1, min(32, images.shape[0])})}
+    log(f"{name}: top-1 agreement {res['top1_agreement']:.4f} (floor {floor:.4f}), integer ops "
+        f"{res['integer_ops']}, latency {res.get('latency_ms')}", args.quiet)
+    check = {k: res[k] for k in ("runtime_version", "n", "top1_agreement", "max_logit_diff",
+                                 "mean_logit_diff", "max_rel_logit_diff", "integer_ops") if k in res}
+    check["float_layers"] = open_runtime(name, onnx_file, 1).float_layers()
+    check.update({k: res[k] for k in ("torch_top1", "onnx_top1", "latency_ms") if k in res})
+    return check
+
+
+def run(args) -> dict:
+    import torch
+
+    from zsq.export.checkpoint import load_quantized
+    from zsq.export.onnx_export import export_onnx
+    from zsq.export.parity import numeric_floor
+    from zsq.progress import log
+
+    t0 = time.time()
+    onnx_path, runtimes, tol = _checked_args(args)
     qmodel = load_quantized(args.checkpoint)
     meta = getattr(qmodel, "zsq_meta", None)
     if meta is None:
@@ -93,19 +120,7 @@ def run(args) -> dict:
         log(f"wrote {info['onnx_bytes']} bytes (opset {args.opset}, {len(info['int4_weights'])} INT4/UINT4 weights), "
             f"ops {info['ops']}; comparing on {images.shape[0]} images; float floor {floor:.4f}", args.quiet)
         for name in runtimes:
-            res = check_parity(qmodel, tmp, images, labels, tolerance=tol, threads=args.threads, runtime=name,
-                               floor=floor)
-            if args.latency_runs > 0:
-                rt = open_runtime(name, tmp, args.threads)
-                res["latency_ms"] = {f"batch{b}": round(latency_ms(rt, images[:b].numpy(), args.latency_runs), 3)
-                                     for b in sorted({1, min(32, images.shape[0])})}
-            log(f"{name}: top-1 agreement {res['top1_agreement']:.4f} (floor {floor:.4f}), integer ops "
-                f"{res['integer_ops']}, latency {res.get('latency_ms')}", args.quiet)
-            checks[name] = {k: res[k] for k in ("runtime_version", "n", "top1_agreement", "max_logit_diff",
-                                                "mean_logit_diff", "max_rel_logit_diff", "integer_ops")
-                            if k in res}
-            checks[name]["float_layers"] = open_runtime(name, tmp, 1).float_layers()
-            checks[name].update({k: res[k] for k in ("torch_top1", "onnx_top1", "latency_ms") if k in res})
+            checks[name] = _runtime_check(name, qmodel, tmp, images, labels, tol, floor, args)
         tmp.replace(onnx_path)
     finally:
         if tmp.exists():
