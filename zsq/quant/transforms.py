@@ -335,7 +335,6 @@ def share_input_quantizers(model: nn.Module, example: torch.Tensor) -> List[Tupl
 def _outputs_by_module(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
     """(name, output) of every module that returns a tensor, in the order they finish."""
     got: List[Tuple[str, torch.Tensor]] = []
-    hooks = []
 
     def hook(name):
         def h(_m, _i, out):
@@ -343,15 +342,11 @@ def _outputs_by_module(model: nn.Module, example: torch.Tensor) -> List[Tuple[st
                 got.append((name, out.detach().clone()))
         return h
 
-    try:
+    with Hooks() as hooks, torch.no_grad():
         for name, mod in model.named_modules():
             if name:
-                hooks.append(mod.register_forward_hook(hook(name)))
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+                hooks.post(mod, hook(name))
+        model(example)
     return got
 
 
