@@ -148,6 +148,8 @@ def main():
     ap.add_argument("--runtimes", nargs="+", default=["ort", "openvino"])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--json", help="also write the raw rows here")
+    ap.add_argument("--no-latency", action="store_true", help="accuracy, agreement and sizes only (deterministic: "
+                                                             "fine on a busy machine; time on an idle one)")
     args = ap.parse_args()
     if args.render:
         print(render(merge([Path(p) for p in args.render])), end="")
@@ -201,7 +203,7 @@ def main():
                     paths[key] = p
                 print(json.dumps({name: {key: v}}), flush=True)
             out["models"][name] = row
-            for rt_name in args.runtimes:
+            for rt_name in ([] if args.no_latency else args.runtimes):
                 for threads in args.threads:
                     for batch in (1, 32):
                         xb = x[:batch].numpy().copy()

@@ -127,3 +127,27 @@ def test_cli_fold_reports_what_was_folded_and_what_stays_float(tmp_path, monkeyp
     assert ort_res["integer_ops"] == {"QLinearConv": 1} and "block/conv2 (Conv)" in ort_res["float_layers"]
     assert ort_res["top1_agreement"] >= res["tolerance"]["min_agreement"] and "latency_ms" not in ort_res
     assert "BatchNormalization" not in res["ops"]
+
+
+def test_deploy_bias_is_exported_on_its_grid_and_matches_the_runtime_closer(tmp_path):
+    """The .onnx holds each bias at its grid value (what onnxruntime quantizes to int32 exactly), and
+    onnxruntime's integer kernels then track the fake-quant model more closely than without the grid."""
+    from onnx import numpy_helper
+
+    from zsq.quant.transforms import quant_layers
+
+    q = tiny_quantized("deploy", "w8a8")
+    export_onnx(q, tmp_path / "m.onnx", opset=17)
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
+    biases = {n + ".bias": layer.quantized_bias().detach() for n, layer in quant_layers(q)}
+    found = [n for n in biases if n in inits]
+    assert len(found) >= 3, sorted(inits)
+    for n in found:
+        assert torch.equal(torch.tensor(inits[n]), biases[n]), n
+    x = tiny_images(64, seed=4)
+    with_grid = check_parity(q, tmp_path / "m.onnx", x, threads=1)
+    for _, layer in quant_layers(q):
+        layer.set_bias_grid(None)
+    export_onnx(q, tmp_path / "plain.onnx", opset=17)
+    without = check_parity(q, tmp_path / "plain.onnx", x, threads=1)
+    assert with_grid["max_rel_logit_diff"] < without["max_rel_logit_diff"], (with_grid, without)

@@ -90,3 +90,41 @@ def test_every_method_runs_on_the_deploy_preset(method):
         out = q(tiny_images(4))
     assert out.shape == (4, 10) and torch.isfinite(out).all()
     assert all(bool(aq.initialized) for _, aq in act_quantizers(q))
+
+
+def _input_step(layer):
+    return layer.__dict__["_bias_input_quant"].qparams()[0].reshape(())
+
+
+def test_deploy_biases_lie_on_the_int32_kernel_grid():
+    """deploy v2 adds each bias as QLinearConv does: rounded to the grid input step x weight step,
+    the input step being that of the quantizer the input lies on (its own, or the ReLU's upstream)."""
+    from dataclasses import replace
+
+    from zsq.quant.modules import weight_step
+
+    model = tiny_factory()
+    x = tiny_images(16)
+    q = get_method("bn-minmax").fn(model, get_preset("deploy", "w8a8"), QuantJob()).model
+    assert q.zsq_quant_plan["config"]["bias_grid"] and q.zsq_quant_plan["config"]["version"] == 2
+    assert q.block.conv1.__dict__["_bias_input_quant"] is q.relu.quant  # input quantizer dropped: upstream grid
+    assert q.conv1.__dict__["_bias_input_quant"] is q.conv1.input_quant
+    moved = 0
+    for name, layer in quant_layers(q):
+        b, qb = layer.bias.detach(), layer.quantized_bias().detach()
+        step = _input_step(layer) * weight_step(layer.weight_quant, layer.weight).reshape(-1)
+        codes = qb / step
+        torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-3, msg=name)
+        assert torch.all((qb - b).abs() <= step / 2 * (1 + 1e-5)), name
+        moved += int(not torch.equal(qb, b))
+    assert moved >= 3  # the rounding is real: most biases move
+    # the same calibrated model without the grid computes something else, and v1 (no grid) is still expressible
+    plain = copy.deepcopy(q)
+    for _, layer in quant_layers(plain):
+        layer.set_bias_grid(None)
+    with torch.no_grad():
+        assert not torch.equal(plain(x), q(x))
+    assert not replace(get_preset("deploy", "w8a8"), bias_grid=False).bias_grid
+    # quantizers off: the float bias, so the float model comes back exactly
+    set_quant_state(q, weights=False, acts=False)
+    assert all(torch.equal(layer.quantized_bias(), layer.bias) for _, layer in quant_layers(q))

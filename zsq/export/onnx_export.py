@@ -161,6 +161,11 @@ def export_model(qmodel: nn.Module) -> nn.Module:
             replaced[id(q)] = ExportActQuant(name, q)
         return replaced[id(q)]
 
+    for _, layer in quant_layers(m):  # a bias on the kernel grid is stored as its grid value
+        if layer.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(layer.quantized_bias())
+            layer.set_bias_grid(None)
     for name, layer in quant_layers(m):
         if layer.weight_quant is not None and getattr(layer.weight_quant, "enabled", True):
             layer.weight_quant = ExportWeightQuant(name, layer)

@@ -69,6 +69,8 @@ class QuantConfig:
       "deploy" (every tensor an integer kernel reads or writes, each once; ``zsq.quant.deploy``).
     quantize_image_input: whether the first layer's input (the image) is quantized in layer_input mode.
     fold_bn: fold BatchNorm into the preceding conv before quantizing.
+    bias_grid: round each Conv/Linear bias to the int32 grid (input step x weight step) that an
+      integer kernel adds, so the fake-quant model computes what QLinearConv does (deploy v2).
     """
 
     preset: str = "custom"
@@ -82,6 +84,7 @@ class QuantConfig:
     quantize_image_input: bool = False
     overrides: Tuple[LayerOverride, ...] = ()
     fold_bn: bool = False
+    bias_grid: bool = False
     residual_module_names: Tuple[str, ...] = ("shortcut",)
 
     def __post_init__(self):
@@ -191,11 +194,11 @@ def _gdfq() -> QuantConfig:
 
 @register_preset("deploy", "integer kernels (onnxruntime QLinearConv, OpenVINO int8): BN folded; W per-channel "
                            "symmetric int8 grid; A per-tensor asym (uint8) on every conv input and output, ReLU "
-                           "outputs included; all layers at k bits, image input quantized")
+                           "outputs included; all layers at k bits, image input quantized; biases on the int32 kernel grid")
 def _deploy() -> QuantConfig:
     return QuantConfig(
         preset="deploy",
-        version=1,
+        version=2,  # v2: biases on the int32 kernel grid (bias_grid)
         weight=QuantSpec(per_channel=True, symmetric=True, signed=True, observer="minmax"),
         act=QuantSpec(per_channel=False, symmetric=False, observer="lp", lp_p=2.4, lp_ratios=100,
                       learnable=True, ste="clip"),
@@ -204,4 +207,5 @@ def _deploy() -> QuantConfig:
         quantize_image_input=True,
         overrides=(),
         fold_bn=True,
+        bias_grid=True,
     )

@@ -12,7 +12,9 @@ model whose BatchNorms are folded:
 3. every Conv/Linear and residual module whose input is not already on a grid gets an input
    quantizer (the image, pooled features, a residual sum); one whose input is (directly, or through
    zero padding / slicing / flatten / dropout, which keep values on the grid) gets none;
-4. readers of one tensor share its quantizer (``share_input_quantizers``).
+4. readers of one tensor share its quantizer (``share_input_quantizers``);
+5. with ``bias_grid`` (deploy v2), each layer's bias is rounded to the int32 grid s_in x s_w of the
+   quantizer its input lies on, as the runtime's integer kernel adds it.
 """
 from __future__ import annotations
 
@@ -43,20 +45,23 @@ class _Trace:
         self.keep: list = []
         self.outputs: Dict[int, str] = {}
         self.reads: Dict[str, int] = {}
+        self.source: Dict[int, nn.Module] = {}  # tensor id -> the quantizer whose grid it lies on
 
     def run(self, example: torch.Tensor, watch: List[str], produce: List[str]) -> "_Trace":
         from zsq.quant.transforms import act_quantizers
 
         hooks = []
 
-        def on_quant(_m, _inp, out):
+        def on_quant(m, _inp, out):
             self.keep.append(out)
             self.on_grid.add(id(out))
+            self.source[id(out)] = m.quant
 
         def on_pass(_m, inp, out):
             if id(inp[0]) in self.on_grid:
                 self.keep.append(out)
                 self.on_grid.add(id(out))
+                self.source[id(out)] = self.source[id(inp[0])]
 
         def on_produce(name):
             def h(_m, _inp, out):
@@ -110,14 +115,15 @@ def quantize_folded_outputs(model: nn.Module, config: QuantConfig, example: torc
     return done
 
 
-def drop_redundant_input_quantizers(model: nn.Module, example: torch.Tensor, plan: List[dict]) -> List[str]:
-    """Remove the input quantizer of every layer / residual module whose input is on a grid already."""
+def drop_redundant_input_quantizers(model: nn.Module, example: torch.Tensor, plan: List[dict]) -> Dict[str, nn.Module]:
+    """Remove the input quantizer of every layer / residual module whose input is on a grid already.
+    Returns {name: the quantizer whose grid that input lies on}."""
     from zsq.quant.transforms import set_submodule
 
     readers = [n for n, m in model.named_modules()
                if isinstance(m, QUANT_LAYER_TYPES + (QuantInput,)) and m.input_quant is not None]
     t = _Trace(model).run(example, watch=readers, produce=[])
-    dropped = [n for n in readers if t.reads.get(n) in t.on_grid]
+    dropped = {n: t.source[t.reads[n]] for n in readers if t.reads.get(n) in t.on_grid}
     rows = {r["layer"]: r for r in plan}
     for name in dropped:
         mod = model.get_submodule(name)
@@ -142,4 +148,15 @@ def place_deploy_quantizers(model: nn.Module, config: QuantConfig, plan: List[di
     outputs = quantize_folded_outputs(model, config, example)
     dropped = drop_redundant_input_quantizers(model, example, plan)
     shared = share_input_quantizers(model, example)
-    return {"folded_outputs": outputs, "inputs_already_quantized": dropped, "shared": shared}
+    if config.bias_grid:
+        place_bias_grids(model, dropped)
+    return {"folded_outputs": outputs, "inputs_already_quantized": list(dropped), "shared": shared}
+
+
+def place_bias_grids(model: nn.Module, upstream: Dict[str, nn.Module]) -> None:
+    """Step 5: every layer with a bias reads its input's grid from its own input quantizer, or from
+    the upstream quantizer ``drop_redundant_input_quantizers`` found; a layer with neither (its
+    input is float) keeps a float bias, as the runtime then runs it in float too."""
+    for name, m in model.named_modules():
+        if isinstance(m, QUANT_LAYER_TYPES) and m.bias is not None:
+            m.set_bias_grid(m.input_quant if m.input_quant is not None else upstream.get(name))

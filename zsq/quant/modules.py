@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zsq.quant.quantizer import QuantSpec, UniformQuantizer
+from zsq.compute import fp32_region
+from zsq.quant.quantizer import QuantSpec, UniformQuantizer, round_ste
 
 
 def make_weight_quantizer(weight: torch.Tensor, spec: QuantSpec) -> UniformQuantizer:
@@ -22,6 +23,17 @@ def make_weight_quantizer(weight: torch.Tensor, spec: QuantSpec) -> UniformQuant
     if not spec.dynamic:
         q.init_from(weight.detach())
     return q
+
+
+def weight_step(weight_quant: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """The step of a weight grid (one per output channel, or one), whatever quantizer holds it: a
+    UniformQuantizer, the soft-rounding quantizers of reconstruction, a frozen export grid."""
+    if isinstance(weight_quant, UniformQuantizer):
+        return weight_quant.qparams(weight)[0]
+    step = getattr(weight_quant, "scale", None)
+    if not isinstance(step, torch.Tensor):
+        raise TypeError(f"{type(weight_quant).__name__} exposes no weight step (.scale)")
+    return step
 
 
 class _WeightQuantMixin:
@@ -48,6 +60,23 @@ class _WeightQuantMixin:
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quant is None else self.input_quant(x)
 
+    def set_bias_grid(self, input_quant: Optional[nn.Module]) -> None:
+        """Round the bias to the int32 grid s_in * s_w that an integer kernel adds (QLinearConv: the
+        bias is quantized at the input step times each channel's weight step), ``input_quant`` being
+        the quantizer whose grid this layer's input lies on. Held outside the module tree (it is
+        another layer's quantizer, or this layer's own), so it is neither saved twice nor visited twice."""
+        self.__dict__["_bias_input_quant"] = input_quant
+
+    def quantized_bias(self) -> Optional[torch.Tensor]:
+        src, wq, b = self.__dict__.get("_bias_input_quant"), self.weight_quant, self.bias
+        if b is None or src is None or wq is None or not getattr(src, "enabled", True) \
+                or not getattr(wq, "enabled", True):
+            return b
+        with fp32_region(b):  # grid arithmetic in float32 (float64 in the float-floor copy)
+            dt = torch.float64 if b.dtype == torch.float64 else torch.float32
+            step = src.qparams()[0].to(dt).reshape(()) * weight_step(wq, self.weight).to(dt).reshape(-1)
+            return round_ste(b.to(dt) / step) * step
+
 
 class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
     """nn.Conv2d (grouped/depthwise included) with fake-quantized weight and, optionally, input."""
@@ -66,7 +95,7 @@ class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
         return q._take_float(conv, w_spec, a_spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.quantized_bias())
 
 
 class QuantLinear(_WeightQuantMixin, nn.Linear):
@@ -83,7 +112,7 @@ class QuantLinear(_WeightQuantMixin, nn.Linear):
         return q._take_float(lin, w_spec, a_spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.quantized_bias())
 
 
 class QuantAct(nn.Module):
@@ -120,12 +149,16 @@ class QuantKeepForward(_WeightQuantMixin):
     float_type: type
 
     def forward(self, x, *args, **kwargs):
-        w = self._parameters["weight"]
-        self._parameters["weight"] = self.quantized_weight()  # a plain tensor for this call only
+        w, b = self._parameters["weight"], self._parameters.get("bias")
+        self._parameters["weight"] = self.quantized_weight()  # plain tensors for this call only
+        if b is not None:
+            self._parameters["bias"] = self.quantized_bias()
         try:
             return self.float_type.forward(self, self.quantized_input(x), *args, **kwargs)
         finally:
             self._parameters["weight"] = w
+            if b is not None:
+                self._parameters["bias"] = b
 
 
 _KEEP_FORWARD_TYPES: dict = {}
