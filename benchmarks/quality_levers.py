@@ -83,7 +83,7 @@ def cmd_run(a) -> None:
     info = get_method(a.method)
     if not info.needs_images:
         job.calib, source, synth_s = None, "none", 0.0
-    res = info.fn(fp, get_preset(info.default_preset, a.bits), job)
+    res = info.fn(fp, get_preset(a.preset or info.default_preset, a.bits), job)
     quant_s = time.time() - tq
     ev = evaluate(res.model, eval_data, quiet=True, return_preds=True)
     from zsq.data import load_dataset
@@ -93,7 +93,7 @@ def cmd_run(a) -> None:
     hits = [int(p == y) for p, y in zip(ev["preds"], labels)]
     units = res.report.get("unit_losses", [])
     rec = {
-        "tag": a.tag, "argv": sys.argv, "model": a.model, "method": a.method, "bits": a.bits, "seed": a.seed, "calib": source,
+        "tag": a.tag, "argv": sys.argv, "model": a.model, "method": a.method, "preset": a.preset, "bits": a.bits, "seed": a.seed, "calib": source,
         "num_images": int(calib.shape[0]) if a.method != "bn-minmax" else 0, "synth_options": synth_opts, "options": _pairs(a.set),
         "top1": ev["top1"], "n": ev["n"], "synth_seconds": round(synth_s, 1), "quant_seconds": round(quant_s, 1),
         "seconds": round(time.time() - t0, 1), "threads": a.threads, "load_before": load0, "load_after": _load(),
@@ -139,6 +139,7 @@ def main() -> None:
     r.add_argument("--weights")
     r.add_argument("--eval-data")
     r.add_argument("--bits", default="w2a4")
+    r.add_argument("--preset", help="quantization preset (default: the method's, e.g. genie)")
     r.add_argument("--num-images", type=int, default=256)
     r.add_argument("--iters", type=int)
     r.add_argument("--seed", type=int, default=0)
