@@ -184,7 +184,7 @@ def mcnemar_p(a_right, b_right) -> tuple:
 
 def part_demo(args) -> list:
     from zsq.data import load_dataset
-    from zsq.evaluate import evaluate
+    from zsq.evaluation import evaluate
     from zsq.methods import QuantJob, get_method
     from zsq.quant import get_preset
     from zsq.synth import synthesize

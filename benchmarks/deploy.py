@@ -29,7 +29,7 @@ import torch
 
 import zsq.assets as A
 from zsq.data import load_images_tensor
-from zsq.export.onnx_export import export_onnx
+from zsq.export.onnx import export_onnx
 from zsq.export.parity import compare_logits, numeric_floor, run_torch
 from zsq.export.runtimes import open_runtime, run_batches
 from zsq.methods import get_method

@@ -17,7 +17,7 @@ import torch
 
 import zsq.assets as A
 import zsq.models as zm
-from zsq.evaluate import evaluate
+from zsq.evaluation import evaluate
 
 # (model, weights asset, data asset, MANIFEST top-1, MANIFEST time in s)
 RUNS = [

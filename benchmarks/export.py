@@ -29,7 +29,7 @@ import zsq.assets as A
 import zsq.methods.bn_minmax  # noqa: F401  (registers bn-minmax)
 from zsq.data import load_images_tensor
 from zsq.export import load_quantized, save_quantized
-from zsq.export.onnx_export import export_onnx
+from zsq.export.onnx import export_onnx
 from zsq.export.parity import compare_logits, ort_session, run_ort, run_torch
 from zsq.methods import get_method
 from zsq.methods.registry import QuantJob

@@ -24,9 +24,9 @@ import torch
 import zsq.assets as A
 import zsq.models
 from zsq.data import load_images_tensor
-from zsq.evaluate import evaluate
+from zsq.evaluation import evaluate
 from zsq.methods.registry import QuantJob
-from zsq.ptq import methods as ptq_methods
+from zsq.ptq import reconstruction_methods as ptq_methods
 from zsq.quant import get_preset
 
 DEFAULT_PRESET = {"genie": "genie", "qdrop": "qdrop", "brecq": "brecq", "adaround": "brecq"}

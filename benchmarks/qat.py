@@ -17,7 +17,7 @@ import torch
 import zsq.models
 from zsq.assets import CIFAR10_EXACT, CIFAR10_JPEG, RESNET20, asset
 from zsq.data import load_dataset
-from zsq.evaluate import evaluate
+from zsq.evaluation import evaluate
 from zsq.methods.registry import QuantJob
 from zsq.quant import get_preset
 
@@ -31,7 +31,7 @@ def main():
     ap.add_argument("--bits", default="w4a4")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    import zsq.qat.methods as qm
+    import zsq.qat.distillation_methods as qm
     from zsq.synth import synthesize
 
     out = Path(args.out)

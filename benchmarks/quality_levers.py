@@ -54,7 +54,7 @@ def cmd_run(a) -> None:
 
     import zsq
     from zsq.api import load_calibration
-    from zsq.evaluate import evaluate
+    from zsq.evaluation import evaluate
     from zsq.methods import QuantJob, get_method
     from zsq.quant import get_preset
     from zsq.synth import synthesize

@@ -41,7 +41,7 @@ def test_every_registry_is_filled_by_its_package():
     from zsq.methods.registry import METHODS
     from zsq.models.registry import MODELS
     from zsq.ptq.units import BLOCK_TYPES
-    from zsq.quant.config import PRESETS
+    from zsq.quant.qconfig import PRESETS
     from zsq.synth.base import SYNTHESIZERS
 
     assert {"cifar10_resnet20", "efficientnet_lite0"} <= set(MODELS.names())

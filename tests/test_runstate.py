@@ -121,11 +121,11 @@ def test_a_crafted_pickle_never_runs(tmp_path, where):
         with pytest.raises(ZsqError) as e:
             zsq.models.load("cifar10_resnet20", weights=bad)
     else:
-        from zsq.ptq import checkpoint
+        from zsq.ptq import unit_checkpoint
         from zsq.qat.loop import STATE_FILE
         from zsq.synth.base import batch_file
 
-        target = {"ptq": tmp_path / "work" / checkpoint.CKPT_NAME, "qat": tmp_path / "work" / STATE_FILE,
+        target = {"ptq": tmp_path / "work" / unit_checkpoint.CKPT_NAME, "qat": tmp_path / "work" / STATE_FILE,
                   "synth_batch": batch_file(tmp_path / "ckpt", 0)}[where]
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(payload)

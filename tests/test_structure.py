@@ -14,10 +14,10 @@ LAYERS: List[Set[str]] = [
     {"registry", "hooks", "progress", "assets", "compute", "distributed", "runstate", "options"},  # leaves
     {"quant", "models"},                           # the core
     {"data"},                                      # real images
-    {"evaluate", "synth", "export"},               # uses of a model: accuracy, synthetic images, files
+    {"evaluation", "synth", "export"},               # uses of a model: accuracy, synthetic images, files
     {"methods"},                                   # the method registry and the calibration baselines
     {"ptq", "qat"},                                # the method families
-    {"api", "bench", "cli", "__main__", ""},       # entry points ("" = zsq/__init__); every */cli.py too
+    {"api", "bench", "cli", "__main__", ""},       # entry points ("" = zsq/__init__)
 ]
 
 
@@ -50,8 +50,6 @@ def _imports(tree: ast.Module, name: str, top_level_only: bool) -> Set[str]:
 
 def _layer(module: str) -> int:
     parts = module.split(".")
-    if parts[-1] == "cli":
-        return len(LAYERS) - 1
     package = parts[1] if len(parts) > 1 else ""
     for i, layer in enumerate(LAYERS):
         if package in layer:
@@ -110,11 +108,39 @@ def test_no_import_cycle_at_import_time():
 
 def test_the_checker_sees_cycles_and_upward_imports():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
-    assert _layer("zsq.methods.registry") < _layer("zsq.ptq.methods") < _layer("zsq.synth.cli")
-    tree = ast.parse("def f():\n    from zsq.ptq import methods\n")
-    assert _imports(tree, "zsq.methods", top_level_only=False) == {"zsq.ptq.methods"}
+    assert _layer("zsq.methods.registry") < _layer("zsq.ptq.reconstruction_methods") < _layer("zsq.cli.synthesize")
+    tree = ast.parse("def f():\n    from zsq.ptq import reconstruction_methods\n")
+    assert _imports(tree, "zsq.methods", top_level_only=False) == {"zsq.ptq.reconstruction_methods"}
     assert _imports(tree, "zsq.methods", top_level_only=True) == set()
 
+
+
+# file names that may repeat: each package's registry module holds that package's Registry instance
+SHARED_FILE_NAMES = {"__init__", "registry"}
+
+
+def test_module_file_names_do_not_repeat():
+    seen: Dict[str, List[str]] = {}
+    for name in MODULES:
+        stem = "__init__" if (ROOT.parent / name.replace(".", "/")).is_dir() else name.split(".")[-1]
+        seen.setdefault(stem, []).append(name)
+    assert {s: m for s, m in seen.items() if len(m) > 1 and s not in SHARED_FILE_NAMES} == {}
+
+
+def test_no_package_attribute_shadows_a_submodule():
+    """``zsq.evaluate`` once was both a module and the function the package exported in its place."""
+    import importlib
+    import sys
+
+    shadowed = []
+    for name in MODULES:
+        if "." not in name or name == "zsq.__main__":
+            continue
+        importlib.import_module(name)
+        parent, leaf = name.rsplit(".", 1)
+        if getattr(sys.modules[parent], leaf) is not sys.modules[name]:
+            shadowed.append(f"{parent}.{leaf} is {getattr(sys.modules[parent], leaf)!r}")
+    assert shadowed == []
 
 
 MAX_FUNCTION_LINES = 80

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from zsq import models, quant  # noqa: E402
 from zsq.errors import ZsqError  # noqa: E402
-from zsq.evaluate import evaluate  # noqa: E402  (the function; the module stays importable as zsq.evaluate)
+from zsq.evaluation import evaluate  # noqa: E402  (the function; its module is zsq.evaluation)
 from zsq.quant import QuantConfig, get_preset, list_presets, quantize_model  # noqa: E402
 from zsq.api import quantize  # noqa: E402
 from zsq import methods, ptq, qat, synth  # noqa: F401,E402  (fill the method, preset and synthesizer registries)

@@ -55,7 +55,7 @@ def default_num_images(kind: str, budget: str) -> int:
 def run_names(synthesizes: bool) -> tuple:
     """The entries `zsq quantize` writes in --out: the checkpoint, the work state and (when it
     synthesizes) the synthetic set."""
-    from zsq.export.checkpoint import CHECKPOINT_FILES, MANIFEST_FILE
+    from zsq.export.packed_checkpoint import CHECKPOINT_FILES, MANIFEST_FILE
 
     return CHECKPOINT_FILES + (MANIFEST_FILE, "work") + (("synth",) if synthesizes else ())
 
@@ -205,7 +205,7 @@ def quantize(model, *, weights: Optional[str] = None, pretrained: bool = False, 
     ``pretrained`` the model is refused unless ``random_init=True``."""
     from zsq.compute import resolve
     from zsq.data import load_dataset
-    from zsq.evaluate import evaluate
+    from zsq.evaluation import evaluate
     from zsq.methods import QuantJob, QuantResult, get_method
     from zsq.models.meta import get_meta
     from zsq.quant import get_preset, parse_bits

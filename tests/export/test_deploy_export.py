@@ -7,7 +7,7 @@ import torch
 
 from tests.export.tiny import tiny_images, tiny_quantized
 from zsq.export import load_quantized, save_quantized
-from zsq.export.onnx_export import export_onnx
+from zsq.export.onnx import export_onnx
 from zsq.export.parity import check_parity
 
 
@@ -55,8 +55,8 @@ def test_cli_export_checks_both_runtimes_against_the_float_floor(tmp_path, monke
     from tests.export.test_onnx import _cli_args
     from tests.export.tiny import tiny_factory
     from zsq.errors import ZsqError
-    from zsq.export import checkpoint as ckpt_mod
-    from zsq.export import cli as export_cli
+    from zsq.export import packed_checkpoint as ckpt_mod
+    from zsq.cli import export as export_cli
 
     pytest.importorskip("openvino")
     monkeypatch.setattr(ckpt_mod, "_build_model", lambda name, factory: tiny_factory(seed=9))
@@ -81,7 +81,7 @@ def test_fold_keeps_the_codes_and_lets_more_layers_fuse(tmp_path):
     from tests.export.tiny import tiny_factory
     from zsq.export.fold import fold_quantized_batchnorm
     from zsq.export.runtimes import open_runtime, run_batches
-    from zsq.export.weights import weight_grid
+    from zsq.export.weight_grid import weight_grid
     from zsq.quant import calibrate, get_preset, quantize_model
     from dataclasses import replace
 
@@ -115,8 +115,8 @@ def test_fold_keeps_the_codes_and_lets_more_layers_fuse(tmp_path):
 def test_cli_fold_reports_what_was_folded_and_what_stays_float(tmp_path, monkeypatch):
     from tests.export.test_onnx import _cli_args
     from tests.export.tiny import tiny_factory
-    from zsq.export import checkpoint as ckpt_mod
-    from zsq.export import cli as export_cli
+    from zsq.export import packed_checkpoint as ckpt_mod
+    from zsq.cli import export as export_cli
 
     monkeypatch.setattr(ckpt_mod, "_build_model", lambda name, factory: tiny_factory(seed=9))
     save_quantized(tiny_quantized("genie", "w8a8"), tmp_path / "ck", model_name="tiny_resnet")

@@ -9,11 +9,11 @@ from onnx import TensorProto
 
 from tests.export.tiny import tiny_images, tiny_quantized
 from zsq.errors import ZsqError
-from zsq.export.onnx_export import export_onnx
+from zsq.export.onnx import export_onnx
 from zsq.export.parity import ort_session, run_ort
 from zsq.export.packing import unpack_codes
 from zsq.export.runtimes import open_runtime, parse_runtimes
-from zsq.export.weights import weight_grid
+from zsq.export.weight_grid import weight_grid
 
 
 def _inits(path):

@@ -9,10 +9,10 @@ import torch
 from tests.export.tiny import tiny_factory, tiny_images, tiny_quantized
 from zsq.errors import ZsqError
 from zsq.export import save_quantized
-from zsq.export import checkpoint as ckpt_mod
-from zsq.export import cli as export_cli
-from zsq.export.onnx_export import export_onnx
-from zsq.export.weights import weight_grid
+from zsq.export import packed_checkpoint as ckpt_mod
+from zsq.cli import export as export_cli
+from zsq.export.onnx import export_onnx
+from zsq.export.weight_grid import weight_grid
 from zsq.export.parity import ParityTolerance, check_parity, ort_session, run_ort
 
 

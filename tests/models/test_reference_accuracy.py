@@ -5,7 +5,7 @@ import torch
 import zsq.assets as A
 import zsq.models as zm
 from zsq.data import load_images_tensor
-from zsq.evaluate import evaluate
+from zsq.evaluation import evaluate
 from tests.conftest import need_asset
 
 
@@ -30,7 +30,7 @@ def test_resnet20_first_logits():
 
 def test_lite0_first_images():
     # Measured once (commit with this test): on val1300[:50]
-    #   PYTHONPATH=. python -c "import zsq.models as zm; from zsq.evaluate import evaluate;
+    #   PYTHONPATH=. python -c "import zsq.models as zm; from zsq.evaluation import evaluate;
     #     print(evaluate(zm.load('efficientnet_lite0', pretrained=True), '../shared/assets/imagenet/val1300[:50]'))"
     # -> top1 78.0, top5 94.0; and image 0 (label 472) has max logit 11.7784, logit sum -64.5889.
     # Any padding/BN-eps/preprocessing error moves these logits far beyond the tolerance.

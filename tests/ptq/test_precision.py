@@ -3,7 +3,7 @@ import torch
 
 from zsq.compute import resolve
 from zsq.methods.registry import QuantJob
-from zsq.ptq.methods import genie
+from zsq.ptq.reconstruction_methods import genie
 from zsq.quant import UniformQuantizer, get_preset
 
 

@@ -5,7 +5,7 @@ from zsq.errors import ZsqError
 from zsq.methods.registry import QuantJob
 from zsq.ptq import cache
 from zsq.ptq.budgets import Budget, EngineOptions, Phase, Recipe
-from zsq.ptq.methods import genie, qdrop, brecq, adaround
+from zsq.ptq.reconstruction_methods import genie, qdrop, brecq, adaround
 from zsq.ptq.reconstruct import Reconstructor
 from zsq.ptq.soft_round import SoftRoundQuantizer
 from zsq.quant import UniformQuantizer, get_preset, quant_layers, quantize_model, set_quant_state

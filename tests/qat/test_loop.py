@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from zsq.errors import ZsqError
 from zsq.models.meta import ModelMeta, set_meta
-from zsq.qat import config as qat_config
-from zsq.qat.config import HASTTrainConfig, QATConfig, method_config
-from zsq.qat.hast import difficulty
+from zsq.qat import training_config as qat_config
+from zsq.qat.training_config import HASTTrainConfig, QATConfig, method_config
+from zsq.qat.difficulty_promotion import difficulty
 from zsq.qat.loop import distill
 from zsq.quant import get_preset
 from zsq.runstate import load_state
@@ -164,7 +164,7 @@ def test_hast_trains_on_a_fixed_set_with_both_variants(tmp_path):
 
 def test_method_registration_and_job_mapping(tmp_path):
     from zsq.methods.registry import METHODS as _METHODS, QuantJob
-    import zsq.qat.methods  # noqa: F401
+    import zsq.qat.distillation_methods  # noqa: F401
 
     assert {"gdfq", "ait", "hast", "hast-paper"} <= set(_METHODS)
     assert _METHODS.get("hast").default_synth == "hast" and _METHODS.get("ait").default_preset == "gdfq"

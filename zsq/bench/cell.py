@@ -86,7 +86,7 @@ def get_calibration(cell: Cell, fp_model, info, budget: str, cache: Path, quiet:
 def _fp32_eval(fp_model, spec: str, path: Path) -> dict:
     """FP32 accuracy and predictions, computed once per (model, eval set) per suite directory
     (val1300 takes minutes to decode and run on a CPU; every cell of the model needs it)."""
-    from zsq.evaluate import evaluate
+    from zsq.evaluation import evaluate
 
     if path.exists():
         return json.loads(path.read_text())
@@ -101,7 +101,7 @@ def _fp32_eval(fp_model, spec: str, path: Path) -> dict:
 def run_cell(cell: Cell, budget: str, cache: Path, eval_limit: Optional[int] = None, jpeg_eval: bool = True,
              quiet: bool = True) -> dict:
     """Run one cell in this process and return its result row (see docs/bench.md for the keys)."""
-    from zsq.evaluate import agreement, evaluate
+    from zsq.evaluation import agreement, evaluate
     from zsq.methods import QuantJob, get_method
     from zsq.models import load
     from zsq.quant import get_preset, parse_bits

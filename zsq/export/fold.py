@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from zsq.errors import ZsqError
 from zsq.export.frozen import FrozenWeightQuantizer
-from zsq.export.weights import weight_grid
+from zsq.export.weight_grid import weight_grid
 from zsq.quant.modules import FoldedBatchNorm, QuantConv2d
 from zsq.quant.transforms import _conv_bn_pairs, act_quantizers, set_submodule
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 from zsq.errors import ZsqError
 from zsq.models.meta import ModelMeta, get_meta, set_meta
 from zsq.models.registry import EXTERNAL_PREFIXES, get_entry, list_models, register_model
-from zsq.models.checkpoint import load_weights, read_state_dict
+from zsq.models.weights import load_weights, read_state_dict
 from zsq.models import cifar_resnet  # noqa: F401  (registers models)
 from zsq.models import efficientnet_lite  # noqa: F401  (registers models)
 

@@ -9,4 +9,4 @@ from zsq.ptq.budgets import BUDGETS, RECIPES, Budget, EngineOptions, Phase, Reci
 from zsq.ptq.reconstruct import Reconstructor  # noqa: F401
 from zsq.ptq.soft_round import SoftRoundQuantizer, to_uniform  # noqa: F401
 from zsq.ptq.units import Unit, find_units, register_block_type  # noqa: F401
-from zsq.ptq import methods  # noqa: F401,E402  (registers genie, qdrop, brecq, adaround)
+from zsq.ptq import reconstruction_methods  # noqa: F401,E402  (registers genie, qdrop, brecq, adaround)

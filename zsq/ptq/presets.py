@@ -7,7 +7,7 @@ quantizes the same tensors except that the last block output is quantized after 
 """
 from __future__ import annotations
 
-from zsq.quant.config import LayerOverride, QuantConfig, register_preset
+from zsq.quant.qconfig import LayerOverride, QuantConfig, register_preset
 from zsq.quant.quantizer import QuantSpec
 
 _W = QuantSpec(per_channel=True, symmetric=False, observer="lp", lp_p=2.4, lp_ratios=100)

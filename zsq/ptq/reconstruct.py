@@ -30,7 +30,7 @@ from zsq.compute import Compute, as_compute
 from zsq.errors import ZsqError
 from zsq.hooks import Hooks
 from zsq.progress import log
-from zsq.ptq import cache, checkpoint
+from zsq.ptq import cache, unit_checkpoint
 from zsq.ptq.augment import augmented_views
 from zsq.ptq.budgets import Budget, EngineOptions, Phase, Recipe
 from zsq.ptq.schedule import BetaSchedule
@@ -195,7 +195,7 @@ class Reconstructor:
             self.unit_acts.append([q for _, q in act_quantizers(mod)])
         self.estimate = cache.estimate(self.fp_ref, [u.name for u in self.units], self.compute.layout(self.calib[:1]), n)
         self.steps = [(pi, ui) for pi in range(len(recipe.phases)) for ui in range(len(self.units))]
-        self.fingerprint = checkpoint.fingerprint(
+        self.fingerprint = unit_checkpoint.fingerprint(
             recipe=recipe.to_dict(), budget=[budget.iters, self.batch_size, n], seed=opts.seed,
             holdout=[opts.holdout, opts.keep_better], augment=opts.augment,
             units=[u.name for u in self.units], calib_images=self.calib,
@@ -323,9 +323,9 @@ class Reconstructor:
         records: List[dict] = []
         start = 0
         if resume and self.work_dir is not None:
-            ck = checkpoint.load(self.work_dir, self.fingerprint)
+            ck = unit_checkpoint.load(self.work_dir, self.fingerprint)
             if ck is not None:
-                runstate.restore(self.qmodel, ck["state"], self.work_dir / checkpoint.CKPT_NAME)
+                runstate.restore(self.qmodel, ck["state"], self.work_dir / unit_checkpoint.CKPT_NAME)
                 start, records = ck["done"], list(ck["records"])
                 log(f"resuming after {start} of {len(self.steps)} unit steps", quiet)
         for k in range(start, len(self.steps)):
@@ -333,7 +333,7 @@ class Reconstructor:
             rec = self._run_unit(pi, ui)
             records.append(rec)
             if self.work_dir is not None:
-                checkpoint.save(self.work_dir, self.fingerprint, k + 1, self.qmodel.state_dict(), records)
+                unit_checkpoint.save(self.work_dir, self.fingerprint, k + 1, self.qmodel.state_dict(), records)
             if self.on_unit_done is not None:
                 self.on_unit_done(k, rec)
         self._finish()

@@ -32,12 +32,12 @@ from zsq.compute import as_compute
 from zsq.errors import ZsqError
 from zsq.models.meta import get_meta
 from zsq.progress import log, progress
-from zsq.qat.config import QATConfig
-from zsq.qat.hast import hast_step
+from zsq.qat.training_config import QATConfig
+from zsq.qat.difficulty_promotion import hast_step
 from zsq.qat.inundation import GradientInundation, quantized_weight_layers
 from zsq.qat.losses import FeatureTaps, kd_kl_loss, residual_branch_taps
 from zsq.quant import act_quantizers, quantize_model
-from zsq.quant.config import QuantConfig
+from zsq.quant.qconfig import QuantConfig
 from zsq.quant.state import set_flags
 
 STATE_FILE = "qat_state.safetensors"
@@ -72,7 +72,7 @@ class FixedBatches:
         idx = torch.stack(idx)
         x, y = self.images[idx], self.labels[idx]
         if self.augment:
-            from zsq.synth.hast import random_resized_crop_flip
+            from zsq.synth.hard_samples import random_resized_crop_flip
 
             x = random_resized_crop_flip(x, torch.Generator().manual_seed(_seed(self.seed, _AUG_KEY, step)),
                                          scale=(0.5, 1.0))

@@ -1,6 +1,6 @@
 """The quantization core: quantizers, quantized modules, configs/presets and model rewrites."""
-from zsq.quant.calibrate import calibrate, calibrate_from_bn  # noqa: F401
-from zsq.quant.config import (LayerOverride, QuantConfig, format_bits, get_preset, list_presets,  # noqa: F401
+from zsq.quant.calibration import calibrate, calibrate_from_bn  # noqa: F401
+from zsq.quant.qconfig import (LayerOverride, QuantConfig, format_bits, get_preset, list_presets,  # noqa: F401
                               parse_bits, register_preset)
 from zsq.quant.modules import QuantAct, QuantConv2d, QuantInput, QuantLinear  # noqa: F401
 from zsq.quant.state import observing, quantizer_flags, quantizers_disabled, set_flags  # noqa: F401

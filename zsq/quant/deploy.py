@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Set
 import torch
 import torch.nn as nn
 
-from zsq.quant.config import QuantConfig
+from zsq.quant.qconfig import QuantConfig
 from zsq.quant.modules import QUANT_LAYER_TYPES, FoldedBatchNorm, QuantAct, QuantInput
 from zsq.quant.quantizer import UniformQuantizer
 

@@ -25,7 +25,7 @@ from zsq.errors import ZsqError
 from zsq.hooks import Hooks
 from zsq.progress import log
 from zsq.quant import graph as G
-from zsq.quant.config import QuantConfig
+from zsq.quant.qconfig import QuantConfig
 from zsq.quant.modules import (QUANT_LAYER_TYPES, FoldedBatchNorm, QuantAct, QuantConv2d, QuantInput, QuantLinear, is_plain,
                                keep_forward_quant)
 from zsq.quant.quantizer import UniformQuantizer

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from zsq.synth.base import SynthConfig, Synthesizer, get_synthesizer, list_synthesizers, register_synthesizer
 from zsq.synth.dataset import SyntheticSet
-from zsq.synth import gdfq, genie, hast, noise, zeroq  # noqa: F401,E402  (each registers its synthesizer)
+from zsq.synth import gdfq, genie, hard_samples, noise, zeroq  # noqa: F401,E402  (each registers its synthesizer)
 from zsq.synth.gdfq import GDFQGeneratorStream  # noqa: E402
 
 __all__ = ["synthesize", "get_synthesizer", "list_synthesizers", "register_synthesizer", "Synthesizer",

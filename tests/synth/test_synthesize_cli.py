@@ -3,7 +3,7 @@ import json
 
 import zsq.models
 from zsq.synth import SyntheticSet
-from zsq.synth.cli import add_parser, run
+from zsq.cli.synthesize import add_parser, run
 from tests.synth.conftest import tiny_bn_cnn
 
 
@@ -22,7 +22,7 @@ def test_cli_synthesize_json(tmp_path, monkeypatch, capsys):
                               "--json", "--quiet"])
     result = args.func(args)
     assert seen == {"name": "tiny", "weights": "w.pt"}
-    assert capsys.readouterr().out == ""  # zsq/cli.py prints the returned dict
+    assert capsys.readouterr().out == ""  # zsq.cli.main prints the returned dict
     assert json.loads(json.dumps(result)) == result
     assert result["num_images"] == 8 and result["method"] == "genie" and result["bns_loss"] > 0
     assert result["seconds"] > 0 and result["seed"] == 1

@@ -32,7 +32,7 @@ from zsq.export.frozen import FrozenWeightQuantizer
 from zsq.export.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, file_entries, read_manifest,
                                  zsq_version)
 from zsq.export.packing import pack_codes, unpack_codes
-from zsq.export.weights import weight_grid
+from zsq.export.weight_grid import weight_grid
 from zsq.quant.state import set_flags
 from zsq.quant.transforms import act_quantizers, quant_layers
 
@@ -224,7 +224,7 @@ def _read_checkpoint(folder: Path):
 
 def _rebuild(folder: Path, model_name: str, quant: dict, model_factory):
     """The model quantized with the saved config, input quantizers shared exactly as saved."""
-    from zsq.quant.config import QuantConfig
+    from zsq.quant.qconfig import QuantConfig
     from zsq.quant.transforms import quantize_model
 
     model = _build_model(model_name, model_factory)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zsq.qat.config import HASTTrainConfig
+from zsq.qat.training_config import HASTTrainConfig
 from zsq.qat.losses import FeatureTaps, feature_alignment_loss
 
 

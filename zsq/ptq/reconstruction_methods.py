@@ -19,7 +19,7 @@ from zsq.options import check_range, parse_options
 from zsq.ptq import presets  # noqa: F401  (registers the brecq and qdrop presets)
 from zsq.ptq.budgets import RECIPES, EngineOptions, Recipe, get_budget
 from zsq.ptq.reconstruct import Reconstructor
-from zsq.quant.config import QuantConfig
+from zsq.quant.qconfig import QuantConfig
 from zsq.quant.transforms import quantize_model
 
 

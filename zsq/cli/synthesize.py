@@ -1,4 +1,4 @@
-"""`zsq synthesize`: make a SyntheticSet from a model alone. zsq/cli.py registers it via add_parser
+"""`zsq synthesize`: make a SyntheticSet from a model alone. zsq.cli registers it via add_parser
 and prints the dict run() returns (one JSON object with --json); run() itself prints nothing."""
 from __future__ import annotations
 
@@ -59,4 +59,4 @@ def run(args) -> dict:
               "images_per_second": m["images_per_second"], "bns_loss": m["bns_loss"], "losses": m["losses"],
               "budget": m["budget"], "seed": m["seed"], "out": str(args.out),
               "compute": m["compute"]}
-    return result  # zsq/cli.py prints it (one JSON object with --json)
+    return result  # zsq.cli.main prints it (one JSON object with --json)

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from zsq.errors import ZsqError
-from zsq.evaluate import agreement, evaluate
+from zsq.evaluation import agreement, evaluate
 from zsq.models.meta import ModelMeta, set_meta
 
 

@@ -16,7 +16,7 @@ import torch
 from zsq.errors import ZsqError
 from zsq.methods.registry import QuantJob, QuantResult, register_method, user_options
 from zsq.models.meta import get_meta
-from zsq.qat.config import method_config, paper_config
+from zsq.qat.training_config import method_config, paper_config
 from zsq.qat.loop import distill
 
 

@@ -49,7 +49,7 @@ def evaluate(
     n_total = len(data)
     if n_total == 0:
         raise ZsqError("no images to evaluate")
-    from zsq.quant.calibrate import check_calibrated
+    from zsq.quant.calibration import check_calibrated
 
     check_calibrated(model)  # a float model has no activation quantizers and passes
     bs = batch_size or default_batch_size(model)

@@ -1,4 +1,5 @@
-"""The `zsq` command line: evaluate, quantize, synthesize, export, bench, methods.
+"""The `zsq` command line: evaluate, quantize, inspect, methods here; synthesize, export and bench in
+this package's modules of those names (each provides add_parser(subparsers) and run(args) -> dict).
 
 User-input problems (ZsqError) print one line `zsq: error: ...` and exit with code 2; nothing is
 written. `--json` prints one JSON object on stdout; progress and logs go to stderr.
@@ -15,8 +16,8 @@ from typing import Callable, Dict, List, Optional
 
 from zsq.errors import ZsqError
 
-# Sub-commands contributed by other packages: module path -> provides add_parser(subparsers), run(args)
-_PLUGIN_COMMANDS = ("zsq.synth.cli", "zsq.export.cli", "zsq.bench.cli")
+# sub-commands with a module of their own: each provides add_parser(subparsers) and run(args) -> dict
+_SUBCOMMAND_MODULES = ("zsq.cli.synthesize", "zsq.cli.export", "zsq.cli.bench")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -85,7 +86,7 @@ def load_model(args):
 
 # ---- evaluate ---------------------------------------------------------------------------------
 def cmd_evaluate(args) -> dict:
-    from zsq.evaluate import evaluate
+    from zsq.evaluation import evaluate
 
     model = load_model(args)
     t0 = time.time()
@@ -245,14 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_methods)
 
-    for modname in _PLUGIN_COMMANDS:
-        try:
-            mod = importlib.import_module(modname)
-        except ImportError:
-            continue
+    for modname in _SUBCOMMAND_MODULES:
+        mod = importlib.import_module(modname)
         before = set(sub.choices)
         mod.add_parser(sub)
-        for name in set(sub.choices) - before:  # plugins provide run(args) -> dict
+        for name in set(sub.choices) - before:  # run(args) -> dict unless add_parser set one
             if sub.choices[name].get_default("func") is None:
                 sub.choices[name].set_defaults(func=mod.run)
     return parser

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from zsq.errors import ZsqError
 from zsq.quant.modules import QuantAct, QuantInput
-from zsq.export.weights import weight_grid
+from zsq.export.weight_grid import weight_grid
 from zsq.quant.transforms import quant_layers
 
 OPSET = 21  # default: INT4/UINT4 weight initializers

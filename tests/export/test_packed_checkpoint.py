@@ -7,10 +7,10 @@ import torch
 from tests.export.tiny import tiny_factory, tiny_images, tiny_quantized
 from zsq.errors import ZsqError
 from zsq.export import load_quantized, save_quantized
-from zsq.export.checkpoint import PACKED_FILE, QUANT_FILE, STATE_FILE
+from zsq.export.packed_checkpoint import PACKED_FILE, QUANT_FILE, STATE_FILE
 from zsq.export.frozen import FrozenWeightQuantizer
 from zsq.export.manifest import FORMAT_VERSION
-from zsq.export.weights import weight_grid
+from zsq.export.weight_grid import weight_grid
 from zsq.quant import get_preset, quant_layers, quantize_model
 
 

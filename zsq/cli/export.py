@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
 def _checked_args(args):
     """(onnx path, runtimes, tolerance) once every argument and optional package is checked, before any work."""
     from zsq.errors import require
-    from zsq.export.onnx_export import check_opset
+    from zsq.export.onnx import check_opset
     from zsq.export.parity import ParityTolerance
     from zsq.export.runtimes import parse_runtimes
     from zsq.runstate import check_writable_dir
@@ -86,8 +86,8 @@ def _runtime_check(name: str, qmodel, onnx_file: Path, images, labels, tol, floo
 def run(args) -> dict:
     import torch
 
-    from zsq.export.checkpoint import load_quantized
-    from zsq.export.onnx_export import export_onnx
+    from zsq.export.packed_checkpoint import load_quantized
+    from zsq.export.onnx import export_onnx
     from zsq.export.parity import numeric_floor
     from zsq.progress import log
 
