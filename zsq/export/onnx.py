@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from zsq.errors import ZsqError
 from zsq.quant.modules import QuantAct, QuantInput
+from zsq.export.onnx_passes import fold_zero_pads
 from zsq.export.weight_grid import weight_grid
 from zsq.quant.transforms import quant_layers
 
@@ -181,6 +182,26 @@ def export_model(qmodel: nn.Module) -> nn.Module:
     return m
 
 
+def freeze_shape_dependent_modules(m: nn.Module, input_size: Tuple[int, ...]) -> List[str]:
+    """Replace each module that computes something from its input's shape and offers ``static_for``
+    (``SamePad2d``) by its constant form for the one input size the graph is exported at; a module
+    that sees several shapes keeps its dynamic form. Returns the names replaced."""
+    from zsq.hooks import Hooks
+    from zsq.quant.transforms import set_submodule
+
+    seen: dict = {}
+    with Hooks() as hooks:
+        for name, mod in m.named_modules():
+            if callable(getattr(mod, "static_for", None)):
+                hooks.pre(mod, lambda _m, inp, name=name: seen.setdefault(name, set()).add(tuple(inp[0].shape[1:])))
+        with torch.no_grad():
+            m(torch.zeros(1, *input_size))
+    fixed = [n for n, shapes in seen.items() if len(shapes) == 1]
+    for name in fixed:
+        set_submodule(m, name, m.get_submodule(name).static_for((1,) + next(iter(seen[name]))))
+    return fixed
+
+
 def check_opset(opset: int) -> int:
     if not isinstance(opset, int) or opset not in SUPPORTED_OPSETS:
         raise ZsqError(f"ONNX opset {opset!r} is not supported: zsq writes opsets {SUPPORTED_OPSETS[0]}-"
@@ -241,11 +262,12 @@ def pack_int4_weights(model) -> List[str]:
 
 
 def _drop_unused(model) -> None:
-    """Remove Identity nodes and initializers nothing reads any more."""
+    """Remove Identity/Constant nodes and initializers nothing reads any more."""
     outputs = {o.name for o in model.graph.output}
     while True:
         used = {i for n in model.graph.node for i in n.input} | outputs
-        dead = [n for n in model.graph.node if n.op_type == "Identity" and not any(o in used for o in n.output)]
+        dead = [n for n in model.graph.node
+                if n.op_type in ("Identity", "Constant") and not any(o in used for o in n.output)]
         for n in dead:
             model.graph.node.remove(n)
         if not dead:
@@ -283,6 +305,7 @@ def export_onnx(qmodel: nn.Module, path, *, input_size: Optional[Tuple[int, int,
             raise ZsqError("export needs the input size: the model has no zsq metadata; pass input_size=(C, H, W)")
         input_size = tuple(meta.input_size)
     em = export_model(qmodel)
+    freeze_shape_dependent_modules(em, input_size)
     x = torch.zeros(1, *input_size)
     buf = io.BytesIO()
     try:
@@ -296,6 +319,9 @@ def export_onnx(qmodel: nn.Module, path, *, input_size: Optional[Tuple[int, int,
     except Exception as e:
         raise ZsqError(f"torch.onnx.export failed: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     model = onnx.load_from_string(buf.getvalue())
+    folded_pads = fold_zero_pads(model)
+    if folded_pads:
+        _drop_unused(model)
     int4 = []
     if opset > TORCH_MAX_OPSET:
         model, int4 = _to_opset21(model)
@@ -310,4 +336,5 @@ def export_onnx(qmodel: nn.Module, path, *, input_size: Optional[Tuple[int, int,
     ops = {}
     for n in model.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return {"onnx": str(path), "onnx_bytes": len(data), "opset": opset, "ops": ops, "int4_weights": int4}
+    return {"onnx": str(path), "onnx_bytes": len(data), "opset": opset, "ops": ops, "int4_weights": int4,
+            "pads_folded_into_convs": folded_pads}

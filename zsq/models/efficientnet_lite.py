@@ -56,6 +56,14 @@ class SamePad2d(nn.Module):
             x = F.pad(x, (left, right, top, bottom))
         return x
 
+    def static_for(self, shape: Tuple[int, ...]) -> nn.Module:
+        """This padding for one fixed input shape, with the pads as constants: the ONNX export uses
+        it so the graph holds a Pad of constant pads, which ``zsq.export.onnx_passes`` can move into
+        the conv (computed pads would leave a float Pad between Q/DQ and the conv)."""
+        top, bottom = same_pads(shape[-2], self.kernel, self.stride, self.dilation)
+        left, right = same_pads(shape[-1], self.kernel, self.stride, self.dilation)
+        return nn.ZeroPad2d((left, right, top, bottom)) if top or bottom or left or right else nn.Identity()
+
     def extra_repr(self) -> str:
         return f"kernel={self.kernel}, stride={self.stride}, dilation={self.dilation}"
 
