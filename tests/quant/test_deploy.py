@@ -128,3 +128,32 @@ def test_deploy_biases_lie_on_the_int32_kernel_grid():
     # quantizers off: the float bias, so the float model comes back exactly
     set_quant_state(q, weights=False, acts=False)
     assert all(torch.equal(layer.quantized_bias(), layer.bias) for _, layer in quant_layers(q))
+
+
+def test_image_input_range_is_pinned_to_the_valid_pixel_range():
+    """Calibrated on images narrower than real ones (synthetic), the image quantizer would clip real
+    images; deploy pins it to [min (0-mean)/std, max (1-mean)/std] and nothing moves it after."""
+    from zsq.methods.registry import QuantJob
+    from zsq.models.meta import get_meta
+    from zsq.quant import calibrate
+
+    model = tiny_factory()
+    lo, hi = get_meta(model).input_range()
+    m, s = get_meta(model).mean, get_meta(model).std
+    assert lo == min((0 - a) / b for a, b in zip(m, s)) and hi == max((1 - a) / b for a, b in zip(m, s))
+    q = quantize_model(model, get_preset("deploy", "w8a8"))
+    assert q.zsq_quant_plan["pinned_input_ranges"] == ["conv1.input_quant"]
+    iq = q.conv1.input_quant
+    pinned = (iq.scale.detach().clone(), iq.zero_point.clone())
+    torch.testing.assert_close(-iq.zero_point * iq.scale, torch.tensor(lo), atol=iq.scale.item(), rtol=0)
+    torch.testing.assert_close((255 - iq.zero_point) * iq.scale, torch.tensor(hi), atol=iq.scale.item(), rtol=0)
+    narrow = tiny_images(32) * 0.1  # far narrower than valid images
+    calibrate(q, narrow, batch_size=16)
+    assert torch.equal(iq.scale.detach(), pinned[0]) and torch.equal(iq.zero_point, pinned[1])
+    assert all(bool(aq.initialized) for _, aq in act_quantizers(q))
+    assert not torch.equal(q.block.bn2.quant.scale.detach(), pinned[0])  # the others did calibrate
+    for method in ("bn-minmax", "genie"):
+        job = QuantJob(calib=narrow, iters=3, batch_size=8, quiet=True)
+        out = get_method(method).fn(model, get_preset("deploy", "w8a8"), job).model
+        assert torch.equal(out.conv1.input_quant.scale.detach(), pinned[0]), method
+    assert quantize_model(model, get_preset("genie", "w8a8")).zsq_quant_plan["pinned_input_ranges"] == []

@@ -36,6 +36,14 @@ class ModelMeta:
         apply, else their ImageNet ones."""
         return self.input_size[-1] <= SMALL_INPUT_SIDE
 
+    def input_range(self) -> tuple:
+        """(lo, hi) that every valid input lies in: pixels in [0, 1] normalised with mean/std, over
+        all channels. An image quantizer with this range clips no real image, whatever images
+        (synthetic ones with a narrower range) it would otherwise be calibrated on."""
+        lo = min((0.0 - m) / s for m, s in zip(self.mean, self.std))
+        hi = max((1.0 - m) / s for m, s in zip(self.mean, self.std))
+        return lo, hi
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["input_size"] = list(self.input_size)

@@ -135,7 +135,7 @@ def _param_groups(phase: Phase, soft: List[SoftRoundQuantizer], acts: List[Unifo
         if phase.learn_weight_scale:
             groups_scale.append({"params": [s.scale for s in soft], "lr": phase.lr_weight_scale})
     if phase.train_act_scale:
-        act_params = [q.scale for q in acts if isinstance(q.scale, nn.Parameter)]
+        act_params = [q.scale for q in acts if isinstance(q.scale, nn.Parameter) and q.scale.requires_grad]
         if act_params:
             groups_scale.append({"params": act_params, "lr": phase.lr_act_scale})
     return groups_fast, groups_scale

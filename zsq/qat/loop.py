@@ -190,6 +190,9 @@ def _teacher_and_student(teacher: nn.Module, qconfig: QuantConfig, compute) -> T
         p.requires_grad_(False)
     for p in student.parameters():
         p.requires_grad_(True)
+    for _, q in act_quantizers(student):  # a pinned range (the image input's) is not trained
+        if getattr(q, "pinned", False) and isinstance(q.scale, nn.Parameter):
+            q.scale.requires_grad_(False)
     return teacher, student
 
 

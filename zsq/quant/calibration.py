@@ -2,6 +2,8 @@
 statistics alone (no images at all)."""
 from __future__ import annotations
 
+from typing import List
+
 import torch
 import torch.nn as nn
 
@@ -121,3 +123,31 @@ def calibrate_from_bn(qmodel: nn.Module, k: float = 4.0, num_images: int = 64, c
             q.set_range(lo, hi)
     set_flags([q for _, q in quants], enabled=True, observing=False)
     return qmodel
+
+
+def pin_image_input_ranges(qmodel: nn.Module, example: torch.Tensor) -> List[str]:
+    """Every activation quantizer that reads the model's input itself gets the range all valid
+    images lie in (``ModelMeta.input_range``) and keeps it: calibrated on synthetic images, whose
+    range is narrower (Genie-D's on ResNet-20: [-1.72, 1.13] against [-2.12, 2.64]), it clips real
+    images, which cost 2.4 points at W8A8 on the deploy preset. Returns the quantizers pinned."""
+    meta = getattr(qmodel, "zsq_meta", None)
+    if meta is None:
+        return []
+    readers = []
+
+    def pre(name):
+        def h(_m, inp):
+            if inp and inp[0] is example:
+                readers.append(name)
+        return h
+
+    quants = act_quantizers(qmodel)
+    with Hooks() as hooks, torch.no_grad(), quantizer_flags([q for _, q in quants], enabled=False, observing=False):
+        for name, q in quants:
+            hooks.pre(q, pre(name))
+        qmodel(example)
+    lo, hi = meta.input_range()
+    by_name = dict(quants)
+    for name in dict.fromkeys(readers):
+        by_name[name].pin_range(lo, hi)
+    return list(dict.fromkeys(readers))

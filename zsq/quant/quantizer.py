@@ -172,6 +172,7 @@ class UniformQuantizer(nn.Module):
         self._samples: list = []  # for percentile/lp over several batches (not saved)
         self.enabled = True
         self.observing = False
+        self.pinned = False  # range fixed by pin_range (not saved: quantize_model pins again)
         self.sample_seed = 0  # seeds the subsamples range searches see (zsq.quant.state.observing sets it)
 
     # ---- grid -------------------------------------------------------------------------------
@@ -203,7 +204,10 @@ class UniformQuantizer(nn.Module):
             self.signed_flag.fill_(bool((x.min() < 0).item()))
 
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor, signed: Optional[bool] = None) -> None:
-        """Set step/zero point from an explicit range (e.g. one derived from BN statistics)."""
+        """Set step/zero point from an explicit range (e.g. one derived from BN statistics); a
+        pinned quantizer keeps its range."""
+        if self.pinned:
+            return
         lo = torch.as_tensor(lo, dtype=torch.float32).reshape(self.scale.shape)
         hi = torch.as_tensor(hi, dtype=torch.float32).reshape(self.scale.shape)
         if self.spec.symmetric and self.spec.signed is None:
@@ -214,8 +218,19 @@ class UniformQuantizer(nn.Module):
             self.zero_point.copy_(zp)
         self.initialized.fill_(True)
 
+    def pin_range(self, lo: float, hi: float) -> None:
+        """Fix the range for good (the image input's known range): calibration, lazy initialisation
+        and step-size training leave it alone from now on."""
+        self.pinned = False
+        self.set_range(torch.tensor(lo), torch.tensor(hi))
+        self.pinned = True
+        if isinstance(self.scale, nn.Parameter):
+            self.scale.requires_grad_(False)
+
     def init_from(self, x: torch.Tensor) -> None:
         """Initialise step/zero point from one tensor with the spec's observer (not EMA)."""
+        if self.pinned:
+            return
         x = x.detach()
         self._decide_sign(x)
         if self.spec.observer == "lp":
@@ -232,6 +247,8 @@ class UniformQuantizer(nn.Module):
         self.set_range(lo, hi, signed=self.signed)
 
     def _observe(self, x: torch.Tensor) -> None:
+        if self.pinned:
+            return
         x = x.detach()
         s = self.spec
         if s.observer == "ema":

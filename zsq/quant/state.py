@@ -76,7 +76,8 @@ def observing(target: Quantizers, seed: int = 0) -> Iterator[List[nn.Module]]:
     quants = _act_list(target)
     for q in quants:
         q.reset_observer()
-        q.initialized.fill_(False)
+        if not getattr(q, "pinned", False):  # a pinned range (the image input's) stays as it is
+            q.initialized.fill_(False)
         q.sample_seed = seed
     set_flags(quants, enabled=False, observing=True)
     try:

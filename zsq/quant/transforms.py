@@ -461,6 +461,9 @@ def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optiona
         shared = deploy["shared"]
     elif config.act_placement != "after_relu":
         shared = share_input_quantizers(qmodel, example_input)
+    from zsq.quant.calibration import pin_image_input_ranges  # calibration builds on this module
+
+    pinned = pin_image_input_ranges(qmodel, example_input)
     qmodel.zsq_quant_plan = {
         "config": config.to_dict(),
         "capture": "fx" if not untraced else "fx, eager fallback in parts",
@@ -471,6 +474,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optiona
         "activation_sites": after_act,
         "residual_sites": residual,
         "shared_input_quantizers": [list(s) for s in shared],
+        "pinned_input_ranges": pinned,
         "rewritten_modules": rewritten,
         "eager_fallback": [{"module": n, "why": w} for n, w in untraced.items()],
         "kept_float": kept_float,
