@@ -404,6 +404,12 @@ def _all_quantizers(model: nn.Module) -> List[nn.Module]:
 
 
 # ---- the whole pipeline -------------------------------------------------------------------------
+def _pin_image_inputs(qmodel: nn.Module, example: torch.Tensor) -> List[str]:
+    from zsq.quant.calibration import pin_image_input_ranges  # calibration builds on this module
+
+    return pin_image_input_ranges(qmodel, example)
+
+
 def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optional[torch.Tensor] = None,
                    strict: bool = False, quiet: bool = False) -> nn.Module:
     """A new fake-quantized model (the float model is never mutated).
@@ -461,9 +467,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optiona
         shared = deploy["shared"]
     elif config.act_placement != "after_relu":
         shared = share_input_quantizers(qmodel, example_input)
-    from zsq.quant.calibration import pin_image_input_ranges  # calibration builds on this module
-
-    pinned = pin_image_input_ranges(qmodel, example_input)
+    pinned = _pin_image_inputs(qmodel, example_input)
     qmodel.zsq_quant_plan = {
         "config": config.to_dict(),
         "capture": "fx" if not untraced else "fx, eager fallback in parts",
