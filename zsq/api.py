@@ -193,15 +193,16 @@ def quantize(model, *, weights: Optional[str] = None, pretrained: bool = False, 
              batch_size: Optional[int] = None, seed: int = 0, out: Optional[Path] = None,
              resume: bool = False, force: bool = False, eval_data: Optional[str] = None,
              quiet: bool = False, options: Optional[Dict[str, Any]] = None, device: str = "cpu",
-             precision: str = "fp32", channels_last: Optional[bool] = None, meta=None, input_size=None,
+             precision: str = "fp32", channels_last: Optional[bool] = None, compile: bool = False,
+             meta=None, input_size=None,
              mean=None, std=None, strict: bool = False):
     """`zsq quantize` as a function, on a model name or your own nn.Module (with ``meta=`` or
     ``input_size=``/``mean=``/``std=`` when it has no zsq metadata). Returns a QuantResult:
     ``.model`` the quantized model, ``.report`` the JSON report (see README for the keys).
     ``strict``: refuse layers zsq would keep in float (Conv3d, ConvTranspose2d, LSTM).
 
-    device / precision / channels_last: where and how synthesis and reconstruction/QAT compute
-    (zsq.compute.resolve); the default cpu + fp32 is bit-reproducible. Without ``weights`` or
+    device / precision / channels_last / compile: where and how synthesis and reconstruction/QAT compute
+    (zsq.compute.resolve); the default cpu + fp32 eager is bit-reproducible. Without ``weights`` or
     ``pretrained`` the model is refused unless ``random_init=True``."""
     from zsq.compute import resolve
     from zsq.data import load_dataset
@@ -211,7 +212,7 @@ def quantize(model, *, weights: Optional[str] = None, pretrained: bool = False, 
     from zsq.quant import get_preset, parse_bits
 
     t_start = time.time()
-    compute = resolve(device, precision, channels_last)  # a missing GPU is refused before any work
+    compute = resolve(device, precision, channels_last, compile)  # a missing GPU is refused before any work
     parse_bits(bits)
     info = get_method(method)
     preset = preset or info.default_preset

@@ -283,7 +283,7 @@ class Reconstructor:
                 if 0.0 < phase.qdrop_p < 1.0:
                     keep = torch.rand(xin.shape, generator=gen, device=dev) < phase.qdrop_p
                     xin = torch.where(keep, xin, x[idx])
-                loss = _recon_loss(self.compute.forward(mod, xin), y[idx], phase.loss_p)
+                loss = _recon_loss(self.compute.forward(mod, xin, step=True), y[idx], phase.loss_p)
                 rec = float(loss.detach())
                 if soft and phase.round_weight > 0 and beta.rounding_active(t):
                     b = beta.beta(t)
