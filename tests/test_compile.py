@@ -84,10 +84,12 @@ def test_compiled_genie_synthesis_and_reconstruction_match_eager():
     assert torch.allclose(out.images, ref.images, atol=1e-3, rtol=0)  # same swings, same images to rounding
 
     imgs = torch.randn(48, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    res = [genie(make_tiny(), get_preset("genie", "w4a4"), QuantJob(calib=imgs, iters=6, batch_size=16, quiet=True,
-                                                                     compute=c))
-           for c in (None, resolve("cpu", "fp32", compile=True))]
+    res = []
+    for c in (None, resolve("cpu", "fp32", compile=True)):
+        torch.manual_seed(0)  # make_tiny leaves the linear's bias at torch's default (global-RNG) init
+        res.append(genie(make_tiny(), get_preset("genie", "w4a4"),
+                         QuantJob(calib=imgs, iters=6, batch_size=16, quiet=True, compute=c)))
     a, b = ([u["hard_loss"] for u in r.report["unit_losses"]] for r in res)
     assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
-    agree = (res[0].model(imgs).argmax(1) == res[1].model(imgs).argmax(1)).float().mean()
-    assert agree >= 0.9
+    sa, sb = res[0].model.state_dict(), res[1].model.state_dict()
+    assert max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa if sa[k].is_floating_point()) < 1e-3

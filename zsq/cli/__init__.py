@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", help="labelled images to report FP32 and quantized top-1 on")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
     add_compute_args(p)
+    p.add_argument("--workers", type=int, default=None,
+                   help="N processes (runs this command under torchrun): synthesis splits its batches, "
+                        "reconstruction each batch's images, QAT its batches (DistributedDataParallel)")
     p.add_argument("--strict", action="store_true",
                    help="refuse layers zsq has no quantized form for (Conv3d, ConvTranspose2d, LSTM) instead "
                         "of keeping them in float")
