@@ -75,7 +75,7 @@ def test_compiled_bf16_quantizer_arithmetic_stays_float32():
 def test_compiled_genie_synthesis_and_reconstruction_match_eager():
     from tests.ptq.conftest import make_tiny
     from zsq.methods.registry import QuantJob
-    from zsq.ptq.methods import genie
+    from zsq.ptq.reconstruction_methods import genie
     from zsq.quant import get_preset
 
     teacher = tiny_bn_cnn()

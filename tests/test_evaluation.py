@@ -62,11 +62,8 @@ def test_agreement():
 
 
 def test_loading_uses_workers_and_pinned_memory_only_for_cuda(monkeypatch):
-    import sys
-
+    import zsq.evaluation as ev
     from zsq.compute import loader_options
-
-    ev = sys.modules[evaluate.__module__]  # the module (zsq.evaluate the name is the function)
 
     assert loader_options("cpu") == {"num_workers": 0} == loader_options(torch.device("cpu"))
     cuda = loader_options("cuda:1")  # the options only; no GPU needed to decide them

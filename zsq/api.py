@@ -166,7 +166,7 @@ def _base_report(model_name: str, method: str, qconfig, preset: str, job, opts, 
 
 
 def _add_accuracy(report: Dict[str, Any], qmodel, eval_set, fp_top1: float, quiet: bool) -> None:
-    from zsq.evaluate import evaluate
+    from zsq.evaluation import evaluate
 
     q_res = evaluate(qmodel, eval_set, quiet=quiet)
     report.update({"fp32_top1": fp_top1, "quant_top1": q_res["top1"], "quant_top5": q_res["top5"], "n": q_res["n"]})

@@ -21,7 +21,7 @@ def _images() -> torch.Tensor:
 
 
 def _genie(out=None, resume=False):
-    from zsq.ptq.methods import genie
+    from zsq.ptq.reconstruction_methods import genie
 
     job = QuantJob(calib=_images(), iters=6, batch_size=16, quiet=True, out=out, resume=resume)
     torch.manual_seed(0)  # make_tiny leaves the linear's bias at torch's default (global-RNG) init
