@@ -1,6 +1,11 @@
 """What bf16, channels_last, torch.compile and several processes buy on this machine (issue 14).
 
 Parts (each prints markdown rows and appends them, with the command, load and machine, to --md):
+  matrix  the one measurement of issue 14: on ResNet-20 (batch 128, 32²) and Lite0 (batch 32, 224²), the
+          whole Genie-D step, the whole ZeroQ step and a Genie-M iteration in fp32 NCHW, bf16 NCHW, fp32
+          channels_last, bf16 channels_last and bf16 + channels_last + torch.compile (compile time apart,
+          and the steps after which it pays against eager bf16 channels_last), BNS after the same
+          iterations vs fp32 NCHW. --smoke: tiny batches and 2 iterations, to check the script runs.
   steps   Genie-D and ZeroQ synthesis on ResNet-20 (32², batch 128) and EfficientNet-Lite0 (224², batch
           32): seconds per iteration and the BNS (measured in fp32) after the same iterations, for
           fp32/bf16 x NCHW/channels_last.
@@ -35,6 +40,9 @@ from zsq.compute import cpu_bf16_flags, resolve  # noqa: E402
 from zsq.models import load  # noqa: E402
 
 SETTINGS = (("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True))
+MATRIX = (("fp32", False, False), ("bf16", False, False), ("fp32", True, False), ("bf16", True, False),
+          ("bf16", True, True))
+RECON_UNITS = {"resnet20": "layer2.0", "lite0": "_blocks.3"}
 MODELS = {"resnet20": ("cifar10_resnet20", RESNET20, 128), "lite0": ("efficientnet_lite0", LITE0, 32)}
 
 
@@ -42,8 +50,103 @@ def load_avg() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def label(prec: str, cl: bool) -> str:
-    return f"{prec} {'channels_last' if cl else 'NCHW'}"
+def label(prec: str, cl: bool, compiled: bool = False) -> str:
+    return f"{prec} {'channels_last' if cl else 'NCHW'}{' + compile' if compiled else ''}"
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
+    except (OSError, StopIteration):
+        return next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def three_runs(run):
+    """run(iters) -> (seconds, extra). A cold 1-step run (pays compile/first touch), the timed run of
+    n steps, a warm 1-step run: per step = (timed - warm) / (n - 1) (setup and caching cancel), compile
+    = cold - warm; graphs compiled during the timed run are counted (0: it reused the cold run's)."""
+    cold, _ = run(1)
+    g0 = graphs_compiled()
+    timed, extra = run(None)
+    recompiled = graphs_compiled() - g0
+    warm, _ = run(1)
+    return cold, timed, warm, recompiled, extra
+
+
+def matrix_synth(key: str, teacher, method: str, batch: int, iters: int, comp):
+    from zsq.synth import synthesize
+
+    def run(n):
+        d = synthesize(teacher, method, batch, iters=n or iters, batch_size=batch, quiet=True, compute=comp)
+        return d.meta["seconds"], d.meta["bns_loss"]
+
+    cold, timed, warm, recompiled, bns = three_runs(run)
+    return (timed - warm) / max(iters - 1, 1), cold - warm, recompiled, bns
+
+
+def matrix_recon(key: str, teacher, calib, iters: int, comp):
+    from zsq.ptq.budgets import GENIE, Budget, EngineOptions
+    from zsq.ptq.reconstruct import Reconstructor
+    from zsq.quant import get_preset, quantize_model
+
+    def run(n):
+        q = quantize_model(teacher, get_preset("genie", "w4a4"))
+        eng = Reconstructor(q, calib, GENIE, Budget("bench", n or iters, min(32, len(calib)), len(calib)),
+                            EngineOptions(quiet=True), compute=comp)
+        ui = next(i for i, u in enumerate(eng.units) if u.name == RECON_UNITS[key])  # earlier units untrained
+        rec = eng._run_unit(0, ui)
+        return rec["seconds"], rec["hard_loss"]
+
+    cold, timed, warm, recompiled, loss = three_runs(run)
+    return (timed - warm) / max(iters - 1, 1), cold - warm, recompiled, loss
+
+
+def part_matrix(args) -> list:
+    rows = ["| model | step | setting | iters | s/step | speed-up vs fp32 NCHW | compile s | pays after (steps, vs "
+            "eager bf16 channels_last) | graphs compiled in timed run | BNS after / Genie-M hard loss | vs fp32 NCHW "
+            "| load before/after | peak RSS MiB so far |", "|" + "---|" * 13]
+    for key in args.models:
+        name, weights, batch = MODELS[key]
+        teacher = load(name, weights=str(asset(weights)))
+        batch = args.smoke_batch or batch
+        iters = 2 if args.smoke else (args.iters_r20 if key == "resnet20" else args.iters_lite0)
+        c, h, w = teacher.zsq_meta.input_size
+        calib = torch.randn(args.recon_images, c, h, w, generator=torch.Generator().manual_seed(0))
+        for step in ("genie", "zeroq", "genie-m"):
+            n = 2 if args.smoke else (args.recon_iters if step == "genie-m" else iters)
+            base = eager_best = None
+            for prec, cl, compiled in MATRIX:
+                comp = resolve("cpu", prec, cl, compiled)
+                before = load_avg()
+                if step == "genie-m":
+                    per, ctime, recompiled, quality = matrix_recon(key, teacher, calib, n, comp)
+                else:
+                    per, ctime, recompiled, quality = matrix_synth(key, teacher, step, batch, n, comp)
+                base = base or (per, quality)
+                if (prec, cl, compiled) == ("bf16", True, False):
+                    eager_best = per
+                pays = "—"
+                if compiled:
+                    pays = f"{math.ceil(ctime / (eager_best - per))}" if eager_best and per < eager_best else "never"
+                rows.append(f"| {key} b{batch} | {step} | {label(prec, cl, compiled)} | {n} | {per:.3f} | "
+                            f"{base[0] / per:.2f}x | {f'{ctime:.1f}' if compiled else '—'} | {pays} | "
+                            f"{recompiled if compiled else '—'} | {quality:.4g} | "
+                            f"{100 * (quality / base[1] - 1):+.1f} % | {before} / {load_avg()} | {peak_rss_mib():.0f} |")
+                print(rows[-1], flush=True)
+    return rows
 
 
 def part_steps(args) -> list:
@@ -223,7 +326,7 @@ def data_labels(data):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=("steps", "recon", "compile", "workers", "demo"))
+    ap.add_argument("part", choices=("matrix", "steps", "recon", "compile", "workers", "demo"))
     ap.add_argument("--models", nargs="+", default=["resnet20", "lite0"], choices=sorted(MODELS))
     ap.add_argument("--iters-r20", type=int, default=20)
     ap.add_argument("--iters-lite0", type=int, default=6)
@@ -233,19 +336,24 @@ def main() -> None:
     ap.add_argument("--worker-iters", type=int, default=5)
     ap.add_argument("--demo-images", type=int, default=256, help="demo: Genie-D images (make demo: 256)")
     ap.add_argument("--demo-iters", type=int, default=None, help="demo: Genie-M iterations/unit (make demo: 300)")
+    ap.add_argument("--recon-images", type=int, default=64, help="matrix: calibration images of the Genie-M unit")
+    ap.add_argument("--smoke", action="store_true", help="matrix: 2 steps of everything on tiny batches (checks "
+                    "the script, measures nothing)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--md", type=Path)
     args = ap.parse_args()
+    args.smoke_batch = 4 if args.smoke else None
+    if args.smoke:
+        args.recon_images = min(args.recon_images, 8)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     start = load_avg()
     rows = globals()[f"part_{args.part}"](args)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    head = [f"\n### {args.part}\n", f"`PYTHONPATH=. python benchmarks/compute.py {' '.join(sys.argv[1:])}`  ",
-            f"{cpu}, {os.cpu_count()} cores, native bf16 flags: {', '.join(cpu_bf16_flags()) or 'none'}; "
+    head = [f"\n### {args.part}{' (smoke: measures nothing)' if args.smoke else ''}\n",
+            f"`PYTHONPATH=. python benchmarks/compute.py {' '.join(sys.argv[1:])}`  ",
+            f"{cpu_model()}, {os.cpu_count()} cores, native bf16 flags: {', '.join(cpu_bf16_flags()) or 'none'}; "
             f"torch {torch.__version__}; {args.threads} thread(s) per process; load average at start {start}, "
-            f"{time.perf_counter() - t0:.0f} s in all, peak RSS "
-            f"{__import__('resource').getrusage(__import__('resource').RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB\n"]
+            f"at end {load_avg()}; {time.perf_counter() - t0:.0f} s in all, peak RSS {peak_rss_mib():.0f} MiB\n"]
     if args.md:
         with open(args.md, "a") as f:
             f.write("\n".join(head + rows) + "\n")

@@ -59,3 +59,29 @@ def test_agreement():
     assert agreement([1, 2, 3, 4], [1, 2, 0, 4]) == 75.0
     with pytest.raises(ZsqError):
         agreement([1], [1, 2])
+
+
+def test_loading_uses_workers_and_pinned_memory_only_for_cuda(monkeypatch):
+    import zsq.evaluation as ev
+    from zsq.compute import loader_options
+
+    assert loader_options("cpu") == {"num_workers": 0} == loader_options(torch.device("cpu"))
+    cuda = loader_options("cuda:1")  # the options only; no GPU needed to decide them
+    assert cuda["pin_memory"] is True and 1 <= cuda["num_workers"] <= 4
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_loader(data, **kw):
+        seen.append(kw)
+        raise Stop
+
+    monkeypatch.setattr(ev, "DataLoader", fake_loader)
+    data = (torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 3))
+    for device in ("cpu", "cuda"):
+        with pytest.raises(Stop):
+            ev.evaluate(net, data, quiet=True, device=device)
+    assert seen[0]["num_workers"] == 0 and "pin_memory" not in seen[0]
+    assert seen[1]["pin_memory"] is True and seen[1]["num_workers"] >= 1

@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from zsq import distributed as zdist
 from zsq.errors import ZsqError
 from zsq.progress import log
 
@@ -161,7 +162,14 @@ def _base_report(model_name: str, method: str, qconfig, preset: str, job, opts, 
     return {"model": model_name, "method": method, "bits": qconfig.bits, "preset": preset,
             "preset_version": qconfig.version, "calib_source": job.calib_source,
             "num_images": None if job.calib is None else int(job.calib.shape[0]), "options": opts,
-            "compute": compute.describe()}
+            "compute": compute.describe(), "processes": zdist.world()}
+
+
+def _add_accuracy(report: Dict[str, Any], qmodel, eval_set, fp_top1: float, quiet: bool) -> None:
+    from zsq.evaluation import evaluate
+
+    q_res = evaluate(qmodel, eval_set, quiet=quiet)
+    report.update({"fp32_top1": fp_top1, "quant_top1": q_res["top1"], "quant_top5": q_res["top5"], "n": q_res["n"]})
 
 
 def _check_strict(fp_model, strict: bool) -> None:
@@ -193,15 +201,15 @@ def quantize(model, *, weights: Optional[str] = None, pretrained: bool = False, 
              batch_size: Optional[int] = None, seed: int = 0, out: Optional[Path] = None,
              resume: bool = False, force: bool = False, eval_data: Optional[str] = None,
              quiet: bool = False, options: Optional[Dict[str, Any]] = None, device: str = "cpu",
-             precision: str = "fp32", channels_last: Optional[bool] = None, meta=None, input_size=None,
-             mean=None, std=None, strict: bool = False):
+             precision: str = "fp32", channels_last: Optional[bool] = None, compile: bool = False,
+             meta=None, input_size=None, mean=None, std=None, strict: bool = False):
     """`zsq quantize` as a function, on a model name or your own nn.Module (with ``meta=`` or
     ``input_size=``/``mean=``/``std=`` when it has no zsq metadata). Returns a QuantResult:
     ``.model`` the quantized model, ``.report`` the JSON report (see README for the keys).
     ``strict``: refuse layers zsq would keep in float (Conv3d, ConvTranspose2d, LSTM).
 
-    device / precision / channels_last: where and how synthesis and reconstruction/QAT compute
-    (zsq.compute.resolve); the default cpu + fp32 is bit-reproducible. Without ``weights`` or
+    device / precision / channels_last / compile: where and how synthesis and reconstruction/QAT compute
+    (zsq.compute.resolve); the default cpu + fp32 eager is bit-reproducible. Without ``weights`` or
     ``pretrained`` the model is refused unless ``random_init=True``."""
     from zsq.compute import resolve
     from zsq.data import load_dataset
@@ -211,7 +219,9 @@ def quantize(model, *, weights: Optional[str] = None, pretrained: bool = False, 
     from zsq.quant import get_preset, parse_bits
 
     t_start = time.time()
-    compute = resolve(device, precision, channels_last)  # a missing GPU is refused before any work
+    compute = resolve(device, precision, channels_last, compile)  # a missing GPU is refused before any work
+    lead = zdist.rank() == 0  # under torchrun: every process computes, only rank 0 logs, evaluates, writes
+    quiet = quiet or not lead
     parse_bits(bits)
     info = get_method(method)
     preset = preset or info.default_preset
@@ -226,23 +236,23 @@ def quantize(model, *, weights: Optional[str] = None, pretrained: bool = False, 
     opts = info.parse_options(options, meta, budget)  # bad --set keys/values: before any work
     job.extra.update(opts)
 
-    synth_seconds = 0.0
     synthesizes, synth, num_images = _plan_images(info, method, synth, calib_data, num_images, budget)
     if calib_data is not None:
         job.calib, labels, job.calib_source = load_calibration(calib_data, fp_model, num_images)
         if labels is not None and job.calib_source.startswith("synthetic"):
             job.extra.setdefault("calib_labels", labels)
     run_folder = None
-    if out is not None:  # only once the arguments have been checked: --force may clear an earlier run
+    zdist.barrier()  # every process has checked --out before rank 0 touches it
+    if out is not None and lead:  # only once the arguments have been checked: --force may clear an earlier run
         run_folder = _begin_run_folder(out, synthesizes, fp_model, resume=resume, force=force, calib_data=calib_data,
                                        model=model_name, method=method, bits=qconfig.bits, preset=preset, synth=synth,
                                        num_images=num_images, budget=budget, iters=iters, epochs=epochs,
                                        iters_per_epoch=iters_per_epoch, batch_size=batch_size, seed=seed, options=opts)
-    if synthesizes:
-        synth_seconds = _synthesize(job, fp_model, synth, num_images)
+    zdist.barrier()
+    synth_seconds = _synthesize(job, fp_model, synth, num_images) if synthesizes else 0.0
 
     fp_top1 = None
-    if eval_data is not None:
+    if eval_data is not None and lead:
         job.eval_fn = lambda m: evaluate(m, eval_set, quiet=True, device=next(m.parameters()).device)
         fp_top1 = evaluate(fp_model, eval_set, quiet=quiet)["top1"]
 
@@ -252,13 +262,12 @@ def quantize(model, *, weights: Optional[str] = None, pretrained: bool = False, 
     quant_seconds = time.time() - t0
 
     report = _base_report(model_name, method, qconfig, preset, job, opts, compute)
-    if job.out is not None:
+    if job.out is not None and lead:
         _save(report, result.model, job, model_name, weights)
         run_folder.finish()
-    if eval_data is not None:
-        q_res = evaluate(result.model, eval_set, quiet=quiet)
-        report.update({"fp32_top1": fp_top1, "quant_top1": q_res["top1"], "quant_top5": q_res["top5"],
-                       "n": q_res["n"]})
+    zdist.barrier()
+    if eval_data is not None and lead:
+        _add_accuracy(report, result.model, eval_set, fp_top1, quiet)
     report.update({"synth_seconds": round(synth_seconds, 2), "quant_seconds": round(quant_seconds, 2),
                    "seconds": round(time.time() - t_start, 2)})
     _add_method_report(report, result)

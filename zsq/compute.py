@@ -1,16 +1,23 @@
 """Where and how zsq computes: the torch device, the precision of the big tensor work, the memory layout.
 
 ``Compute`` is resolved once from what the user asked (``device``: cpu | cuda | cuda:N | mps | auto;
-``precision``: fp32 | bf16 | auto; ``channels_last``) and handed to the synthesizers, the reconstruction
+``precision``: fp32 | bf16 | auto; ``channels_last``; ``compile``) and handed to the synthesizers, the reconstruction
 engine and the QAT loop. ``bf16`` runs the networks' forward and backward under ``torch.autocast`` (convs and
 linears in bfloat16); everything that must stay exact stays float32 -- quantizer arithmetic (see
 ``fp32_region``), BN-statistics accumulation, loss reductions, optimizer state, the images themselves.
-The default, cpu + fp32 + NCHW, is exactly what zsq computed before this module existed (bit-identical).
+``compile`` runs the training-step forwards (``Compute.forward(..., step=True)``) through ``torch.compile`` (one
+compiled copy per module, kept as long as this Compute): the teacher's synthesis step (its forward and, through AOTAutograd, the
+backward to the input) and a reconstruction unit's forward and backward (QAT and every no-grad pass stay eager). The fp32 regions stay fp32 inside the
+compiled graphs (autocast-off is traced, not dropped); fused kernels change float summation order, so compiled
+results equal eager ones only to rounding (never bit for bit), and the first steps pay the compile time.
+The default, cpu + fp32 + NCHW, eager, is exactly what zsq computed before this module existed (bit-identical).
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import os
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -90,6 +97,9 @@ class Compute:
     precision: str = "fp32"  # what runs: fp32 | bf16
     channels_last: bool = False
     requested: str = "fp32"  # what was asked: fp32 | bf16 | auto
+    compile: bool = False  # torch.compile the networks run through forward()
+    _compiled: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, init=False,
+                                                 repr=False, compare=False, hash=False)
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16"):
@@ -102,7 +112,7 @@ class Compute:
     @property
     def is_reference(self) -> bool:
         """cpu + fp32 + NCHW: zsq's bit-reproducible reference arithmetic."""
-        return self.device == "cpu" and self.precision == "fp32" and not self.channels_last
+        return self.device == "cpu" and self.precision == "fp32" and not self.channels_last and not self.compile
 
     def autocast(self):
         """bf16 autocast for the networks' convs/linears, or nothing at all in fp32."""
@@ -123,11 +133,28 @@ class Compute:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def forward(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """net(x) under this precision and layout; the output comes back float32."""
+    def forward(self, net: nn.Module, x: torch.Tensor, step: bool = False) -> torch.Tensor:
+        """net(x) under this precision and layout; the output comes back float32. ``step``: this is a
+        training step's forward, the one ``compile`` compiles (the rest -- caching, evaluation -- stays eager)."""
         with self.autocast():
-            out = net(self.layout(x))
+            out = (self.runner(net) if step else net)(self.layout(x))
         return out.float() if out.is_floating_point() else out
+
+    def runner(self, net: nn.Module):
+        """``net`` itself, or with ``compile`` its torch.compile'd twin (made on first use, then reused:
+        the compile time is paid once per module and shape; parameters and hooks are shared with ``net``)."""
+        if not self.compile:
+            return net
+        fn = self._compiled.get(net)
+        if fn is None:
+            fn = self._compiled[net] = torch.compile(net)
+        return fn
+
+    def __getstate__(self):  # compiled twins stay in their process (pickled for torch.distributed)
+        return {k: v for k, v in self.__dict__.items() if k != "_compiled"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _compiled=weakref.WeakKeyDictionary())
 
     def generator(self, seed: int) -> torch.Generator:
         """A seeded torch.Generator on this device (for draws made every step, e.g. QDrop masks)."""
@@ -136,12 +163,14 @@ class Compute:
     def describe(self) -> Dict[str, object]:
         """What ran, for reports."""
         return {"device": self.device, "precision": self.precision, "precision_requested": self.requested,
-                "channels_last": self.channels_last}
+                "channels_last": self.channels_last, "compile": self.compile}
 
 
-def resolve(device: str = "cpu", precision: str = "fp32", channels_last: Optional[bool] = None) -> Compute:
+def resolve(device: str = "cpu", precision: str = "fp32", channels_last: Optional[bool] = None,
+            compile: bool = False) -> Compute:
     """Compute for the request. precision ``auto`` = bf16 only where the hardware has native bf16, else
-    fp32; ``channels_last`` None = on with bf16 (where it measured fastest), off with fp32 (bit-identical)."""
+    fp32; ``channels_last`` None = on with bf16 (where it measured fastest), off with fp32 (bit-identical);
+    ``compile``: torch.compile the teacher's synthesis step and the reconstruction units (off by default)."""
     if isinstance(precision, str):
         precision = precision.strip().lower()
     if precision not in PRECISIONS:
@@ -154,7 +183,7 @@ def resolve(device: str = "cpu", precision: str = "fp32", channels_last: Optiona
         raise ZsqError("--precision bf16 is not supported on mps here; use fp32")
     if channels_last is None:
         channels_last = ran == "bf16"
-    return Compute(str(dev), ran, bool(channels_last), precision)
+    return Compute(str(dev), ran, bool(channels_last), precision, bool(compile))
 
 
 def as_compute(value) -> Compute:
@@ -166,6 +195,15 @@ def as_compute(value) -> Compute:
     if isinstance(value, dict):
         return resolve(**value)
     raise ZsqError(f"compute must be a zsq.compute.Compute or a dict, got {type(value).__name__}")
+
+
+def loader_options(device) -> Dict[str, object]:
+    """DataLoader options for feeding ``device``. CUDA: worker processes load and preprocess the next
+    batches while the GPU runs, into pinned host memory so the copies can be asynchronous. Elsewhere none
+    (on the CPU, workers would take cores from the model; results are the same either way)."""
+    if torch.device(device).type != "cuda":
+        return {"num_workers": 0}
+    return {"num_workers": min(4, max(1, (os.cpu_count() or 2) // 2)), "pin_memory": True}
 
 
 @contextlib.contextmanager

@@ -1,9 +1,13 @@
-"""Several processes on torch.distributed: `torchrun --nproc-per-node N -m zsq synthesize ...` or
-`zsq synthesize ... --workers N` (which launches exactly that).
+"""Several processes on torch.distributed: `torchrun --nproc-per-node N -m zsq synthesize|quantize ...`
+or the same command with `--workers N` (which launches exactly that).
 
 Synthesis splits its batches over the ranks (batch b goes to rank b mod N among the batches still to
 do). Every batch draws all its randomness from a generator seeded by its index, so N processes make
 the same images as one, and a run interrupted with N processes resumes with any other number.
+Reconstruction (genie, brecq, qdrop, adaround) gives each rank its rows of every training batch (all
+ranks draw the same batch and QDrop masks) and sums the gradients (``all_reduce_grads``): every rank
+holds the same model, equal to one process's up to float summation order; resume files are per unit,
+so any number of processes continues them. Only rank 0 writes files.
 gloo on the CPU, nccl on CUDA (each rank on cuda:LOCAL_RANK).
 """
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -56,6 +60,33 @@ def world() -> int:
 def my_share(todo: Sequence[int]) -> List[int]:
     """This rank's part of the work items ``todo`` (every world-th, starting at its rank)."""
     return list(todo)[rank()::world()]
+
+
+def batch_rows(size: int) -> Tuple[int, int]:
+    """This rank's rows [lo, hi) of a batch of ``size`` (contiguous, sizes differing by at most one)."""
+    r, n = rank(), world()
+    return r * size // n, (r + 1) * size // n
+
+
+def all_reduce_grads(params: Sequence[torch.Tensor], values: torch.Tensor) -> List[float]:
+    """Sum every rank's gradients of ``params`` (in place; a missing gradient counts as zero) and the
+    scalars ``values`` in one all-reduce; returns the summed values. When each rank's loss is its share
+    of the batch mean (its rows' sum / batch size), the sums are the whole batch's mean and gradient:
+    one process's up to float summation order."""
+    values = values.detach().reshape(-1).float()
+    flat = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)
+            for p in params]
+    buf = torch.cat(flat + [values.to(flat[0].device if flat else values.device)])
+    if active():
+        dist.all_reduce(buf)
+    pos = 0
+    for p in params:
+        n = p.numel()
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.copy_(buf[pos:pos + n].view_as(p.grad))
+        pos += n
+    return buf[pos:].tolist()
 
 
 def gather_objects(obj: Any) -> List[Any]:
@@ -105,6 +136,6 @@ def strip_workers(argv: Sequence[str]) -> List[str]:
 
 
 def check_supported(command: Optional[str]) -> None:
-    if launched() and command != "synthesize":
-        raise ZsqError(f"`zsq {command}` runs in one process; only `zsq synthesize` splits over several "
-                       "(torchrun / --workers) so far")
+    if launched() and command not in ("synthesize", "quantize"):
+        raise ZsqError(f"`zsq {command}` runs in one process; only `zsq synthesize` and `zsq quantize` split "
+                       "over several (torchrun / --workers)")

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from zsq.compute import loader_options
 from zsq.errors import ZsqError
 from zsq.models.meta import get_meta
 from zsq.progress import progress
@@ -34,7 +35,8 @@ def evaluate(
     data: a data spec string (``PATH[START:STOP]``, preprocessed with the model's ModelMeta), a Dataset
       yielding ``(image, label)``, or a tuple of tensors ``(x, y)`` already in model input space.
     return_preds: add ``"preds"``, the top-1 class per sample (to compare FP32 and quantized models).
-    The model is run in eval mode and restored to its previous mode afterwards.
+    The model is run in eval mode and restored to its previous mode afterwards. device: where ``model`` is;
+    on CUDA the images are loaded by worker processes into pinned memory (zsq.compute.loader_options).
     """
     if isinstance(data, (str, Path)):
         from zsq.data import load_dataset
@@ -53,7 +55,9 @@ def evaluate(
 
     check_calibrated(model)  # a float model has no activation quantizers and passes
     bs = batch_size or default_batch_size(model)
-    loader = DataLoader(data, batch_size=bs, shuffle=False, num_workers=0)
+    loading = loader_options(device)  # CUDA: worker processes + pinned memory; CPU: as before
+    loader = DataLoader(data, batch_size=bs, shuffle=False, **loading)
+    non_blocking = bool(loading.get("pin_memory"))
     was_training = model.training
     model.eval()
     correct1 = correct5 = n = 0
@@ -61,7 +65,7 @@ def evaluate(
     try:
         with torch.inference_mode():
             for x, y in progress(loader, total=len(loader), desc="evaluate", quiet=quiet):
-                x, y = x.to(device), torch.as_tensor(y).to(device)
+                x, y = x.to(device, non_blocking=non_blocking), torch.as_tensor(y).to(device, non_blocking=non_blocking)
                 logits = model(x)
                 if not bool(torch.isfinite(logits).all()):
                     raise ZsqError(f"the model gives NaN or inf outputs (images {n}..{n + len(x) - 1}); "

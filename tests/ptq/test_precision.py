@@ -23,7 +23,7 @@ def test_bf16_reconstruction_keeps_float32_state(tiny, tiny_images):
     ref = _run(tiny, tiny_images)
     res = _run(tiny, tiny_images, resolve("cpu", "bf16"))
     assert res.report["compute"] == {"device": "cpu", "precision": "bf16", "precision_requested": "bf16",
-                                     "channels_last": True}
+                                     "channels_last": True, "compile": False}
     quants = [m for m in res.model.modules() if isinstance(m, UniformQuantizer)]
     assert quants and all(q.scale.dtype == torch.float32 and bool(q.initialized) for q in quants)
     assert all(p.dtype == torch.float32 and p.is_contiguous() for p in res.model.parameters())

@@ -36,7 +36,7 @@ def add_init_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_compute_args(p: argparse.ArgumentParser) -> None:
-    """--device / --precision / --channels-last (zsq.compute.resolve)."""
+    """--device / --precision / --channels-last / --compile (zsq.compute.resolve)."""
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu; results on "
                                                    "other devices are not bit-identical to cpu)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
@@ -44,6 +44,9 @@ def add_compute_args(p: argparse.ArgumentParser) -> None:
                         "and optimizers stay fp32) or auto (bf16 where the hardware has it natively)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory layout (default: on with bf16, off with fp32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the teacher's synthesis step and the reconstruction units (pays after "
+                        "its compile time, see benchmarks/results/compute.md; not bit-identical to eager)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -122,7 +125,7 @@ def cmd_quantize(args) -> dict:
         iters=args.iters, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
         batch_size=args.batch_size, seed=args.seed, out=out, resume=args.resume, force=args.force,
         eval_data=args.eval_data, quiet=args.quiet, options=parse_set(args.set), strict=args.strict,
-        device=args.device, precision=args.precision, channels_last=args.channels_last,
+        device=args.device, precision=args.precision, channels_last=args.channels_last, compile=args.compile,
     )
     return result.report
 
@@ -228,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", help="labelled images to report FP32 and quantized top-1 on")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
     add_compute_args(p)
+    p.add_argument("--workers", type=int, default=None,
+                   help="N processes (runs this command under torchrun): synthesis splits its batches, "
+                        "reconstruction each batch's images, QAT its batches (DistributedDataParallel)")
     p.add_argument("--strict", action="store_true",
                    help="refuse layers zsq has no quantized form for (Conv3d, ConvTranspose2d, LSTM) instead "
                         "of keeping them in float")

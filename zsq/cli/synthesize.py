@@ -45,7 +45,7 @@ def run(args) -> dict:
     from zsq.compute import resolve
     from zsq.runstate import check_writable_dir
 
-    compute = resolve(args.device, args.precision, args.channels_last)
+    compute = resolve(args.device, args.precision, args.channels_last, args.compile)
     check_writable_dir(args.out)  # --out FILE / unwritable: refused before any work
     teacher = load_model(args)
     options = parse_set(getattr(args, "set", None))

@@ -17,6 +17,7 @@ preset did to the graph (BN folding) the reference and the student agree layer b
 from __future__ import annotations
 
 import copy
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from zsq import distributed as zdist
 from zsq import runstate
 from zsq.compute import Compute, as_compute
 from zsq.errors import ZsqError
@@ -67,10 +69,14 @@ def _fast_lazy_init(quants: List[UniformQuantizer], seed: int):
 
 
 @contextmanager
-def _qdrop_hooks(quants: List[UniformQuantizer], p: float, gen: torch.Generator):
-    """Each quantizer's output keeps its quantized value with probability p, else the float input."""
+def _qdrop_hooks(quants: List[UniformQuantizer], p: float, gen: torch.Generator, rows: Tuple[int, int, int]):
+    """Each quantizer's output keeps its quantized value with probability p, else the float input.
+    ``rows`` = (lo, hi, batch): the draw is made for the whole batch and this process keeps rows lo:hi,
+    so the masks (and the generator's stream) are the same with any number of processes."""
+    lo, hi, full = rows
+
     def hook(_m, args, out):
-        keep = torch.rand(out.shape, generator=gen, device=gen.device) < p
+        keep = torch.rand((full, *out.shape[1:]), generator=gen, device=gen.device)[lo:hi] < p
         return torch.where(keep, out, args[0])
 
     with Hooks() as hooks:
@@ -270,10 +276,12 @@ class Reconstructor:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=iters, eta_min=0.0) if opt_s else None
         beta = BetaSchedule(max(iters, 1), self.recipe.beta_start, self.recipe.beta_end, self.recipe.warmup)
         n, bs, dev = self.n_train, self.batch_size, gen.device  # training images only (held-out ones follow)
+        lo, hi = zdist.batch_rows(bs)  # this process's rows of every batch (all of them in one process)
+        params = [p for g in groups_fast + groups_scale for p in g["params"]]
         perm, pos = None, n
         rec_hist: List[float] = []
         round_val = 0.0
-        with _qdrop_hooks(acts, phase.qdrop_p, gen), UnitBar(iters, desc, self.opts.quiet) as bar:
+        with _qdrop_hooks(acts, phase.qdrop_p, gen, (lo, hi, bs)), UnitBar(iters, desc, self.opts.quiet) as bar:
             for t in range(1, iters + 1):
                 if pos + bs > n:
                     perm, pos = torch.randperm(n, generator=gen, device=dev), 0
@@ -283,21 +291,42 @@ class Reconstructor:
                 if 0.0 < phase.qdrop_p < 1.0:
                     keep = torch.rand(xin.shape, generator=gen, device=dev) < phase.qdrop_p
                     xin = torch.where(keep, xin, x[idx])
-                loss = _recon_loss(self.compute.forward(mod, xin), y[idx], phase.loss_p)
+                loss = _recon_loss(self.compute.forward(mod, xin[lo:hi], step=True), y[idx][lo:hi], phase.loss_p)
+                if zdist.active():  # this process's share of the batch mean
+                    loss = loss * ((hi - lo) / bs)
                 rec = float(loss.detach())
                 if soft and phase.round_weight > 0 and beta.rounding_active(t):
-                    b = beta.beta(t)
-                    rl = sum(s.round_loss(b) for s in soft)
+                    rl = sum(s.round_loss(beta.beta(t)) for s in soft)
                     round_val = float(rl.detach())
-                    loss = loss + phase.round_weight * rl
-                if not torch.isfinite(loss):
-                    raise ZsqError(f"reconstruction loss became {float(loss)} in unit {unit.name} at step {t}")
-                _step([opt_v, opt_s], loss)
+                    if zdist.rank() == 0:  # once: the gradients are summed over the processes
+                        loss = loss + phase.round_weight * rl
+                rec = self._update(unit, t, [opt_v, opt_s], loss, params, rec)
                 if sched is not None:
                     sched.step()
                 rec_hist.append(rec)
                 bar.update(rec)
         return rec_hist, round_val
+
+    @staticmethod
+    def _update(unit: Unit, t: int, optimizers, loss: torch.Tensor, params, rec: float) -> float:
+        """The optimizer step; with several processes, gradients and the loss summed over them first.
+        Returns the (whole batch's) reconstruction loss."""
+        if not zdist.active():
+            if not torch.isfinite(loss):
+                raise ZsqError(f"reconstruction loss became {float(loss)} in unit {unit.name} at step {t}")
+            _step(optimizers, loss)
+            return rec
+        for o in optimizers:
+            if o is not None:
+                o.zero_grad(set_to_none=True)
+        loss.backward()
+        total = zdist.all_reduce_grads(params, torch.stack([loss.detach(), torch.tensor(rec, device=loss.device)]))
+        if not math.isfinite(total[0]):  # the same decision in every process (the sums are shared)
+            raise ZsqError(f"reconstruction loss became {total[0]} in unit {unit.name} at step {t}")
+        for o in optimizers:
+            if o is not None:
+                o.step()
+        return total[1]
 
     def _harden(self, layers: List[nn.Module], mod: nn.Module, xq: torch.Tensor, y: torch.Tensor) -> float:
         """Soft rounding made hard; the unit's error on its quantized input, without QDrop."""
@@ -311,6 +340,8 @@ class Reconstructor:
 
     # ---- the whole run -------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
+        """All units; with several processes (torch.distributed) each trains on its rows of every batch
+        and the gradients are summed, so all hold the same model; only rank 0 writes checkpoints."""
         t0 = time.time()
         quiet = self.opts.quiet
         held = self.calib.shape[0] - self.n_train
@@ -328,13 +359,14 @@ class Reconstructor:
                 runstate.restore(self.qmodel, ck["state"], self.work_dir / unit_checkpoint.CKPT_NAME)
                 start, records = ck["done"], list(ck["records"])
                 log(f"resuming after {start} of {len(self.steps)} unit steps", quiet)
+            zdist.barrier()  # every process has read the checkpoint before the first one is rewritten
         for k in range(start, len(self.steps)):
             pi, ui = self.steps[k]
             rec = self._run_unit(pi, ui)
             records.append(rec)
-            if self.work_dir is not None:
+            if self.work_dir is not None and zdist.rank() == 0:  # every process holds the same model
                 unit_checkpoint.save(self.work_dir, self.fingerprint, k + 1, self.qmodel.state_dict(), records)
-            if self.on_unit_done is not None:
+            if self.on_unit_done is not None and zdist.rank() == 0:
                 self.on_unit_done(k, rec)
         self._finish()
         report = {
@@ -350,6 +382,7 @@ class Reconstructor:
             "cache_mib": round(self.estimate.peak_bytes / 2 ** 20, 1),
             "resumed_from": start,
             "recon_seconds": time.time() - t0,
+            "processes": zdist.world(),
         }
         log_summary(records, quiet)
         return report

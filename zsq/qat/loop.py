@@ -13,6 +13,14 @@
 
 Every random draw comes from a generator seeded by (seed, step), so a run resumed from the last
 epoch checkpoint repeats the interrupted epoch exactly.
+
+Several processes (torch.distributed, ``zsq quantize --workers N``): every process draws the same
+batch (the same generator stream, the same fixed batches) and runs the warm-up epochs on all of it;
+in a student step each takes its rows of the batch, scales its loss by its share, and the gradients
+(with the logged terms) are summed over the processes before the optimizers step -- what
+DistributedDataParallel's averaging does, done by hand because HAST runs the student twice per step and
+takes an input gradient in between, which DDP's reducer does not allow. Every process so holds the same
+student, one process's up to float summation order; only rank 0 writes the checkpoint.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zsq import distributed as zdist
 from zsq import runstate
 from zsq.compute import as_compute
 from zsq.errors import ZsqError
@@ -136,6 +145,23 @@ class _Optimizers:
         self.o_opt.step()
         self.w_step.step()
 
+    def shared_step(self, loss: torch.Tensor, terms: Dict[str, float]) -> Dict[str, float]:
+        """``step`` with several processes: ``loss`` and ``terms`` are this process's share of the batch
+        mean; gradients and terms are summed over the processes first (a non-finite loss stops every
+        process at once, before any step). Returns the summed terms."""
+        self.w_step.zero_grad(set_to_none=True)
+        self.o_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for o in (self.w_opt, self.o_opt) for g in o.param_groups for p in g["params"]]
+        keys = sorted(terms)
+        sums = zdist.all_reduce_grads(params, torch.tensor([terms[k] for k in keys], dtype=torch.float64))
+        terms = dict(zip(keys, sums))
+        if not math.isfinite(terms["loss"]):
+            raise _Divergence(f"student loss {terms['loss']}")
+        self.o_opt.step()
+        self.w_step.step()
+        return terms
+
 
 class _Checkpoint:
     """out/work/qat_state.pt: written after every epoch, read back by resume (same config only)."""
@@ -171,6 +197,12 @@ def _check_inputs(cfg: QATConfig, meta, fixed: Optional[torch.Tensor], out: Opti
         raise ZsqError(f"the fixed images are {tuple(fixed.shape[1:])} but the teacher wants {tuple(meta.input_size)}")
     if resume and out is None:
         raise ZsqError(f"resume needs an output directory (--out) holding the previous run's work/{STATE_FILE}")
+    if zdist.active() and cfg.live_range_epochs > cfg.warmup_epochs:
+        raise ZsqError(f"with {zdist.world()} processes the activation ranges must be frozen before the student "
+                       f"trains (each process sees part of a batch): set live_range_epochs <= warmup_epochs "
+                       f"({cfg.live_range_epochs} > {cfg.warmup_epochs})")
+    if zdist.active() and cfg.batch_size < zdist.world():
+        raise ZsqError(f"batch size {cfg.batch_size} cannot be split over {zdist.world()} processes")
 
 
 def _loop_qconfig(qconfig: QuantConfig, cfg: QATConfig) -> QuantConfig:
@@ -310,6 +342,15 @@ class _Loop:
                 if self.taps_s is not None:
                     self.taps_s.take()
             return terms
+        if zdist.active():  # this process's rows of the batch; its share of the mean
+            lo, hi = zdist.batch_rows(x.shape[0])
+            share = (hi - lo) / x.shape[0]
+            loss, student_terms = self.student_loss(x[lo:hi], y[lo:hi], None if t_logits is None else t_logits[lo:hi])
+            try:
+                terms.update(self.opt.shared_step(loss * share, {k: v * share for k, v in student_terms.items()}))
+            except _Divergence as e:
+                raise _Divergence(f"epoch {epoch}, iteration {it}: {e}") from None
+            return terms
         loss, student_terms = self.student_loss(x, y, t_logits)
         terms.update(student_terms)
         if not math.isfinite(terms["loss"]):
@@ -402,6 +443,7 @@ def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: 
         fingerprint["compute"] = {k: v for k, v in compute.describe().items() if k != "precision_requested"}
     ckpt = _Checkpoint(out, fingerprint)
     saved = ckpt.load(resume, cfg.method, quiet)
+    zdist.barrier()  # every process has read the checkpoint before rank 0 rewrites it
     start_epoch, elapsed_before = loop.resume_from(saved, ckpt.path)
     loop.open_sources(fixed, fixed_labels, seed, saved, start_epoch, ckpt.path)
     try:
@@ -412,7 +454,8 @@ def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: 
             row["seconds"] = time.time() - t_epoch
             loop.history.append(row)
             loop.log_row(row, (time.time() - t_start) / (epoch + 1 - start_epoch) * (cfg.epochs - epoch - 1))
-            ckpt.save(loop, epoch + 1, elapsed_before + time.time() - t_start)
+            if zdist.rank() == 0:  # every process holds the same student
+                ckpt.save(loop, epoch + 1, elapsed_before + time.time() - t_start)
     except _Divergence as e:
         kept = (f"the last good checkpoint (after epoch {loop.history[-1]['epoch']}) is kept at {ckpt.path}"
                 if loop.history and ckpt.path is not None else "no checkpoint was written yet")
@@ -421,4 +464,6 @@ def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: 
         loop.close()
     set_flags(loop.quants, observing=False, enabled=True)
     student.to("cpu", memory_format=torch.contiguous_format)
-    return student, loop.report(elapsed_before + time.time() - t_start, time.time() - t_start)
+    report = loop.report(elapsed_before + time.time() - t_start, time.time() - t_start)
+    report["processes"] = zdist.world()
+    return student, report

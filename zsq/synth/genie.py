@@ -29,7 +29,7 @@ from zsq.synth.base import BatchResult, SynthConfig, SynthContext, Synthesizer, 
     register_synthesizer
 from zsq.synth.bn_stats import BNStatsRecorder, input_prior_loss
 from zsq.synth.generators import GenieGenerator, check_genie_width
-from zsq.synth.swing import swing_copy
+from zsq.synth.swing import SwingPlan, swing_copy
 
 
 CLASS_LOSSES = ("none", "ce", "margin")
@@ -130,7 +130,9 @@ class GenieSynthesizer(Synthesizer):
     config_cls = GenieConfig
 
     def setup(self, ctx: SynthContext) -> None:
-        ctx.state["net"] = swing_copy(ctx.teacher) if ctx.cfg.swing else ctx.teacher
+        ctx.state["net"] = net = swing_copy(ctx.teacher) if ctx.cfg.swing else ctx.teacher
+        if ctx.cfg.swing and ctx.compute.compile:  # offsets drawn outside the compiled graph, same stream
+            ctx.state["plan"] = SwingPlan(net, ctx.compute.layout(torch.zeros(1, *ctx.meta.input_size)))
 
     def make_batch(self, ctx: SynthContext, index: int, size: int, gen: torch.Generator) -> BatchResult:
         cfg: GenieConfig = ctx.cfg
@@ -164,7 +166,9 @@ class GenieSynthesizer(Synthesizer):
                 opt_g.zero_grad(set_to_none=True)
                 x = g(z)
                 rec.clear()
-                logits = ctx.compute.forward(net, x)
+                if "plan" in ctx.state:
+                    ctx.state["plan"].draw(gen)
+                logits = ctx.compute.forward(net, x, step=True)
                 terms = {"bns": rec.genie_loss()}
                 if cfg.input_prior:
                     terms["input"] = input_prior_loss(x)

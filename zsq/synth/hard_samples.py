@@ -93,5 +93,5 @@ class HASTSynthesizer(PixelSynthesizer):
         if cfg.augment and float(torch.rand(1, generator=gen)) < 0.5:
             inp = random_resized_crop_flip(x, gen)
         rec.clear()
-        logits = ctx.compute.forward(ctx.teacher, inp)
+        logits = ctx.compute.forward(ctx.teacher, inp, step=True)
         return {"bns": rec.gdfq_loss(), "hard_ce": cfg.beta * hard_sample_loss(logits, labels, cfg.gamma)}

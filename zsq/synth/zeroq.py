@@ -55,5 +55,5 @@ class ZeroQSynthesizer(PixelSynthesizer):
 
     def terms(self, ctx: SynthContext, rec: BNStatsRecorder, x: torch.Tensor, labels, gen) -> dict:
         rec.clear()
-        ctx.compute.forward(ctx.teacher, x)
+        ctx.compute.forward(ctx.teacher, x, step=True)
         return {"bns": rec.genie_loss(), "input": batch_input_loss(x)}
