@@ -107,3 +107,13 @@ def test_same_padded_depthwise_conv_runs_as_qlinearconv(tmp_path):
     with torch.no_grad():
         ref = q(x).numpy()
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_the_folded_pads_leave_no_dead_nodes(tmp_path):
+    torch.manual_seed(0)
+    q = quantize_model(set_meta(SamePadNet().eval(), TINY_META), get_preset("deploy", "w8a8"))
+    calibrate(q, torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(1)), batch_size=16)
+    graph = onnx.load(export_onnx(q, tmp_path / "m.onnx")["onnx"]).graph
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    assert all(any(o in read for o in n.output) for n in graph.node)
+    assert all(i.name in read for i in graph.initializer)

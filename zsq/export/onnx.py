@@ -262,12 +262,11 @@ def pack_int4_weights(model) -> List[str]:
 
 
 def _drop_unused(model) -> None:
-    """Remove Identity/Constant nodes and initializers nothing reads any more."""
+    """Remove the nodes (ONNX operators have no side effects) and initializers nothing reads any more."""
     outputs = {o.name for o in model.graph.output}
     while True:
         used = {i for n in model.graph.node for i in n.input} | outputs
-        dead = [n for n in model.graph.node
-                if n.op_type in ("Identity", "Constant") and not any(o in used for o in n.output)]
+        dead = [n for n in model.graph.node if not any(o in used for o in n.output)]
         for n in dead:
             model.graph.node.remove(n)
         if not dead:
