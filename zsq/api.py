@@ -84,15 +84,15 @@ def resolve_model(model, weights: Optional[str] = None, pretrained: bool = False
     if weights is not None or pretrained:
         raise ZsqError("weights=/pretrained= apply to model names; load the state dict into your module first")
     name = type(model).__name__
+    fp_model = copy.deepcopy(model).eval()
     if meta is None and getattr(model, "zsq_meta", None) is None:
         for arg, value in (("input_size", input_size), ("mean", mean), ("std", std)):
             if value is None:
                 raise ZsqError(f"an nn.Module without zsq metadata needs meta=ModelMeta(...) or {arg}= "
                                f"(input_size=(C, H, W), mean=(...), std=(...))")
         with torch.no_grad():
-            out = model.eval()(torch.zeros(1, *tuple(input_size)))
+            out = fp_model(torch.zeros(1, *tuple(input_size)))
         meta = ModelMeta(name, int(out.shape[-1]), tuple(input_size), tuple(mean), tuple(std))
-    fp_model = copy.deepcopy(model).eval()
     if meta is not None:
         if not isinstance(meta, ModelMeta):
             raise ZsqError(f"meta must be a zsq.models.ModelMeta, got {type(meta).__name__}")
