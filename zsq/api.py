@@ -173,12 +173,11 @@ def _add_accuracy(report: Dict[str, Any], qmodel, eval_set, fp_top1: float, quie
 
 
 def _check_strict(fp_model, strict: bool) -> None:
-    from zsq.quant.graph import unsupported_layers
+    """``strict``: refuse before any work what quantize_model would keep in float."""
+    from zsq.quant.transforms import example_input_for, kept_float_layers, refuse_float_layers
 
-    kept = unsupported_layers(fp_model)
-    if strict and kept:
-        raise ZsqError(f"--strict: layer {kept[0][0]} ({kept[0][1]}) has no quantized form in zsq "
-                       f"({len(kept)} such layer(s)); drop --strict to keep them in float")
+    if strict:
+        refuse_float_layers(kept_float_layers(fp_model, example_input_for(fp_model)))
 
 
 def _add_method_report(report: Dict[str, Any], result) -> None:
@@ -206,7 +205,8 @@ def quantize(model, *, weights: Optional[str] = None, pretrained: bool = False, 
     """`zsq quantize` as a function, on a model name or your own nn.Module (with ``meta=`` or
     ``input_size=``/``mean=``/``std=`` when it has no zsq metadata). Returns a QuantResult:
     ``.model`` the quantized model, ``.report`` the JSON report (see README for the keys).
-    ``strict``: refuse layers zsq would keep in float (Conv3d, ConvTranspose2d, LSTM).
+    ``strict``: refuse layers zsq would keep in float (Conv3d, ConvTranspose2d, LSTM, functional
+    F.conv2d/F.linear calls).
 
     device / precision / channels_last / compile: where and how synthesis and reconstruction/QAT compute
     (zsq.compute.resolve); the default cpu + fp32 eager is bit-reproducible. Without ``weights`` or
