@@ -186,7 +186,7 @@ def _settle_bn(m, x):
 
 SLOW = {"torchvision:resnet50", "torchvision:efficientnet_b0", "torchvision:regnet_x_400mf",
         "torchvision:mobilenet_v3_large", "timm:mobilenetv3_large_100"}
-# W8A8 closeness, relative L2 error of the logits on random inputs (see _check_w8a8_is_close_to_float)
+# W8A8 closeness, relative L2 error of the logits on random inputs (see w8a8_closeness)
 W8A8_NOISE_RATIO = 5.0
 W8A8_BOUND = {"zsq:cifar10_resnet20": 0.1, "torchvision:resnet18": 0.2, "timm:resnet18": 0.1,
               "pytorchcv:resnet20_cifar10": 0.15, "hand-written": 0.05, "hand-written-cat": 0.05}
@@ -216,40 +216,48 @@ def _rel(y, ref):
     return ((y - ref).norm() / ref.norm()).item()
 
 
-def _check_w8a8_is_close_to_float(name, m, x, ref):
-    """W8A8 (genie placement, bn-minmax ranges) stays close to float, with a bound that means something on
-    a random-init network (random inputs). Such networks, even with BN statistics from data (``_settle_bn``), amplify any
-    error layer by layer: 1 % noise at every layer input moves the logits of the mobile nets by 0.16-0.50
-    (ResNet-20: 0.014), and re-estimated BN statistics, smoother inputs, 128x128 inputs or shrunk residual
-    branches do not change that (measured), so a fixed bound would either fail on them or say nothing on
-    the ResNets. The bound is therefore relative to the network's own noise floor: the W8A8 logit error is
-    at most ``W8A8_NOISE_RATIO`` (5) times that of 1 % noise at every layer input -- 8-bit rounding of a
-    mean +- 4 std range is about 1 % of a tensor's std, up to 3.5 % on a post-ReLU tensor under genie's
-    symmetric grid. Measured at 64x64 (16x16/32x32 for the small ones): 0.9-4.3. A misplaced, shared-across-tensors
-    or badly clipped quantizer exceeds it. The networks that barely amplify (the ResNets, the hand-written
-    ones) also meet an absolute bound, ``W8A8_BOUND``."""
-    floor = _noise_floor(m, x, ref)
-    q8 = quantize_model(m, _cheap(get_preset("genie", "w8a8")), quiet=True)
-    if name in BN_RANGES_CLIP:
-        with torch.no_grad():
-            img_err = _rel(calibrate(q8, torch.randn(64, *x.shape[1:], generator=torch.Generator().manual_seed(1)))(x), ref)
-        assert img_err <= W8A8_NOISE_RATIO * floor, (img_err, floor)
-        return
-    with torch.no_grad():
-        err = _rel(calibrate_from_bn(q8)(x), ref)
-    assert err <= W8A8_NOISE_RATIO * floor, (err, floor)
-    if name in W8A8_BOUND:
-        assert err < W8A8_BOUND[name]
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in MODELS])
-def test_any_cnn_is_captured_faithfully(name):
+def settled_model(name):
+    """(model with BN statistics from 16 random images, 8 random inputs, its float output), seeded."""
     torch.manual_seed(0)
     m = MODELS[name]()
     x = torch.randn(8, *m.zsq_meta.input_size)
     with torch.no_grad():
         _settle_bn(m, torch.randn(16, *m.zsq_meta.input_size))
-        ref = m(x)
+        return m, x, m(x)
+
+
+def w8a8_closeness(name, m, x, ref):
+    """W8A8 (genie placement, bn-minmax ranges) against float on random inputs, with a bound that means
+    something on a random-init network: {"err", "bound", "floor", "top1", "ranges"} (also printed by
+    ``benchmarks/any_cnn_closeness.py``).
+
+    Random-init networks, even with BN statistics from data (``_settle_bn``), amplify any error layer by
+    layer: 1 % noise at every layer input moves the logits of the mobile nets by 0.16-0.50 (ResNet-20:
+    0.014), and re-estimated BN statistics, smoother inputs, 128x128 inputs or shrunk residual branches do
+    not change that (measured), so one fixed bound would either fail on them or say nothing on the ResNets.
+    The bound is relative to the network's own noise floor: the W8A8 logit error is at most
+    ``W8A8_NOISE_RATIO`` (5) times that of 1 % noise at every layer input -- 8-bit rounding of a
+    mean +- 4 std range is about 1 % of a tensor's std, up to 3.5 % on a post-ReLU tensor under genie's
+    symmetric grid (measured ratios 0.9-4.3). A misplaced, shared-across-tensors or badly clipped quantizer
+    exceeds it. The networks that barely amplify (the ResNets, the hand-written ones) also meet an
+    absolute bound, ``W8A8_BOUND``. Top-1 agreement is reported, not asserted: random-init logits nearly
+    tie, so the top class flips on errors far below any bound."""
+    floor = _noise_floor(m, x, ref)
+    q8 = quantize_model(m, _cheap(get_preset("genie", "w8a8")), quiet=True)
+    if name in BN_RANGES_CLIP:
+        calibrate(q8, torch.randn(64, *x.shape[1:], generator=torch.Generator().manual_seed(1)))
+    else:
+        calibrate_from_bn(q8)
+    with torch.no_grad():
+        out = q8(x)
+    return {"err": _rel(out, ref), "bound": min(W8A8_NOISE_RATIO * floor, W8A8_BOUND.get(name, float("inf"))),
+            "floor": floor, "top1": (out.argmax(1) == ref.argmax(1)).float().mean().item(),
+            "ranges": "min/max, 64 random images" if name in BN_RANGES_CLIP else "bn-minmax"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in MODELS])
+def test_any_cnn_is_captured_faithfully(name):
+    m, x, ref = settled_model(name)
     float_calls = _calls(m, x)
     n_layers = sum(isinstance(t, (nn.Conv2d, nn.Linear)) for t in m.modules())
 
@@ -273,7 +281,8 @@ def test_any_cnn_is_captured_faithfully(name):
     with quantizers_off(d), torch.no_grad():
         assert torch.equal(d(x), ref)
 
-    _check_w8a8_is_close_to_float(name, m, x, ref)
+    got = w8a8_closeness(name, m, x, ref)
+    assert got["err"] <= got["bound"], got
 
 
 EXPECTED_RESIDUALS = {  # skip-path quantizers: identity shortcuts only (projections are layers)
