@@ -517,7 +517,7 @@ def _kept_float(model: nn.Module, cap: G.Capture, untraced_layers: List[str]) ->
              if G.is_functional_layer(node)]
     rows += [{"layer": n or "the model", "type": type(model.get_submodule(n)).__name__,
               "why": "fx could not trace this module and it makes a conv/linear call of its own "
-                     f"(functional); that call stays float"} for n in untraced_layers]
+                     "(functional); that call stays float"} for n in untraced_layers]
     return rows
 
 
