@@ -84,15 +84,15 @@ def resolve_model(model, weights: Optional[str] = None, pretrained: bool = False
     if weights is not None or pretrained:
         raise ZsqError("weights=/pretrained= apply to model names; load the state dict into your module first")
     name = type(model).__name__
+    fp_model = copy.deepcopy(model).eval()
     if meta is None and getattr(model, "zsq_meta", None) is None:
         for arg, value in (("input_size", input_size), ("mean", mean), ("std", std)):
             if value is None:
                 raise ZsqError(f"an nn.Module without zsq metadata needs meta=ModelMeta(...) or {arg}= "
                                f"(input_size=(C, H, W), mean=(...), std=(...))")
         with torch.no_grad():
-            out = model.eval()(torch.zeros(1, *tuple(input_size)))
+            out = fp_model(torch.zeros(1, *tuple(input_size)))
         meta = ModelMeta(name, int(out.shape[-1]), tuple(input_size), tuple(mean), tuple(std))
-    fp_model = copy.deepcopy(model).eval()
     if meta is not None:
         if not isinstance(meta, ModelMeta):
             raise ZsqError(f"meta must be a zsq.models.ModelMeta, got {type(meta).__name__}")
@@ -173,12 +173,11 @@ def _add_accuracy(report: Dict[str, Any], qmodel, eval_set, fp_top1: float, quie
 
 
 def _check_strict(fp_model, strict: bool) -> None:
-    from zsq.quant.graph import unsupported_layers
+    """``strict``: refuse before any work what quantize_model would keep in float."""
+    from zsq.quant.transforms import example_input_for, kept_float_layers, refuse_float_layers
 
-    kept = unsupported_layers(fp_model)
-    if strict and kept:
-        raise ZsqError(f"--strict: layer {kept[0][0]} ({kept[0][1]}) has no quantized form in zsq "
-                       f"({len(kept)} such layer(s)); drop --strict to keep them in float")
+    if strict:
+        refuse_float_layers(kept_float_layers(fp_model, example_input_for(fp_model)))
 
 
 def _add_method_report(report: Dict[str, Any], result) -> None:
@@ -206,7 +205,8 @@ def quantize(model, *, weights: Optional[str] = None, pretrained: bool = False, 
     """`zsq quantize` as a function, on a model name or your own nn.Module (with ``meta=`` or
     ``input_size=``/``mean=``/``std=`` when it has no zsq metadata). Returns a QuantResult:
     ``.model`` the quantized model, ``.report`` the JSON report (see README for the keys).
-    ``strict``: refuse layers zsq would keep in float (Conv3d, ConvTranspose2d, LSTM).
+    ``strict``: refuse layers zsq would keep in float (Conv3d, ConvTranspose2d, LSTM, functional
+    F.conv2d/F.linear calls).
 
     device / precision / channels_last / compile: where and how synthesis and reconstruction/QAT compute
     (zsq.compute.resolve); the default cpu + fp32 eager is bit-reproducible. Without ``weights`` or

@@ -10,6 +10,7 @@ from torch.overrides import TorchFunctionMode
 import zsq.models
 from zsq.errors import ZsqError
 from zsq.models.meta import ModelMeta, set_meta
+from zsq.hooks import Hooks
 from zsq.quant import (QuantAct, QuantInput, act_quantizers, calibrate_from_bn, get_preset, quant_layers,
                        quantize_model)
 from zsq.quant import graph as G
@@ -44,6 +45,23 @@ class Hand(nn.Module):
         out += x
         out = self.relu(out)
         return self.fc(out.mean((2, 3)))
+
+
+class HandCat(nn.Module):
+    """DenseNet-style: the block input is concatenated with what the block computed from it (`torch.cat`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.trans, self.bn2 = nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = torch.cat([x, F.relu(self.bn1(self.conv1(x)))], 1)
+        x = F.relu(self.bn2(self.trans(x)))
+        return self.fc(x.mean((2, 3)))
 
 
 def _meta(m, size, classes=1000):
@@ -82,6 +100,7 @@ MODELS = {
     "timm:resnet18": _timm("resnet18"),
     "pytorchcv:resnet20_cifar10": _pytorchcv,
     "hand-written": lambda: _meta(Hand(), 16, 10),
+    "hand-written-cat": lambda: _meta(HandCat(), 16, 10),
 }
 ACT_NAMES = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_"}
 LAYER_NAMES = {"conv2d", "linear"}
@@ -167,21 +186,86 @@ def _settle_bn(m, x):
 
 SLOW = {"torchvision:resnet50", "torchvision:efficientnet_b0", "torchvision:regnet_x_400mf",
         "torchvision:mobilenet_v3_large", "timm:mobilenetv3_large_100"}
-# W8A8 with bn-minmax ranges: relative L2 error of the logits. Only the ResNets: random-init mobile
-# nets amplify any perturbation layer by layer (0.3-0.9 even at W8, with image min/max ranges too),
-# so W8A8 closeness of those is measured on the real Lite0 teacher instead (benchmarks/results/any_cnn.md).
+# W8A8 closeness on random inputs (see w8a8_closeness): every model, the median over activation quantizers of
+# each one's relative error on the float tensor it reads; the networks that barely amplify an error, the
+# relative L2 error of the logits too, below W8A8_NOISE_RATIO x their 1 % noise floor and W8A8_BOUND
+LOCAL_MEDIAN_BOUND = 0.05
+W8A8_NOISE_RATIO = 5.0
 W8A8_BOUND = {"zsq:cifar10_resnet20": 0.1, "torchvision:resnet18": 0.2, "timm:resnet18": 0.1,
-              "pytorchcv:resnet20_cifar10": 0.15, "hand-written": 0.05}
+              "pytorchcv:resnet20_cifar10": 0.15, "hand-written": 0.05, "hand-written-cat": 0.05}
+
+
+def _noise_floor(m, x, ref, level=0.01, seed=0):
+    """Relative logit error of the float model when the input of every conv/linear but the first gets
+    Gaussian noise of ``level`` times that input's RMS: what the network itself makes of a small error."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def add_noise(_mod, args):
+        t = args[0]
+        return (t + level * t.pow(2).mean().sqrt() * torch.randn(t.shape, generator=gen),) + tuple(args[1:])
+
+    layers = [t for t in m.modules() if isinstance(t, (nn.Conv2d, nn.Linear))][1:]
+    with Hooks() as hooks, torch.no_grad():
+        for t in layers:
+            hooks.pre(t, add_noise)
+        return _rel(m(x), ref)
+
+
+def _rel(y, ref):
+    return ((y - ref).norm() / ref.norm()).item()
+
+
+def settled_model(name):
+    """(model with BN statistics from 16 random images, 8 random inputs, its float output), seeded."""
+    torch.manual_seed(0)
+    m = MODELS[name]()
+    x = torch.randn(8, *m.zsq_meta.input_size)
+    with torch.no_grad():
+        _settle_bn(m, torch.randn(16, *m.zsq_meta.input_size))
+        return m, x, m(x)
+
+
+def w8a8_closeness(name, m, x, ref):
+    """W8A8 (genie placement, bn-minmax ranges) against float on random inputs: {"err", "bound", "floor",
+    "top1", "local_median", "local_max"} (also printed by ``benchmarks/any_cnn_closeness.py``).
+
+    Random-init networks, even with BN statistics from data (``_settle_bn``), amplify any error layer by
+    layer: 1 % noise at every layer input moves the logits of the mobile nets, ResNet-50 and RegNet by
+    0.16-0.47 (ResNet-20: 0.015), and re-estimated BN statistics, smoother inputs, 128x128 inputs or shrunk
+    residual branches do not change that (measured). On them the W8A8 logits are 0.4-0.9 away from float
+    whatever the quantizer does, so no logit bound says anything there. What is bounded on every model is
+    each activation quantizer against the tensor it reads: the median relative error is at most
+    ``LOCAL_MEDIAN_BOUND`` (0.05; 8-bit rounding of a mean +- 4 std range is about 1 % of a tensor's std,
+    up to 3.5 % on a post-ReLU tensor under genie's symmetric grid; measured 0.011-0.039), which a
+    misplaced quantizer, one shared by tensors of different scale or systematically wrong ranges exceed.
+    The networks that barely amplify (the ResNets, the hand-written ones) also bound the logits: relative
+    L2 error at most ``W8A8_NOISE_RATIO`` (5) times that of 1 % noise at every layer input (measured
+    0.6-4.3) and below ``W8A8_BOUND``. Top-1 agreement is reported, not asserted: random-init logits nearly
+    tie, so the top class flips on errors far below any bound."""
+    floor = _noise_floor(m, x, ref)
+    q8 = calibrate_from_bn(quantize_model(m, _cheap(get_preset("genie", "w8a8")), quiet=True))
+    with torch.no_grad():
+        out = q8(x)
+    local = sorted(_local_errors(q8, x))
+    return {"err": _rel(out, ref), "bound": min(W8A8_NOISE_RATIO * floor, W8A8_BOUND.get(name, float("inf"))),
+            "floor": floor, "top1": (out.argmax(1) == ref.argmax(1)).float().mean().item(),
+            "local_median": local[len(local) // 2], "local_max": local[-1]}
+
+
+def _local_errors(q, x):
+    """Each activation quantizer's relative error on the float tensor it reads (all quantizers off)."""
+    seen = {}
+    with Hooks() as hooks, quantizers_off(q), torch.no_grad():
+        for n, t in act_quantizers(q):
+            hooks.pre(t, lambda _m, a, n=n: seen.setdefault(n, a[0].clone()))
+        q(x)
+    with torch.no_grad():
+        return [_rel(t(seen[n]), seen[n]) for n, t in act_quantizers(q) if n in seen]
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in MODELS])
 def test_any_cnn_is_captured_faithfully(name):
-    torch.manual_seed(0)
-    m = MODELS[name]()
-    x = torch.randn(4, *m.zsq_meta.input_size)
-    with torch.no_grad():
-        _settle_bn(m, torch.randn(16, *m.zsq_meta.input_size))
-        ref = m(x)
+    m, x, ref = settled_model(name)
     float_calls = _calls(m, x)
     n_layers = sum(isinstance(t, (nn.Conv2d, nn.Linear)) for t in m.modules())
 
@@ -193,6 +277,7 @@ def test_any_cnn_is_captured_faithfully(name):
     assert [n for n, t in layers[1:] if t.input_quant is None] == []
     assert layers[0][1].input_quant is None
     assert _merge_inputs_unquantized(g) == []
+    assert g.zsq_quant_plan["kept_float"] == [] and g.zsq_quant_plan["eager_fallback"] == []
     with quantizers_off(g), torch.no_grad():
         assert torch.equal(g(x), ref)
 
@@ -204,15 +289,15 @@ def test_any_cnn_is_captured_faithfully(name):
     with quantizers_off(d), torch.no_grad():
         assert torch.equal(d(x), ref)
 
+    got = w8a8_closeness(name, m, x, ref)
+    assert got["local_median"] <= LOCAL_MEDIAN_BOUND, got
     if name in W8A8_BOUND:
-        q8 = calibrate_from_bn(quantize_model(m, _cheap(get_preset("genie", "w8a8"))))
-        with torch.no_grad():
-            assert ((q8(x) - ref).norm() / ref.norm()).item() < W8A8_BOUND[name]
+        assert got["err"] <= got["bound"], got
 
 
 EXPECTED_RESIDUALS = {  # skip-path quantizers: identity shortcuts only (projections are layers)
     "zsq:cifar10_resnet20": 9, "torchvision:resnet18": 5, "torchvision:mobilenet_v2": 10,
-    "timm:tf_efficientnet_lite0": 9, "hand-written": 1,
+    "timm:tf_efficientnet_lite0": 9, "hand-written": 1, "hand-written-cat": 1,
 }
 
 
@@ -272,6 +357,35 @@ def test_untraceable_module_falls_back_and_says_so(capsys):
     assert isinstance(q[0].relu, QuantAct)  # module rule inside it
 
 
+class BranchyNet(nn.Module):
+    """A whole model fx cannot trace (data-dependent control flow at the top)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.relu(self.bn(self.conv(x)))
+        if y.sum() > -1e9:
+            y = y + x[:, :1]
+        return self.fc(y.mean((2, 3)))
+
+
+def test_an_untraceable_model_is_named_in_the_report_and_on_stderr(capsys):
+    import zsq
+
+    kw = dict(input_size=(3, 8, 8), mean=(0.5,) * 3, std=(0.5,) * 3, method="bn-minmax", bits="w8a8")
+    res = zsq.quantize(BranchyNet(), **kw)
+    assert res.report["capture"] == "fx, eager fallback in parts" and res.report["eager_fallback"] == [""]
+    assert "eager fallback for the model (BranchyNet): fx could not trace it" in capsys.readouterr().err
+    assert [n for n, _ in quant_layers(res.model)] == ["conv", "fc"]  # module rules still quantize its layers
+    res = zsq.quantize(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), Branchy(), nn.Flatten(),
+                                     nn.Linear(4 * 8 * 8, 3)), **kw)
+    assert res.report["eager_fallback"] == ["2"]
+    assert "eager fallback for 2 (Branchy)" in capsys.readouterr().err
+
+
 def test_layers_without_a_quantized_form_stay_float_or_fail_strict():
     m = _meta(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 4, 2), nn.Flatten(), nn.LazyLinear(2)), 8, 2)
     m(torch.randn(1, 3, 8, 8))
@@ -291,14 +405,18 @@ def test_quantize_model_without_an_example_input_says_what_to_give():
 def test_zsq_quantize_takes_a_users_module():
     import zsq
 
-    m = Hand().eval()
-    with pytest.raises(ZsqError, match="input_size="):
+    m = Hand()  # left in train mode: zsq must not even switch the caller's module to eval
+    with pytest.raises(ZsqError, match=r"needs meta=ModelMeta\(\.\.\.\) or input_size=") as e:
         zsq.quantize(m, method="bn-minmax", bits="w8a8", quiet=True)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ZsqError, match=r"or mean= "):
+        zsq.quantize(m, input_size=(3, 16, 16), method="bn-minmax", bits="w8a8", quiet=True)
     res = zsq.quantize(m, input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.5,) * 3, method="bn-minmax",
                        bits="w8a8", quiet=True)
     assert isinstance(res, zsq.QuantResult) and res.report["model"] == "module:Hand"
     assert res.report["bits"] == "w8a8" and res.report["capture"] == "fx"
     assert isinstance(res.model.stem, PaddedConv) and not hasattr(m, "zsq_meta")  # caller's module untouched
+    assert m.training and all(t.training for t in m.modules())
     assert res.model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
 
 
@@ -328,3 +446,47 @@ def test_a_users_module_with_inserted_quantizers_saves_and_loads(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x), res.model(x))
+
+
+class Functional(nn.Module):
+    """A conv and a linear called functionally with the module's own parameters (get_attr in fx)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(4, 4, 3, 3) * 0.2)
+        self.head = nn.Parameter(torch.randn(3, 4) * 0.2)
+
+    def forward(self, x):
+        x = F.relu(F.conv2d(F.relu(self.stem(x)), self.w, padding=1))
+        return F.linear(x.mean((2, 3)), self.head)
+
+
+def test_functional_conv_and_linear_stay_float_and_say_so(capsys):
+    """zsq quantizes Conv2d/Linear modules; a functional call stays float, listed in the plan and on stderr,
+    its output untouched by quantization, and strict refuses it with a one-line error."""
+    m = _meta(Functional(), 8, 3)
+    q = quantize_model(m, get_preset("genie", "w4a4"))
+    kept = q.zsq_quant_plan["kept_float"]
+    assert [(k["layer"], k["type"]) for k in kept] == [("conv2d", "conv2d"), ("linear", "linear")]
+    assert all("functional call" in k["why"] for k in kept)
+    err = capsys.readouterr().err
+    assert "kept in float: conv2d (conv2d): a functional call" in err and "kept in float: linear (linear)" in err
+    assert [n for n, _ in quant_layers(q)] == ["stem"]  # the functional weights were not touched
+    assert torch.equal(q.w, m.w) and torch.equal(q.head, m.head)
+    with pytest.raises(ZsqError, match=r"^--strict: layer conv2d \(conv2d\) would stay float: a functional call"
+                                       r".*\(2 such layer\(s\)\)") as e:
+        quantize_model(m, get_preset("genie", "w4a4"), strict=True)
+    assert "\n" not in str(e.value)
+
+
+def test_zsq_quantize_reports_functional_layers_and_strict_refuses_before_any_work():
+    import zsq
+
+    kw = dict(input_size=(3, 8, 8), mean=(0.5,) * 3, std=(0.5,) * 3, method="bn-minmax", bits="w8a8", quiet=True)
+    m = Functional().eval()
+    with pytest.raises(ZsqError, match=r"--strict: layer conv2d \(conv2d\) would stay float"):
+        zsq.quantize(m, strict=True, **kw)
+    m = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), Functional()).eval()
+    res = zsq.quantize(m, **kw)
+    assert res.report["kept_float"] == ["2.conv2d", "2.linear"]

@@ -235,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N processes (runs this command under torchrun): synthesis splits its batches, "
                         "reconstruction each batch's images, QAT its batches (DistributedDataParallel)")
     p.add_argument("--strict", action="store_true",
-                   help="refuse layers zsq has no quantized form for (Conv3d, ConvTranspose2d, LSTM) instead "
-                        "of keeping them in float")
+                   help="refuse layers zsq would keep in float (Conv3d, ConvTranspose2d, LSTM, functional "
+                        "F.conv2d/F.linear calls) instead of keeping them in float")
     _add_common(p)
     p.set_defaults(func=cmd_quantize)
 

@@ -246,21 +246,22 @@ class _CallRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kind = _RUNTIME_KINDS.get(getattr(func, "__name__", ""))
-        if kind is not None and self.stack:
+        if kind is not None and self.stack and self.stack[-1] is not None:
             self.seen.setdefault(self.stack[-1], set()).add(kind)
         return func(*args, **(kwargs or {}))
 
 
 @contextmanager
-def _module_stack(model: nn.Module, names: List[str]) -> Iterator[List[str]]:
-    """Keeps the name of the innermost running module among ``names`` (others push a blank)."""
-    stack: List[str] = []
+def _module_stack(model: nn.Module, names: List[str]) -> Iterator[List[Optional[str]]]:
+    """Keeps the name of the innermost running module among ``names`` (others push None; the model
+    itself is named "")."""
+    stack: List[Optional[str]] = []
     hooks = []
     wanted = set(names)
 
     def pre(name):
         def h(_m, _a):
-            stack.append(name if name in wanted else "")
+            stack.append(name if name in wanted else None)
         return h
 
     def post(_m, _a, _o):
@@ -284,7 +285,6 @@ def calls_inside(model: nn.Module, names: List[str], example: torch.Tensor) -> D
         return seen
     with _module_stack(model, names) as stack, torch.no_grad(), _CallRecorder(stack, seen):
         model(example)
-    seen.pop("", None)
     return seen
 
 

@@ -419,7 +419,8 @@ def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optiona
     Weight quantizers are initialised from the weights at once; activation quantizers are not:
     calibrate them (``zsq.quant.calibrate``), set their ranges, or let them initialise lazily on
     the first forward. ``model.zsq_quant_plan`` records what was placed where and what stayed float.
-    ``strict`` turns layers zsq has no quantized form for (Conv3d, ConvTranspose2d, LSTM) into an error.
+    ``strict`` turns what would stay float (Conv3d, ConvTranspose2d, LSTM, functional F.conv2d/F.linear
+    calls) into an error; without it each such layer is listed in the plan and on stderr.
     """
     if not isinstance(config, QuantConfig):
         raise ZsqError(f"config must be a QuantConfig (e.g. zsq.get_preset('genie', 'w4a4')), got {type(config).__name__}")
@@ -431,21 +432,19 @@ def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optiona
     if example_input is None:
         raise ZsqError("quantize_model needs an example input to check the rewrite: pass example_input= or "
                        "attach metadata with zsq.models.set_meta(model, ModelMeta(...))")
-    kept_float = [{"layer": n, "type": t, "why": "zsq has no quantized form for this layer type"}
-                  for n, t in G.unsupported_layers(qmodel)]
-    if strict and kept_float:
-        k = kept_float[0]
-        raise ZsqError(f"--strict: layer {k['layer']} ({k['type']}) has no quantized form in zsq "
-                       f"({len(kept_float)} such layer(s)); drop --strict to keep them in float")
     folded = fold_batchnorm(qmodel, example_input) if config.fold_bn else []
     with torch.no_grad():
         expected = qmodel(example_input)
     cap = G.capture(qmodel)
-    untraced = _untraced_that_matter(qmodel, cap, example_input)
+    untraced, untraced_layers = _untraced_that_matter(qmodel, cap, example_input)
     for name, why in untraced.items():
         log(f"eager fallback for {name or 'the model'} ({type(qmodel.get_submodule(name)).__name__}): fx could "
             f"not trace it ({why}); module rules apply inside it", quiet)
-    kept_float += _functional_layers(qmodel, cap)
+    kept_float = _kept_float(qmodel, cap, untraced_layers)
+    if strict:
+        refuse_float_layers(kept_float)
+    for k in kept_float:
+        log(f"kept in float: {k['layer']} ({k['type']}): {k['why']}", quiet)
     plan = wrap_layers(qmodel, config)
     placer = _Placer(qmodel, cap)
     after_act, residual, shared = [], [], []
@@ -491,21 +490,49 @@ def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optiona
     return qmodel
 
 
-def _untraced_that_matter(model: nn.Module, cap: G.Capture, example: torch.Tensor) -> Dict[str, str]:
+def _untraced_that_matter(model: nn.Module, cap: G.Capture,
+                          example: torch.Tensor) -> Tuple[Dict[str, str], List[str]]:
     """Modules fx could not trace that themselves run an activation, add/cat or conv/linear (seen at
-    run time); the rest (e.g. a padding module computing sizes in Python) change nothing here."""
+    run time; the rest, e.g. a padding module computing sizes in Python, change nothing here), and
+    those of them that make a conv/linear call of their own (a call no module rule can quantize)."""
     if not cap.untraced:
-        return {}
+        return {}, []
     inside = G.calls_inside(model, list(cap.untraced), example)
-    return {n: f"{why}; it runs {', '.join(sorted(inside[n]))} itself"
-            for n, why in cap.untraced.items() if inside.get(n)}
+    matter = {n: f"{why}; it runs {', '.join(sorted(inside[n]))} itself"
+              for n, why in cap.untraced.items() if inside.get(n)}
+    return matter, [n for n in matter if "layer" in inside[n]]
 
 
-def _functional_layers(model: nn.Module, cap: G.Capture) -> List[dict]:
-    """Functional conv/linear calls (F.conv2d(x, self.w)): no module to wrap, kept in float."""
-    return [{"layer": G.join(owner, node.name), "type": getattr(node.target, "__name__", str(node.target)),
-             "why": "functional call with the module's own weight; zsq quantizes Conv2d/Linear modules"}
-            for owner, graph in cap.graphs.items() for node in graph.nodes if G.is_functional_layer(node)]
+UNSUPPORTED_WHY = "zsq has no quantized form for this layer type"
+FUNCTIONAL_WHY = ("a functional call (F.conv2d / F.linear in forward), not a Conv2d/Linear module: zsq "
+                  "quantizes layer modules only, so its weight and input stay float")
+
+
+def _kept_float(model: nn.Module, cap: G.Capture, untraced_layers: List[str]) -> List[dict]:
+    """Every conv/linear computation that stays float, and why: layer types zsq has no quantized form
+    for, functional conv/linear calls, and such calls inside modules fx could not trace."""
+    rows = [{"layer": n, "type": t, "why": UNSUPPORTED_WHY} for n, t in G.unsupported_layers(model)]
+    rows += [{"layer": G.join(owner, node.name), "type": getattr(node.target, "__name__", str(node.target)),
+              "why": FUNCTIONAL_WHY} for owner, graph in cap.graphs.items() for node in graph.nodes
+             if G.is_functional_layer(node)]
+    rows += [{"layer": n or "the model", "type": type(model.get_submodule(n)).__name__,
+              "why": "fx could not trace this module and it makes a conv/linear call of its own "
+                     "(functional); that call stays float"} for n in untraced_layers]
+    return rows
+
+
+def kept_float_layers(model: nn.Module, example: torch.Tensor) -> List[dict]:
+    """What ``quantize_model`` would keep in float on ``model`` (rows: layer, type, why), without quantizing."""
+    cap = G.capture(model)
+    return _kept_float(model, cap, _untraced_that_matter(model, cap, example)[1])
+
+
+def refuse_float_layers(kept: List[dict]) -> None:
+    """``--strict``: ZsqError naming the first layer that would stay float."""
+    if kept:
+        k = kept[0]
+        raise ZsqError(f"--strict: layer {k['layer']} ({k['type']}) would stay float: {k['why']} "
+                       f"({len(kept)} such layer(s)); drop --strict to keep them in float")
 
 
 def set_quant_state(model: nn.Module, weights: bool = True, acts: bool = True) -> None:
