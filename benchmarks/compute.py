@@ -59,7 +59,7 @@ def part_steps(args) -> list:
             base = None
             for prec, cl in SETTINGS:
                 before = load_avg()
-                data = synthesize(teacher, method, batch, iters=iters, batch_size=batch, quiet=True,
+                data = synthesize(teacher, method, batch, iters=iters, batch_size=batch,
                                   compute=resolve("cpu", prec, cl))
                 per = data.meta["seconds"] / iters
                 bns = data.meta["bns_loss"]
@@ -87,7 +87,7 @@ def part_recon(args) -> list:
         base = None
         for prec, cl in SETTINGS:
             q = quantize_model(teacher, get_preset("genie", "w4a4"))
-            eng = Reconstructor(q, calib, GENIE, Budget("bench", iters, 32, 64), EngineOptions(quiet=True),
+            eng = Reconstructor(q, calib, GENIE, Budget("bench", iters, 32, 64), EngineOptions(),
                                 compute=resolve("cpu", prec, cl))
             ui = next(i for i, u in enumerate(eng.units) if u.name == units[key])  # earlier units stay untrained
             before = load_avg()
@@ -198,14 +198,14 @@ def part_demo(args) -> list:
         comp = resolve("cpu", prec)
         before = load_avg()
         t0 = time.perf_counter()
-        sset = synthesize(fp, "genie", args.demo_images, quiet=True, compute=comp)
+        sset = synthesize(fp, "genie", args.demo_images, compute=comp)
         t1 = time.perf_counter()
         torch.manual_seed(0)
-        job = QuantJob(calib=sset.images, calib_source="synthetic:genie", quiet=True, compute=comp,
+        job = QuantJob(calib=sset.images, calib_source="synthetic:genie", compute=comp,
                        iters=args.demo_iters)
         q = get_method("genie").fn(fp, get_preset("genie", "w4a4"), job).model
         t2 = time.perf_counter()
-        ev = evaluate(q, data, quiet=True, return_preds=True)
+        ev = evaluate(q, data, return_preds=True)
         res[prec] = torch.as_tensor(ev["preds"]) == torch.as_tensor(data_labels(data))
         rows.append(f"| {label(prec, comp.channels_last)} | {t1 - t0:.0f} | {t2 - t1:.0f} | {ev['top1']:.2f} | "
                     f"{before} / {load_avg()} |")

@@ -25,7 +25,6 @@ def evaluate(
     model: nn.Module,
     data: Union[str, Path, Dataset, tuple],
     batch_size: Optional[int] = None,
-    quiet: bool = False,
     device: Union[str, torch.device] = "cpu",
     return_preds: bool = False,
 ) -> dict:
@@ -60,7 +59,7 @@ def evaluate(
     preds = []
     try:
         with torch.inference_mode():
-            for x, y in progress(loader, total=len(loader), desc="evaluate", quiet=quiet):
+            for x, y in progress(loader, total=len(loader), desc="evaluate"):
                 x, y = x.to(device), torch.as_tensor(y).to(device)
                 logits = model(x)
                 if not bool(torch.isfinite(logits).all()):

@@ -293,9 +293,9 @@ def test_zsq_quantize_takes_a_users_module():
 
     m = Hand().eval()
     with pytest.raises(ZsqError, match="input_size="):
-        zsq.quantize(m, method="bn-minmax", bits="w8a8", quiet=True)
+        zsq.quantize(m, method="bn-minmax", bits="w8a8")
     res = zsq.quantize(m, input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.5,) * 3, method="bn-minmax",
-                       bits="w8a8", quiet=True)
+                       bits="w8a8")
     assert isinstance(res, zsq.QuantResult) and res.report["model"] == "module:Hand"
     assert res.report["bits"] == "w8a8" and res.report["capture"] == "fx"
     assert isinstance(res.model.stem, PaddedConv) and not hasattr(m, "zsq_meta")  # caller's module untouched
@@ -322,7 +322,7 @@ def test_a_users_module_with_inserted_quantizers_saves_and_loads(tmp_path):
     torch.manual_seed(0)
     m = Hand().eval()
     res = zsq.quantize(m, input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.5,) * 3, method="bn-minmax",
-                       bits="w4a4", out=tmp_path / "q", quiet=True)
+                       bits="w4a4", out=tmp_path / "q")
     assert any(n.endswith("_skip_quant") for n in res.model.zsq_quant_plan["residual"])  # `out += x` got one
     loaded = zsq.load_quantized(tmp_path / "q", model_factory=lambda name: Hand())
     x = torch.randn(2, 3, 16, 16)

@@ -81,7 +81,7 @@ def test_every_method_runs_on_the_deploy_preset(method):
     images = tiny_images(16, seed=3)
     info = get_method(method)
     job = QuantJob(calib=images if info.needs_images or method == "ait" else None, calib_source="test",
-                   iters=4, batch_size=8, epochs=1, iters_per_epoch=1, quiet=True)
+                   iters=4, batch_size=8, epochs=1, iters_per_epoch=1)
     res = info.fn(model, get_preset("deploy", "w8a8"), job)
     q = res.model
     assert q.zsq_quant_config.preset == "deploy"

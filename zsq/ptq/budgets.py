@@ -117,7 +117,6 @@ class EngineOptions:
     seed: int = 0
     chunk: int = 128
     max_cache_mib: float = 8192.0
-    quiet: bool = False
     holdout: float = 0.0  # off by default until measured on W4A4 (see docs/ptq.md)
     keep_better: bool = False
     augment: int = 0  # augmented views added per training image (zsq.ptq.augment: flip + shift)

@@ -17,6 +17,7 @@ preset did to the graph (BN folding) the reference and the student agree layer b
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +30,6 @@ from zsq import runstate
 from zsq.compute import Compute, as_compute
 from zsq.errors import ZsqError
 from zsq.hooks import Hooks
-from zsq.progress import log
 from zsq.ptq import cache, unit_checkpoint
 from zsq.ptq.augment import augmented_views
 from zsq.ptq.budgets import Budget, EngineOptions, Phase, Recipe
@@ -40,6 +40,8 @@ from zsq.ptq.units import Unit, find_units, summarize_units
 from zsq.quant.quantizer import UniformQuantizer, subsample_with_extremes
 from zsq.quant.state import set_flags
 from zsq.quant.transforms import act_quantizers, set_quant_state
+
+logger = logging.getLogger(__name__)
 
 ACT_INIT_IMAGES = 32  # Genie initialises activation steps on the first 32 calibration samples
 ACT_INIT_VALUES = 1 << 16  # values the Lp-2.4 search sees per quantizer (a seeded subsample + min and max)
@@ -273,7 +275,7 @@ class Reconstructor:
         perm, pos = None, n
         rec_hist: List[float] = []
         round_val = 0.0
-        with _qdrop_hooks(acts, phase.qdrop_p, gen), UnitBar(iters, desc, self.opts.quiet) as bar:
+        with _qdrop_hooks(acts, phase.qdrop_p, gen), UnitBar(iters, desc) as bar:
             for t in range(1, iters + 1):
                 if pos + bs > n:
                     perm, pos = torch.randperm(n, generator=gen, device=dev), 0
@@ -312,13 +314,12 @@ class Reconstructor:
     # ---- the whole run -------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
         t0 = time.time()
-        quiet = self.opts.quiet
         held = self.calib.shape[0] - self.n_train
-        log(f"{self.recipe.name}: {summarize_units(self.units)}; {len(self.recipe.phases)} phase(s), "
+        logger.info(f"{self.recipe.name}: {summarize_units(self.units)}; {len(self.recipe.phases)} phase(s), "
             f"{self.budget.iters} iters/unit, batch {self.batch_size}, {self.n_train} training images"
             + (f", {held} held out" + (" (a unit keeps its result only if better there)"
-                                       if self.opts.keep_better else "") if held else ""), quiet)
-        log(self.estimate.describe(), quiet)
+                                       if self.opts.keep_better else "") if held else ""))
+        logger.info(self.estimate.describe())
         cache.check_memory(self.estimate, int(self.opts.max_cache_mib * 2 ** 20))
         records: List[dict] = []
         start = 0
@@ -327,7 +328,7 @@ class Reconstructor:
             if ck is not None:
                 runstate.restore(self.qmodel, ck["state"], self.work_dir / unit_checkpoint.CKPT_NAME)
                 start, records = ck["done"], list(ck["records"])
-                log(f"resuming after {start} of {len(self.steps)} unit steps", quiet)
+                logger.info(f"resuming after {start} of {len(self.steps)} unit steps")
         for k in range(start, len(self.steps)):
             pi, ui = self.steps[k]
             rec = self._run_unit(pi, ui)
@@ -351,7 +352,7 @@ class Reconstructor:
             "resumed_from": start,
             "recon_seconds": time.time() - t0,
         }
-        log_summary(records, quiet)
+        log_summary(records)
         return report
 
     def _finish(self) -> None:
@@ -363,15 +364,15 @@ class Reconstructor:
         self.qmodel.eval()
 
 
-def log_summary(records: List[dict], quiet: bool) -> None:
-    """The end-of-run table: one row per unit step."""
-    if quiet or not records:
+def log_summary(records: List[dict]) -> None:
+    """The end-of-run table: one row per unit step (INFO)."""
+    if not records or not logger.isEnabledFor(logging.INFO):
         return
     width = max(len(r["unit"]) for r in records)
-    log(f"{'phase':<8} {'unit':<{width}} {'iters':>6} {'loss start':>11} {'loss end':>10} {'hard':>10} "
+    logger.info(f"{'phase':<8} {'unit':<{width}} {'iters':>6} {'loss start':>11} {'loss end':>10} {'hard':>10} "
         f"{'held start':>10} {'held end':>10} {'kept':>8} {'sec':>6}")
     for r in records:
         kept = {True: "yes", False: "REVERTED"}.get(r.get("kept"), "-")
         held = [f"{v:>10.4g}" if v is not None else f"{'-':>10}" for v in (r.get("holdout_start"), r.get("holdout_end"))]
-        log(f"{r['phase']:<8} {r['unit']:<{width}} {r['iters']:>6} {r['loss_start']:>11.4g} {r['loss_end']:>10.4g} "
+        logger.info(f"{r['phase']:<8} {r['unit']:<{width}} {r['iters']:>6} {r['loss_start']:>11.4g} {r['loss_end']:>10.4g} "
             f"{r['hard_loss']:>10.4g} {held[0]} {held[1]} {kept:>8} {r['seconds']:>6.1f}")

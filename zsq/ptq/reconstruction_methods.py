@@ -76,7 +76,7 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
     budget = get_budget(job.budget).override(job.iters, job.batch_size, job.num_images)
     extra = dict(job.extra or {})
     user = parse_options(PTQOptions, user_options(extra), recipe.name)
-    opts = EngineOptions(seed=job.seed, quiet=job.quiet, chunk=user.chunk, max_cache_mib=user.max_cache_mib,
+    opts = EngineOptions(seed=job.seed, chunk=user.chunk, max_cache_mib=user.max_cache_mib,
                          holdout=user.holdout, keep_better=user.keep_better, augment=user.augment)
     work_dir = user.work_dir or (Path(job.out) / "work" if job.out is not None else None)
     if job.resume and work_dir is None:

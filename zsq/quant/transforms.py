@@ -14,6 +14,7 @@ module that differs.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -23,12 +24,13 @@ import torch.fx as fx
 
 from zsq.errors import ZsqError
 from zsq.hooks import Hooks
-from zsq.progress import log
 from zsq.quant import graph as G
 from zsq.quant.qconfig import QuantConfig
 from zsq.quant.modules import (QUANT_LAYER_TYPES, FoldedBatchNorm, QuantAct, QuantConv2d, QuantInput, QuantLinear, is_plain,
                                keep_forward_quant)
 from zsq.quant.quantizer import UniformQuantizer
+
+logger = logging.getLogger(__name__)
 
 ACTIVATIONS = G.ACT_MODULES
 
@@ -405,7 +407,7 @@ def _all_quantizers(model: nn.Module) -> List[nn.Module]:
 
 # ---- the whole pipeline -------------------------------------------------------------------------
 def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optional[torch.Tensor] = None,
-                   strict: bool = False, quiet: bool = False) -> nn.Module:
+                   strict: bool = False) -> nn.Module:
     """A new fake-quantized model (the float model is never mutated).
 
     Needs an example input (``example_input`` or the model's zsq metadata): it checks the rewrite
@@ -437,8 +439,8 @@ def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optiona
     cap = G.capture(qmodel)
     untraced = _untraced_that_matter(qmodel, cap, example_input)
     for name, why in untraced.items():
-        log(f"eager fallback for {name or 'the model'} ({type(qmodel.get_submodule(name)).__name__}): fx could "
-            f"not trace it ({why}); module rules apply inside it", quiet)
+        logger.info(f"eager fallback for {name or 'the model'} ({type(qmodel.get_submodule(name)).__name__}): fx could "
+            f"not trace it ({why}); module rules apply inside it")
     kept_float += _functional_layers(qmodel, cap)
     plan = wrap_layers(qmodel, config)
     placer = _Placer(qmodel, cap)

@@ -167,7 +167,7 @@ class GDFQSynthesizer(Synthesizer):
             runstate.restore(stream, runstate.load_state(state_file), state_file)
         try:
             todo = range(stream.step_count, cfg.iters)
-            for _ in progress(todo, total=len(todo), desc="gdfq generator", quiet=ctx.quiet):
+            for _ in progress(todo, total=len(todo), desc="gdfq generator", disable=not ctx.show_progress):
                 stream.step()
                 if state_file is not None and (stream.step_count % cfg.ckpt_every == 0 or stream.step_count == cfg.iters):
                     runstate.save_state(state_file, dict(stream.state_dict(), losses=stream.last_losses))

@@ -158,7 +158,7 @@ class GenieSynthesizer(Synthesizer):
         decay = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=cfg.g_gamma)
         x_last, values = None, {}
         with BNStatsRecorder(net) as rec:
-            bar = progress(range(cfg.iters), total=cfg.iters, desc=f"genie batch {index}", quiet=ctx.quiet)
+            bar = progress(range(cfg.iters), total=cfg.iters, desc=f"genie batch {index}", disable=not ctx.show_progress)
             for t in bar:
                 opt_z.zero_grad(set_to_none=True)
                 opt_g.zero_grad(set_to_none=True)
