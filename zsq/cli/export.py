@@ -18,6 +18,8 @@ def add_parser(subparsers) -> None:
                                         "(.npz / labels.csv folder / ImageFolder, PATH[START:STOP]); "
                                         "default: random inputs")
     p.add_argument("--num-check", type=int, default=256, help="images to compare (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random check inputs without --check-data "
+                                                       "(default 0)")
     p.add_argument("--min-agreement", type=float, default=None,
                    help="least top-1 agreement accepted (default: the model's own float floor - 0.002, i.e. its "
                         "agreement with its float64 copy on the same images, less 0.2 points)")
@@ -106,8 +108,8 @@ def run(args) -> dict:
         images, labels = load_images_tensor(args.check_data, meta, n=args.num_check)
         source = f"real:{args.check_data}"
     else:
-        images = torch.randn(args.num_check, *meta.input_size, generator=torch.Generator().manual_seed(0))
-        source = "random normal inputs (give --check-data for real images)"
+        images = torch.randn(args.num_check, *meta.input_size, generator=torch.Generator().manual_seed(args.seed))
+        source = f"random normal inputs, seed {args.seed} (give --check-data for real images)"
     floor = numeric_floor(qmodel, images)
     folded, to_export = [], qmodel
     if args.fold:

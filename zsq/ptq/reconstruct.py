@@ -38,8 +38,8 @@ from zsq.ptq.soft_round import SoftRoundQuantizer, to_uniform
 from zsq.ptq.unit_bar import UnitBar
 from zsq.ptq.units import Unit, find_units, summarize_units
 from zsq.quant.quantizer import UniformQuantizer, subsample_with_extremes
-from zsq.quant.state import set_flags
-from zsq.quant.transforms import act_quantizers, set_quant_state
+from zsq.quant.state import set_flags, set_quant_state
+from zsq.quant.transforms import act_quantizers
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zsq.errors import ZsqError
+from zsq.hooks import Hooks
 
 KL_REDUCTIONS = ("mean", "batchmean")
 
@@ -87,12 +88,12 @@ class FeatureTaps:
             raise ZsqError(f"{type(model).__name__} has no residual blocks to tap for feature alignment "
                            "(set the feature-alignment weight to 0 for this model)")
         self._out: Dict[str, torch.Tensor] = {}
-        self._handles = []
+        self._hooks = Hooks()
 
     def __enter__(self) -> "FeatureTaps":
         try:
             for n in self.names:
-                self._handles.append(self.model.get_submodule(n).register_forward_hook(self._hook(n)))
+                self._hooks.post(self.model.get_submodule(n), self._hook(n))
         except BaseException:
             self.remove()
             raise
@@ -113,9 +114,7 @@ class FeatureTaps:
         return feats
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.remove()
 
     def __exit__(self, *exc) -> None:
         self.remove()

@@ -354,7 +354,9 @@ def _outputs_by_module(model: nn.Module, example: torch.Tensor) -> List[Tuple[st
 
 def first_difference(reference: nn.Module, qmodel: nn.Module, example: torch.Tensor) -> Optional[str]:
     """The first module (in the reference's execution order) whose output the rewrite changed."""
-    with quantizers_off(qmodel):
+    from zsq.quant.state import quantizers_disabled
+
+    with quantizers_disabled(qmodel):
         mine = {}
         for name, out in _outputs_by_module(qmodel, example):
             mine.setdefault(name, out)
@@ -368,7 +370,9 @@ def first_difference(reference: nn.Module, qmodel: nn.Module, example: torch.Ten
 def check_rewrite(model: nn.Module, qmodel: nn.Module, expected: torch.Tensor, example: torch.Tensor,
                   fold: bool) -> None:
     """Raise ZsqError unless ``qmodel`` with every quantizer off reproduces ``expected`` exactly."""
-    with quantizers_off(qmodel), torch.no_grad():
+    from zsq.quant.state import quantizers_disabled
+
+    with quantizers_disabled(qmodel), torch.no_grad():
         got = qmodel(example)
     if isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.equal(got, expected):
         return
@@ -378,31 +382,6 @@ def check_rewrite(model: nn.Module, qmodel: nn.Module, expected: torch.Tensor, e
     where = first_difference(reference, qmodel, example) or "the model output"
     raise ZsqError(f"the quantized rewrite does not reproduce the float model with quantizers off: first "
                    f"difference at {where}; refusing (please report this model)")
-
-
-class quantizers_off:
-    """Context manager: every weight and activation quantizer off, restored on exit."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.saved = [(q, q.enabled) for q in _all_quantizers(self.model)]
-        for q, _ in self.saved:
-            q.enabled = False
-        return self.model
-
-    def __exit__(self, *exc):
-        for q, e in self.saved:
-            q.enabled = e
-        return False
-
-
-def _all_quantizers(model: nn.Module) -> List[nn.Module]:
-    qs = [q for _, q in act_quantizers(model)]
-    qs += [layer.weight_quant for _, layer in quant_layers(model)
-           if layer.weight_quant is not None and hasattr(layer.weight_quant, "enabled")]
-    return qs
 
 
 # ---- the whole pipeline -------------------------------------------------------------------------
@@ -506,15 +485,6 @@ def _functional_layers(model: nn.Module, cap: G.Capture) -> List[dict]:
             for owner, graph in cap.graphs.items() for node in graph.nodes if G.is_functional_layer(node)]
 
 
-def set_quant_state(model: nn.Module, weights: bool = True, acts: bool = True) -> None:
-    """Turn weight / activation fake quantization on or off (e.g. to compare with float)."""
-    for _, layer in quant_layers(model):
-        if layer.weight_quant is not None and hasattr(layer.weight_quant, "enabled"):
-            layer.weight_quant.enabled = weights
-    for _, q in act_quantizers(model):
-        q.enabled = acts
-
-
 # ---- the plan, for `zsq inspect` --------------------------------------------------------------
 def _readers(qmodel: nn.Module, example: torch.Tensor) -> Dict[str, str]:
     """For each activation quantizer, the module that produced the tensor it reads (run with every
@@ -522,7 +492,6 @@ def _readers(qmodel: nn.Module, example: torch.Tensor) -> Dict[str, str]:
     produced: Dict[int, str] = {}
     reads: Dict[str, str] = {}
     keep = []
-    hooks = []
     quant_ids = {id(q): n for n, q in act_quantizers(qmodel)}
 
     def out_hook(name):
@@ -538,17 +507,16 @@ def _readers(qmodel: nn.Module, example: torch.Tensor) -> Dict[str, str]:
         keep.append(x)
         reads.setdefault(quant_ids[id(_m)], produced.get(id(x), "the model input"))
 
-    try:
+    from zsq.quant.state import quantizers_disabled
+
+    with Hooks() as hooks:
         for name, mod in qmodel.named_modules():
             if id(mod) in quant_ids:
-                hooks.append(mod.register_forward_pre_hook(in_hook))
+                hooks.pre(mod, in_hook)
             elif name and not isinstance(mod, (QuantAct, QuantInput)):
-                hooks.append(mod.register_forward_hook(out_hook(name)))
-        with quantizers_off(qmodel), torch.no_grad():
+                hooks.post(mod, out_hook(name))
+        with quantizers_disabled(qmodel), torch.no_grad():
             qmodel(example)
-    finally:
-        for h in hooks:
-            h.remove()
     return reads
 
 

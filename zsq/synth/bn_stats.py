@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from zsq.errors import ZsqError
+from zsq.hooks import Hooks
 
 GENIE_STD_EPS = 1e-6  # Genie's target std is sqrt(running_var + 1e-6), not the BN's own eps
 
@@ -67,12 +68,12 @@ class BNStatsRecorder:
         self.model = model
         self.layers = batchnorm_layers(model)
         self.records: List[BNRecord] = []
-        self._handles = []
+        self._hooks = Hooks()
 
     def __enter__(self) -> "BNStatsRecorder":
         try:
             for name, bn in self.layers:
-                self._handles.append(bn.register_forward_pre_hook(self._make_hook(name, bn)))
+                self._hooks.pre(bn, self._make_hook(name, bn))
         except BaseException:
             self.remove()
             raise
@@ -82,9 +83,7 @@ class BNStatsRecorder:
         self.remove()
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.remove()
 
     def clear(self) -> None:
         self.records = []
