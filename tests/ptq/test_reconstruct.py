@@ -186,3 +186,15 @@ def test_keep_better_options(tiny, tiny_images):
     r = genie(tiny, cfg, QuantJob(calib=tiny_images, iters=2,
                                   extra={"holdout": 0, "keep_better": False})).report
     assert r["budget"]["holdout_images"] == 0 and all(u["holdout_start"] is None for u in r["unit_losses"])
+
+
+def test_ptq_options_default_to_the_engines_own():
+    from dataclasses import fields
+
+    from zsq.ptq.budgets import EngineOptions
+    from zsq.ptq.reconstruction_methods import PTQOptions
+
+    user, engine = PTQOptions(), EngineOptions()
+    shared = [f.name for f in fields(PTQOptions) if hasattr(engine, f.name)]
+    assert shared == ["chunk", "max_cache_mib", "holdout", "keep_better", "augment"]
+    assert all(getattr(user, n) == getattr(engine, n) for n in shared)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from zsq import runstate
-from zsq.compute import Compute, as_compute
+from zsq.compute import FORWARD_CHUNK, Compute, as_compute
 from zsq.errors import ZsqError
 from zsq.hooks import Hooks
 from zsq.ptq import cache, unit_checkpoint
@@ -93,8 +93,8 @@ def _output_error(fwd: Callable[[torch.Tensor], torch.Tensor], xq: torch.Tensor,
     n = xq.shape[0]
     if n == 0:
         return None
-    return sum(_recon_loss(fwd(xq[i:i + 256]), y[i:i + 256], 2.0).item() * len(y[i:i + 256])
-               for i in range(0, n, 256)) / n
+    c = FORWARD_CHUNK
+    return sum(_recon_loss(fwd(xq[i:i + c]), y[i:i + c], 2.0).item() * len(y[i:i + c]) for i in range(0, n, c)) / n
 
 
 def _split_holdout(calib: torch.Tensor, share: float, seed: int):
@@ -306,10 +306,7 @@ class Reconstructor:
         for layer in layers:
             if isinstance(layer.weight_quant, SoftRoundQuantizer):
                 to_uniform(layer)
-        n = xq.shape[0]
-        with torch.no_grad():
-            return sum(_recon_loss(self.compute.forward(mod, xq[i:i + 256]), y[i:i + 256], 2.0).item()
-                       * len(y[i:i + 256]) for i in range(0, n, 256)) / n
+        return _output_error(lambda x: self.compute.forward(mod, x), xq, y)
 
     # ---- the whole run -------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
@@ -369,10 +366,10 @@ def log_summary(records: List[dict]) -> None:
     if not records or not logger.isEnabledFor(logging.INFO):
         return
     width = max(len(r["unit"]) for r in records)
-    logger.info(f"{'phase':<8} {'unit':<{width}} {'iters':>6} {'loss start':>11} {'loss end':>10} {'hard':>10} "
-        f"{'held start':>10} {'held end':>10} {'kept':>8} {'sec':>6}")
+    logger.info(f"{'phase':<8} {'unit':<{width}} {'iters':>6} {'loss start':>11} {'loss end':>10} "
+                f"{'hard':>10} {'held start':>10} {'held end':>10} {'kept':>8} {'sec':>6}")
     for r in records:
         kept = {True: "yes", False: "REVERTED"}.get(r.get("kept"), "-")
         held = [f"{v:>10.4g}" if v is not None else f"{'-':>10}" for v in (r.get("holdout_start"), r.get("holdout_end"))]
-        logger.info(f"{r['phase']:<8} {r['unit']:<{width}} {r['iters']:>6} {r['loss_start']:>11.4g} {r['loss_end']:>10.4g} "
-            f"{r['hard_loss']:>10.4g} {held[0]} {held[1]} {kept:>8} {r['seconds']:>6.1f}")
+        logger.info(f"{r['phase']:<8} {r['unit']:<{width}} {r['iters']:>6} {r['loss_start']:>11.4g} "
+                    f"{r['loss_end']:>10.4g} {r['hard_loss']:>10.4g} {held[0]} {held[1]} {kept:>8} {r['seconds']:>6.1f}")

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zsq import runstate
-from zsq.compute import as_compute
+from zsq.compute import FORWARD_CHUNK, as_compute
 from zsq.errors import ZsqError
 from zsq.models.meta import get_meta
 from zsq.progress import progress
@@ -206,8 +206,8 @@ def _fixed_set(teacher: nn.Module, fixed: Optional[torch.Tensor], labels: Option
     fixed = fixed.detach().float()
     if labels is None:
         with torch.no_grad():
-            labels = torch.cat([compute.forward(teacher, fixed[i:i + 256]).argmax(1).cpu()
-                                for i in range(0, len(fixed), 256)])
+            labels = torch.cat([compute.forward(teacher, fixed[i:i + FORWARD_CHUNK]).argmax(1).cpu()
+                                for i in range(0, len(fixed), FORWARD_CHUNK)])
     return fixed, labels.long()
 
 
@@ -381,7 +381,8 @@ class _Loop:
 
 def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: Optional[torch.Tensor] = None,
             fixed_labels: Optional[torch.Tensor] = None, seed: int = 0, out: Optional[Path] = None,
-            resume: bool = False, eval_fn: Optional[Callable[[nn.Module], dict]] = None, compute=None) -> Tuple[nn.Module, dict]:
+            resume: bool = False, eval_fn: Optional[Callable[[nn.Module], dict]] = None,
+            compute=None) -> Tuple[nn.Module, dict]:
     """Train a fake-quantized student of ``teacher`` by distillation; returns (student, report).
 
     fixed: images (N,C,H,W, teacher-normalized) for cfg.data/calib_data == "fixed"; fixed_labels

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from zsq.models.meta import is_small_input
+
 
 def check_genie_width(width: int) -> int:
     """The Genie generator's width must be even (its middle conv has width/2 channels)."""
@@ -103,9 +105,10 @@ class GDFQImageNetGenerator(nn.Module):
 
 
 def gdfq_generator(num_classes: int, img_size: int, channels: int = 3, latent_dim: int = 100) -> nn.Module:
-    """The GDFQ generator for this teacher: the CIFAR one for small inputs (< 64 px), the
-    class-conditional-BN ImageNet one otherwise (as GDFQ picks by dataset)."""
-    cls = GDFQGenerator if img_size < 64 else GDFQImageNetGenerator
+    """The GDFQ generator for this teacher: the CIFAR one for small inputs (``is_small_input``, the
+    line every CIFAR-vs-ImageNet choice uses), the class-conditional-BN ImageNet one otherwise (as
+    GDFQ picks by dataset)."""
+    cls = GDFQGenerator if is_small_input(img_size) else GDFQImageNetGenerator
     return cls(num_classes, img_size, channels, latent_dim)
 
 
