@@ -92,7 +92,7 @@ class DeviceLog(TorchFunctionMode):
 
 def test_explicit_cpu_device_creates_tensors_on_the_cpu_only():
     from zsq.synth import synthesize
-    from tests.synth.conftest import tiny_bn_cnn
+    from tests.tiny_models import tiny_bn_cnn
 
     teacher = tiny_bn_cnn()
     with DeviceLog() as log:

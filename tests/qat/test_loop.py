@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tests.tiny_models import TinyResNet
 from zsq.errors import ZsqError
 from zsq.models.meta import ModelMeta, set_meta
 from zsq.qat import training_config as qat_config
@@ -15,31 +16,9 @@ from zsq.quant import get_preset
 from zsq.runstate import load_state
 
 
-class _Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1, self.bn1, self.relu1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.shortcut, self.relu_out = nn.Identity(), nn.ReLU()
-
-    def forward(self, x):
-        return self.relu_out(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))) + self.shortcut(x))
-
-
-class _TinyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1, self.relu = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()
-        self.layer1 = _Block(4)
-        self.pool, self.flat, self.linear = nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.linear(self.flat(self.pool(self.layer1(self.relu(self.bn1(self.conv1(x)))))))
-
-
 def _teacher():
     torch.manual_seed(0)
-    net = _TinyNet()
+    net = TinyResNet(c=4, num_classes=3, blocks=("layer1",), depthwise=False)
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tests.export.tiny import tiny_factory, tiny_images
+from tests.tiny_models import tiny_factory, tiny_images
 from zsq.methods import get_method
 from zsq.methods.registry import QuantJob
 from zsq.quant import calibrate_from_bn, get_preset, quantize_model

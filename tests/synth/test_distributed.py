@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from zsq.assets import RESNET20
 from zsq.synth import SyntheticSet, synthesize
 from tests.conftest import need_asset
-from tests.synth.conftest import tiny_bn_cnn
+from tests.tiny_models import tiny_bn_cnn
 
 ARGS = dict(iters=3, batch_size=4)
 

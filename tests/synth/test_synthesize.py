@@ -13,7 +13,7 @@ from zsq.synth import SyntheticSet, get_synthesizer, list_synthesizers, synthesi
 from zsq.synth.gdfq import GDFQGeneratorStream
 from zsq.synth.genie import GenieSynthesizer
 from zsq.synth.swing import SwingConv2d
-from tests.synth.conftest import tiny_bn_cnn
+from tests.tiny_models import tiny_bn_cnn
 
 TINY = dict(iters=3, batch_size=4)
 

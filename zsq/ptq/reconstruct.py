@@ -1,4 +1,4 @@
-"""The block-reconstruction engine behind genie, qdrop, brecq and adaround (spec genie.md 3.4-3.5).
+"""The block-reconstruction engine behind genie, qdrop, brecq and adaround (official Genie code: reconstruct.py `reconstruct`).
 
 For each phase of a recipe and each unit in network order:
 1. cache x and y (the FP model's unit input/output) and x_q (the partly quantized model's unit input);

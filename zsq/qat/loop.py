@@ -1,4 +1,4 @@
-"""The one distillation loop behind gdfq, ait and hast (ait.md §1.5, hast.md §3.3-3.4).
+"""The one distillation loop behind gdfq, ait and hast (GDFQ/AIT official trainer.py `train`; HAST official trainer_direct.py).
 
     frozen FP teacher T (eval) -> fake-quantized student Q (gdfq preset, eval-mode BN, trainable affine)
     for epoch in 0..E-1:
