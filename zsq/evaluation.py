@@ -52,7 +52,8 @@ def evaluate(
 
     check_calibrated(model)  # a float model has no activation quantizers and passes
     bs = batch_size or default_batch_size(model)
-    loader = DataLoader(data, batch_size=bs, shuffle=False, num_workers=0)
+    # a generator of its own: a DataLoader otherwise draws its base seed from the global RNG
+    loader = DataLoader(data, batch_size=bs, shuffle=False, num_workers=0, generator=torch.Generator())
     was_training = model.training
     model.eval()
     correct1 = correct5 = n = 0
