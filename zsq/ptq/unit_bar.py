@@ -18,13 +18,13 @@ logger = logging.getLogger(__name__)
 class UnitBar:
     def __init__(self, total: int, desc: str, log_every: float = 30.0):
         self.total, self.desc, self.log_every = total, desc, log_every
-        self.quiet = not bars_enabled()
+        self.shown = bars_enabled()  # read once: a bar per unit, as the level was when it began
         self._bar = None
         self._start = self._last = time.time()
         self.n = 0
 
     def __enter__(self) -> "UnitBar":
-        if not self.quiet and sys.stderr.isatty():
+        if self.shown and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=self.total, desc=self.desc, leave=False, dynamic_ncols=True)
@@ -32,7 +32,7 @@ class UnitBar:
 
     def update(self, loss: float) -> None:
         self.n += 1
-        if self.quiet:
+        if not self.shown:
             return
         if self._bar is not None:
             self._bar.update(1)
