@@ -154,7 +154,7 @@ def test_image_input_range_is_pinned_to_the_valid_pixel_range():
     assert all(bool(aq.initialized) for _, aq in act_quantizers(q))
     assert not torch.equal(q.block.bn2.quant.scale.detach(), pinned[0])  # the others did calibrate
     for method in ("bn-minmax", "genie"):
-        job = QuantJob(calib=narrow, iters=3, batch_size=8, quiet=True)
+        job = QuantJob(calib=narrow, iters=3, batch_size=8)
         out = get_method(method).fn(model, get_preset("deploy", "w8a8"), job).model
         assert torch.equal(out.conv1.input_quant.scale.detach(), pinned[0]), method
     assert quantize_model(model, get_preset("genie", "w8a8")).zsq_quant_plan["pinned_input_ranges"] == []

@@ -385,17 +385,8 @@ def check_rewrite(model: nn.Module, qmodel: nn.Module, expected: torch.Tensor, e
 
 
 # ---- the whole pipeline -------------------------------------------------------------------------
-def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optional[torch.Tensor] = None,
-                   strict: bool = False) -> nn.Module:
-    """A new fake-quantized model (the float model is never mutated).
-
-    Needs an example input (``example_input`` or the model's zsq metadata): it checks the rewrite
-    (quantizers off => the float output, bit for bit) and finds which quantizers read one tensor.
-    Weight quantizers are initialised from the weights at once; activation quantizers are not:
-    calibrate them (``zsq.quant.calibrate``), set their ranges, or let them initialise lazily on
-    the first forward. ``model.zsq_quant_plan`` records what was placed where and what stayed float.
-    ``strict`` turns layers zsq has no quantized form for (Conv3d, ConvTranspose2d, LSTM) into an error.
-    """
+def _prepare(model: nn.Module, config: QuantConfig, example_input: Optional[torch.Tensor], strict: bool):
+    """(the copy to rewrite, its example input, the layers it keeps in float), once the inputs are checked."""
     if not isinstance(config, QuantConfig):
         raise ZsqError(f"config must be a QuantConfig (e.g. zsq.get_preset('genie', 'w4a4')), got {type(config).__name__}")
     qmodel = copy.deepcopy(model).eval()
@@ -412,14 +403,29 @@ def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optiona
         k = kept_float[0]
         raise ZsqError(f"--strict: layer {k['layer']} ({k['type']}) has no quantized form in zsq "
                        f"({len(kept_float)} such layer(s)); drop --strict to keep them in float")
+    return qmodel, example_input, kept_float
+
+
+def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optional[torch.Tensor] = None,
+                   strict: bool = False) -> nn.Module:
+    """A new fake-quantized model (the float model is never mutated).
+
+    Needs an example input (``example_input`` or the model's zsq metadata): it checks the rewrite
+    (quantizers off => the float output, bit for bit) and finds which quantizers read one tensor.
+    Weight quantizers are initialised from the weights at once; activation quantizers are not:
+    calibrate them (``zsq.quant.calibrate``), set their ranges, or let them initialise lazily on
+    the first forward. ``model.zsq_quant_plan`` records what was placed where and what stayed float.
+    ``strict`` turns layers zsq has no quantized form for (Conv3d, ConvTranspose2d, LSTM) into an error.
+    """
+    qmodel, example_input, kept_float = _prepare(model, config, example_input, strict)
     folded = fold_batchnorm(qmodel, example_input) if config.fold_bn else []
     with torch.no_grad():
         expected = qmodel(example_input)
     cap = G.capture(qmodel)
     untraced = _untraced_that_matter(qmodel, cap, example_input)
     for name, why in untraced.items():
-        logger.info(f"eager fallback for {name or 'the model'} ({type(qmodel.get_submodule(name)).__name__}): fx could "
-            f"not trace it ({why}); module rules apply inside it")
+        logger.info(f"eager fallback for {name or 'the model'} ({type(qmodel.get_submodule(name)).__name__}): "
+                    f"fx could not trace it ({why}); module rules apply inside it")
     kept_float += _functional_layers(qmodel, cap)
     plan = wrap_layers(qmodel, config)
     placer = _Placer(qmodel, cap)
