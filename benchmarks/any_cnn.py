@@ -144,7 +144,7 @@ def main():
     if args.skip_eval:
         return
     if args.eval == "indep_lite0":
-        r = zsq.quantize("cifar10_resnet20", weights=r20_w, method="bn-minmax", bits="w8a8", eval_data=c10, quiet=True)
+        r = zsq.quantize("cifar10_resnet20", weights=r20_w, method="bn-minmax", bits="w8a8", eval_data=c10)
         print(json.dumps({"model": "cifar10_resnet20", "bits": "w8a8", "fp32_top1": r.report["fp32_top1"],
                           "quant_top1": r.report["quant_top1"], "n": r.report["n"]}), flush=True)
     from zsq.data import load_images_tensor
@@ -159,8 +159,8 @@ def main():
                  else (indep, {"meta": meta}))
     for bits in ("w8a8", "w4a8"):
         t0 = time.time()
-        res = zsq.quantize(model, method="bn-minmax", bits=bits, quiet=True, **kw)
-        ev = zsq.evaluate(res.model, images, quiet=True, return_preds=True)
+        res = zsq.quantize(model, method="bn-minmax", bits=bits, **kw)
+        ev = zsq.evaluate(res.model, images, return_preds=True)
         print(json.dumps({"model": args.eval, "bits": bits, "quant_top1": ev["top1"], "n": ev["n"],
                           "capture": res.report["capture"], "seconds": round(time.time() - t0, 1),
                           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),

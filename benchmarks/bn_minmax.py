@@ -28,14 +28,14 @@ def main() -> None:
     sets = {"exact-1017": str(asset(CIFAR10_EXACT))}
     if not args.no_jpeg:
         sets["jpeg-10k"] = str(asset(CIFAR10_JPEG))
-    fp = {k: zsq.evaluate(model, v, quiet=True)["top1"] for k, v in sets.items()}
+    fp = {k: zsq.evaluate(model, v)["top1"] for k, v in sets.items()}
     rows = []
     for preset in ("genie", "gdfq"):
         for bits in ("w8a8", "w6a6", "w4a4"):
             t0 = time.time()
             q = get_method("bn-minmax").fn(model, zsq.get_preset(preset, bits), QuantJob()).model
             secs = time.time() - t0
-            acc = {k: zsq.evaluate(q, v, quiet=True)["top1"] for k, v in sets.items()}
+            acc = {k: zsq.evaluate(q, v)["top1"] for k, v in sets.items()}
             rows.append((preset, bits, acc, secs))
             print(preset, bits, acc, f"{secs:.1f}s", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -90,7 +90,7 @@ def matrix_synth(key: str, teacher, method: str, batch: int, iters: int, comp):
     from zsq.synth import synthesize
 
     def run(n):
-        d = synthesize(teacher, method, batch, iters=n or iters, batch_size=batch, quiet=True, compute=comp)
+        d = synthesize(teacher, method, batch, iters=n or iters, batch_size=batch, compute=comp)
         return d.meta["seconds"], d.meta["bns_loss"]
 
     cold, timed, warm, recompiled, bns = three_runs(run)
@@ -105,7 +105,7 @@ def matrix_recon(key: str, teacher, calib, iters: int, comp):
     def run(n):
         q = quantize_model(teacher, get_preset("genie", "w4a4"))
         eng = Reconstructor(q, calib, GENIE, Budget("bench", n or iters, min(32, len(calib)), len(calib)),
-                            EngineOptions(quiet=True), compute=comp)
+                            EngineOptions(), compute=comp)
         ui = next(i for i, u in enumerate(eng.units) if u.name == RECON_UNITS[key])  # earlier units untrained
         rec = eng._run_unit(0, ui)
         return rec["seconds"], rec["hard_loss"]
@@ -162,7 +162,7 @@ def part_steps(args) -> list:
             base = None
             for prec, cl in SETTINGS:
                 before = load_avg()
-                data = synthesize(teacher, method, batch, iters=iters, batch_size=batch, quiet=True,
+                data = synthesize(teacher, method, batch, iters=iters, batch_size=batch,
                                   compute=resolve("cpu", prec, cl))
                 per = data.meta["seconds"] / iters
                 bns = data.meta["bns_loss"]
@@ -190,7 +190,7 @@ def part_recon(args) -> list:
         base = None
         for prec, cl in SETTINGS:
             q = quantize_model(teacher, get_preset("genie", "w4a4"))
-            eng = Reconstructor(q, calib, GENIE, Budget("bench", iters, 32, 64), EngineOptions(quiet=True),
+            eng = Reconstructor(q, calib, GENIE, Budget("bench", iters, 32, 64), EngineOptions(),
                                 compute=resolve("cpu", prec, cl))
             ui = next(i for i, u in enumerate(eng.units) if u.name == units[key])  # earlier units stay untrained
             before = load_avg()
@@ -301,14 +301,14 @@ def part_demo(args) -> list:
         comp = resolve("cpu", prec)
         before = load_avg()
         t0 = time.perf_counter()
-        sset = synthesize(fp, "genie", args.demo_images, quiet=True, compute=comp)
+        sset = synthesize(fp, "genie", args.demo_images, compute=comp)
         t1 = time.perf_counter()
         torch.manual_seed(0)
-        job = QuantJob(calib=sset.images, calib_source="synthetic:genie", quiet=True, compute=comp,
+        job = QuantJob(calib=sset.images, calib_source="synthetic:genie", compute=comp,
                        iters=args.demo_iters)
         q = get_method("genie").fn(fp, get_preset("genie", "w4a4"), job).model
         t2 = time.perf_counter()
-        ev = evaluate(q, data, quiet=True, return_preds=True)
+        ev = evaluate(q, data, return_preds=True)
         res[prec] = torch.as_tensor(ev["preds"]) == torch.as_tensor(data_labels(data))
         rows.append(f"| {label(prec, comp.channels_last)} | {t1 - t0:.0f} | {t2 - t1:.0f} | {ev['top1']:.2f} | "
                     f"{before} / {load_avg()} |")

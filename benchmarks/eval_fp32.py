@@ -7,6 +7,7 @@ Proves the model definitions and preprocessing are exact. Writes benchmarks/resu
 from __future__ import annotations
 
 import argparse
+import logging
 import platform
 import resource
 import sys
@@ -39,6 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "fp32.md"))
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="[zsq] %(message)s")
+    logging.getLogger("zsq").setLevel(logging.WARNING if args.quiet else logging.INFO)
     torch.set_num_threads(args.threads)
 
     rows = []
@@ -50,7 +53,7 @@ def main(argv=None) -> int:
             continue
         t = time.perf_counter()
         model = zm.load(name, weights=wp)
-        r = evaluate(model, str(dp), quiet=args.quiet)
+        r = evaluate(model, str(dp))
         secs = time.perf_counter() - t
         rows.append((name, Path(d).name, r, ref, secs, ref_s))
         print(f"{name:20s} {Path(d).name:40s} top1 {r['top1']:6.2f} (MANIFEST {ref:.2f}) "

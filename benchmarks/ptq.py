@@ -14,6 +14,7 @@ with zsq.synth at its quick budget. Evaluation: exact-1017 and JPEG-10k (CIFAR) 
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import resource
 import sys
@@ -53,6 +54,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-jpeg10k", action="store_true", help="skip the slow 10k-image JPEG evaluation")
     ap.add_argument("--json", default=None, help="append the record to this JSON-lines file")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[zsq] %(message)s")  # the engine's per-unit log lines
     torch.set_num_threads(args.threads)
 
     cifar = args.model.startswith("cifar10_")
@@ -71,12 +73,12 @@ def main(argv=None) -> dict:
         from zsq.synth import synthesize
 
         ts = time.time()
-        data = synthesize(teacher, args.calib, n, budget="quick", iters=args.synth_iters, seed=args.seed, quiet=True)
+        data = synthesize(teacher, args.calib, n, budget="quick", iters=args.synth_iters, seed=args.seed)
         synth_s = time.time() - ts
         calib, calib_source = data.images, f"synthetic:{args.calib}"
     preset = args.preset or DEFAULT_PRESET[args.method]
     job = QuantJob(calib=calib, calib_source=calib_source, budget=args.budget, iters=args.iters,
-                   num_images=args.num_images, batch_size=args.batch_size, seed=args.seed, quiet=False)
+                   num_images=args.num_images, batch_size=args.batch_size, seed=args.seed)
     res = getattr(ptq_methods, args.method)(teacher, get_preset(preset, args.bits), job)
     total_s = time.time() - t0
     rec = {"model": args.model, "method": args.method, "preset": preset, "bits": args.bits, "calib": calib_source,
@@ -84,14 +86,14 @@ def main(argv=None) -> dict:
            "quant_seconds": round(res.report["quant_seconds"], 1), "total_seconds": round(total_s, 1),
            "threads": args.threads, "units": res.report["units_summary"]}
     if cifar:
-        rec["fp_exact1017"] = evaluate(teacher, str(A.asset(A.CIFAR10_EXACT)), quiet=True)["top1"]
-        rec["q_exact1017"] = evaluate(res.model, str(A.asset(A.CIFAR10_EXACT)), quiet=True)["top1"]
+        rec["fp_exact1017"] = evaluate(teacher, str(A.asset(A.CIFAR10_EXACT)))["top1"]
+        rec["q_exact1017"] = evaluate(res.model, str(A.asset(A.CIFAR10_EXACT)))["top1"]
         if not args.no_jpeg10k:
-            rec["q_jpeg10k"] = evaluate(res.model, str(A.asset(A.CIFAR10_JPEG)), quiet=True)["top1"]
+            rec["q_jpeg10k"] = evaluate(res.model, str(A.asset(A.CIFAR10_JPEG)))["top1"]
     else:
         ev = f"{A.asset(A.VAL1300)}[:1000]"
-        rec["fp_val1300_0_1000"] = evaluate(teacher, ev, quiet=True)["top1"]
-        rec["q_val1300_0_1000"] = evaluate(res.model, ev, quiet=True)["top1"]
+        rec["fp_val1300_0_1000"] = evaluate(teacher, ev)["top1"]
+        rec["q_val1300_0_1000"] = evaluate(res.model, ev)["top1"]
     rec["peak_rss_mib"] = round(peak_rss_mib(), 0)
     rec["unit_losses"] = res.report["unit_losses"]
     accs = " | ".join(f"{k}={v:.2f}" for k, v in rec.items() if k.startswith(("q_", "fp_")))

@@ -40,7 +40,7 @@ def main():
     meta = zsq.models.get_meta(teacher)
     exact = load_dataset(str(asset(CIFAR10_EXACT)), meta)
     jpeg = load_dataset(str(asset(CIFAR10_JPEG)), meta)
-    eval_fn = lambda m: evaluate(m, exact, quiet=True)  # noqa: E731
+    eval_fn = lambda m: evaluate(m, exact)  # noqa: E731
     fns = {"gdfq": qm.gdfq, "ait": qm.ait, "hast": qm.hast, "hast-paper": qm.hast_paper, "ait-genie": qm.ait}
     synth = {"hast": "hast", "hast-paper": "hast", "ait-genie": "genie"}
     for spec in args.runs:
@@ -51,19 +51,19 @@ def main():
                  for k, v in (kv.split("=") for kv in opts.split(",") if kv)}
         tag = run + "".join(f"_{k}{v:g}" if isinstance(v, float) else f"_{k}{'-'.join(map(str, v))}"
                             for k, v in extra.items())
-        job = QuantJob(budget="quick", seed=0, out=out / tag, quiet=True, eval_fn=eval_fn, extra=dict(extra))
+        job = QuantJob(budget="quick", seed=0, out=out / tag, eval_fn=eval_fn, extra=dict(extra))
         synth_s = 0.0
         if run in synth:
             t0 = time.time()
             data = synthesize(teacher, synth[run], args.images, budget="quick", seed=0, out=out / f"synth_{synth[run]}",
-                              resume=True, quiet=True)
+                              resume=True)
             synth_s = time.time() - t0
             job.calib, job.calib_source = data.images, f"synthetic:{synth[run]}"
             job.extra["calib_labels"] = data.labels
         t0 = time.time()
         res = fns[run](teacher, get_preset("gdfq", args.bits), job)
         train_s = time.time() - t0
-        jpeg_top1 = evaluate(res.model, jpeg, quiet=True)["top1"]
+        jpeg_top1 = evaluate(res.model, jpeg)["top1"]
         rep = {k: v for k, v in res.report.items() if k != "config"}
         row = {"run": tag, "options": extra, "bits": args.bits, "final_top1_exact1017": rep["final_top1"],
                "best_top1_exact1017": rep["best_top1"], "best_epoch": rep["best_epoch"],

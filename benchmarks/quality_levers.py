@@ -14,6 +14,7 @@ in runs/levers/synth-<synth tag> (the same seed and options give the same images
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import math
 import resource
@@ -74,10 +75,10 @@ def cmd_run(a) -> None:
         sdir = OUT / f"synth-{a.synth_tag}"
         ts = time.time()
         sset = synthesize(fp, "genie", a.num_images, budget="quick", seed=a.seed, out=sdir, resume=True,
-                          quiet=True, **synth_opts)
+                          **synth_opts)
         synth_s = sset.meta.get("seconds", time.time() - ts)
         calib, source = sset.images, f"synthetic:genie:{sdir}"
-    job = QuantJob(calib=calib, iters=a.iters, num_images=a.num_images, seed=a.seed, quiet=not a.verbose,
+    job = QuantJob(calib=calib, iters=a.iters, num_images=a.num_images, seed=a.seed,
                    extra=_pairs(a.set))
     tq = time.time()
     info = get_method(a.method)
@@ -85,7 +86,7 @@ def cmd_run(a) -> None:
         job.calib, source, synth_s = None, "none", 0.0
     res = info.fn(fp, get_preset(a.preset or info.default_preset, a.bits), job)
     quant_s = time.time() - tq
-    ev = evaluate(res.model, eval_data, quiet=True, return_preds=True)
+    ev = evaluate(res.model, eval_data, return_preds=True)
     from zsq.data import load_dataset
     from zsq.models.meta import get_meta
 
@@ -155,6 +156,9 @@ def main() -> None:
     c.add_argument("others", nargs="+")
     c.set_defaults(func=cmd_compare)
     a = p.parse_args()
+    logging.basicConfig(level=logging.INFO if getattr(a, "verbose", False) else logging.WARNING,
+                        format="[zsq] %(message)s")
+    logging.getLogger("zsq").setLevel(logging.INFO if getattr(a, "verbose", False) else logging.WARNING)
     a.func(a)
 
 

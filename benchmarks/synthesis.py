@@ -262,7 +262,7 @@ def main(argv=None):
         opts = dict(opts)
         iters = opts.pop("iters", args.iters)
         with IterLog(n_bn) as it:
-            data = synthesize(teacher, method.split("_")[0], args.num_images, quiet=True, seed=0,
+            data = synthesize(teacher, method.split("_")[0], args.num_images, seed=0,
                                iters=iters, **opts)
         if args.save_sets:
             data.save(os.path.join(args.save_sets, method))

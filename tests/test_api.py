@@ -13,7 +13,7 @@ def _digest(out):
 
 def _run(out, **kw):
     return zsq.quantize("cifar10_resnet20", random_init=True, method="minmax", bits="w4a4", preset="gdfq",
-                        synth="noise", num_images=8, seed=3, out=out, quiet=True, **kw)
+                        synth="noise", num_images=8, seed=3, out=out, **kw)
 
 
 def test_quantize_leaves_the_global_rng_alone_and_depends_only_on_its_seed(tmp_path):
@@ -27,5 +27,14 @@ def test_quantize_leaves_the_global_rng_alone_and_depends_only_on_its_seed(tmp_p
     assert a and a == b
     torch.manual_seed(123)
     c = zsq.quantize("cifar10_resnet20", random_init=True, method="minmax", bits="w4a4", preset="gdfq",
-                     synth="noise", num_images=8, seed=4, out=tmp_path / "c", quiet=True)
+                     synth="noise", num_images=8, seed=4, out=tmp_path / "c")
     assert c.report["method"] == "minmax" and _digest(tmp_path / "c") != a  # the seed does reach the result
+
+
+def test_evaluate_leaves_the_global_rng_alone():
+    """A DataLoader draws its base seed from the global RNG unless given a generator."""
+    model = zsq.models.load("cifar10_resnet20")  # the seeded random network
+    x, y = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(6) % 10
+    before = torch.get_rng_state()
+    assert zsq.evaluate(model, (x, y), batch_size=4)["n"] == 6
+    assert torch.equal(torch.get_rng_state(), before)

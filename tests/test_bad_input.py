@@ -199,9 +199,9 @@ def test_an_uncalibrated_model_refuses_to_evaluate():
     q = zsq.quantize_model(zsq.models.load(R20), zsq.get_preset("genie", "w4a4"))
     x, y = torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)
     with pytest.raises(ZsqError, match="not calibrated"):
-        zsq.evaluate(q, (x, y), quiet=True)
+        zsq.evaluate(q, (x, y))
     zsq.quant.calibrate_from_bn(q)
-    assert zsq.evaluate(q, (x, y), quiet=True)["n"] == 4
+    assert zsq.evaluate(q, (x, y))["n"] == 4
 
 
 # ---- options ---------------------------------------------------------------------------------------

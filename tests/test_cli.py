@@ -96,7 +96,7 @@ def test_quantize_bn_minmax_end_to_end(capsys, tmp_path):
     # the saved model reloads to the same accuracy
     import zsq
 
-    again = zsq.evaluate(zsq.load_quantized(out), data, quiet=True)["top1"]
+    again = zsq.evaluate(zsq.load_quantized(out), data)["top1"]
     assert again == pytest.approx(rep["quant_top1"])
 
 

@@ -6,13 +6,13 @@ compiled Genie-D teacher swing through eager's offsets) and the fp32 quantizer u
 import pytest
 import torch
 
-from tests.synth.conftest import tiny_bn_cnn
+from tests.tiny_models import tiny_bn_cnn
 from zsq.compute import Compute, resolve
 from zsq.quant.quantizer import QuantSpec, UniformQuantizer
 from zsq.synth import synthesize
 from zsq.synth.swing import SwingConv2d, SwingPlan, swing_copy
 
-TINY = dict(iters=4, batch_size=6, quiet=True)
+TINY = dict(iters=4, batch_size=6)
 
 
 def test_compile_is_an_explicit_choice_and_leaves_the_reference():
@@ -73,7 +73,7 @@ def test_compiled_bf16_quantizer_arithmetic_stays_float32():
 
 @pytest.mark.slow
 def test_compiled_genie_synthesis_and_reconstruction_match_eager():
-    from tests.ptq.conftest import make_tiny
+    from tests.tiny_models import make_tiny
     from zsq.methods.registry import QuantJob
     from zsq.ptq.reconstruction_methods import genie
     from zsq.quant import get_preset
@@ -88,7 +88,7 @@ def test_compiled_genie_synthesis_and_reconstruction_match_eager():
     for c in (None, resolve("cpu", "fp32", compile=True)):
         torch.manual_seed(0)  # make_tiny leaves the linear's bias at torch's default (global-RNG) init
         res.append(genie(make_tiny(), get_preset("genie", "w4a4"),
-                         QuantJob(calib=imgs, iters=6, batch_size=16, quiet=True, compute=c)))
+                         QuantJob(calib=imgs, iters=6, batch_size=16, compute=c)))
     a, b = ([u["hard_loss"] for u in r.report["unit_losses"]] for r in res)
     assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
     sa, sb = res[0].model.state_dict(), res[1].model.state_dict()

@@ -92,11 +92,11 @@ class DeviceLog(TorchFunctionMode):
 
 def test_explicit_cpu_device_creates_tensors_on_the_cpu_only():
     from zsq.synth import synthesize
-    from tests.synth.conftest import tiny_bn_cnn
+    from tests.tiny_models import tiny_bn_cnn
 
     teacher = tiny_bn_cnn()
     with DeviceLog() as log:
-        data = synthesize(teacher, "genie", 8, iters=2, batch_size=4, quiet=True, compute=resolve("cpu"))
+        data = synthesize(teacher, "genie", 8, iters=2, batch_size=4, compute=resolve("cpu"))
     assert log.devices == {"cpu"} and data.images.device.type == "cpu"
     assert data.meta["compute"] == {"device": "cpu", "precision": "fp32", "precision_requested": "fp32",
                                     "channels_last": False, "compile": False}

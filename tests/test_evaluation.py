@@ -25,7 +25,7 @@ def _data(values, labels):
 def test_top1_top5_counts():
     # v=3 -> ranking 3,2,4,1,5: label 3 top-1; label 5 top-5 only; label 9 neither; v=0 label 0 top-1.
     x, y = _data([3, 3, 3, 0, 9], [3, 5, 9, 0, 7])
-    r = evaluate(Nearest(), (x, y), batch_size=2, quiet=True, return_preds=True)
+    r = evaluate(Nearest(), (x, y), batch_size=2, return_preds=True)
     assert r["n"] == 5
     assert r["top1"] == pytest.approx(40.0)
     assert r["top5"] == pytest.approx(80.0)  # label 7 for v=9: ranking 9,8,7 -> in top 5
@@ -36,8 +36,8 @@ def test_restores_training_mode_and_no_grad():
     m = nn.Sequential(nn.Flatten(), nn.Linear(48, 10), nn.Dropout(0.5))
     m.train()
     x, y = _data([0, 1], [0, 1])
-    a = evaluate(m, (x, y), quiet=True, return_preds=True)
-    b = evaluate(m, (x, y), quiet=True, return_preds=True)
+    a = evaluate(m, (x, y), return_preds=True)
+    b = evaluate(m, (x, y), return_preds=True)
     assert a["preds"] == b["preds"]  # dropout off during evaluation
     assert m.training
 
@@ -46,13 +46,13 @@ def test_spec_string_uses_model_meta(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (7, 4, 4, 3), dtype=np.uint8), y=np.arange(7))
     m = set_meta(Nearest(), ModelMeta("n", 10, (3, 4, 4), (0, 0, 0), (1 / 255, 1, 1)))
-    r = evaluate(m, str(tmp_path / "d.npz") + "[2:6]", quiet=True, return_preds=True)
+    r = evaluate(m, str(tmp_path / "d.npz") + "[2:6]", return_preds=True)
     assert r["n"] == 4
     # With std 1/255 the first channel is the raw pixel value, so predictions are min(pixel, 9).
     px = np.load(tmp_path / "d.npz")["x"][2:6, 0, 0, 0]
     assert r["preds"] == [min(int(p), 9) for p in px]
     with pytest.raises(ZsqError, match="no zsq metadata"):
-        evaluate(Nearest(), str(tmp_path / "d.npz"), quiet=True)
+        evaluate(Nearest(), str(tmp_path / "d.npz"))
 
 
 def test_agreement():
@@ -82,6 +82,6 @@ def test_loading_uses_workers_and_pinned_memory_only_for_cuda(monkeypatch):
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 3))
     for device in ("cpu", "cuda"):
         with pytest.raises(Stop):
-            ev.evaluate(net, data, quiet=True, device=device)
+            ev.evaluate(net, data, device=device)
     assert seen[0]["num_workers"] == 0 and "pin_memory" not in seen[0]
     assert seen[1]["pin_memory"] is True and seen[1]["num_workers"] >= 1

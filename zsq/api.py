@@ -2,6 +2,7 @@
 run a method, save the quantized model, and report FP32 vs quantized accuracy."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -10,7 +11,8 @@ import torch
 
 from zsq import distributed as zdist
 from zsq.errors import ZsqError
-from zsq.progress import log
+
+logger = logging.getLogger(__name__)
 
 
 def _is_synthetic_set(path: Path) -> bool:
@@ -125,9 +127,9 @@ def _synthesize(job, fp_model, synth: str, num_images: int) -> float:
     from zsq.synth import synthesize
 
     t0 = time.time()
-    log(f"synthesizing calibration images with {synth} ({job.budget} budget)", job.quiet)
+    logger.info(f"synthesizing calibration images with {synth} ({job.budget} budget)")
     sset = synthesize(fp_model, synth, num_images, budget=job.budget, seed=job.seed,
-                      out=(job.out / "synth") if job.out else None, resume=job.resume, quiet=job.quiet,
+                      out=(job.out / "synth") if job.out else None, resume=job.resume,
                       compute=job.compute)
     job.calib, job.calib_source, job.synth_method = sset.images, f"synthetic:{synth}", synth
     if sset.labels is not None:
@@ -165,10 +167,10 @@ def _base_report(model_name: str, method: str, qconfig, preset: str, job, opts, 
             "compute": compute.describe(), "processes": zdist.world()}
 
 
-def _add_accuracy(report: Dict[str, Any], qmodel, eval_set, fp_top1: float, quiet: bool) -> None:
+def _add_accuracy(report: Dict[str, Any], qmodel, eval_set, fp_top1: float) -> None:
     from zsq.evaluation import evaluate
 
-    q_res = evaluate(qmodel, eval_set, quiet=quiet)
+    q_res = evaluate(qmodel, eval_set)
     report.update({"fp32_top1": fp_top1, "quant_top1": q_res["top1"], "quant_top5": q_res["top5"], "n": q_res["n"]})
 
 
@@ -199,7 +201,7 @@ def quantize(model, *, weights: Optional[str] = None, pretrained: bool = False, 
              epochs: Optional[int] = None, iters_per_epoch: Optional[int] = None,
              batch_size: Optional[int] = None, seed: int = 0, out: Optional[Path] = None,
              resume: bool = False, force: bool = False, eval_data: Optional[str] = None,
-             quiet: bool = False, options: Optional[Dict[str, Any]] = None, device: str = "cpu",
+             options: Optional[Dict[str, Any]] = None, device: str = "cpu",
              precision: str = "fp32", channels_last: Optional[bool] = None, compile: bool = False,
              meta=None, input_size=None, mean=None, std=None, strict: bool = False):
     """`zsq quantize` as a function, on a model name or your own nn.Module (with ``meta=`` or
@@ -220,8 +222,7 @@ def quantize(model, *, weights: Optional[str] = None, pretrained: bool = False, 
 
     t_start = time.time()
     compute = resolve(device, precision, channels_last, compile)  # a missing GPU is refused before any work
-    lead = zdist.rank() == 0  # under torchrun: every process computes, only rank 0 logs, evaluates, writes
-    quiet = quiet or not lead
+    lead = zdist.rank() == 0  # under torchrun: every process computes, only rank 0 evaluates and writes
     parse_bits(bits)
     info = get_method(method)
     preset = preset or info.default_preset
@@ -232,7 +233,7 @@ def quantize(model, *, weights: Optional[str] = None, pretrained: bool = False, 
     eval_set = load_dataset(eval_data, meta) if eval_data is not None else None  # paths before long work
     job = QuantJob(budget=budget, num_images=num_images, iters=iters, epochs=epochs,
                    iters_per_epoch=iters_per_epoch, batch_size=batch_size, seed=seed,
-                   out=Path(out) if out else None, resume=resume, quiet=quiet, compute=compute)
+                   out=Path(out) if out else None, resume=resume, compute=compute)
     opts = info.parse_options(options, meta, budget)  # bad --set keys/values: before any work
     job.extra.update(opts)
 
@@ -253,11 +254,11 @@ def quantize(model, *, weights: Optional[str] = None, pretrained: bool = False, 
 
     fp_top1 = None
     if eval_data is not None and lead:
-        job.eval_fn = lambda m: evaluate(m, eval_set, quiet=True, device=next(m.parameters()).device)
-        fp_top1 = evaluate(fp_model, eval_set, quiet=quiet)["top1"]
+        job.eval_fn = lambda m: evaluate(m, eval_set, device=next(m.parameters()).device)
+        fp_top1 = evaluate(fp_model, eval_set)["top1"]
 
     t0 = time.time()
-    log(f"quantizing with {method} ({qconfig.describe()})", quiet)
+    logger.info(f"quantizing with {method} ({qconfig.describe()})")
     result = info.fn(fp_model, qconfig, job)
     quant_seconds = time.time() - t0
 
@@ -267,7 +268,7 @@ def quantize(model, *, weights: Optional[str] = None, pretrained: bool = False, 
         run_folder.finish()
     zdist.barrier()
     if eval_data is not None and lead:
-        _add_accuracy(report, result.model, eval_set, fp_top1, quiet)
+        _add_accuracy(report, result.model, eval_set, fp_top1)
     report.update({"synth_seconds": round(synth_seconds, 2), "quant_seconds": round(quant_seconds, 2),
                    "seconds": round(time.time() - t_start, 2)})
     _add_method_report(report, result)

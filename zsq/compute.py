@@ -27,6 +27,7 @@ import torch.nn as nn
 from zsq.errors import ZsqError
 
 PRECISIONS = ("fp32", "bf16", "auto")
+FORWARD_CHUNK = 256  # images per no-grad forward that only bounds memory (losses, labels over a whole set)
 CPUINFO = Path("/proc/cpuinfo")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # native bf16 dot products (AVX-512 BF16 / AMX)
 

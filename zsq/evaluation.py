@@ -26,7 +26,6 @@ def evaluate(
     model: nn.Module,
     data: Union[str, Path, Dataset, tuple],
     batch_size: Optional[int] = None,
-    quiet: bool = False,
     device: Union[str, torch.device] = "cpu",
     return_preds: bool = False,
 ) -> dict:
@@ -56,7 +55,8 @@ def evaluate(
     check_calibrated(model)  # a float model has no activation quantizers and passes
     bs = batch_size or default_batch_size(model)
     loading = loader_options(device)  # CUDA: worker processes + pinned memory; CPU: as before
-    loader = DataLoader(data, batch_size=bs, shuffle=False, **loading)
+    # a generator of its own: a DataLoader otherwise draws its base seed from the global RNG
+    loader = DataLoader(data, batch_size=bs, shuffle=False, generator=torch.Generator(), **loading)
     non_blocking = bool(loading.get("pin_memory"))
     was_training = model.training
     model.eval()
@@ -64,7 +64,7 @@ def evaluate(
     preds = []
     try:
         with torch.inference_mode():
-            for x, y in progress(loader, total=len(loader), desc="evaluate", quiet=quiet):
+            for x, y in progress(loader, total=len(loader), desc="evaluate"):
                 x, y = x.to(device, non_blocking=non_blocking), torch.as_tensor(y).to(device, non_blocking=non_blocking)
                 logits = model(x)
                 if not bool(torch.isfinite(logits).all()):

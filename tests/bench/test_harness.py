@@ -56,7 +56,7 @@ def test_harness_end_to_end_resume(tmp_path):
     torch.set_num_threads(1)
     suite = tiny_suite()
     ran = []
-    res = run_suite(suite, tmp_path, isolate=False, quiet=True, on_cell=ran.append)
+    res = run_suite(suite, tmp_path, isolate=False, on_cell=ran.append)
     assert ran == [c.key for c in suite.cells]
     rows = [res["cells"][c.key] for c in suite.cells]
     for r in rows:
@@ -82,7 +82,7 @@ def test_harness_end_to_end_resume(tmp_path):
 
     # a finished suite does no work
     ran.clear()
-    run_suite(suite, tmp_path, isolate=False, quiet=True, on_cell=ran.append)
+    run_suite(suite, tmp_path, isolate=False, on_cell=ran.append)
     assert ran == []
 
     # a partial results.json (second cell lost) is completed, keeping the first cell's row
@@ -90,7 +90,7 @@ def test_harness_end_to_end_resume(tmp_path):
     first = partial["cells"][suite.cells[0].key]
     del partial["cells"][suite.cells[1].key]
     save_results(tmp_path, partial)
-    run_suite(suite, tmp_path, isolate=False, quiet=True, on_cell=ran.append)
+    run_suite(suite, tmp_path, isolate=False, on_cell=ran.append)
     assert ran == [suite.cells[1].key]
     done = json.loads((tmp_path / RESULTS).read_text())
     assert done["cells"][suite.cells[0].key] == first and len(done["cells"]) == 2
@@ -100,7 +100,7 @@ def test_harness_end_to_end_resume(tmp_path):
 def test_refuses_other_suite_in_same_dir(tmp_path):
     save_results(tmp_path, {"suite": "other", "budget": "quick", "cells": {}})
     with pytest.raises(ZsqError):
-        run_suite(tiny_suite(), tmp_path, quiet=True)
+        run_suite(tiny_suite(), tmp_path)
 
 
 def test_cli_registered_and_report_only(tmp_path, capsys):
@@ -120,12 +120,12 @@ def test_cell_timeout_recorded_and_retried(tmp_path):
     need_asset(zsq.assets.RESNET20)
     need_asset(zsq.assets.CIFAR10_EXACT)
     suite = Suite("t", "t", (Cell(M, "bn-minmax", "w8a8"),), jpeg_eval=False, eval_limit=16)
-    res = run_suite(suite, tmp_path, quiet=True, cell_timeout=0.01)  # subprocess killed at once
+    res = run_suite(suite, tmp_path, cell_timeout=0.01)  # subprocess killed at once
     row = res["cells"][suite.cells[0].key]
     assert "timed out" in row["error"] and row["wall_seconds"] >= 0
     assert "FAILED after" in write_report(tmp_path).read_text()
     ran = []
-    run_suite(suite, tmp_path, quiet=True, on_cell=ran.append, only="*|w4a4|*")
+    run_suite(suite, tmp_path, on_cell=ran.append, only="*|w4a4|*")
     assert ran == []  # filtered out by --only
 
 
@@ -160,11 +160,11 @@ def test_resume_picks_up_row_written_after_runner_died(tmp_path):
     need_asset(zsq.assets.CIFAR10_EXACT)
     suite = Suite("t", "t", (Cell(M, "bn-minmax", "w8a8"),), jpeg_eval=False, eval_limit=16)
     key = suite.cells[0].key
-    run_suite(suite, tmp_path, quiet=True, cell_timeout=0.01)  # leaves cells/000/cell.json, no row
+    run_suite(suite, tmp_path, cell_timeout=0.01)  # leaves cells/000/cell.json, no row
     cell_dir = tmp_path / "cells" / "000"
     orphan_row = {"key": key, "main": {"top1": 42.0, "set": "exact-1017"}, "total_seconds": 123.0}
     (cell_dir / "row.json").write_text(json.dumps(orphan_row))
-    res = run_suite(suite, tmp_path, resume=True, quiet=True, cell_timeout=0.01)  # would time out if it ran
+    res = run_suite(suite, tmp_path, resume=True, cell_timeout=0.01)  # would time out if it ran
     row = res["cells"][key]
     assert "error" not in row and row["main"]["top1"] == 42.0 and row["picked_up"]
     assert row["wall_seconds"] == 123.0
@@ -173,6 +173,6 @@ def test_resume_picks_up_row_written_after_runner_died(tmp_path):
     (cell_dir / "cell.json").write_text(json.dumps(dict(spec, eval_limit=99)))
     res["cells"][key] = {"key": key, "error": "retry me", "wall_seconds": 0.0}
     save_results(tmp_path, res)
-    again = run_suite(suite, tmp_path, resume=True, quiet=True, cell_timeout=0.01)
+    again = run_suite(suite, tmp_path, resume=True, cell_timeout=0.01)
     assert "timed out" in again["cells"][key]["error"]
     assert not (cell_dir / "row.json").exists()

@@ -5,7 +5,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from tests.export.tiny import tiny_images, tiny_quantized
+from tests.tiny_models import tiny_images, tiny_quantized
 from zsq.export import load_quantized, save_quantized
 from zsq.export.onnx import export_onnx
 from zsq.export.parity import check_parity
@@ -39,7 +39,7 @@ def test_paper_preset_does_not_fuse(tmp_path):
 
 def test_deploy_checkpoint_round_trip_is_bit_identical(tmp_path):
     q = tiny_quantized("deploy", "w8a8")
-    from tests.export.tiny import tiny_factory
+    from tests.tiny_models import tiny_factory
 
     save_quantized(q, tmp_path / "ck", model_name="tiny_resnet")
     q2 = load_quantized(tmp_path / "ck", model_factory=lambda name: tiny_factory(seed=5))
@@ -53,7 +53,7 @@ def test_cli_export_checks_both_runtimes_against_the_float_floor(tmp_path, monke
     import pytest
 
     from tests.export.test_onnx import _cli_args
-    from tests.export.tiny import tiny_factory
+    from tests.tiny_models import tiny_factory
     from zsq.errors import ZsqError
     from zsq.export import packed_checkpoint as ckpt_mod
     from zsq.cli import export as export_cli
@@ -78,7 +78,7 @@ def test_cli_export_checks_both_runtimes_against_the_float_floor(tmp_path, monke
 def test_fold_keeps_the_codes_and_lets_more_layers_fuse(tmp_path):
     import numpy as np
 
-    from tests.export.tiny import tiny_factory
+    from tests.tiny_models import tiny_factory
     from zsq.export.fold import fold_quantized_batchnorm
     from zsq.export.runtimes import open_runtime, run_batches
     from zsq.export.weight_grid import weight_grid
@@ -114,7 +114,7 @@ def test_fold_keeps_the_codes_and_lets_more_layers_fuse(tmp_path):
 
 def test_cli_fold_reports_what_was_folded_and_what_stays_float(tmp_path, monkeypatch):
     from tests.export.test_onnx import _cli_args
-    from tests.export.tiny import tiny_factory
+    from tests.tiny_models import tiny_factory
     from zsq.export import packed_checkpoint as ckpt_mod
     from zsq.cli import export as export_cli
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from tests.export.tiny import tiny_images, tiny_quantized
+from tests.tiny_models import tiny_images, tiny_quantized
 from zsq.errors import ZsqError
 from zsq.export.onnx import export_onnx
 from zsq.export.parity import ort_session, run_ort

@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 
-from tests.export.tiny import tiny_factory, tiny_images, tiny_quantized
+from tests.tiny_models import tiny_factory, tiny_images, tiny_quantized
 from zsq.errors import ZsqError
 from zsq.export import save_quantized
 from zsq.export import packed_checkpoint as ckpt_mod

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tests.export.tiny import TINY_META
+from tests.tiny_models import TINY_META
 from zsq.export.onnx import export_onnx
 from zsq.export.onnx_passes import fold_zero_pads
 from zsq.models.efficientnet_lite import SamePad2d

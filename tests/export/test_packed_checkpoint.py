@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from tests.export.tiny import tiny_factory, tiny_images, tiny_quantized
+from tests.tiny_models import tiny_factory, tiny_images, tiny_quantized
 from zsq.errors import ZsqError
 from zsq.export import load_quantized, save_quantized
 from zsq.export.packed_checkpoint import PACKED_FILE, QUANT_FILE, STATE_FILE
@@ -182,7 +182,7 @@ def test_truncated_tampered_missing(tmp_path, saved):
 
 
 def test_wrong_architecture(tmp_path, saved):
-    from tests.export.tiny import TinyResNet, TINY_META
+    from tests.tiny_models import TinyResNet, TINY_META
     from zsq.models.meta import set_meta
 
     with pytest.raises(ZsqError, match="shape|does not fit"):

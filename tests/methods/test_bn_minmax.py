@@ -16,9 +16,9 @@ def resnet20():
 
 def test_w8a8_within_one_point_of_fp32_without_images(resnet20):
     data = str(need_asset(CIFAR10_EXACT))
-    fp = zsq.evaluate(resnet20, data, quiet=True)["top1"]
+    fp = zsq.evaluate(resnet20, data)["top1"]
     q = get_method("bn-minmax").fn(resnet20, zsq.get_preset("genie", "w8a8"), QuantJob()).model
-    top1 = zsq.evaluate(q, data, quiet=True)["top1"]
+    top1 = zsq.evaluate(q, data)["top1"]
     assert fp == pytest.approx(91.64, abs=0.1)
     assert abs(top1 - fp) <= 1.0
     # every activation quantizer got a finite range from BN statistics alone

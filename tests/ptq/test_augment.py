@@ -35,10 +35,10 @@ def test_views_shapes_content_and_determinism():
 
 def test_engine_trains_on_views_but_judges_on_plain_held_out_images(tiny, tiny_images):
     q = quantize_model(tiny, get_preset("genie", "w4a4"))
-    eng = Reconstructor(q, tiny_images, GENIE, Budget("t", 2, 16, 48), EngineOptions(quiet=True, augment=2, holdout=0.125, keep_better=True))
+    eng = Reconstructor(q, tiny_images, GENIE, Budget("t", 2, 16, 48), EngineOptions(augment=2, holdout=0.125, keep_better=True))
     assert eng.n_train == 42 * 3 and eng.calib.shape[0] == 42 * 3 + 6
     plain = Reconstructor(quantize_model(tiny, get_preset("genie", "w4a4")), tiny_images, GENIE,
-                          Budget("t", 2, 16, 48), EngineOptions(quiet=True, holdout=0.125, keep_better=True))
+                          Budget("t", 2, 16, 48), EngineOptions(holdout=0.125, keep_better=True))
     assert torch.equal(eng.calib[:42], plain.calib[:42]) and torch.equal(eng.calib[-6:], plain.calib[-6:])
     rep = eng.run()
     assert rep["budget"]["augment"] == 2 and rep["budget"]["train_images"] == 126

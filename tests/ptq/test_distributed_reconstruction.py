@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.ptq.conftest import make_tiny
+from tests.tiny_models import make_tiny
 from zsq.methods.registry import QuantJob
 from zsq.quant import get_preset
 
@@ -23,7 +23,7 @@ def _images() -> torch.Tensor:
 def _genie(out=None, resume=False):
     from zsq.ptq.reconstruction_methods import genie
 
-    job = QuantJob(calib=_images(), iters=6, batch_size=16, quiet=True, out=out, resume=resume)
+    job = QuantJob(calib=_images(), iters=6, batch_size=16, out=out, resume=resume)
     torch.manual_seed(0)  # make_tiny leaves the linear's bias at torch's default (global-RNG) init
     return genie(make_tiny(), get_preset("genie", "w4a4"), job)
 

@@ -8,7 +8,7 @@ from zsq.quant import UniformQuantizer, get_preset
 
 
 def _run(tiny, images, compute=None):
-    job = QuantJob(calib=images, iters=6, batch_size=16, quiet=True, compute=compute)
+    job = QuantJob(calib=images, iters=6, batch_size=16, compute=compute)
     return genie(tiny, get_preset("genie", "w4a4"), job)
 
 

@@ -32,7 +32,7 @@ def test_reconstruction_beats_nearest_rounding(tiny, tiny_images):
     err0 = _unit_error(nearest, fp_ref, "layer1.0", tiny_images)
 
     q = quantize_model(tiny, cfg)
-    Reconstructor(q, tiny_images, WEIGHTS_ONLY, Budget("t", 120, 16, 48), EngineOptions(quiet=True)).run()
+    Reconstructor(q, tiny_images, WEIGHTS_ONLY, Budget("t", 120, 16, 48), EngineOptions()).run()
     set_quant_state(q, weights=True, acts=False)
     err1 = _unit_error(q, fp_ref, "layer1.0", tiny_images)
     assert err1 < 0.7 * err0
@@ -47,7 +47,7 @@ def test_reconstruction_beats_nearest_rounding(tiny, tiny_images):
 @pytest.mark.parametrize("method", [genie, qdrop, brecq, adaround])
 def test_methods_run_and_report(tiny, tiny_images, method):
     preset = {"genie": "genie", "qdrop": "qdrop"}.get(method.__name__, "brecq")
-    job = QuantJob(calib=tiny_images, iters=6, batch_size=16, quiet=True)
+    job = QuantJob(calib=tiny_images, iters=6, batch_size=16)
     res = method(tiny, get_preset(preset, "w4a4"), job)
     r = res.report
     phases = 2 if method in (brecq, adaround) else 1
@@ -66,7 +66,7 @@ def test_resume_after_interrupt_gives_same_model(tiny, tiny_images, tmp_path):
     from zsq.ptq.budgets import GENIE
 
     full = quantize_model(tiny, cfg)
-    Reconstructor(full, tiny_images, GENIE, budget, EngineOptions(quiet=True), work_dir=tmp_path / "a").run()
+    Reconstructor(full, tiny_images, GENIE, budget, EngineOptions(), work_dir=tmp_path / "a").run()
 
     def interrupt(k, rec):
         if k == 1:
@@ -74,10 +74,10 @@ def test_resume_after_interrupt_gives_same_model(tiny, tiny_images, tmp_path):
 
     part = quantize_model(tiny, cfg)
     with pytest.raises(KeyboardInterrupt):
-        Reconstructor(part, tiny_images, GENIE, budget, EngineOptions(quiet=True), work_dir=tmp_path / "b",
+        Reconstructor(part, tiny_images, GENIE, budget, EngineOptions(), work_dir=tmp_path / "b",
                       on_unit_done=interrupt).run()
     resumed = quantize_model(tiny, cfg)
-    report = Reconstructor(resumed, tiny_images, GENIE, budget, EngineOptions(quiet=True),
+    report = Reconstructor(resumed, tiny_images, GENIE, budget, EngineOptions(),
                            work_dir=tmp_path / "b").run(resume=True)
     assert report["resumed_from"] == 2
     a, b = full.state_dict(), resumed.state_dict()
@@ -87,22 +87,22 @@ def test_resume_after_interrupt_gives_same_model(tiny, tiny_images, tmp_path):
     # a checkpoint from another run is refused
     other = quantize_model(tiny, get_preset("genie", "w3a4"))
     with pytest.raises(ZsqError, match="different run"):
-        Reconstructor(other, tiny_images, GENIE, budget, EngineOptions(quiet=True),
+        Reconstructor(other, tiny_images, GENIE, budget, EngineOptions(),
                       work_dir=tmp_path / "b").run(resume=True)
 
 
 def test_bad_inputs(tiny, tiny_images):
     cfg = get_preset("genie", "w4a4")
     with pytest.raises(ZsqError, match="needs calibration images"):
-        genie(tiny, cfg, QuantJob(calib=None, quiet=True))
+        genie(tiny, cfg, QuantJob(calib=None))
     with pytest.raises(ZsqError, match="expects"):
-        genie(tiny, cfg, QuantJob(calib=torch.randn(8, 3, 32, 32), quiet=True))
+        genie(tiny, cfg, QuantJob(calib=torch.randn(8, 3, 32, 32)))
     with pytest.raises(ZsqError, match="dynamic"):
-        genie(tiny, get_preset("gdfq", "w4a4"), QuantJob(calib=tiny_images, quiet=True))
+        genie(tiny, get_preset("gdfq", "w4a4"), QuantJob(calib=tiny_images))
     with pytest.raises(ZsqError, match="over the limit"):
-        genie(tiny, cfg, QuantJob(calib=tiny_images, quiet=True, extra={"max_cache_mib": 0.0001}))
+        genie(tiny, cfg, QuantJob(calib=tiny_images, extra={"max_cache_mib": 0.0001}))
     with pytest.raises(ZsqError, match="--resume needs --out"):
-        genie(tiny, cfg, QuantJob(calib=tiny_images, quiet=True, resume=True))
+        genie(tiny, cfg, QuantJob(calib=tiny_images, resume=True))
     with pytest.raises(ZsqError):
         get_preset("genie", "w1a4")
     with pytest.raises(ZsqError):
@@ -128,7 +128,7 @@ def _nearest(tiny, cfg):
     return _weights(q)
 
 
-KEEP = EngineOptions(quiet=True, holdout=0.125, keep_better=True)
+KEEP = EngineOptions(holdout=0.125, keep_better=True)
 
 
 def test_worse_reconstruction_keeps_its_start(tiny, tiny_images):
@@ -146,7 +146,7 @@ def test_worse_reconstruction_keeps_its_start(tiny, tiny_images):
     # without the rule the same recipe keeps the damage
     q2 = quantize_model(tiny, cfg)
     rep2 = Reconstructor(q2, tiny_images, BAD_LR, Budget("t", 10, 16, 48),
-                         EngineOptions(quiet=True, keep_better=False)).run()
+                         EngineOptions(keep_better=False)).run()
     assert all(u["kept"] is None for u in rep2["unit_losses"]) and not rep2["reverted_units"]
     assert any(not torch.allclose(_weights(q2)[n], w, atol=1e-6) for n, w in start.items())
 
@@ -182,7 +182,19 @@ def test_keep_better_options(tiny, tiny_images):
     with pytest.raises(ZsqError, match="holdout must be in"):
         EngineOptions(holdout=1.0)
     with pytest.raises(ZsqError, match="keep_better"):
-        genie(tiny, cfg, QuantJob(calib=tiny_images, iters=2, quiet=True, extra={"keep_better": "maybe"}))
-    r = genie(tiny, cfg, QuantJob(calib=tiny_images, iters=2, quiet=True,
+        genie(tiny, cfg, QuantJob(calib=tiny_images, iters=2, extra={"keep_better": "maybe"}))
+    r = genie(tiny, cfg, QuantJob(calib=tiny_images, iters=2,
                                   extra={"holdout": 0, "keep_better": False})).report
     assert r["budget"]["holdout_images"] == 0 and all(u["holdout_start"] is None for u in r["unit_losses"])
+
+
+def test_ptq_options_default_to_the_engines_own():
+    from dataclasses import fields
+
+    from zsq.ptq.budgets import EngineOptions
+    from zsq.ptq.reconstruction_methods import PTQOptions
+
+    user, engine = PTQOptions(), EngineOptions()
+    shared = [f.name for f in fields(PTQOptions) if hasattr(engine, f.name)]
+    assert shared == ["chunk", "max_cache_mib", "holdout", "keep_better", "augment"]
+    assert all(getattr(user, n) == getattr(engine, n) for n in shared)

@@ -19,7 +19,7 @@ def _run(method: str, out=None, resume=False):
 
     fixed = torch.randn(FIXED["n"], 3, 8, 8, generator=torch.Generator().manual_seed(FIXED["seed"]))
     return distill(_teacher(), get_preset("gdfq", "w4a4"), _cfg(method), fixed=fixed if method == "hast" else None,
-                   seed=0, quiet=True, out=out, resume=resume)
+                   seed=0, out=out, resume=resume)
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:

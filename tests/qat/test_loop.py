@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tests.tiny_models import TinyResNet
 from zsq.errors import ZsqError
 from zsq.models.meta import ModelMeta, set_meta
 from zsq.qat import training_config as qat_config
@@ -15,31 +16,9 @@ from zsq.quant import get_preset
 from zsq.runstate import load_state
 
 
-class _Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1, self.bn1, self.relu1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.shortcut, self.relu_out = nn.Identity(), nn.ReLU()
-
-    def forward(self, x):
-        return self.relu_out(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))) + self.shortcut(x))
-
-
-class _TinyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1, self.relu = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()
-        self.layer1 = _Block(4)
-        self.pool, self.flat, self.linear = nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.linear(self.flat(self.pool(self.layer1(self.relu(self.bn1(self.conv1(x)))))))
-
-
 def _teacher():
     torch.manual_seed(0)
-    net = _TinyNet()
+    net = TinyResNet(c=4, num_classes=3, blocks=("layer1",), depthwise=False)
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -94,7 +73,7 @@ def test_quick_and_paper_budgets_keep_each_recipe():
 def test_resume_after_an_interrupted_epoch_gives_the_same_result(tmp_path, method):
     teacher, q = _teacher(), get_preset("gdfq", "w4a4")
     cfg = _cfg(method)
-    full, rep_full = distill(teacher, q, cfg, seed=3, out=tmp_path / "a", quiet=True, eval_fn=_eval)
+    full, rep_full = distill(teacher, q, cfg, seed=3, out=tmp_path / "a", eval_fn=_eval)
 
     calls = {"n": 0}
 
@@ -105,8 +84,8 @@ def test_resume_after_an_interrupted_epoch_gives_the_same_result(tmp_path, metho
         return _eval(model)
 
     with pytest.raises(KeyboardInterrupt):
-        distill(teacher, q, cfg, seed=3, out=tmp_path / "b", quiet=True, eval_fn=interrupting_eval)
-    resumed, rep = distill(teacher, q, cfg, seed=3, out=tmp_path / "b", resume=True, quiet=True, eval_fn=_eval)
+        distill(teacher, q, cfg, seed=3, out=tmp_path / "b", eval_fn=interrupting_eval)
+    resumed, rep = distill(teacher, q, cfg, seed=3, out=tmp_path / "b", resume=True, eval_fn=_eval)
     for (k, a), b in zip(_state(full).items(), _state(resumed).values()):
         assert torch.equal(a, b), k
     assert rep["final_top1"] == rep_full["final_top1"] and rep["best_epoch"] == rep_full["best_epoch"]
@@ -117,11 +96,11 @@ def test_resume_after_an_interrupted_epoch_gives_the_same_result(tmp_path, metho
 
 def test_resume_refuses_another_config_naming_the_difference(tmp_path):
     teacher, q = _teacher(), get_preset("gdfq", "w4a4")
-    distill(teacher, q, _cfg(epochs=2), seed=0, out=tmp_path, quiet=True)
+    distill(teacher, q, _cfg(epochs=2), seed=0, out=tmp_path)
     with pytest.raises(ZsqError, match=r"qat\.lr \(checkpoint: 0\.01, now: 0\.02\)"):
-        distill(teacher, q, _cfg(epochs=2, lr=2e-2), seed=0, out=tmp_path, resume=True, quiet=True)
+        distill(teacher, q, _cfg(epochs=2, lr=2e-2), seed=0, out=tmp_path, resume=True)
     with pytest.raises(ZsqError, match="seed"):
-        distill(teacher, q, _cfg(epochs=2), seed=1, out=tmp_path, resume=True, quiet=True)
+        distill(teacher, q, _cfg(epochs=2), seed=1, out=tmp_path, resume=True)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -138,7 +117,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "kd_kl_loss", bad)
     with pytest.raises(ZsqError, match=r"diverged at epoch 2.*last good checkpoint \(after epoch 1\)"):
-        distill(teacher, q, _cfg(), seed=0, out=tmp_path, quiet=True)
+        distill(teacher, q, _cfg(), seed=0, out=tmp_path)
     saved = load_state(tmp_path / "work" / "qat_state.safetensors")
     assert saved["epochs_done"] == 2
     params = {k: v for k, v in saved["student"].items() if k.endswith(("weight", "bias", ".scale"))}
@@ -150,16 +129,16 @@ def test_hast_trains_on_a_fixed_set_with_both_variants(tmp_path):
     images = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     for method in ("hast", "hast-paper"):
         cfg = _cfg(method)
-        student, rep = distill(teacher, q, cfg, fixed=images, seed=0, quiet=True, eval_fn=_eval)
+        student, rep = distill(teacher, q, cfg, fixed=images, seed=0, eval_fn=_eval)
         losses = rep["epochs"][-1]["losses"]
         assert losses["fa_adv"] > 0 and losses["kd_adv"] > 0
         assert ("kd_clean" in losses) == (method == "hast")
         assert not torch.equal(student.layer1.conv2.weight, teacher.layer1.conv2.weight)
         assert not teacher.layer1.bn2._forward_hooks  # taps removed
     with pytest.raises(ZsqError, match="fixed image set"):
-        distill(teacher, q, _cfg("hast"), fixed=None, quiet=True)
+        distill(teacher, q, _cfg("hast"), fixed=None)
     with pytest.raises(ZsqError, match="wants"):
-        distill(teacher, q, _cfg("hast"), fixed=torch.randn(4, 3, 16, 16), quiet=True)
+        distill(teacher, q, _cfg("hast"), fixed=torch.randn(4, 3, 16, 16))
 
 
 def test_method_registration_and_job_mapping(tmp_path):
@@ -170,7 +149,7 @@ def test_method_registration_and_job_mapping(tmp_path):
     assert _METHODS.get("hast").default_synth == "hast" and _METHODS.get("ait").default_preset == "gdfq"
     teacher = _teacher()
     job = QuantJob(calib=torch.randn(8, 3, 8, 8), calib_source="synthetic:genie", epochs=2, iters_per_epoch=1,
-                   batch_size=4, quiet=True, eval_fn=_eval, extra={"lr": 1e-2})
+                   batch_size=4, eval_fn=_eval, extra={"lr": 1e-2})
     res = _METHODS.get("ait").fn(teacher, get_preset("gdfq", "w4a4"), job)
     assert res.report["config"]["data"] == "fixed" and res.report["data"] == "synthetic:genie"
     assert {"final_top1", "best_top1", "best_epoch", "epochs", "timing"} <= set(res.report)
@@ -185,10 +164,10 @@ def test_compute_fp32_is_the_reference_and_bf16_trains(method):
     teacher, q = _teacher(), get_preset("gdfq", "w4a4")
     images = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     fixed = images if method == "hast" else None
-    ref, _ = distill(teacher, q, _cfg(method), fixed=fixed, seed=0, quiet=True)
-    same, rep = distill(teacher, q, _cfg(method), fixed=fixed, seed=0, quiet=True, compute=resolve("cpu", "fp32"))
+    ref, _ = distill(teacher, q, _cfg(method), fixed=fixed, seed=0)
+    same, rep = distill(teacher, q, _cfg(method), fixed=fixed, seed=0, compute=resolve("cpu", "fp32"))
     assert all(torch.equal(v, same.state_dict()[k]) for k, v in ref.state_dict().items())
-    bf, rep = distill(teacher, q, _cfg(method), fixed=fixed, seed=0, quiet=True, compute=resolve("cpu", "bf16"))
+    bf, rep = distill(teacher, q, _cfg(method), fixed=fixed, seed=0, compute=resolve("cpu", "bf16"))
     assert rep["compute"]["precision"] == "bf16"
     assert all(v.dtype == ref.state_dict()[k].dtype for k, v in bf.state_dict().items())
     assert all(p.is_contiguous() for p in bf.parameters())  # back in NCHW for saving and export

@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tests.export.tiny import tiny_factory, tiny_images
+from tests.tiny_models import tiny_factory, tiny_images
 from zsq.methods import get_method
 from zsq.methods.registry import QuantJob
 from zsq.quant import calibrate_from_bn, get_preset, quantize_model
 from zsq.quant.modules import FoldedBatchNorm, QuantAct
-from zsq.quant.transforms import act_quantizers, fold_batchnorm, quant_layers, set_quant_state
+from zsq.quant.state import set_quant_state
+from zsq.quant.transforms import act_quantizers, fold_batchnorm, quant_layers
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +82,7 @@ def test_every_method_runs_on_the_deploy_preset(method):
     images = tiny_images(16, seed=3)
     info = get_method(method)
     job = QuantJob(calib=images if info.needs_images or method == "ait" else None, calib_source="test",
-                   iters=4, batch_size=8, epochs=1, iters_per_epoch=1, quiet=True)
+                   iters=4, batch_size=8, epochs=1, iters_per_epoch=1)
     res = info.fn(model, get_preset("deploy", "w8a8"), job)
     q = res.model
     assert q.zsq_quant_config.preset == "deploy"
@@ -153,7 +154,7 @@ def test_image_input_range_is_pinned_to_the_valid_pixel_range():
     assert all(bool(aq.initialized) for _, aq in act_quantizers(q))
     assert not torch.equal(q.block.bn2.quant.scale.detach(), pinned[0])  # the others did calibrate
     for method in ("bn-minmax", "genie"):
-        job = QuantJob(calib=narrow, iters=3, batch_size=8, quiet=True)
+        job = QuantJob(calib=narrow, iters=3, batch_size=8)
         out = get_method(method).fn(model, get_preset("deploy", "w8a8"), job).model
         assert torch.equal(out.conv1.input_quant.scale.detach(), pinned[0]), method
     assert quantize_model(model, get_preset("genie", "w8a8")).zsq_quant_plan["pinned_input_ranges"] == []

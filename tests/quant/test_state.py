@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tests.export.tiny import tiny_factory, tiny_images
+from tests.tiny_models import tiny_factory, tiny_images
 from zsq.quant import act_quantizers, get_preset, quantize_model
 from zsq.quant.state import observing, quantizer_flags, quantizers_disabled, set_flags
 

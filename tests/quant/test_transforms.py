@@ -6,37 +6,15 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from tests.tiny_models import TinyResNet
 from zsq.errors import ZsqError
 from zsq.models.meta import ModelMeta, set_meta
 from zsq.quant import (QuantAct, QuantConv2d, QuantInput, QuantLinear, act_quantizers, calibrate, fold_batchnorm,
                        get_preset, quant_layers, quantize_model)
 
 
-class Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1, self.bn1, self.relu1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.shortcut, self.relu2 = nn.Identity(), nn.ReLU()
-
-    def forward(self, x):
-        return self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))) + self.shortcut(x))
-
-
-class TinyResNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1, self.relu = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
-        self.block1, self.block2 = Block(8), Block(8)
-        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 10)
-
-    def forward(self, x):
-        x = self.block2(self.block1(self.relu(self.bn1(self.conv1(x)))))
-        return self.fc(self.pool(x).flatten(1))
-
-
 def tiny():
-    m = TinyResNet().eval()
+    m = TinyResNet(c=8, blocks=("block1", "block2"), depthwise=False).eval()
     set_meta(m, ModelMeta("tiny", 10, (3, 16, 16), (0.5,) * 3, (0.5,) * 3))
     return m
 

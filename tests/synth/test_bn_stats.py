@@ -5,7 +5,7 @@ import torch.nn as nn
 from zsq.errors import ZsqError
 from zsq.synth.bn_stats import GENIE_STD_EPS, BNStatsRecorder, batchnorm_layers, input_prior_loss, \
     measure_genie_bns
-from tests.synth.conftest import tiny_bn_cnn
+from tests.tiny_models import tiny_bn_cnn
 
 
 def _set_running_stats_from(model, x, genie_form: bool):

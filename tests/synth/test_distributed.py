@@ -13,9 +13,9 @@ import torch.multiprocessing as mp
 from zsq.assets import RESNET20
 from zsq.synth import SyntheticSet, synthesize
 from tests.conftest import need_asset
-from tests.synth.conftest import tiny_bn_cnn
+from tests.tiny_models import tiny_bn_cnn
 
-ARGS = dict(iters=3, batch_size=4, quiet=True)
+ARGS = dict(iters=3, batch_size=4)
 
 
 def _worker(rank: int, world: int, init_file: str, out: str, crash_on_second: bool) -> None:

@@ -62,3 +62,13 @@ def test_genie_generator_rejects_bad_width(width):
         GenieGenerator(32, width=width)
     with pytest.raises(ZsqError, match="even number"):
         GenieConfig(width=width)
+
+
+@pytest.mark.parametrize("side", [32, 64, 68, 224])
+def test_gdfq_generator_follows_the_one_size_class(side):
+    """The CIFAR-vs-ImageNet line is ModelMeta.small_input's, 64 px included (it once said < 64 here)."""
+    from zsq.models.meta import ModelMeta
+
+    small = ModelMeta("m", 10, (3, side, side), (0.5,) * 3, (0.5,) * 3).small_input
+    assert small is (side <= 64)
+    assert isinstance(gdfq_generator(10, side), GDFQGenerator if small else GDFQImageNetGenerator)

@@ -53,7 +53,7 @@ def _input_sensitive(teacher):
 
 def test_genie_with_class_loss_covers_assigned_classes(tiny_teacher):
     tiny_teacher = _input_sensitive(tiny_teacher)
-    kw = dict(budget="quick", iters=30, batch_size=8, seed=1, quiet=True)
+    kw = dict(budget="quick", iters=30, batch_size=8, seed=1)
     plain = synthesize(tiny_teacher, "genie", 16, **kw)
     cover = synthesize(tiny_teacher, "genie", 16, class_loss="ce", class_weight=5.0, **kw)
     assert plain.labels is None
@@ -76,7 +76,7 @@ def test_bad_class_options():
 def test_set_made_before_the_coverage_options_still_resumes(tiny_teacher, tmp_path):
     import json
 
-    kw = dict(budget="quick", iters=2, batch_size=4, seed=0, quiet=True)
+    kw = dict(budget="quick", iters=2, batch_size=4, seed=0)
     first = synthesize(tiny_teacher, "genie", 8, out=tmp_path, **kw)
     man = tmp_path / "ckpt" / "manifest.json"
     m = json.loads(man.read_text())

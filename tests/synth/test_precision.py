@@ -5,7 +5,7 @@ import torch.nn as nn
 from zsq.compute import resolve
 from zsq.synth import synthesize
 
-TINY = dict(iters=4, batch_size=6, quiet=True)
+TINY = dict(iters=4, batch_size=6)
 
 
 def _autocast_seen(teacher):

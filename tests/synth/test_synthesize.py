@@ -13,9 +13,9 @@ from zsq.synth import SyntheticSet, get_synthesizer, list_synthesizers, synthesi
 from zsq.synth.gdfq import GDFQGeneratorStream
 from zsq.synth.genie import GenieSynthesizer
 from zsq.synth.swing import SwingConv2d
-from tests.synth.conftest import tiny_bn_cnn
+from tests.tiny_models import tiny_bn_cnn
 
-TINY = dict(iters=3, batch_size=4, quiet=True)
+TINY = dict(iters=3, batch_size=4)
 
 
 def test_registry_lists_all_methods():
@@ -53,8 +53,8 @@ def test_same_seed_same_images_other_seed_other_images(tiny_teacher):
 
 @pytest.mark.parametrize("method", ["genie", "zeroq", "hast"])
 def test_optimisation_lowers_the_bns_loss(tiny_teacher, method):
-    before = synthesize(tiny_teacher, method, 8, iters=0, batch_size=8, quiet=True).meta["bns_loss"]
-    after = synthesize(tiny_teacher, method, 8, iters=40, batch_size=8, quiet=True).meta["bns_loss"]
+    before = synthesize(tiny_teacher, method, 8, iters=0, batch_size=8).meta["bns_loss"]
+    after = synthesize(tiny_teacher, method, 8, iters=40, batch_size=8).meta["bns_loss"]
     # the tiny teacher's random running stats are hard to reach through Genie's standardized generator;
     # HAST also spends effort on its CE term
     assert after < {"genie": 0.9, "zeroq": 0.5, "hast": 0.8}[method] * before
@@ -150,7 +150,7 @@ def test_damaged_batch_file_is_a_one_line_error(tiny_teacher, tmp_path, monkeypa
 
 
 def test_gdfq_resume_mid_generator_training(tiny_teacher, tmp_path, monkeypatch):
-    kw = dict(iters=6, batch_size=4, quiet=True, ckpt_every=2)
+    kw = dict(iters=6, batch_size=4, ckpt_every=2)
     full = synthesize(tiny_teacher, "gdfq", 8, **kw)
     original = GDFQGeneratorStream.step
 

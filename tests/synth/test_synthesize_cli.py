@@ -4,7 +4,7 @@ import json
 import zsq.models
 from zsq.synth import SyntheticSet
 from zsq.cli.synthesize import add_parser, run
-from tests.synth.conftest import tiny_bn_cnn
+from tests.tiny_models import tiny_bn_cnn
 
 
 def test_cli_synthesize_json(tmp_path, monkeypatch, capsys):

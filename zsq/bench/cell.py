@@ -4,6 +4,7 @@ cell has its own process and its own peak RSS."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -18,6 +19,7 @@ import torch
 from zsq.assets import asset
 from zsq.bench.papers import nearest_figure
 from zsq.bench.suites import DATA_NONE, DATA_REAL, MODELS, Cell
+from zsq.progress import cli_logging
 
 
 def wilson(k: int, n: int, z: float = 1.96):
@@ -50,7 +52,7 @@ def synth_dir(cache: Path, cell: Cell, budget: str, num_images: int) -> Path:
     return cache / name
 
 
-def get_calibration(cell: Cell, fp_model, info, budget: str, cache: Path, quiet: bool):
+def get_calibration(cell: Cell, fp_model, info, budget: str, cache: Path):
     """(images or None, labels or None, source, num_images, synth seconds, synth cached?, synth dir)."""
     from zsq.api import default_num_images, load_calibration
 
@@ -75,7 +77,7 @@ def get_calibration(cell: Cell, fp_model, info, budget: str, cache: Path, quiet:
     else:
         t0 = time.time()
         ss = synthesize(fp_model, cell.data, n, budget=budget, iters=cell.synth_iters, seed=cell.seed,
-                        out=d, resume=True, quiet=quiet)
+                        out=d, resume=True)
         # the set's own clock counts the batches synthesized before an interruption too
         secs, cached = max(float(ss.meta.get("seconds", 0.0)), time.time() - t0), False
         timing.write_text(json.dumps({"seconds": secs}))
@@ -90,7 +92,7 @@ def _fp32_eval(fp_model, spec: str, path: Path) -> dict:
 
     if path.exists():
         return json.loads(path.read_text())
-    fp = evaluate(fp_model, spec, quiet=True, return_preds=True)
+    fp = evaluate(fp_model, spec, return_preds=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(fp))
@@ -98,8 +100,7 @@ def _fp32_eval(fp_model, spec: str, path: Path) -> dict:
     return fp
 
 
-def run_cell(cell: Cell, budget: str, cache: Path, eval_limit: Optional[int] = None, jpeg_eval: bool = True,
-             quiet: bool = True) -> dict:
+def run_cell(cell: Cell, budget: str, cache: Path, eval_limit: Optional[int] = None, jpeg_eval: bool = True) -> dict:
     """Run one cell in this process and return its result row (see docs/bench.md for the keys)."""
     from zsq.evaluation import agreement, evaluate
     from zsq.methods import QuantJob, get_method
@@ -113,11 +114,10 @@ def run_cell(cell: Cell, budget: str, cache: Path, eval_limit: Optional[int] = N
     qconfig = get_preset(preset, cell.bits)
     fp_model = load(cell.model, weights=str(asset(setup.weights)) if setup.weights else None)
     torch.manual_seed(cell.seed)
-    calib, labels, src, n_img, synth_s, cached, sdir = get_calibration(cell, fp_model, info, budget, cache, quiet)
+    calib, labels, src, n_img, synth_s, cached, sdir = get_calibration(cell, fp_model, info, budget, cache)
     job = QuantJob(calib=calib, calib_source=src, synth_method=cell.data if sdir else None, budget=budget,
                    num_images=cell.num_images, iters=cell.iters, epochs=cell.epochs,
-                   iters_per_epoch=cell.iters_per_epoch, batch_size=cell.batch_size, seed=cell.seed,
-                   quiet=quiet)
+                   iters_per_epoch=cell.iters_per_epoch, batch_size=cell.batch_size, seed=cell.seed)
     if labels is not None:
         job.extra["calib_labels"] = labels
     t0 = time.time()
@@ -134,7 +134,7 @@ def run_cell(cell: Cell, budget: str, cache: Path, eval_limit: Optional[int] = N
     for tag, rel, name in evals:
         spec = _spec(rel, eval_limit)
         fp = _fp32_eval(fp_model, spec, cache.parent / "fp32" / f"{cell.model}-{tag}-{eval_limit or 'all'}.json")
-        q = evaluate(result.model, spec, quiet=True, return_preds=True)
+        q = evaluate(result.model, spec, return_preds=True)
         k = round(q["top1"] * q["n"] / 100)
         lo, hi = wilson(k, q["n"])
         row[tag] = {"set": name, "n": q["n"], "top1": q["top1"], "ci95": [lo, hi], "fp32_top1": fp["top1"],
@@ -155,8 +155,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
     torch.set_num_threads(int(os.environ.get("ZSQ_BENCH_THREADS", "1")))
-    row = run_cell(Cell.from_dict(spec["cell"]), spec["budget"], Path(spec["cache"]), spec.get("eval_limit"),
-                   spec.get("jpeg_eval", True), quiet=spec.get("quiet", True))
+    with cli_logging(logging.WARNING):  # a cell's process logs only warnings (the runner logs progress)
+        row = run_cell(Cell.from_dict(spec["cell"]), spec["budget"], Path(spec["cache"]), spec.get("eval_limit"),
+                       spec.get("jpeg_eval", True))
     Path(argv[1]).write_text(json.dumps(row, default=float))
     return 0
 

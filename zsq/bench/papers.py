@@ -2,7 +2,8 @@
 
 All CIFAR-10 ResNet-20 figures use a *different teacher* (pytorchcv, FP32 93.89-94.03, full 10k test
 set) from ours (91.64 on exact-1017), so they are context, not targets. Sources: /work/shared/specs
-(ait.md §3, hast.md §4.1). Genie, BRECQ and QDrop publish no CIFAR-10 or EfficientNet-Lite0 figure.
+(AIT, CVPR 2022, main table; HAST, CVPR 2023, ResNet-20 CIFAR table). Genie, BRECQ and QDrop
+publish no CIFAR-10 or EfficientNet-Lite0 figure.
 """
 from __future__ import annotations
 
@@ -10,17 +11,17 @@ from typing import Dict, Optional, Tuple
 
 # (model, paper family) -> {(w_bits, a_bits): (top1, fp32, source)}
 FIGURES: Dict[Tuple[str, str], Dict[Tuple[int, int], Tuple[float, float, str]]] = {
-    ("cifar10_resnet20", "zeroq"): {(4, 4): (84.68, 94.03, "HAST paper Tab. (hast.md 4.1)"),
-                                    (3, 3): (29.32, 94.03, "HAST paper Tab. (hast.md 4.1)"),
-                                    (5, 5): (91.34, 93.89, "AIT paper Tab. (ait.md 3)")},
-    ("cifar10_resnet20", "gdfq"): {(4, 4): (90.25, 93.89, "AIT paper Tab. (ait.md 3)"),
-                                   (3, 3): (71.10, 94.03, "HAST paper Tab. (hast.md 4.1)"),
-                                   (5, 5): (93.38, 93.89, "AIT paper Tab. (ait.md 3)")},
-    ("cifar10_resnet20", "ait"): {(4, 4): (91.23, 93.89, "AIT paper Tab., GDFQ+AIT (ait.md 3)"),
-                                  (5, 5): (93.41, 93.89, "AIT paper Tab., GDFQ+AIT (ait.md 3)")},
-    ("cifar10_resnet20", "hast"): {(4, 4): (92.36, 94.03, "HAST paper Tab. (hast.md 4.1)"),
-                                   (3, 3): (88.34, 94.03, "HAST paper Tab. (hast.md 4.1)")},
-    ("cifar10_resnet20", "real"): {(3, 3): (87.94, 94.03, "real-data fine-tuning, HAST paper (hast.md 4.1)")},
+    ("cifar10_resnet20", "zeroq"): {(4, 4): (84.68, 94.03, "HAST (CVPR 2023), ResNet-20 CIFAR-10 table"),
+                                    (3, 3): (29.32, 94.03, "HAST (CVPR 2023), ResNet-20 CIFAR-10 table"),
+                                    (5, 5): (91.34, 93.89, "AIT (CVPR 2022) main table")},
+    ("cifar10_resnet20", "gdfq"): {(4, 4): (90.25, 93.89, "AIT (CVPR 2022) main table"),
+                                   (3, 3): (71.10, 94.03, "HAST (CVPR 2023), ResNet-20 CIFAR-10 table"),
+                                   (5, 5): (93.38, 93.89, "AIT (CVPR 2022) main table")},
+    ("cifar10_resnet20", "ait"): {(4, 4): (91.23, 93.89, "AIT (CVPR 2022) main table, GDFQ+AIT"),
+                                  (5, 5): (93.41, 93.89, "AIT (CVPR 2022) main table, GDFQ+AIT")},
+    ("cifar10_resnet20", "hast"): {(4, 4): (92.36, 94.03, "HAST (CVPR 2023), ResNet-20 CIFAR-10 table"),
+                                   (3, 3): (88.34, 94.03, "HAST (CVPR 2023), ResNet-20 CIFAR-10 table")},
+    ("cifar10_resnet20", "real"): {(3, 3): (87.94, 94.03, "real-data fine-tuning, HAST (CVPR 2023) table")},
 }
 
 

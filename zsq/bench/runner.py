@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
 import platform
 import shutil
@@ -20,7 +21,8 @@ import torch
 
 from zsq.bench.suites import Suite
 from zsq.errors import ZsqError
-from zsq.progress import log
+
+logger = logging.getLogger(__name__)
 
 RESULTS = "results.json"
 
@@ -97,12 +99,12 @@ def merge_results(out, other) -> dict:
         mine["wall_seconds"] = round(mine.get("wall_seconds", 0.0) + row.get("wall_seconds", 0.0), 2)
         added += 1
     save_results(out, mine)
-    log(f"merged {added} cells from {other}")
+    logger.info(f"merged {added} cells from {other}")
     return mine
 
 
 def run_suite(suite: Suite, out, budget: str = "quick", resume: bool = True, isolate: bool = True,
-              quiet: bool = False, on_cell: Optional[Callable[[str], None]] = None,
+              on_cell: Optional[Callable[[str], None]] = None,
               cell_timeout: Optional[float] = None, only: Optional[str] = None) -> dict:
     """Run every cell of `suite` not yet in out/results.json; returns the results dict.
 
@@ -129,35 +131,35 @@ def run_suite(suite: Suite, out, budget: str = "quick", resume: bool = True, iso
     todo = [c for c in suite.cells if "error" in results["cells"].get(c.key, {"error": 1})
             and (only is None or fnmatch.fnmatch(c.key, only))]
     n_done = sum("error" not in results["cells"].get(c.key, {"error": 1}) for c in suite.cells)
-    log(f"bench {suite.name}: {n_done} of {len(suite.cells)} cells done, {len(todo)} to run"
-        + (f" (--only {only})" if only else ""), quiet)
+    logger.info(f"bench {suite.name}: {n_done} of {len(suite.cells)} cells done, {len(todo)} to run"
+        + (f" (--only {only})" if only else ""))
     for i, cell in enumerate(todo):
         if on_cell is not None:
             on_cell(cell.key)
-        log(f"[{i + 1}/{len(todo)}] {cell.key}", quiet)
+        logger.info(f"[{i + 1}/{len(todo)}] {cell.key}")
         t0 = time.time()
         payload = {"cell": cell.to_dict(), "budget": budget, "cache": str(cache), "eval_limit": suite.eval_limit,
-                   "jpeg_eval": suite.jpeg_eval, "quiet": True}
+                   "jpeg_eval": suite.jpeg_eval}
         try:
             if isolate:
                 row = _run_subprocess(payload, out / "cells" / f"{order.index(cell.key):03d}", cell_timeout)
             else:
                 from zsq.bench.cell import run_cell
 
-                row = run_cell(cell, budget, cache, suite.eval_limit, suite.jpeg_eval, quiet=True)
+                row = run_cell(cell, budget, cache, suite.eval_limit, suite.jpeg_eval)
         except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 -- recorded, retried on resume
             if isinstance(e, KeyboardInterrupt):
                 raise
             row = {"key": cell.key, "cell": cell.to_dict(), "error": str(e)[-500:]}
-            log(f"  failed: {row['error']}", quiet)
+            logger.warning(f"  failed: {row['error']}")
         if row.get("picked_up"):
             row["wall_seconds"] = row.get("total_seconds", 0.0)
-            log("  picked up the row its process wrote after the runner stopped", quiet)
+            logger.info("  picked up the row its process wrote after the runner stopped")
         else:
             row["wall_seconds"] = round(time.time() - t0, 2)
         results["cells"][cell.key] = row
         results["wall_seconds"] = round(results["wall_seconds"] + row["wall_seconds"], 2)
         save_results(out, results)
         if "error" not in row:
-            log(f"  top-1 {row['main']['top1']:.2f} ({row['main']['set']}) in {row['wall_seconds']:.0f} s", quiet)
+            logger.info(f"  top-1 {row['main']['top1']:.2f} ({row['main']['set']}) in {row['wall_seconds']:.0f} s")
     return results

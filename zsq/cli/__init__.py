@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from zsq.errors import ZsqError
+from zsq.progress import cli_logging
 
 # sub-commands with a module of their own: each provides add_parser(subparsers) and run(args) -> dict
 _SUBCOMMAND_MODULES = ("zsq.cli.synthesize", "zsq.cli.export", "zsq.cli.bench")
@@ -49,9 +51,24 @@ def add_compute_args(p: argparse.ArgumentParser) -> None:
                         "its compile time, see benchmarks/results/compute.md; not bit-identical to eager)")
 
 
+def add_log_args(p: argparse.ArgumentParser) -> None:
+    """--quiet / -v: the level of the `zsq` logger for this command (progress bars show from INFO)."""
+    p.add_argument("--quiet", action="store_true", help="warnings only: no progress bars or log lines")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug log lines too")
+
+
+def log_level(args: argparse.Namespace) -> int:
+    """WARNING with --quiet (and on every rank but the first), DEBUG with -v, else INFO."""
+    from zsq import distributed as zdist
+
+    if getattr(args, "quiet", False) or zdist.env_rank() != 0:
+        return logging.WARNING
+    return logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    add_log_args(p)
 
 
 def _emit(result: dict, as_json: bool) -> None:
@@ -93,7 +110,7 @@ def cmd_evaluate(args) -> dict:
 
     model = load_model(args)
     t0 = time.time()
-    res = evaluate(model, args.data, batch_size=args.batch_size, quiet=args.quiet)
+    res = evaluate(model, args.data, batch_size=args.batch_size)
     return {"model": args.model, "data": args.data, "top1": res["top1"], "top5": res["top5"], "n": res["n"],
             "seconds": round(time.time() - t0, 2)}
 
@@ -124,7 +141,7 @@ def cmd_quantize(args) -> dict:
         synth=args.synth, calib_data=args.calib_data, num_images=args.num_images, budget=args.budget,
         iters=args.iters, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
         batch_size=args.batch_size, seed=args.seed, out=out, resume=args.resume, force=args.force,
-        eval_data=args.eval_data, quiet=args.quiet, options=parse_set(args.set), strict=args.strict,
+        eval_data=args.eval_data, options=parse_set(args.set), strict=args.strict,
         device=args.device, precision=args.precision, channels_last=args.channels_last, compile=args.compile,
     )
     return result.report
@@ -140,7 +157,7 @@ def cmd_inspect(args) -> dict:
 
     # the plan does not depend on the weights: without --weights/--pretrained a seeded random network will do
     model = load_checked(args.model, weights=args.weights, pretrained=args.pretrained, random_init=True)
-    q = quantize_model(model, get_preset(args.preset, args.bits), strict=args.strict, quiet=args.quiet)
+    q = quantize_model(model, get_preset(args.preset, args.bits), strict=args.strict)
     plan = describe_plan(q)
     plan["model"] = args.model
     plan["units"] = [u.describe() for u in find_units(q, "block")]
@@ -278,7 +295,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         zdist.check_supported(args.command)
         if zdist.launched() and hasattr(args, "device"):
             args.device = zdist.init_from_env(args.device)
-        result = args.func(args)
+        with cli_logging(log_level(args)):
+            result = args.func(args)
         if result and zdist.env_rank() == 0:  # one answer per command, not one per process
             _emit(result, getattr(args, "json", False))
     except ZsqError as e:

@@ -20,7 +20,9 @@ def add_parser(subparsers) -> None:
                    help="first copy finished cells from another --out of the same suite (runs split with "
                    "--only across processes or machines); repeatable")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--quiet", action="store_true", help="no log lines")
+    from zsq.cli import add_log_args
+
+    add_log_args(p)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> dict:
     for other in args.merge:
         merge_results(args.out, other)
     if not args.report_only:
-        run_suite(suite, args.out, budget=args.budget, resume=args.resume, quiet=args.quiet,
+        run_suite(suite, args.out, budget=args.budget, resume=args.resume,
                   cell_timeout=args.cell_timeout, only=args.only)
     report = write_report(args.out, command=cmd)
     res = load_results(args.out) or {"cells": {}}

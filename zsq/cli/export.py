@@ -1,10 +1,13 @@
 """`zsq export DIR --onnx FILE`: checkpoint -> QDQ ONNX, checked in onnxruntime against zsq."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 from zsq.errors import ZsqError
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> None:
@@ -15,6 +18,8 @@ def add_parser(subparsers) -> None:
                                         "(.npz / labels.csv folder / ImageFolder, PATH[START:STOP]); "
                                         "default: random inputs")
     p.add_argument("--num-check", type=int, default=256, help="images to compare (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random check inputs without --check-data "
+                                                       "(default 0)")
     p.add_argument("--min-agreement", type=float, default=None,
                    help="least top-1 agreement accepted (default: the model's own float floor - 0.002, i.e. its "
                         "agreement with its float64 copy on the same images, less 0.2 points)")
@@ -30,7 +35,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing ONNX file")
     p.add_argument("--threads", type=int, default=2, help="runtime threads (default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--quiet", action="store_true", help="no log lines")
+    from zsq.cli import add_log_args
+
+    add_log_args(p)
     p.set_defaults(func=run)
 
 
@@ -66,16 +73,14 @@ def _runtime_check(name: str, qmodel, onnx_file: Path, images, labels, tol, floo
     """One runtime's parity (agreement next to the float floor), integer ops, float layers and latency."""
     from zsq.export.parity import check_parity
     from zsq.export.runtimes import latency_ms, open_runtime
-    from zsq.progress import log
-
     res = check_parity(qmodel, onnx_file, images, labels, tolerance=tol, threads=args.threads, runtime=name,
                        floor=floor)
     if args.latency_runs > 0:
         rt = open_runtime(name, onnx_file, args.threads)
         res["latency_ms"] = {f"batch{b}": round(latency_ms(rt, images[:b].numpy(), args.latency_runs), 3)
                              for b in sorted({1, min(32, images.shape[0])})}
-    log(f"{name}: top-1 agreement {res['top1_agreement']:.4f} (floor {floor:.4f}), integer ops "
-        f"{res['integer_ops']}, latency {res.get('latency_ms')}", args.quiet)
+    logger.info(f"{name}: top-1 agreement {res['top1_agreement']:.4f} (floor {floor:.4f}), integer ops "
+        f"{res['integer_ops']}, latency {res.get('latency_ms')}")
     check = {k: res[k] for k in ("runtime_version", "n", "top1_agreement", "max_logit_diff",
                                  "mean_logit_diff", "max_rel_logit_diff", "integer_ops") if k in res}
     check["float_layers"] = open_runtime(name, onnx_file, 1).float_layers()
@@ -89,7 +94,6 @@ def run(args) -> dict:
     from zsq.export.packed_checkpoint import load_quantized
     from zsq.export.onnx import export_onnx
     from zsq.export.parity import numeric_floor
-    from zsq.progress import log
 
     t0 = time.time()
     onnx_path, runtimes, tol = _checked_args(args)
@@ -104,21 +108,21 @@ def run(args) -> dict:
         images, labels = load_images_tensor(args.check_data, meta, n=args.num_check)
         source = f"real:{args.check_data}"
     else:
-        images = torch.randn(args.num_check, *meta.input_size, generator=torch.Generator().manual_seed(0))
-        source = "random normal inputs (give --check-data for real images)"
+        images = torch.randn(args.num_check, *meta.input_size, generator=torch.Generator().manual_seed(args.seed))
+        source = f"random normal inputs, seed {args.seed} (give --check-data for real images)"
     floor = numeric_floor(qmodel, images)
     folded, to_export = [], qmodel
     if args.fold:
         from zsq.export.fold import fold_quantized_batchnorm
 
         to_export, folded = fold_quantized_batchnorm(qmodel, images[:4])
-        log(f"folded {len(folded)} BatchNorm layers into the quantized weights", args.quiet)
+        logger.info(f"folded {len(folded)} BatchNorm layers into the quantized weights")
     tmp = onnx_path.with_name(onnx_path.name + ".partial")
     checks = {}
     try:
         info = export_onnx(to_export, tmp, opset=args.opset)
-        log(f"wrote {info['onnx_bytes']} bytes (opset {args.opset}, {len(info['int4_weights'])} INT4/UINT4 weights), "
-            f"ops {info['ops']}; comparing on {images.shape[0]} images; float floor {floor:.4f}", args.quiet)
+        logger.info(f"wrote {info['onnx_bytes']} bytes (opset {args.opset}, {len(info['int4_weights'])} INT4/UINT4 weights), "
+            f"ops {info['ops']}; comparing on {images.shape[0]} images; float floor {floor:.4f}")
         for name in runtimes:
             checks[name] = _runtime_check(name, qmodel, tmp, images, labels, tol, floor, args)
         tmp.replace(onnx_path)

@@ -33,7 +33,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="split the batches over N processes (runs this command under torchrun; same images)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from zsq.cli import add_log_args
+
+    add_log_args(p)
     p.set_defaults(func=run)
     return p
 
@@ -53,7 +55,7 @@ def run(args) -> dict:
         options["swap_lr"] = True
     data = synthesize(teacher, args.method, args.num_images, budget=args.budget, iters=args.iters,
                       batch_size=args.batch_size, seed=args.seed, out=args.out, resume=args.resume,
-                      quiet=args.quiet, compute=compute, **options)
+                      compute=compute, **options)
     m = data.meta
     result = {"method": m["method"], "model": m["model"], "num_images": len(data), "seconds": m["seconds"],
               "images_per_second": m["images_per_second"], "bns_loss": m["bns_loss"], "losses": m["losses"],

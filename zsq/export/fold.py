@@ -24,6 +24,7 @@ from zsq.errors import ZsqError
 from zsq.export.frozen import FrozenWeightQuantizer
 from zsq.export.weight_grid import weight_grid
 from zsq.quant.modules import FoldedBatchNorm, QuantConv2d
+from zsq.quant.state import quantizer_flags
 from zsq.quant.transforms import _conv_bn_pairs, act_quantizers, set_submodule
 
 
@@ -59,15 +60,9 @@ def fold_quantized_batchnorm(qmodel: nn.Module, example: torch.Tensor, rtol: flo
         set_submodule(m, bn_name, FoldedBatchNorm.from_bn(bn))
     # compare with activation quantizers off: then only float rounding of the weights differs, and no
     # activation near a rounding boundary can flip and cascade
-    states = [(q, q.enabled) for mod in (qmodel, m) for _, q in act_quantizers(mod)]
-    try:
-        for q, _ in states:
-            q.enabled = False
-        with torch.no_grad():
-            ref, got = qmodel.eval()(example), m(example)
-    finally:
-        for q, e in states:
-            q.enabled = e
+    with quantizer_flags([q for mod in (qmodel, m) for _, q in act_quantizers(mod)], enabled=False), \
+            torch.no_grad():
+        ref, got = qmodel.eval()(example), m(example)
     rel = float((ref - got).abs().max() / ref.abs().max().clamp(min=1e-12))
     if rel > rtol:
         raise ZsqError(f"folding BatchNorm into the quantized weights changed the outputs by {rel:.2e} (relative); "

@@ -41,5 +41,5 @@ def minmax(fp_model, qconfig, job: QuantJob) -> QuantResult:
     if user_options(job.extra):
         raise ZsqError(f"method minmax takes no options (got {', '.join(sorted(user_options(job.extra)))})")
     qmodel = quantize_model(fp_model, qconfig)
-    calibrate(qmodel, job.calib, batch_size=job.batch_size or 64, quiet=job.quiet, seed=job.seed)
+    calibrate(qmodel, job.calib, batch_size=job.batch_size or 64, seed=job.seed)
     return QuantResult(qmodel, {"quant_seconds": time.time() - t0})

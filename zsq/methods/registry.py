@@ -46,7 +46,6 @@ class QuantJob:
     seed: int = 0
     out: Optional[Path] = None
     resume: bool = False
-    quiet: bool = False
     eval_fn: Optional[Callable[[nn.Module], dict]] = None
     extra: Dict[str, Any] = field(default_factory=dict)
     compute: Optional[Any] = None

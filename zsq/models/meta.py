@@ -10,6 +10,11 @@ import torch.nn as nn
 SMALL_INPUT_SIDE = 64  # the CIFAR-vs-ImageNet line every budget and architecture choice uses
 
 
+def is_small_input(side: int) -> bool:
+    """CIFAR-sized (side <= SMALL_INPUT_SIDE); ``ModelMeta.small_input`` for a model."""
+    return side <= SMALL_INPUT_SIDE
+
+
 @dataclass(frozen=True)
 class ModelMeta:
     """How to feed a model: every evaluator and synthesizer reads this, never hard-codes it.
@@ -34,7 +39,7 @@ class ModelMeta:
     def small_input(self) -> bool:
         """CIFAR-sized input (side <= SMALL_INPUT_SIDE): the papers' CIFAR budgets and architectures
         apply, else their ImageNet ones."""
-        return self.input_size[-1] <= SMALL_INPUT_SIDE
+        return is_small_input(self.input_size[-1])
 
     def input_range(self) -> tuple:
         """(lo, hi) that every valid input lies in: pixels in [0, 1] normalised with mean/std, over

@@ -36,7 +36,7 @@ class Budget:
                        num_images=num_images or self.num_images)
 
 
-# The spec's defaults (genie.md 1 and 3.6): 20k iterations per unit, batch 32, 1024 images.
+# The defaults of the official Genie main.py and the BRECQ/QDrop repositories: 20k iterations per unit, batch 32, 1024 images.
 PAPER = Budget("paper", iters=20000, batch_size=32, num_images=1024)
 # Chosen by measurement on the 2-core CPU (benchmarks/results/ptq.md, "choosing the quick budget").
 QUICK = Budget("quick", iters=300, batch_size=32, num_images=256)
@@ -117,7 +117,6 @@ class EngineOptions:
     seed: int = 0
     chunk: int = 128
     max_cache_mib: float = 8192.0
-    quiet: bool = False
     holdout: float = 0.0  # off by default until measured on W4A4 (see docs/ptq.md)
     keep_better: bool = False
     augment: int = 0  # augmented views added per training image (zsq.ptq.augment: flip + shift)
@@ -133,7 +132,7 @@ class EngineOptions:
             raise ZsqError("keep_better needs held-out images: set holdout > 0 (e.g. 0.125) or keep_better=false")
 
 
-# ---- the four methods (spec genie.md 3.6) -----------------------------------------------------
+# ---- the four methods (as in the official BRECQ and QDrop repositories) ---------------------
 GENIE = Recipe("genie", "block", (
     Phase("joint", train_rounding=True, learn_weight_scale=True, train_act_scale=True, acts_on=True,
           qdrop_p=0.5, round_weight=1.0, lr_v=1e-3, lr_weight_scale=1e-4, lr_act_scale=4e-5),

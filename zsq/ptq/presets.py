@@ -1,4 +1,4 @@
-"""Quantization protocols of the baselines, beside the core's `genie` preset (spec genie.md 3.6).
+"""Quantization protocols of the baselines, beside the core's `genie` preset (as in the official BRECQ and QDrop repositories).
 
 BRECQ and QDrop fold BN first and use per-tensor *asymmetric* activation steps (LSQ-learnable in
 their reconstruction); BRECQ keeps the second layer's input at 8 bits, QDrop does not. Both place

@@ -1,4 +1,4 @@
-"""The block-reconstruction engine behind genie, qdrop, brecq and adaround (spec genie.md 3.4-3.5).
+"""The block-reconstruction engine behind genie, qdrop, brecq and adaround (official Genie code: reconstruct.py `reconstruct`).
 
 For each phase of a recipe and each unit in network order:
 1. cache x and y (the FP model's unit input/output) and x_q (the partly quantized model's unit input);
@@ -17,6 +17,7 @@ preset did to the graph (BN folding) the reference and the student agree layer b
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from contextlib import contextmanager
@@ -28,10 +29,9 @@ import torch.nn as nn
 
 from zsq import distributed as zdist
 from zsq import runstate
-from zsq.compute import Compute, as_compute
+from zsq.compute import FORWARD_CHUNK, Compute, as_compute
 from zsq.errors import ZsqError
 from zsq.hooks import Hooks
-from zsq.progress import log
 from zsq.ptq import cache, unit_checkpoint
 from zsq.ptq.augment import augmented_views
 from zsq.ptq.budgets import Budget, EngineOptions, Phase, Recipe
@@ -40,8 +40,10 @@ from zsq.ptq.soft_round import SoftRoundQuantizer, to_uniform
 from zsq.ptq.unit_bar import UnitBar
 from zsq.ptq.units import Unit, find_units, summarize_units
 from zsq.quant.quantizer import UniformQuantizer, subsample_with_extremes
-from zsq.quant.state import set_flags
-from zsq.quant.transforms import act_quantizers, set_quant_state
+from zsq.quant.state import set_flags, set_quant_state
+from zsq.quant.transforms import act_quantizers
+
+logger = logging.getLogger(__name__)
 
 ACT_INIT_IMAGES = 32  # Genie initialises activation steps on the first 32 calibration samples
 ACT_INIT_VALUES = 1 << 16  # values the Lp-2.4 search sees per quantizer (a seeded subsample + min and max)
@@ -97,8 +99,8 @@ def _output_error(fwd: Callable[[torch.Tensor], torch.Tensor], xq: torch.Tensor,
     n = xq.shape[0]
     if n == 0:
         return None
-    return sum(_recon_loss(fwd(xq[i:i + 256]), y[i:i + 256], 2.0).item() * len(y[i:i + 256])
-               for i in range(0, n, 256)) / n
+    c = FORWARD_CHUNK
+    return sum(_recon_loss(fwd(xq[i:i + c]), y[i:i + c], 2.0).item() * len(y[i:i + c]) for i in range(0, n, c)) / n
 
 
 def _split_holdout(calib: torch.Tensor, share: float, seed: int):
@@ -281,7 +283,7 @@ class Reconstructor:
         perm, pos = None, n
         rec_hist: List[float] = []
         round_val = 0.0
-        with _qdrop_hooks(acts, phase.qdrop_p, gen, (lo, hi, bs)), UnitBar(iters, desc, self.opts.quiet) as bar:
+        with _qdrop_hooks(acts, phase.qdrop_p, gen, (lo, hi, bs)), UnitBar(iters, desc) as bar:
             for t in range(1, iters + 1):
                 if pos + bs > n:
                     perm, pos = torch.randperm(n, generator=gen, device=dev), 0
@@ -333,23 +335,19 @@ class Reconstructor:
         for layer in layers:
             if isinstance(layer.weight_quant, SoftRoundQuantizer):
                 to_uniform(layer)
-        n = xq.shape[0]
-        with torch.no_grad():
-            return sum(_recon_loss(self.compute.forward(mod, xq[i:i + 256]), y[i:i + 256], 2.0).item()
-                       * len(y[i:i + 256]) for i in range(0, n, 256)) / n
+        return _output_error(lambda x: self.compute.forward(mod, x), xq, y)
 
     # ---- the whole run -------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
         """All units; with several processes (torch.distributed) each trains on its rows of every batch
         and the gradients are summed, so all hold the same model; only rank 0 writes checkpoints."""
         t0 = time.time()
-        quiet = self.opts.quiet
         held = self.calib.shape[0] - self.n_train
-        log(f"{self.recipe.name}: {summarize_units(self.units)}; {len(self.recipe.phases)} phase(s), "
+        logger.info(f"{self.recipe.name}: {summarize_units(self.units)}; {len(self.recipe.phases)} phase(s), "
             f"{self.budget.iters} iters/unit, batch {self.batch_size}, {self.n_train} training images"
             + (f", {held} held out" + (" (a unit keeps its result only if better there)"
-                                       if self.opts.keep_better else "") if held else ""), quiet)
-        log(self.estimate.describe(), quiet)
+                                       if self.opts.keep_better else "") if held else ""))
+        logger.info(self.estimate.describe())
         cache.check_memory(self.estimate, int(self.opts.max_cache_mib * 2 ** 20))
         records: List[dict] = []
         start = 0
@@ -358,7 +356,7 @@ class Reconstructor:
             if ck is not None:
                 runstate.restore(self.qmodel, ck["state"], self.work_dir / unit_checkpoint.CKPT_NAME)
                 start, records = ck["done"], list(ck["records"])
-                log(f"resuming after {start} of {len(self.steps)} unit steps", quiet)
+                logger.info(f"resuming after {start} of {len(self.steps)} unit steps")
             zdist.barrier()  # every process has read the checkpoint before the first one is rewritten
         for k in range(start, len(self.steps)):
             pi, ui = self.steps[k]
@@ -384,7 +382,7 @@ class Reconstructor:
             "recon_seconds": time.time() - t0,
             "processes": zdist.world(),
         }
-        log_summary(records, quiet)
+        log_summary(records)
         return report
 
     def _finish(self) -> None:
@@ -396,15 +394,15 @@ class Reconstructor:
         self.qmodel.eval()
 
 
-def log_summary(records: List[dict], quiet: bool) -> None:
-    """The end-of-run table: one row per unit step."""
-    if quiet or not records:
+def log_summary(records: List[dict]) -> None:
+    """The end-of-run table: one row per unit step (INFO)."""
+    if not records or not logger.isEnabledFor(logging.INFO):
         return
     width = max(len(r["unit"]) for r in records)
-    log(f"{'phase':<8} {'unit':<{width}} {'iters':>6} {'loss start':>11} {'loss end':>10} {'hard':>10} "
-        f"{'held start':>10} {'held end':>10} {'kept':>8} {'sec':>6}")
+    logger.info(f"{'phase':<8} {'unit':<{width}} {'iters':>6} {'loss start':>11} {'loss end':>10} "
+                f"{'hard':>10} {'held start':>10} {'held end':>10} {'kept':>8} {'sec':>6}")
     for r in records:
         kept = {True: "yes", False: "REVERTED"}.get(r.get("kept"), "-")
         held = [f"{v:>10.4g}" if v is not None else f"{'-':>10}" for v in (r.get("holdout_start"), r.get("holdout_end"))]
-        log(f"{r['phase']:<8} {r['unit']:<{width}} {r['iters']:>6} {r['loss_start']:>11.4g} {r['loss_end']:>10.4g} "
-            f"{r['hard_loss']:>10.4g} {held[0]} {held[1]} {kept:>8} {r['seconds']:>6.1f}")
+        logger.info(f"{r['phase']:<8} {r['unit']:<{width}} {r['iters']:>6} {r['loss_start']:>11.4g} "
+                    f"{r['loss_end']:>10.4g} {r['hard_loss']:>10.4g} {held[0]} {held[1]} {kept:>8} {r['seconds']:>6.1f}")

@@ -28,12 +28,12 @@ class PTQOptions:
     """--set options of every reconstruction method: images per caching forward, the cache limit,
     where resume checkpoints go (default OUT/work), the keep-the-better rule and augmented views (EngineOptions)."""
 
-    chunk: int = 128
-    max_cache_mib: float = 8192.0
+    chunk: int = EngineOptions.chunk  # the defaults are the engine's own
+    max_cache_mib: float = EngineOptions.max_cache_mib
     work_dir: Optional[str] = None
-    holdout: float = 0.0  # share of the calibration images held out of training (keep-the-better)
-    keep_better: bool = False  # a unit keeps its reconstruction only if better on the held-out images
-    augment: int = 0  # flipped/shifted views added per training image (zsq.ptq.augment)
+    holdout: float = EngineOptions.holdout  # share of the calibration images held out of training (keep-the-better)
+    keep_better: bool = EngineOptions.keep_better  # a unit keeps its reconstruction only if better on held-out images
+    augment: int = EngineOptions.augment  # flipped/shifted views added per training image (zsq.ptq.augment)
 
     def __post_init__(self):
         check_range("chunk", self.chunk, 1)
@@ -76,7 +76,7 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
     budget = get_budget(job.budget).override(job.iters, job.batch_size, job.num_images)
     extra = dict(job.extra or {})
     user = parse_options(PTQOptions, user_options(extra), recipe.name)
-    opts = EngineOptions(seed=job.seed, quiet=job.quiet, chunk=user.chunk, max_cache_mib=user.max_cache_mib,
+    opts = EngineOptions(seed=job.seed, chunk=user.chunk, max_cache_mib=user.max_cache_mib,
                          holdout=user.holdout, keep_better=user.keep_better, augment=user.augment)
     work_dir = user.work_dir or (Path(job.out) / "work" if job.out is not None else None)
     if job.resume and work_dir is None:

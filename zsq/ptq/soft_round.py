@@ -1,4 +1,4 @@
-"""Soft-bit weight quantizer of AdaRound and Genie-M (spec genie.md 3.1).
+"""Soft-bit weight quantizer of AdaRound and Genie-M (Nagel et al., ICML 2020; official Genie quantizer.py `WeightQuantizer`).
 
 W_hat = s * (clamp(B + h(V) + z, 0, 2^b - 1) - z), with B = floor(W / s0) frozen at construction and
 h the rectified sigmoid. Freezing B is Genie-M's trick: the per-channel step s can then be learned

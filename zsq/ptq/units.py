@@ -1,4 +1,4 @@
-"""Reconstruction units: which parts of a model are optimised together (spec genie.md 3.4).
+"""Reconstruction units: which parts of a model are optimised together (official Genie code: reconstruct.py `reconstruct`).
 
 Residual blocks are reconstructed as a whole (their output error is what the next block sees, and the
 residual add lets the convs compensate each other); every Conv/Linear outside a block is its own

@@ -1,7 +1,7 @@
-"""HAST's training step (hast.md §3.4): KD + feature alignment on a sample and on a one-step
+"""HAST's training step (official trainer_direct.py `Trainer.train`): KD + feature alignment on a sample and on a one-step
 sign-gradient perturbed copy of it ("sample difficulty promotion", SDP).
 
-Two variants (hast.md §8), picked by HASTTrainConfig:
+Two variants (the HAST paper and its official code differ), picked by HASTTrainConfig:
 * ``hast`` (official code): x~ = x + eps*sign(grad_x [KD + FA](x)), the gradient taken through both
   the student *and* the teacher (the clean teacher pass is not detached); loss = L(x) + L(x~).
 * ``hast-paper``: x~ = x + eps*sign(grad_x mean_i(1 - p_y(Q(x_i)))), the quantized model's

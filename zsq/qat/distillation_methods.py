@@ -57,7 +57,7 @@ def _run(name: str, fp_model, qconfig, job: QuantJob) -> QuantResult:
     if cfg.data == "generator" and cfg.calib_data == "generator":
         images = labels = None  # a generator run: given images are not used
     model, report = distill(fp_model, qconfig, cfg, fixed=images, fixed_labels=labels, seed=job.seed,
-                            out=job.out, resume=job.resume, quiet=job.quiet, eval_fn=job.eval_fn,
+                            out=job.out, resume=job.resume, eval_fn=job.eval_fn,
                             compute=job.compute)
     report["data"] = "generator" if images is None else job.calib_source
     report["quant_seconds"] = time.time() - t0

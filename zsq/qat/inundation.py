@@ -1,4 +1,4 @@
-"""Gradient inundation (AIT, ait.md §2.2) as a wrapper around any torch optimizer.
+"""Gradient inundation (AIT, Choi et al., CVPR 2022; official optimizer.py) as a wrapper around any torch optimizer.
 
 Why: with the KL-only loss at lr 1e-4 almost no latent weight crosses a rounding boundary, so the
 quantized student barely changes. GI rescales each quantized layer's step, per step, by the

@@ -1,4 +1,4 @@
-"""The one distillation loop behind gdfq, ait and hast (ait.md §1.5, hast.md §3.3-3.4).
+"""The one distillation loop behind gdfq, ait and hast (GDFQ/AIT official trainer.py `train`; HAST official trainer_direct.py).
 
     frozen FP teacher T (eval) -> fake-quantized student Q (gdfq preset, eval-mode BN, trainable affine)
     for epoch in 0..E-1:
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import time
 from pathlib import Path
@@ -37,10 +38,10 @@ import torch.nn.functional as F
 
 from zsq import distributed as zdist
 from zsq import runstate
-from zsq.compute import as_compute
+from zsq.compute import FORWARD_CHUNK, as_compute
 from zsq.errors import ZsqError
 from zsq.models.meta import get_meta
-from zsq.progress import log, progress
+from zsq.progress import progress
 from zsq.qat.training_config import QATConfig
 from zsq.qat.difficulty_promotion import hast_step
 from zsq.qat.inundation import GradientInundation, quantized_weight_layers
@@ -48,6 +49,8 @@ from zsq.qat.losses import FeatureTaps, kd_kl_loss, residual_branch_taps
 from zsq.quant import act_quantizers, quantize_model
 from zsq.quant.qconfig import QuantConfig
 from zsq.quant.state import set_flags
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "qat_state.safetensors"
 _SHUFFLE_KEY, _AUG_KEY = 0x5A7, 0xA06
@@ -170,14 +173,14 @@ class _Checkpoint:
         self.path = Path(out) / "work" / STATE_FILE if out is not None else None
         self.fingerprint = fingerprint
 
-    def load(self, resume: bool, method: str, quiet: bool) -> Optional[dict]:
+    def load(self, resume: bool, method: str) -> Optional[dict]:
         if not resume or not self.path.exists():
             if self.path is not None and self.path.exists():
-                log(f"{method}: {self.path} exists; starting over (use --resume to continue it)", quiet)
+                logger.info(f"{method}: {self.path} exists; starting over (use --resume to continue it)")
             return None
         saved = runstate.load_state(self.path)
         runstate.check_same_run(self.path, saved.get("fingerprint"), self.fingerprint)
-        log(f"{method}: resuming after epoch {saved['epochs_done'] - 1} from {self.path}", quiet)
+        logger.info(f"{method}: resuming after epoch {saved['epochs_done'] - 1} from {self.path}")
         return saved
 
     def save(self, loop: "_Loop", epochs_done: int, seconds: float) -> None:
@@ -235,17 +238,17 @@ def _fixed_set(teacher: nn.Module, fixed: Optional[torch.Tensor], labels: Option
     fixed = fixed.detach().float()
     if labels is None:
         with torch.no_grad():
-            labels = torch.cat([compute.forward(teacher, fixed[i:i + 256]).argmax(1).cpu()
-                                for i in range(0, len(fixed), 256)])
+            labels = torch.cat([compute.forward(teacher, fixed[i:i + FORWARD_CHUNK]).argmax(1).cpu()
+                                for i in range(0, len(fixed), FORWARD_CHUNK)])
     return fixed, labels.long()
 
 
 class _Loop:
     """One distillation run's moving parts; distill() drives it epoch by epoch."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, cfg: QATConfig, quiet: bool,
+    def __init__(self, teacher: nn.Module, student: nn.Module, cfg: QATConfig,
                  eval_fn: Optional[Callable[[nn.Module], dict]], compute):
-        self.teacher, self.student, self.cfg, self.quiet, self.eval_fn = teacher, student, cfg, quiet, eval_fn
+        self.teacher, self.student, self.cfg, self.eval_fn = teacher, student, cfg, eval_fn
         self.compute = compute
         self.quants = [q for _, q in act_quantizers(student)]
         self.opt: Optional[_Optimizers] = None
@@ -372,7 +375,7 @@ class _Loop:
             raise ZsqError("internal: generator needed after it was released")
         sums: Dict[str, float] = {}
         for it in progress(range(cfg.iters_per_epoch), total=cfg.iters_per_epoch,
-                           desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", quiet=self.quiet):
+                           desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}"):
             for k, v in self.batch(epoch, it, source, training).items():
                 sums[k] = sums.get(k, 0.0) + v
         set_flags(self.quants, observing=False)  # freeze after every epoch (GDFQ's freeze_model)
@@ -390,8 +393,8 @@ class _Loop:
             row["gi"] = {"rho": summary["rho"], "mean_alpha": summary["mean_alpha"],
                          "unreached": summary["unreached"]}
             for name, n in summary["unreached"].items():
-                log(f"{cfg.method}: GI could not reach rho={summary['rho']:.1e} in {name} at {n}/"
-                    f"{summary['steps']} steps (alpha at its cap)", self.quiet)
+                logger.warning(f"{cfg.method}: GI could not reach rho={summary['rho']:.1e} in {name} at {n}/"
+                    f"{summary['steps']} steps (alpha at its cap)")
         due = training and ((epoch + 1 - cfg.warmup_epochs) % cfg.eval_every == 0 or epoch == cfg.epochs - 1)
         if self.eval_fn is not None and (due or epoch == cfg.warmup_epochs - 1):
             row["top1"] = float(self.eval_fn(self.student)["top1"])
@@ -401,8 +404,8 @@ class _Loop:
     def log_row(self, row: dict, eta: float) -> None:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in row["losses"].items() if not k.startswith("gen_"))
         acc = f", top1={row['top1']:.2f}" if "top1" in row else ""
-        log(f"{self.cfg.method} epoch {row['epoch'] + 1}/{self.cfg.epochs}: {shown or 'calibration'}{acc} "
-            f"({row['seconds']:.0f}s, ETA {eta:.0f}s)", self.quiet)
+        logger.info(f"{self.cfg.method} epoch {row['epoch'] + 1}/{self.cfg.epochs}: {shown or 'calibration'}{acc} "
+            f"({row['seconds']:.0f}s, ETA {eta:.0f}s)")
 
     def report(self, seconds: float, seconds_this_run: float) -> dict:
         report = {"method": self.cfg.method, "config": self.cfg.to_dict(), "epochs": self.history,
@@ -419,8 +422,8 @@ class _Loop:
 
 def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: Optional[torch.Tensor] = None,
             fixed_labels: Optional[torch.Tensor] = None, seed: int = 0, out: Optional[Path] = None,
-            resume: bool = False, quiet: bool = False,
-            eval_fn: Optional[Callable[[nn.Module], dict]] = None, compute=None) -> Tuple[nn.Module, dict]:
+            resume: bool = False, eval_fn: Optional[Callable[[nn.Module], dict]] = None,
+            compute=None) -> Tuple[nn.Module, dict]:
     """Train a fake-quantized student of ``teacher`` by distillation; returns (student, report).
 
     fixed: images (N,C,H,W, teacher-normalized) for cfg.data/calib_data == "fixed"; fixed_labels
@@ -435,14 +438,14 @@ def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: 
     qconfig = _loop_qconfig(qconfig, cfg)
     compute = as_compute(compute)
     teacher, student = _teacher_and_student(teacher, qconfig, compute)
-    loop = _Loop(teacher, student, cfg, quiet, eval_fn, compute)
+    loop = _Loop(teacher, student, cfg, eval_fn, compute)
     fixed, fixed_labels = _fixed_set(teacher, fixed, fixed_labels, compute)
     loop.opt = _Optimizers.build(student, cfg)
     fingerprint = _fingerprint(cfg, qconfig, seed, teacher, fixed if cfg.uses_fixed else None)
     if not compute.is_reference:
         fingerprint["compute"] = {k: v for k, v in compute.describe().items() if k != "precision_requested"}
     ckpt = _Checkpoint(out, fingerprint)
-    saved = ckpt.load(resume, cfg.method, quiet)
+    saved = ckpt.load(resume, cfg.method)
     zdist.barrier()  # every process has read the checkpoint before rank 0 rewrites it
     start_epoch, elapsed_before = loop.resume_from(saved, ckpt.path)
     loop.open_sources(fixed, fixed_labels, seed, saved, start_epoch, ckpt.path)

@@ -1,9 +1,9 @@
 """Student losses of the distillation loop: KD at a temperature, CE, and HAST's feature alignment.
 
 Two KL normalisations exist in the published code and they differ by a factor of C (classes):
-* ``"mean"``: PyTorch's legacy ``nn.KLDivLoss()`` default, sum / (B*C) -- GDFQ and AIT (ait.md §2.1),
+* ``"mean"``: PyTorch's legacy ``nn.KLDivLoss()`` default, sum / (B*C) -- GDFQ and AIT (AIT, CVPR 2022: KL-only loss),
   scaled by alpha*T^2 = 400;
-* ``"batchmean"``: sum / B, the mathematically proper KL per sample -- HAST (hast.md §3.4), scaled by
+* ``"batchmean"``: sum / B, the mathematically proper KL per sample -- HAST (its official trainer_direct.py), scaled by
   alpha*T^2 = 20*400 = 8000.
 Both are forward KL(teacher || student) on softmax(z/T); the teacher side is a constant target.
 """
@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zsq.errors import ZsqError
+from zsq.hooks import Hooks
 
 KL_REDUCTIONS = ("mean", "batchmean")
 
@@ -48,7 +49,7 @@ def channel_attention(features: torch.Tensor) -> torch.Tensor:
 
 def feature_alignment_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor],
                            weight: float = 1000.0) -> torch.Tensor:
-    """weight * sum over taps of mean_{b,c} (a(f_S) - a(f_T))^2 (hast.md §3.4 L_FA)."""
+    """weight * sum over taps of mean_{b,c} (a(f_S) - a(f_T))^2 (HAST, CVPR 2023: L_FA)."""
     if len(student_feats) != len(teacher_feats):
         raise ZsqError(f"feature alignment got {len(student_feats)} student taps but {len(teacher_feats)} teacher taps")
     if not student_feats:
@@ -62,7 +63,7 @@ def feature_alignment_loss(student_feats: Sequence[torch.Tensor], teacher_feats:
 def residual_branch_taps(model: nn.Module) -> List[str]:
     """Names of the modules whose outputs HAST aligns: in each residual block (a module with a
     ``shortcut`` or ``downsample`` child), its last direct BatchNorm child -- the residual-branch
-    output before the skip-add (hast.md §3.4's ``unit.body``)."""
+    output before the skip-add (``unit.body`` in HAST's official trainer_direct.py)."""
     names = []
     for name, m in model.named_modules():
         children = dict(m.named_children())
@@ -87,12 +88,12 @@ class FeatureTaps:
             raise ZsqError(f"{type(model).__name__} has no residual blocks to tap for feature alignment "
                            "(set the feature-alignment weight to 0 for this model)")
         self._out: Dict[str, torch.Tensor] = {}
-        self._handles = []
+        self._hooks = Hooks()
 
     def __enter__(self) -> "FeatureTaps":
         try:
             for n in self.names:
-                self._handles.append(self.model.get_submodule(n).register_forward_hook(self._hook(n)))
+                self._hooks.post(self.model.get_submodule(n), self._hook(n))
         except BaseException:
             self.remove()
             raise
@@ -113,9 +114,7 @@ class FeatureTaps:
         return feats
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.remove()
 
     def __exit__(self, *exc) -> None:
         self.remove()

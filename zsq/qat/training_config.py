@@ -1,7 +1,7 @@
 """Training configs of the distillation loop, with the papers' (`paper`) and a CPU (`quick`) budget.
 
-Every published number these configs reproduce comes from ait.md §1.6 (GDFQ, AIT) and hast.md §3.5
-(HAST). ``quick`` keeps each method's recipe (losses, lr, rho, schedule shape) and shrinks epochs,
+Every published number these configs reproduce comes from the official GDFQ/AIT configs (hocon) and HAST's
+main_direct.py configs. ``quick`` keeps each method's recipe (losses, lr, rho, schedule shape) and shrinks epochs,
 iterations and batch so that one run fits a shared 2-core CPU in minutes; the milestones shrink in
 proportion. The CLI's --epochs/--iters-per-epoch/--batch-size and ``job.extra`` override fields.
 """
@@ -20,7 +20,7 @@ SOURCES = ("generator", "fixed")
 
 @dataclass(frozen=True)
 class HASTTrainConfig:
-    """HAST's fine-tuning step (hast.md §3.4). Official code: lambda 1000 and eps 0.01 (hard-coded),
+    """HAST's fine-tuning step (official trainer_direct.py `Trainer.train`). Official code: lambda 1000 and eps 0.01 (hard-coded),
     the perturbation ascends KD+FA through both models, and the loss is on clean + perturbed samples.
     The paper: the perturbation ascends the quantized model's difficulty 1 - p_y, loss on perturbed only."""
 
@@ -28,7 +28,7 @@ class HASTTrainConfig:
     eps: float = 0.01
     sdp_objective: str = "kd_fa"
     train_on: str = "clean+adv"
-    augment: bool = True  # RandomResizedCrop(0.5-1) + flip on every draw (hast.md §3.4)
+    augment: bool = True  # RandomResizedCrop(0.5-1) + flip on every draw (HAST's official code)
 
     def __post_init__(self):
         if self.sdp_objective not in SDP_OBJECTIVES:
@@ -159,14 +159,14 @@ class QATConfig:
 def paper_config(method: str, meta) -> QATConfig:
     """The published recipe for a method on this teacher (CIFAR-size vs ImageNet-size inputs)."""
     small = meta.small_input
-    if method == "gdfq":  # ait.md §1.6, GDFQ original column
+    if method == "gdfq":  # the official GDFQ config
         return QATConfig(method="gdfq", batch_size=200 if small else 16, warmup_epochs=4 if small else 50,
                          lr=1e-4 if small else 1e-6, weight_decay=1e-4, ce_scale=1.0)
-    if method == "ait":  # ait.md §1.6 / §8: KL only, wd 0, GI rho 1e-3 (CIFAR) / 1e-4 (ImageNet)
+    if method == "ait":  # the official AIT config: KL only, wd 0, GI rho 1e-3 (CIFAR) / 1e-4 (ImageNet)
         return QATConfig(method="ait", batch_size=200 if small else 16, warmup_epochs=4 if small else 50,
                          lr=1e-4, weight_decay=0.0, ce_scale=0.0,
                          gi=GIConfig(rho=1e-3 if small else 1e-4, rho_milestones=(100, 200, 300)))
-    if method in ("hast", "hast-paper"):  # hast.md §3.5 (one process = the 4-GPU global batch)
+    if method in ("hast", "hast-paper"):  # the official HAST config (one process = the 4-GPU global batch)
         hast = HASTTrainConfig() if method == "hast" else HASTTrainConfig(sdp_objective="difficulty", train_on="adv")
         return QATConfig(method=method, epochs=151, iters_per_epoch=200, batch_size=256 if small else 16,
                          warmup_epochs=4, live_range_epochs=4, lr=1e-5 if small else 1e-6, weight_decay=1e-4,
@@ -178,7 +178,7 @@ def paper_config(method: str, meta) -> QATConfig:
 # quick budget, measured on the shared 2-core CPU (benchmarks/results/qat.md): about 5-10 minutes
 # per CIFAR ResNet-20 run; ImageNet-size teachers get a smoke-test budget.
 # The quick budget turns off GDFQ's EMA "bias correction" quirk: it inflates activation ranges ~1000x
-# for the first ~150 updates (ait.md §1.2), longer than a quick calibration runs, which leaves the
+# for the first ~150 updates (the official GDFQ/AIT quantization_utils), longer than a quick calibration runs, which leaves the
 # student at chance accuracy; a plain EMA settles in a few dozen steps.
 QUICK_CIFAR = dict(epochs=5, iters_per_epoch=40, batch_size=32, warmup_epochs=1, live_range_epochs=1)
 QUICK_IMAGENET = dict(epochs=3, iters_per_epoch=10, batch_size=8, warmup_epochs=1, live_range_epochs=1)

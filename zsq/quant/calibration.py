@@ -32,8 +32,7 @@ def _batches(images: torch.Tensor, batch_size: int):
 
 
 @torch.no_grad()
-def calibrate(qmodel: nn.Module, images: torch.Tensor, batch_size: int = 64, quiet: bool = True,
-              seed: int = 0) -> nn.Module:
+def calibrate(qmodel: nn.Module, images: torch.Tensor, batch_size: int = 64, seed: int = 0) -> nn.Module:
     """Set every activation quantizer's range from float activations on ``images`` (in place).
 
     Each quantizer uses its own spec's observer (minmax / percentile / lp / ema). Activations are
@@ -47,7 +46,7 @@ def calibrate(qmodel: nn.Module, images: torch.Tensor, batch_size: int = 64, qui
     with observing(qmodel, seed):
         qmodel.eval()
         n_batches = (images.shape[0] + batch_size - 1) // batch_size
-        for xb in progress(_batches(images, batch_size), total=n_batches, desc="calibrate", quiet=quiet):
+        for xb in progress(_batches(images, batch_size), total=n_batches, desc="calibrate"):
             qmodel(xb)
     return qmodel
 

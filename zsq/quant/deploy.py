@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Set
 import torch
 import torch.nn as nn
 
+from zsq.hooks import Hooks
 from zsq.quant.qconfig import QuantConfig
 from zsq.quant.modules import QUANT_LAYER_TYPES, FoldedBatchNorm, QuantAct, QuantInput
 from zsq.quant.quantizer import UniformQuantizer
@@ -48,9 +49,9 @@ class _Trace:
         self.source: Dict[int, nn.Module] = {}  # tensor id -> the quantizer whose grid it lies on
 
     def run(self, example: torch.Tensor, watch: List[str], produce: List[str]) -> "_Trace":
+        from zsq.quant.state import quantizer_flags
         from zsq.quant.transforms import act_quantizers
 
-        hooks = []
 
         def on_quant(m, _inp, out):
             self.keep.append(out)
@@ -75,26 +76,18 @@ class _Trace:
                 self.reads[name] = id(inp[0])
             return h
 
-        states = [(q, q.enabled) for _, q in act_quantizers(self.model)]
-        try:
-            for q, _ in states:
-                q.enabled = False
+        with quantizer_flags([q for _, q in act_quantizers(self.model)], enabled=False), Hooks() as hooks:
             for name, m in self.model.named_modules():
                 if isinstance(m, QuantAct):
-                    hooks.append(m.register_forward_hook(on_quant))
+                    hooks.post(m, on_quant)
                 elif _preserves_grid(m):
-                    hooks.append(m.register_forward_hook(on_pass))
+                    hooks.post(m, on_pass)
                 if name in produce:
-                    hooks.append(m.register_forward_hook(on_produce(name)))
+                    hooks.post(m, on_produce(name))
                 if name in watch:
-                    hooks.append(m.register_forward_pre_hook(on_read(name)))
+                    hooks.pre(m, on_read(name))
             with torch.no_grad():
                 self.model(example)
-        finally:
-            for h in hooks:
-                h.remove()
-            for q, e in states:
-                q.enabled = e
         return self
 
 

@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from zsq.hooks import Hooks
+
 ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)  # ReLU6 is a Hardtanh
 ACT_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.hardtanh, F.hardtanh_}
 ACT_METHODS = {"relu", "relu_"}
@@ -256,7 +258,6 @@ def _module_stack(model: nn.Module, names: List[str]) -> Iterator[List[Optional[
     """Keeps the name of the innermost running module among ``names`` (others push None; the model
     itself is named "")."""
     stack: List[Optional[str]] = []
-    hooks = []
     wanted = set(names)
 
     def pre(name):
@@ -267,14 +268,10 @@ def _module_stack(model: nn.Module, names: List[str]) -> Iterator[List[Optional[
     def post(_m, _a, _o):
         stack.pop()
 
-    try:
+    with Hooks() as hooks:
         for name, mod in model.named_modules():
-            hooks.append(mod.register_forward_pre_hook(pre(name)))
-            hooks.append(mod.register_forward_hook(post))
+            hooks.pre(mod, pre(name)).post(mod, post)
         yield stack
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def calls_inside(model: nn.Module, names: List[str], example: torch.Tensor) -> Dict[str, Set[str]]:

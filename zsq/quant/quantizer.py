@@ -258,7 +258,7 @@ class UniformQuantizer(nn.Module):
                 self.obs_max.copy_(hi)
             else:
                 if s.ema_bias_correction:
-                    # GDFQ's rule, applied to the stored state (inflates early ranges; see spec ait.md 1.2)
+                    # GDFQ's rule, applied to the stored state (inflates early ranges; GDFQ's quantization_utils)
                     self.ema_beta_t.mul_(s.ema_momentum)
                     denom = 1.0 - self.ema_beta_t
                     base_min = torch.where(torch.isfinite(self.obs_min), self.obs_min, torch.zeros_like(lo))

@@ -44,6 +44,12 @@ def set_flags(quants: Sequence[nn.Module], *, enabled: Optional[bool] = None,
             q.observing = observing
 
 
+def set_quant_state(model: nn.Module, weights: bool = True, acts: bool = True) -> None:
+    """Turn weight / activation fake quantization on or off for good (e.g. a float reference copy)."""
+    set_flags(_weight_list(model), enabled=weights)
+    set_flags(_act_list(model), enabled=acts)
+
+
 @contextmanager
 def quantizer_flags(target: Quantizers, *, enabled: Optional[bool] = None,
                     observing: Optional[bool] = None) -> Iterator[List[nn.Module]]:

@@ -14,6 +14,7 @@ module that differs.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -23,12 +24,13 @@ import torch.fx as fx
 
 from zsq.errors import ZsqError
 from zsq.hooks import Hooks
-from zsq.progress import log
 from zsq.quant import graph as G
 from zsq.quant.qconfig import QuantConfig
 from zsq.quant.modules import (QUANT_LAYER_TYPES, FoldedBatchNorm, QuantAct, QuantConv2d, QuantInput, QuantLinear, is_plain,
                                keep_forward_quant)
 from zsq.quant.quantizer import UniformQuantizer
+
+logger = logging.getLogger(__name__)
 
 ACTIVATIONS = G.ACT_MODULES
 
@@ -352,7 +354,9 @@ def _outputs_by_module(model: nn.Module, example: torch.Tensor) -> List[Tuple[st
 
 def first_difference(reference: nn.Module, qmodel: nn.Module, example: torch.Tensor) -> Optional[str]:
     """The first module (in the reference's execution order) whose output the rewrite changed."""
-    with quantizers_off(qmodel):
+    from zsq.quant.state import quantizers_disabled
+
+    with quantizers_disabled(qmodel):
         mine = {}
         for name, out in _outputs_by_module(qmodel, example):
             mine.setdefault(name, out)
@@ -366,7 +370,9 @@ def first_difference(reference: nn.Module, qmodel: nn.Module, example: torch.Ten
 def check_rewrite(model: nn.Module, qmodel: nn.Module, expected: torch.Tensor, example: torch.Tensor,
                   fold: bool) -> None:
     """Raise ZsqError unless ``qmodel`` with every quantizer off reproduces ``expected`` exactly."""
-    with quantizers_off(qmodel), torch.no_grad():
+    from zsq.quant.state import quantizers_disabled
+
+    with quantizers_disabled(qmodel), torch.no_grad():
         got = qmodel(example)
     if isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.equal(got, expected):
         return
@@ -378,31 +384,6 @@ def check_rewrite(model: nn.Module, qmodel: nn.Module, expected: torch.Tensor, e
                    f"difference at {where}; refusing (please report this model)")
 
 
-class quantizers_off:
-    """Context manager: every weight and activation quantizer off, restored on exit."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.saved = [(q, q.enabled) for q in _all_quantizers(self.model)]
-        for q, _ in self.saved:
-            q.enabled = False
-        return self.model
-
-    def __exit__(self, *exc):
-        for q, e in self.saved:
-            q.enabled = e
-        return False
-
-
-def _all_quantizers(model: nn.Module) -> List[nn.Module]:
-    qs = [q for _, q in act_quantizers(model)]
-    qs += [layer.weight_quant for _, layer in quant_layers(model)
-           if layer.weight_quant is not None and hasattr(layer.weight_quant, "enabled")]
-    return qs
-
-
 # ---- the whole pipeline -------------------------------------------------------------------------
 def _pin_image_inputs(qmodel: nn.Module, example: torch.Tensor) -> List[str]:
     from zsq.quant.calibration import pin_image_input_ranges  # calibration builds on this module
@@ -410,18 +391,8 @@ def _pin_image_inputs(qmodel: nn.Module, example: torch.Tensor) -> List[str]:
     return pin_image_input_ranges(qmodel, example)
 
 
-def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optional[torch.Tensor] = None,
-                   strict: bool = False, quiet: bool = False) -> nn.Module:
-    """A new fake-quantized model (the float model is never mutated).
-
-    Needs an example input (``example_input`` or the model's zsq metadata): it checks the rewrite
-    (quantizers off => the float output, bit for bit) and finds which quantizers read one tensor.
-    Weight quantizers are initialised from the weights at once; activation quantizers are not:
-    calibrate them (``zsq.quant.calibrate``), set their ranges, or let them initialise lazily on
-    the first forward. ``model.zsq_quant_plan`` records what was placed where and what stayed float.
-    ``strict`` turns what would stay float (Conv3d, ConvTranspose2d, LSTM, functional F.conv2d/F.linear
-    calls) into an error; without it each such layer is listed in the plan and on stderr.
-    """
+def _prepare(model: nn.Module, config: QuantConfig, example_input: Optional[torch.Tensor]):
+    """(the copy to rewrite, its example input), once the inputs are checked."""
     if not isinstance(config, QuantConfig):
         raise ZsqError(f"config must be a QuantConfig (e.g. zsq.get_preset('genie', 'w4a4')), got {type(config).__name__}")
     qmodel = copy.deepcopy(model).eval()
@@ -432,19 +403,35 @@ def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optiona
     if example_input is None:
         raise ZsqError("quantize_model needs an example input to check the rewrite: pass example_input= or "
                        "attach metadata with zsq.models.set_meta(model, ModelMeta(...))")
+    return qmodel, example_input
+
+
+def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optional[torch.Tensor] = None,
+                   strict: bool = False) -> nn.Module:
+    """A new fake-quantized model (the float model is never mutated).
+
+    Needs an example input (``example_input`` or the model's zsq metadata): it checks the rewrite
+    (quantizers off => the float output, bit for bit) and finds which quantizers read one tensor.
+    Weight quantizers are initialised from the weights at once; activation quantizers are not:
+    calibrate them (``zsq.quant.calibrate``), set their ranges, or let them initialise lazily on
+    the first forward. ``model.zsq_quant_plan`` records what was placed where and what stayed float.
+    ``strict`` turns what would stay float (Conv3d, ConvTranspose2d, LSTM, functional F.conv2d/F.linear
+    calls) into an error; without it each such layer is listed in the plan and logged as a warning.
+    """
+    qmodel, example_input = _prepare(model, config, example_input)
     folded = fold_batchnorm(qmodel, example_input) if config.fold_bn else []
     with torch.no_grad():
         expected = qmodel(example_input)
     cap = G.capture(qmodel)
     untraced, untraced_layers = _untraced_that_matter(qmodel, cap, example_input)
     for name, why in untraced.items():
-        log(f"eager fallback for {name or 'the model'} ({type(qmodel.get_submodule(name)).__name__}): fx could "
-            f"not trace it ({why}); module rules apply inside it", quiet)
+        logger.warning(f"eager fallback for {name or 'the model'} ({type(qmodel.get_submodule(name)).__name__}): "
+                       f"fx could not trace it ({why}); module rules apply inside it")
     kept_float = _kept_float(qmodel, cap, untraced_layers)
     if strict:
         refuse_float_layers(kept_float)
     for k in kept_float:
-        log(f"kept in float: {k['layer']} ({k['type']}): {k['why']}", quiet)
+        logger.warning(f"kept in float: {k['layer']} ({k['type']}): {k['why']}")
     plan = wrap_layers(qmodel, config)
     placer = _Placer(qmodel, cap)
     after_act, residual, shared = [], [], []
@@ -535,15 +522,6 @@ def refuse_float_layers(kept: List[dict]) -> None:
                        f"({len(kept)} such layer(s)); drop --strict to keep them in float")
 
 
-def set_quant_state(model: nn.Module, weights: bool = True, acts: bool = True) -> None:
-    """Turn weight / activation fake quantization on or off (e.g. to compare with float)."""
-    for _, layer in quant_layers(model):
-        if layer.weight_quant is not None and hasattr(layer.weight_quant, "enabled"):
-            layer.weight_quant.enabled = weights
-    for _, q in act_quantizers(model):
-        q.enabled = acts
-
-
 # ---- the plan, for `zsq inspect` --------------------------------------------------------------
 def _readers(qmodel: nn.Module, example: torch.Tensor) -> Dict[str, str]:
     """For each activation quantizer, the module that produced the tensor it reads (run with every
@@ -551,7 +529,6 @@ def _readers(qmodel: nn.Module, example: torch.Tensor) -> Dict[str, str]:
     produced: Dict[int, str] = {}
     reads: Dict[str, str] = {}
     keep = []
-    hooks = []
     quant_ids = {id(q): n for n, q in act_quantizers(qmodel)}
 
     def out_hook(name):
@@ -567,17 +544,16 @@ def _readers(qmodel: nn.Module, example: torch.Tensor) -> Dict[str, str]:
         keep.append(x)
         reads.setdefault(quant_ids[id(_m)], produced.get(id(x), "the model input"))
 
-    try:
+    from zsq.quant.state import quantizers_disabled
+
+    with Hooks() as hooks:
         for name, mod in qmodel.named_modules():
             if id(mod) in quant_ids:
-                hooks.append(mod.register_forward_pre_hook(in_hook))
+                hooks.pre(mod, in_hook)
             elif name and not isinstance(mod, (QuantAct, QuantInput)):
-                hooks.append(mod.register_forward_hook(out_hook(name)))
-        with quantizers_off(qmodel), torch.no_grad():
+                hooks.post(mod, out_hook(name))
+        with quantizers_disabled(qmodel), torch.no_grad():
             qmodel(example)
-    finally:
-        for h in hooks:
-            h.remove()
     return reads
 
 

@@ -19,7 +19,7 @@ __all__ = ["synthesize", "get_synthesizer", "list_synthesizers", "register_synth
 
 def synthesize(teacher, method: str, num_images: int, *, budget: str = "quick", iters: int | None = None,
                batch_size: int | None = None, seed: int = 0, out=None, resume: bool = False,
-               quiet: bool = False, compute=None, **options) -> SyntheticSet:
+               compute=None, **options) -> SyntheticSet:
     """Make `num_images` images for `teacher` with `method` (see list_synthesizers()).
 
     budget: "quick" (sized for a 2-core CPU) or "paper" (the method's published iterations/sizes);
@@ -30,5 +30,5 @@ def synthesize(teacher, method: str, num_images: int, *, budget: str = "quick", 
     None = cpu, fp32, NCHW (bit-reproducible).
     """
     return get_synthesizer(method).run(teacher, num_images, seed=seed, budget=budget, out=out, resume=resume,
-                                       quiet=quiet, compute=compute, iters=iters, batch_size=batch_size, **options)
+                                       compute=compute, iters=iters, batch_size=batch_size, **options)
 

@@ -104,7 +104,7 @@ class SynthContext:
     cfg: Any
     seed: int
     workdir: Optional[Path]
-    quiet: bool
+    show_progress: bool  # rank 0 only: one bar per run, not one per process
     state: Dict[str, Any] = dataclasses.field(default_factory=dict)
     compute: Compute = Compute()  # device/precision/layout: run the teacher via compute.forward(net, x)
 
@@ -152,7 +152,7 @@ class Synthesizer:
 
     # -- the driver ----------------------------------------------------------------------------
     def run(self, teacher: nn.Module, num_images: int, *, seed: int = 0, budget: str = "quick",
-            out=None, resume: bool = False, quiet: bool = False, compute=None, **overrides) -> SyntheticSet:
+            out=None, resume: bool = False, compute=None, **overrides) -> SyntheticSet:
         meta = get_meta(teacher)
         compute = as_compute(compute)
         lead = zdist.rank() == 0
@@ -188,7 +188,7 @@ class Synthesizer:
 
         work = compute.prepare(copy.deepcopy(teacher).eval().requires_grad_(False))
         # only rank 0 keeps per-run state files (the others recompute it: same seeds, same state)
-        ctx = SynthContext(work, meta, cfg, int(seed), ckpt if lead else None, quiet or not lead, compute=compute)
+        ctx = SynthContext(work, meta, cfg, int(seed), ckpt if lead else None, lead, compute=compute)
         t0 = time.perf_counter()
         self.setup(ctx)
         mine = zdist.my_share([b for b in range(len(sizes)) if b not in done])  # all of them in one process

@@ -5,9 +5,9 @@ BatchNorm layers. Synthesis makes images whose per-channel statistics at the *in
 BatchNorm2d equal those running statistics. This module records those statistics with forward
 pre-hooks (removed on exit, always) and turns them into the two published loss forms:
 
-* Genie (genie.md §2.2): sum over layers of the channel-mean squared error of the batch mean vs
+* Genie (CVPR 2023; official distill.py `distill_data`): sum over layers of the channel-mean squared error of the batch mean vs
   running_mean and of the *unbiased* batch std vs sqrt(running_var + 1e-6); every layer weight 1.
-* GDFQ / HAST (ait.md §1.4, hast.md §2.2): mean over layers of MSE(batch mean, running_mean) +
+* GDFQ / HAST (official GDFQ trainer.py; HAST distill_data.py): mean over layers of MSE(batch mean, running_mean) +
   MSE(*biased* batch variance, running_var).
 
 Hooks store only per-channel mean and biased variance (not the activations), so memory stays small.
@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from zsq.errors import ZsqError
+from zsq.hooks import Hooks
 
 GENIE_STD_EPS = 1e-6  # Genie's target std is sqrt(running_var + 1e-6), not the BN's own eps
 
@@ -67,12 +68,12 @@ class BNStatsRecorder:
         self.model = model
         self.layers = batchnorm_layers(model)
         self.records: List[BNRecord] = []
-        self._handles = []
+        self._hooks = Hooks()
 
     def __enter__(self) -> "BNStatsRecorder":
         try:
             for name, bn in self.layers:
-                self._handles.append(bn.register_forward_pre_hook(self._make_hook(name, bn)))
+                self._hooks.pre(bn, self._make_hook(name, bn))
         except BaseException:
             self.remove()
             raise
@@ -82,9 +83,7 @@ class BNStatsRecorder:
         self.remove()
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.remove()
 
     def clear(self) -> None:
         self.records = []
@@ -103,11 +102,11 @@ class BNStatsRecorder:
         return self.records
 
     def genie_loss(self) -> torch.Tensor:
-        """Σ_l [mean_c (μ−μ̂)² + mean_c (σ_unbiased − √(σ̂²+1e-6))²] (genie.md §2.2)."""
+        """Σ_l [mean_c (μ−μ̂)² + mean_c (σ_unbiased − √(σ̂²+1e-6))²] (Genie's distill.py)."""
         return genie_bns_loss(self._check())
 
     def gdfq_loss(self) -> torch.Tensor:
-        """(1/L) Σ_l [MSE(μ, μ̂) + MSE(σ²_biased, σ̂²)] (ait.md §1.4, hast.md §2.2)."""
+        """(1/L) Σ_l [MSE(μ, μ̂) + MSE(σ²_biased, σ̂²)] (GDFQ trainer.py; HAST distill_data.py)."""
         return gdfq_bns_loss(self._check())
 
     def per_layer_genie(self) -> List[float]:
@@ -131,7 +130,7 @@ def gdfq_bns_loss(records: List[BNRecord]) -> torch.Tensor:
 
 def input_prior_loss(x: torch.Tensor) -> torch.Tensor:
     """Genie's pixel term: every image's per-channel mean -> 0 and unbiased std -> 1, summed over
-    channels and averaged over images (genie.md §2.2 L_in)."""
+    channels and averaged over images (Genie, official distill.py: L_in)."""
     std, mean = torch.std_mean(x, dim=(2, 3), unbiased=True)
     return ((mean ** 2).sum() + ((std - 1) ** 2).sum()) / x.shape[0]
 

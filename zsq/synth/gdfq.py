@@ -1,4 +1,4 @@
-"""GDFQ synthesis (ait.md §1.3–1.5): a class-conditional generator trained against the frozen
+"""GDFQ synthesis (Xu et al., ECCV 2020; official trainer.py): a class-conditional generator trained against the frozen
 teacher with L_G = CE(T(G(z, y)), y) + 0.1 · BNS (GDFQ form), Adam(1e-3, betas (0.5, 0.999)).
 
 Two ways to use it:
@@ -118,7 +118,7 @@ class GDFQGeneratorStream:
 @dataclass
 class GDFQConfig(SynthConfig):
     """iters = generator training steps before sampling; batch_size = training and sampling batch.
-    paper: GDFQ's generator warm-up (ait.md §1.6): 4 epochs × 200 at batch 200 (CIFAR),
+    paper: GDFQ's generator warm-up (official GDFQ config): 4 epochs × 200 at batch 200 (CIFAR),
     50 × 200 at batch 16 (ImageNet)."""
 
     batch_size: int = 200
@@ -167,7 +167,7 @@ class GDFQSynthesizer(Synthesizer):
             runstate.restore(stream, runstate.load_state(state_file), state_file)
         try:
             todo = range(stream.step_count, cfg.iters)
-            for _ in progress(todo, total=len(todo), desc="gdfq generator", quiet=ctx.quiet):
+            for _ in progress(todo, total=len(todo), desc="gdfq generator", disable=not ctx.show_progress):
                 stream.step()
                 if state_file is not None and (stream.step_count % cfg.ckpt_every == 0 or stream.step_count == cfg.iters):
                     runstate.save_state(state_file, dict(stream.state_dict(), losses=stream.last_losses))

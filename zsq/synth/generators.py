@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from zsq.models.meta import is_small_input
+
 
 def check_genie_width(width: int) -> int:
     """The Genie generator's width must be even (its middle conv has width/2 channels)."""
@@ -28,7 +30,7 @@ def _check_size(size: int, factor: int, what: str) -> int:
 
 
 class GDFQGenerator(nn.Module):
-    """GDFQ's CIFAR generator (ait.md §1.3): z ⊙ Embedding(y) -> Linear -> 128×S/4×S/4 -> BN ->
+    """GDFQ's CIFAR generator (Xu et al., ECCV 2020; official code): z ⊙ Embedding(y) -> Linear -> 128×S/4×S/4 -> BN ->
     up2 -> conv128 -> BN(eps=0.8) -> LReLU -> up2 -> conv64 -> BN(eps=0.8) -> LReLU -> conv3 -> Tanh ->
     BN(3, affine=False).
 
@@ -76,7 +78,7 @@ class ConditionalBatchNorm2d(nn.Module):
 
 
 class GDFQImageNetGenerator(nn.Module):
-    """GDFQ's ImageNet generator (ait.md §1.3): no input embedding; labels enter through
+    """GDFQ's ImageNet generator (official GDFQ code): no input embedding; labels enter through
     conditional BNs (eps 1e-5, 0.8, 0.8); Linear(100 -> 128·56²) at 224²."""
 
     def __init__(self, num_classes: int, img_size: int = 224, channels: int = 3, latent_dim: int = 100):
@@ -103,14 +105,15 @@ class GDFQImageNetGenerator(nn.Module):
 
 
 def gdfq_generator(num_classes: int, img_size: int, channels: int = 3, latent_dim: int = 100) -> nn.Module:
-    """The GDFQ generator for this teacher: the CIFAR one for small inputs (< 64 px), the
-    class-conditional-BN ImageNet one otherwise (as GDFQ picks by dataset)."""
-    cls = GDFQGenerator if img_size < 64 else GDFQImageNetGenerator
+    """The GDFQ generator for this teacher: the CIFAR one for small inputs (``is_small_input``, the
+    line every CIFAR-vs-ImageNet choice uses), the class-conditional-BN ImageNet one otherwise (as
+    GDFQ picks by dataset)."""
+    cls = GDFQGenerator if is_small_input(img_size) else GDFQImageNetGenerator
     return cls(num_classes, img_size, channels, latent_dim)
 
 
 class GenieGenerator(nn.Module):
-    """Genie-D's generator (genie.md §2.1), scaled to the input: init size = H/4.
+    """Genie-D's generator (official Genie distill.py `Generator`), scaled to the input: init size = H/4.
 
     head="linear" (the paper): Linear(latent -> width·(H/4)²). At 224² that Linear has 103M weights
     and dominates the step time. head="small" (a zsq option, not Genie's): Linear(latent ->

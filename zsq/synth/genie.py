@@ -1,4 +1,4 @@
-"""Genie-D (genie.md §2): per batch, a fresh generator and fresh learnable latents, trained so the
+"""Genie-D (Jeon et al., CVPR 2023; official distill.py): per batch, a fresh generator and fresh learnable latents, trained so the
 teacher's BN-input statistics match its running statistics; strided convs swing during synthesis.
 
 Why a generator at all: the images are the output of a shared small network rather than free
@@ -9,7 +9,7 @@ and they calibrate better than ZeroQ's free pixels (Genie-M W4A4 91.25 with the 
 BNS (benchmarks/results/synthesis-resnet20.md).
 
 Learning rates: Genie's CLI documents lr_g=0.1 for the generator and lr_z=0.01 for the latents,
-but its code hands lr_g to the latents and lr_z to the generator (genie.md §6.1). zsq uses the
+but its code hands lr_g to the latents and lr_z to the generator (official Genie distill.py L92-94). zsq uses the
 documented assignment in the paper budget; ``swap_lr=True`` swaps the two rates, which there
 reproduces the official code's effective one (latents 0.1, generator 0.01). The quick budget at 32²
 uses rates measured for it (see GenieConfig.quick).
@@ -63,7 +63,7 @@ def class_terms(logits: torch.Tensor, labels: torch.Tensor, kind: str, weight: f
 
 @dataclass
 class GenieConfig(SynthConfig):
-    """Genie-D budget. paper = genie.md §2.2 (batch 128, 4000 iterations)."""
+    """Genie-D budget. paper = the official Genie defaults (batch 128, 4000 iterations)."""
 
     batch_size: int = 128
     iters: int = 4000
@@ -75,7 +75,7 @@ class GenieConfig(SynthConfig):
     g_decay_every: int = 100  # ExponentialLR(g_gamma) on the generator's lr every this many iterations
     g_gamma: float = 0.95
     swing: bool = True
-    input_prior: bool = True  # the per-image mean 0 / std 1 pixel term (genie.md §2.2 L_in)
+    input_prior: bool = True  # the per-image mean 0 / std 1 pixel term (Genie, official distill.py: L_in)
     head: str = "linear"  # "linear" (Genie) or "small" (zsq option, see GenieGenerator)
     width: int = 128  # generator channels after the head (Genie: 128; zsq option, see GenieGenerator)
     # class coverage (zsq option, not Genie's): each image gets an assigned class, spread over the classes
@@ -160,7 +160,7 @@ class GenieSynthesizer(Synthesizer):
         decay = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=cfg.g_gamma)
         x_last, values = None, {}
         with BNStatsRecorder(net) as rec:
-            bar = progress(range(cfg.iters), total=cfg.iters, desc=f"genie batch {index}", quiet=ctx.quiet)
+            bar = progress(range(cfg.iters), total=cfg.iters, desc=f"genie batch {index}", disable=not ctx.show_progress)
             for t in bar:
                 opt_z.zero_grad(set_to_none=True)
                 opt_g.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""HAST hard-sample synthesis (hast.md §2): pixel optimisation with BN matching plus a focal-style,
+"""HAST hard-sample synthesis (Li et al., CVPR 2023; official distill_data.py): pixel optimisation with BN matching plus a focal-style,
 difficulty-weighted cross-entropy that keeps samples *hard* (the teacher is not allowed to become
 fully confident on them).
 
@@ -23,7 +23,7 @@ from zsq.synth.pixels import PixelSynthesizer
 
 @dataclass
 class HASTConfig(SynthConfig):
-    """paper = hast.md §2.3: batch 256, 1000 Adam(0.5) steps, plateau patience 50 (floor 1e-4)."""
+    """paper = HAST's official distill_data.py defaults: batch 256, 1000 Adam(0.5) steps, plateau patience 50 (floor 1e-4)."""
 
     batch_size: int = 256
     iters: int = 1000
@@ -40,7 +40,7 @@ class HASTConfig(SynthConfig):
 
     @classmethod
     def _for(cls, meta, **kw) -> "HASTConfig":
-        if meta.num_classes > 100:  # ImageNet-style teacher (hast.md §2.3 run_generate_imagenet.sh)
+        if meta.num_classes > 100:  # ImageNet-style teacher (HAST's official run_generate_imagenet.sh)
             kw = dict(dict(beta=0.1, gamma=0.5, augment=True), **kw)
         return cls(**kw)
 

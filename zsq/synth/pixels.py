@@ -41,7 +41,7 @@ class PixelSynthesizer(Synthesizer):
                                                              patience=cfg.patience, min_lr=MIN_LR)
         values = {}
         with BNStatsRecorder(ctx.teacher) as rec:
-            for t in progress(range(cfg.iters), total=cfg.iters, desc=f"{self.name} batch {index}", quiet=ctx.quiet):
+            for t in progress(range(cfg.iters), total=cfg.iters, desc=f"{self.name} batch {index}", disable=not ctx.show_progress):
                 opt.zero_grad(set_to_none=True)
                 terms = self.terms(ctx, rec, x, labels, gen)
                 loss = functools.reduce(operator.add, terms.values())

@@ -1,4 +1,4 @@
-"""Swing convolution (genie.md §2.3): a random ±1-pixel reflect-shift before every strided conv.
+"""Swing convolution (Genie's official distill.py `SwingConv2d`): a random ±1-pixel reflect-shift before every strided conv.
 
 A stride-2 conv only ever samples every other pixel, so pixels that no stride lands on get no
 gradient and synthetic images show checkerboard artifacts. Shifting the conv's input by a random
