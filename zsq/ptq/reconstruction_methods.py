@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -19,6 +19,7 @@ from zsq.options import check_range, parse_options
 from zsq.ptq import presets  # noqa: F401  (registers the brecq and qdrop presets)
 from zsq.ptq.budgets import RECIPES, EngineOptions, Recipe, get_budget
 from zsq.ptq.reconstruct import Reconstructor
+from zsq.quant.calibration import calibrate_from_bn
 from zsq.quant.qconfig import QuantConfig
 from zsq.quant.transforms import quantize_model
 
@@ -34,6 +35,9 @@ class PTQOptions:
     holdout: float = EngineOptions.holdout  # share of the calibration images held out of training (keep-the-better)
     keep_better: bool = EngineOptions.keep_better  # a unit keeps its reconstruction only if better on held-out images
     augment: int = EngineOptions.augment  # flipped/shifted views added per training image (zsq.ptq.augment)
+    # where activation steps start: "data" (the papers: Lp search on the calibration images) or "bn"
+    # (bn-minmax: from BatchNorm statistics, independent of how faithful synthetic images are)
+    act_init: Literal["data", "bn"] = "data"
 
     def __post_init__(self):
         check_range("chunk", self.chunk, 1)
@@ -82,6 +86,8 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
     if job.resume and work_dir is None:
         raise ZsqError("--resume needs --out (the checkpoints live in OUT/work)")
     qmodel = quantize_model(fp_model, qconfig)
+    if user.act_init == "bn":
+        calibrate_from_bn(qmodel, seed=job.seed)  # initialised quantizers are not re-initialised on data
     engine = Reconstructor(qmodel, calib, recipe, budget, opts, work_dir=work_dir,
                            on_unit_done=extra.get("on_unit_done"), compute=job.compute)
     report = engine.run(resume=job.resume)

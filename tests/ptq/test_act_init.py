@@ -1,0 +1,48 @@
+"""act_init=bn: reconstruction starts from bn-minmax's activation steps, not from the (synthetic)
+calibration images, whose statistics can be far from real data's."""
+import pytest
+import torch
+
+import zsq.ptq.reconstruction_methods as rm
+from tests.tiny_models import make_tiny
+from zsq.errors import ZsqError
+from zsq.methods.registry import QuantJob
+from zsq.quant import calibrate_from_bn, get_preset, quantize_model
+from zsq.quant.transforms import act_quantizers
+
+
+class _Stop(Exception):
+    pass
+
+
+def _start_scales(monkeypatch, act_init: str, calib: torch.Tensor) -> dict:
+    seen = {}
+
+    class Spy:
+        def __init__(self, qmodel, *a, **k):
+            seen.update({n: (bool(q.initialized), q.scale.detach().clone()) for n, q in act_quantizers(qmodel)})
+            raise _Stop
+
+    monkeypatch.setattr(rm, "Reconstructor", Spy)
+    job = QuantJob(calib=calib, iters=2, batch_size=8, extra={"act_init": act_init})
+    with pytest.raises(_Stop):
+        rm.genie(make_tiny(), get_preset("genie", "w4a4"), job)
+    return seen
+
+
+def test_bn_init_starts_from_bn_minmax_ranges(monkeypatch):
+    calib = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 0.05  # narrow "synthetic" set
+    ref = calibrate_from_bn(quantize_model(make_tiny(), get_preset("genie", "w4a4")), seed=0)
+    want = {n: q.scale.detach() for n, q in act_quantizers(ref)}
+    got = _start_scales(monkeypatch, "bn", calib)
+    assert got.keys() == want.keys() and all(init for init, _ in got.values())
+    for n, (_, s) in got.items():
+        assert torch.equal(s, want[n]), n
+    data = _start_scales(monkeypatch, "data", calib)  # the papers' start: initialised later, on the images
+    assert not any(init for init, _ in data.values())
+
+
+def test_act_init_rejects_other_values():
+    job = QuantJob(calib=torch.randn(4, 3, 16, 16), iters=1, extra={"act_init": "images"})
+    with pytest.raises(ZsqError, match="act_init must be one of data, bn"):
+        rm.genie(make_tiny(), get_preset("genie", "w4a4"), job)
