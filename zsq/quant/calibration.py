@@ -146,7 +146,7 @@ def pin_image_input_ranges(qmodel: nn.Module, example: torch.Tensor) -> List[str
             hooks.pre(q, pre(name))
         qmodel(example)
     lo, hi = meta.input_range()
-    by_name = dict(quants)
-    for name in dict.fromkeys(readers):
+    by_name, pinned = dict(quants), list(dict.fromkeys(readers))
+    for name in pinned:
         by_name[name].pin_range(lo, hi)
-    return list(dict.fromkeys(readers))
+    return pinned
