@@ -6,6 +6,7 @@ used, the cache size and quant_seconds. Options (``--set``, job.extra): the PTQO
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +39,37 @@ class PTQOptions:
     # where activation steps start: "data" (the papers: Lp search on the calibration images) or "bn"
     # (bn-minmax: from BatchNorm statistics, independent of how faithful synthetic images are)
     act_init: Literal["data", "bn"] = "data"
+    # what the recipe learns and how fast (None: the method's own value, e.g. Genie-M's Adam 1e-4 / 4e-5)
+    learn_weight_scale: Optional[bool] = None  # Genie-M's jointly learned per-channel weight step
+    train_act_scale: Optional[bool] = None  # LSQ activation steps
+    lr_weight_scale: Optional[float] = None
+    lr_act_scale: Optional[float] = None
 
     def __post_init__(self):
         check_range("chunk", self.chunk, 1)
         check_range("max_cache_mib", self.max_cache_mib, 0.0, lo_open=True)  # holdout: checked by EngineOptions
+        check_range("lr_weight_scale", self.lr_weight_scale, 0.0, lo_open=True)
+        check_range("lr_act_scale", self.lr_act_scale, 0.0, lo_open=True)
+
+
+def with_overrides(recipe: Recipe, user: PTQOptions) -> Recipe:
+    """The recipe with the user's learn/lr overrides applied to every phase they make sense in: weight-step
+    options to phases that learn rounding, activation-step options to phases with activations on."""
+    phases = []
+    for ph in recipe.phases:
+        change = {}
+        if ph.train_rounding:
+            if user.learn_weight_scale is not None:
+                change["learn_weight_scale"] = user.learn_weight_scale
+            if user.lr_weight_scale is not None:
+                change["lr_weight_scale"] = user.lr_weight_scale
+        if ph.acts_on:
+            if user.train_act_scale is not None:
+                change["train_act_scale"] = user.train_act_scale
+            if user.lr_act_scale is not None:
+                change["lr_act_scale"] = user.lr_act_scale
+        phases.append(dataclasses.replace(ph, **change))
+    return dataclasses.replace(recipe, phases=tuple(phases))
 
 
 
@@ -80,6 +108,7 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
     budget = get_budget(job.budget).override(job.iters, job.batch_size, job.num_images)
     extra = dict(job.extra or {})
     user = parse_options(PTQOptions, user_options(extra), recipe.name)
+    recipe = with_overrides(recipe, user)
     opts = EngineOptions(seed=job.seed, chunk=user.chunk, max_cache_mib=user.max_cache_mib,
                          holdout=user.holdout, keep_better=user.keep_better, augment=user.augment)
     work_dir = user.work_dir or (Path(job.out) / "work" if job.out is not None else None)

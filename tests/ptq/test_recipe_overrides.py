@@ -1,0 +1,60 @@
+"""--set learn_weight_scale / train_act_scale / lr_*: change what a recipe learns, only where it makes
+sense, and really reach the engine (a frozen weight step stays at its start)."""
+import pytest
+import torch
+
+import zsq.ptq.reconstruction_methods as rm
+from tests.tiny_models import make_tiny
+from zsq.errors import ZsqError
+from zsq.methods.registry import QuantJob
+from zsq.options import parse_options
+from zsq.ptq.budgets import RECIPES
+from zsq.quant import get_preset
+
+
+def _recipe(name, **values):
+    return rm.with_overrides(RECIPES[name], parse_options(rm.PTQOptions, values, name))
+
+
+def test_overrides_apply_to_the_phases_they_fit():
+    g = _recipe("genie", learn_weight_scale=False, lr_act_scale=1e-5)
+    (ph,) = g.phases
+    assert ph.learn_weight_scale is False and ph.lr_act_scale == 1e-5 and ph.lr_v == RECIPES["genie"].phases[0].lr_v
+    b = _recipe("brecq", lr_weight_scale=3e-3, lr_act_scale=2e-3)
+    weights, acts = b.phases
+    assert weights.lr_weight_scale == 3e-3 and acts.lr_act_scale == 2e-3
+    assert weights.lr_act_scale == RECIPES["brecq"].phases[0].lr_act_scale  # activations off there: unchanged
+    assert acts.lr_weight_scale == RECIPES["brecq"].phases[1].lr_weight_scale  # learns no rounding: unchanged
+    assert _recipe("genie") == RECIPES["genie"]
+
+
+def test_an_override_that_leaves_a_phase_nothing_to_learn_is_refused():
+    with pytest.raises(ZsqError, match="learns nothing"):
+        _recipe("brecq", train_act_scale=False)  # BRECQ's second phase learns only activation steps
+
+
+@pytest.mark.parametrize("key,value,msg", [("lr_act_scale", 0.0, "lr_act_scale must be > 0"),
+                                           ("learn_weight_scale", "no", "learn_weight_scale must be bool")])
+def test_bad_values_are_one_line_errors(key, value, msg):
+    with pytest.raises(ZsqError, match=msg):
+        parse_options(rm.PTQOptions, {key: value}, "genie")
+
+
+def _weight_steps(model):
+    return {n: m.weight_quant.scale.detach().clone() for n, m in model.named_modules()
+            if hasattr(m, "weight_quant") and getattr(m.weight_quant, "scale", None) is not None}
+
+
+def _run(extra):
+    calib = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    job = QuantJob(calib=calib, iters=5, batch_size=8, extra=dict(extra, lr_weight_scale=1e-2))
+    return rm.genie(make_tiny(), get_preset("genie", "w4a4"), job).model
+
+
+def test_frozen_weight_step_reaches_the_engine():
+    learned, frozen = _weight_steps(_run({})), _weight_steps(_run({"learn_weight_scale": False}))
+    start = _weight_steps(_run({"learn_weight_scale": False, "lr_weight_scale": 1.0}))
+    assert learned.keys() == frozen.keys() and learned
+    assert any(not torch.equal(learned[n], frozen[n]) for n in learned)  # Genie-M moved its steps
+    for n in frozen:  # frozen: the initial grid, whatever the (unused) learning rate
+        assert torch.equal(frozen[n], start[n]), n
