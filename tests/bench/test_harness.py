@@ -78,7 +78,7 @@ def test_harness_end_to_end_resume(tmp_path):
     assert f"| {M} | bn-minmax | none | {rows[0]['main']['top1']:.2f} / {rows[0]['jpeg']['top1']:.2f} |  |" in summary
     assert f"| {M} | genie | noise |  | {rows[1]['main']['top1']:.2f} / {rows[1]['jpeg']['top1']:.2f} |" in summary
     assert rows[0]["main"]["fp32_top1"] == rows[1]["main"]["fp32_top1"]
-    assert (tmp_path / "fp32" / f"{M}-main-64.json").exists()  # FP32 evaluated once per set
+    assert (tmp_path / "fp32" / f"{M}-exact-1017-64.json").exists()  # FP32 evaluated once per set (named by set)
 
     # a finished suite does no work
     ran.clear()
@@ -101,6 +101,26 @@ def test_refuses_other_suite_in_same_dir(tmp_path):
     save_results(tmp_path, {"suite": "other", "budget": "quick", "cells": {}})
     with pytest.raises(ZsqError):
         run_suite(tiny_suite(), tmp_path)
+
+
+def test_refuses_results_evaluated_on_another_set(tmp_path):
+    lite = Cell("efficientnet_lite0", "bn-minmax", "w8a8")
+    suite = Suite("lite", "one Lite0 cell", (lite,), jpeg_eval=False)
+    row = {"model": "efficientnet_lite0", "main": {"set": "val1300", "top1": 83.0}}  # before the real-data split
+    save_results(tmp_path, {"suite": "lite", "budget": "quick", "cells": {lite.key: row}})
+    before = (tmp_path / RESULTS).read_bytes()
+    with pytest.raises(ZsqError, match=r"evaluated on val1300, this version evaluates efficientnet_lite0 on val1300\[256:\]"):
+        run_suite(suite, tmp_path, resume=True)
+    assert (tmp_path / RESULTS).read_bytes() == before
+
+
+def test_lite0_real_reference_is_disjoint_from_its_evaluation_set():
+    from zsq.bench.suites import MODELS
+
+    setup = MODELS["efficientnet_lite0"]
+    assert setup.real_calib.endswith("val1300[0:256]") and setup.eval_main.endswith("val1300[256:]")
+    cells = get_suite("imagenet-lite0").cells
+    assert any(c.data == "real" for c in cells)
 
 
 def test_cli_registered_and_report_only(tmp_path, capsys):

@@ -45,10 +45,10 @@ def _weight_steps(model):
             if hasattr(m, "weight_quant") and getattr(m.weight_quant, "scale", None) is not None}
 
 
-def _run(extra):
+def _run(extra, bits="w4a4"):
     calib = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     job = QuantJob(calib=calib, iters=5, batch_size=8, extra=dict(extra, lr_weight_scale=1e-2))
-    return rm.genie(make_tiny(), get_preset("genie", "w4a4"), job).model
+    return rm.genie(make_tiny(), get_preset("genie", bits), job).model
 
 
 def test_frozen_weight_step_reaches_the_engine():
@@ -58,3 +58,34 @@ def test_frozen_weight_step_reaches_the_engine():
     assert any(not torch.equal(learned[n], frozen[n]) for n in learned)  # Genie-M moved its steps
     for n in frozen:  # frozen: the initial grid, whatever the (unused) learning rate
         assert torch.equal(frozen[n], start[n]), n
+
+
+def test_relative_weight_step_lr_needs_a_learned_step():
+    g = _recipe("genie", lr_weight_scale_rel=5e-3)
+    assert g.phases[0].lr_weight_scale_rel == 5e-3
+    with pytest.raises(ZsqError, match="lr_weight_scale_rel needs learn_weight_scale"):
+        _recipe("qdrop", lr_weight_scale_rel=5e-3)  # QDrop keeps its weight steps fixed
+
+
+def test_relative_weight_step_reaches_the_engine():
+    rel = _weight_steps(_run({"lr_weight_scale_rel": 1e-3}))
+    start = _weight_steps(_run({"learn_weight_scale": False}))
+    for n in rel:  # 5 Adam steps of 1e-3 move each step by at most ~0.5 % of itself
+        ratio = rel[n] / start[n]
+        assert (ratio - 1).abs().max() <= 5.5e-3 and not torch.equal(rel[n], start[n]), n
+
+
+@pytest.mark.parametrize("bits", ["w8a8", "w5a5"])
+def test_genie_keeps_weight_steps_on_fine_grids_unless_asked(bits):
+    frozen = _weight_steps(_run({"learn_weight_scale": False}, bits))
+    auto = _weight_steps(_run({}, bits))
+    asked = _weight_steps(_run({"learn_weight_scale": True}, bits))
+    assert auto.keys() == frozen.keys() == asked.keys() and auto
+    assert all(torch.equal(auto[n], frozen[n]) for n in auto)
+    assert any(not torch.equal(asked[n], frozen[n]) for n in asked)
+
+
+def test_genie_learns_weight_steps_at_four_bits_and_below():
+    assert rm.FIXED_WEIGHT_STEP_BITS > 4
+    auto, frozen = _weight_steps(_run({}, "w4a8")), _weight_steps(_run({"learn_weight_scale": False}, "w4a8"))
+    assert any(not torch.equal(auto[n], frozen[n]) for n in auto)

@@ -103,3 +103,36 @@ def test_beta_schedule():
         BetaSchedule(0)
     with pytest.raises(ZsqError):
         BetaSchedule(10, warmup=1.0)
+
+
+def _one_adam_step(soft, w, lr):
+    opt = torch.optim.Adam([soft.scale_parameter()], lr=lr)
+    target = torch.randn(w.shape, generator=torch.Generator().manual_seed(5)) * w.abs().mean()
+    ((soft(w) - target) ** 2).sum().backward()
+    opt.step()
+    return soft.step_size().detach().flatten()
+
+
+def test_relative_step_moves_every_channel_by_the_same_fraction():
+    layer = _conv()
+    with torch.no_grad():  # channels whose steps differ by up to 100x, as in a depthwise conv at 8 bits
+        layer.weight.mul_(torch.logspace(-2, 0, 6).view(6, 1, 1, 1))
+    w = layer.weight.detach().clone()
+    s0 = layer.weight_quant.qparams(w)[0].detach().flatten().clone()
+    rel = SoftRoundQuantizer(w, layer.weight_quant, learn_scale=True, relative_scale=True)
+    assert torch.allclose(rel(w), SoftRoundQuantizer(w, layer.weight_quant, learn_scale=True)(w))  # same start
+    moved = _one_adam_step(rel, w, 1e-2) / s0 - 1  # Adam's first step is lr * sign(gradient)
+    assert torch.allclose(moved.abs(), torch.full_like(moved, 1e-2), rtol=1e-3), moved
+    absolute = _one_adam_step(SoftRoundQuantizer(w, layer.weight_quant, learn_scale=True), w, 1e-4) - s0
+    assert torch.allclose(absolute.abs(), torch.full_like(absolute, 1e-4), rtol=1e-2)  # same size, any step
+    layer.weight_quant = rel
+    uq = to_uniform(layer)  # the learned step is what the plain quantizer keeps
+    assert torch.allclose(uq.scale.detach().flatten(), (1 + moved) * s0)
+
+
+def test_fixed_step_has_no_scale_parameter():
+    layer = _conv()
+    soft = SoftRoundQuantizer(layer.weight.detach(), layer.weight_quant, learn_scale=False, relative_scale=True)
+    assert not soft.relative_scale and not any(p is not soft.v for p in soft.parameters())
+    with pytest.raises(ZsqError, match="keeps its step fixed"):
+        soft.scale_parameter()

@@ -133,7 +133,8 @@ def run_cell(cell: Cell, budget: str, cache: Path, eval_limit: Optional[int] = N
         evals.append(("jpeg", setup.eval_jpeg, "JPEG-10k"))
     for tag, rel, name in evals:
         spec = _spec(rel, eval_limit)
-        fp = _fp32_eval(fp_model, spec, cache.parent / "fp32" / f"{cell.model}-{tag}-{eval_limit or 'all'}.json")
+        set_id = name.replace("[", "_").replace(":", "-").replace("]", "")
+        fp = _fp32_eval(fp_model, spec, cache.parent / "fp32" / f"{cell.model}-{set_id}-{eval_limit or 'all'}.json")
         q = evaluate(result.model, spec, return_preds=True)
         k = round(q["top1"] * q["n"] / 100)
         lo, hi = wilson(k, q["n"])

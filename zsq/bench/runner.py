@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from zsq.bench.suites import Suite
+from zsq.bench.suites import MODELS, Suite
 from zsq.errors import ZsqError
 
 logger = logging.getLogger(__name__)
@@ -103,6 +103,17 @@ def merge_results(out, other) -> dict:
     return mine
 
 
+def _check_eval_sets(results: dict, out: Path) -> None:
+    """Refuse a results.json whose finished cells were evaluated on another set than this version's
+    (e.g. Lite0 on all of val1300 before val1300[0:256] became the real-data calibration set)."""
+    for key, row in results.get("cells", {}).items():
+        setup = MODELS.get(row.get("model"))
+        have = (row.get("main") or {}).get("set")
+        if setup is not None and have is not None and have != setup.eval_main_name:
+            raise ZsqError(f"{out / RESULTS}: cell {key} was evaluated on {have}, this version evaluates "
+                           f"{row['model']} on {setup.eval_main_name}; use another --out")
+
+
 def run_suite(suite: Suite, out, budget: str = "quick", resume: bool = True, isolate: bool = True,
               on_cell: Optional[Callable[[str], None]] = None,
               cell_timeout: Optional[float] = None, only: Optional[str] = None) -> dict:
@@ -120,6 +131,8 @@ def run_suite(suite: Suite, out, budget: str = "quick", resume: bool = True, iso
     if results is not None and (results.get("suite") != suite.name or results.get("budget") != budget):
         raise ZsqError(f"{out / RESULTS} holds suite {results.get('suite')} ({results.get('budget')}); "
                        f"use another --out")
+    if results is not None:
+        _check_eval_sets(results, out)
     if results is not None and not resume and results.get("cells"):
         raise ZsqError(f"{out / RESULTS} exists; pass --resume to finish it or use another --out")
     if results is None:

@@ -57,7 +57,9 @@ class Phase:
     train_act_scale: LSQ steps of the unit's activation quantizers; acts_on: activation quantization
     enabled in this phase (off in BRECQ's weight phase); qdrop_p: probability of keeping the quantized
     value at the unit input and in each activation quantizer (0 = no QDrop: the unit reads x_q);
-    loss_p: the reconstruction loss is mean over batch/space of sum_c |y_hat - y|^p.
+    loss_p: the reconstruction loss is mean over batch/space of sum_c |y_hat - y|^p;
+    lr_weight_scale_rel: when set, the weight step is learned relative to its start (s0 * g) with this lr
+    instead of lr_weight_scale on s itself.
     """
 
     name: str
@@ -72,6 +74,7 @@ class Phase:
     lr_weight_scale: float = 1e-4
     lr_act_scale: float = 4e-5
     loss_p: float = 2.0
+    lr_weight_scale_rel: Optional[float] = None  # set: learn each weight step as s0 * g, lr a fraction of s0
 
     def __post_init__(self):
         if not 0.0 <= self.qdrop_p <= 1.0:
@@ -80,6 +83,8 @@ class Phase:
             raise ZsqError(f"phase {self.name!r}: cannot train activation steps with activations off")
         if not (self.train_rounding or self.train_act_scale):
             raise ZsqError(f"phase {self.name!r} learns nothing")
+        if self.lr_weight_scale_rel is not None and not (self.learn_weight_scale and self.lr_weight_scale_rel > 0):
+            raise ZsqError(f"phase {self.name!r}: lr_weight_scale_rel needs learn_weight_scale and a value > 0")
         if self.iters_scale <= 0 or self.round_weight < 0 or self.loss_p <= 0:
             raise ZsqError(f"phase {self.name!r}: iters_scale and loss_p must be > 0, round_weight >= 0")
 

@@ -130,7 +130,8 @@ def _soft_rounding(layers: List[nn.Module], phase: Phase) -> List[SoftRoundQuant
     soft: List[SoftRoundQuantizer] = []
     if phase.train_rounding:
         for layer in layers:
-            layer.weight_quant = SoftRoundQuantizer(layer.weight, layer.weight_quant, phase.learn_weight_scale)
+            layer.weight_quant = SoftRoundQuantizer(layer.weight, layer.weight_quant, phase.learn_weight_scale,
+                                                    relative_scale=phase.lr_weight_scale_rel is not None)
             soft.append(layer.weight_quant)
     return soft
 
@@ -141,7 +142,8 @@ def _param_groups(phase: Phase, soft: List[SoftRoundQuantizer], acts: List[Unifo
     if soft:
         groups_fast.append({"params": [s.v for s in soft], "lr": phase.lr_v})
         if phase.learn_weight_scale:
-            groups_scale.append({"params": [s.scale for s in soft], "lr": phase.lr_weight_scale})
+            lr = phase.lr_weight_scale if phase.lr_weight_scale_rel is None else phase.lr_weight_scale_rel
+            groups_scale.append({"params": [s.scale_parameter() for s in soft], "lr": lr})
     if phase.train_act_scale:
         act_params = [q.scale for q in acts if isinstance(q.scale, nn.Parameter) and q.scale.requires_grad]
         if act_params:

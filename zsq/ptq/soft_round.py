@@ -35,10 +35,13 @@ class SoftRoundQuantizer(nn.Module):
     """Learnable rounding of one layer's weight on the grid of an initialised UniformQuantizer.
 
     learn_scale: Genie-M (step s is an nn.Parameter); False for AdaRound/BRECQ/QDrop (fixed s0).
+    relative_scale: learn s as s0 * g (g starts at 1), so an Adam step moves every channel's step by the
+    same fraction; with s itself learned, Adam moves it by about lr whatever its size, which is a large
+    change for the small steps of 8-bit grids (benchmarks/results/imagenet_quality.md).
     hard: use 1[V >= 0] instead of h(V) (set by ``harden()``; what evaluation sees).
     """
 
-    def __init__(self, weight: torch.Tensor, base: UniformQuantizer, learn_scale: bool):
+    def __init__(self, weight: torch.Tensor, base: UniformQuantizer, learn_scale: bool, relative_scale: bool = False):
         super().__init__()
         if not isinstance(base, UniformQuantizer) or base.spec.dynamic:
             raise ZsqError("soft rounding needs a static (non-dynamic) UniformQuantizer weight grid; "
@@ -55,13 +58,28 @@ class SoftRoundQuantizer(nn.Module):
         self.register_buffer("base_int", base_int)  # B, frozen
         self.register_buffer("zero_point", z)
         self.register_buffer("signed_flag", base.signed_flag.detach().clone())
-        if learn_scale:
+        self.relative_scale = learn_scale and relative_scale
+        if self.relative_scale:  # s = s0 * g with g learned: Adam's lr is then a fraction of each channel's step
+            self.register_buffer("scale0", s0.clone())
+            self.gain = nn.Parameter(torch.ones_like(s0))
+        elif learn_scale:
             self.scale = nn.Parameter(s0.clone())
         else:
             self.register_buffer("scale", s0.clone())
         self.v = nn.Parameter(inverse_rectified_sigmoid(frac))
         self.hard = False
         self.enabled = True
+
+    def step_size(self) -> torch.Tensor:
+        """The current step s (per channel, shaped to broadcast against the weight)."""
+        return self.scale0 * self.gain if self.relative_scale else self.scale
+
+    def scale_parameter(self) -> nn.Parameter:
+        """What the optimizer moves to learn s: s itself, or its gain g (relative_scale)."""
+        p = self.gain if self.relative_scale else self.scale
+        if not isinstance(p, nn.Parameter):
+            raise ZsqError("this soft-rounding quantizer keeps its step fixed (learn_scale=False)")
+        return p
 
     def h(self) -> torch.Tensor:
         return rectified_sigmoid(self.v)
@@ -74,7 +92,7 @@ class SoftRoundQuantizer(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         rnd = (self.v >= 0).float() if self.hard else self.h()
         q = torch.clamp(self.base_int + rnd + self.zero_point, self.qmin, self.qmax)
-        return self.scale * (q - self.zero_point)
+        return self.step_size() * (q - self.zero_point)
 
     def round_loss(self, beta: float) -> torch.Tensor:
         """sum(1 - |2h(V) - 1|^beta): zero only when every h(V) is exactly 0 or 1."""
@@ -84,7 +102,8 @@ class SoftRoundQuantizer(nn.Module):
         self.hard = True
 
     def extra_repr(self) -> str:
-        return f"bits={self.spec.bits}, learn_scale={isinstance(self.scale, nn.Parameter)}, hard={self.hard}"
+        learn = "relative" if self.relative_scale else isinstance(getattr(self, "scale", None), nn.Parameter)
+        return f"bits={self.spec.bits}, learn_scale={learn}, hard={self.hard}"
 
 
 def to_uniform(layer: nn.Module) -> UniformQuantizer:
@@ -97,7 +116,7 @@ def to_uniform(layer: nn.Module) -> UniformQuantizer:
         raise TypeError("layer has no SoftRoundQuantizer")
     codes = soft.codes()
     with torch.no_grad():
-        scale = soft.scale.detach().clamp(min=1e-8)
+        scale = soft.step_size().detach().clamp(min=1e-8)
         hard_w = scale * (codes - soft.zero_point)
         uq = UniformQuantizer(soft.spec, num_channels=scale.numel() if soft.spec.per_channel else None)
         uq.scale.data.copy_(scale.reshape(uq.scale.shape))
