@@ -47,13 +47,14 @@ def _weight_steps(model):
 
 def _run(extra, bits="w4a4"):
     calib = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    job = QuantJob(calib=calib, iters=5, batch_size=8, extra=dict(extra, lr_weight_scale=1e-2))
+    fast = {} if "lr_weight_scale_rel" in extra else {"lr_weight_scale": 1e-2}
+    job = QuantJob(calib=calib, iters=5, batch_size=8, extra=dict(fast, **extra))
     return rm.genie(make_tiny(), get_preset("genie", bits), job).model
 
 
 def test_frozen_weight_step_reaches_the_engine():
     learned, frozen = _weight_steps(_run({})), _weight_steps(_run({"learn_weight_scale": False}))
-    start = _weight_steps(_run({"learn_weight_scale": False, "lr_weight_scale": 1.0}))
+    start = _weight_steps(_run({"learn_weight_scale": False, "lr_weight_scale": 1.0}))  # an lr, but nothing learned
     assert learned.keys() == frozen.keys() and learned
     assert any(not torch.equal(learned[n], frozen[n]) for n in learned)  # Genie-M moved its steps
     for n in frozen:  # frozen: the initial grid, whatever the (unused) learning rate
@@ -89,3 +90,12 @@ def test_genie_learns_weight_steps_at_four_bits_and_below():
     assert rm.FIXED_WEIGHT_STEP_BITS > 4
     auto, frozen = _weight_steps(_run({}, "w4a8")), _weight_steps(_run({"learn_weight_scale": False}, "w4a8"))
     assert any(not torch.equal(auto[n], frozen[n]) for n in auto)
+
+
+def test_absolute_and_relative_lr_are_exclusive():
+    with pytest.raises(ZsqError, match="not both"):
+        parse_options(rm.PTQOptions, {"lr_weight_scale": 1e-4, "lr_weight_scale_rel": 1e-2}, "genie")
+    paper = _recipe("genie", lr_weight_scale=1e-4).phases[0]  # an absolute lr selects the paper's parametrisation
+    assert paper.lr_weight_scale == 1e-4 and paper.lr_weight_scale_rel is None and paper.learn_weight_scale
+    off = _recipe("genie", learn_weight_scale=False).phases[0]
+    assert not off.learn_weight_scale and off.lr_weight_scale_rel is None

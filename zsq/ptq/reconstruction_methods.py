@@ -57,6 +57,9 @@ class PTQOptions:
         check_range("lr_weight_scale", self.lr_weight_scale, 0.0, lo_open=True)
         check_range("lr_act_scale", self.lr_act_scale, 0.0, lo_open=True)
         check_range("lr_weight_scale_rel", self.lr_weight_scale_rel, 0.0, lo_open=True)
+        if self.lr_weight_scale is not None and self.lr_weight_scale_rel is not None:
+            raise ZsqError("set lr_weight_scale (learn each weight step itself) or lr_weight_scale_rel (learn it "
+                           "relative to its start), not both")
 
 
 # From this many weight bits up, a recipe that learns weight steps (Genie-M) keeps them at their start
@@ -87,12 +90,13 @@ def with_overrides(recipe: Recipe, user: PTQOptions) -> Recipe:
     for ph in recipe.phases:
         change = {}
         if ph.train_rounding:
-            if user.learn_weight_scale is not None:
-                change["learn_weight_scale"] = user.learn_weight_scale
-            if user.lr_weight_scale is not None:
-                change["lr_weight_scale"] = user.lr_weight_scale
-            if user.lr_weight_scale_rel is not None:
-                change["lr_weight_scale_rel"] = user.lr_weight_scale_rel
+            learn = ph.learn_weight_scale if user.learn_weight_scale is None else user.learn_weight_scale
+            rel = ph.lr_weight_scale_rel if learn else None  # the recipe's relative lr, if steps are learned
+            if user.lr_weight_scale is not None:  # an absolute lr asks for the step itself to be learned
+                change["lr_weight_scale"], rel = user.lr_weight_scale, None
+            if user.lr_weight_scale_rel is not None:  # the Phase refuses it where steps are not learned
+                rel = user.lr_weight_scale_rel
+            change.update(learn_weight_scale=learn, lr_weight_scale_rel=rel)
         if ph.acts_on:
             if user.train_act_scale is not None:
                 change["train_act_scale"] = user.train_act_scale
