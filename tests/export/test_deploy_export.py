@@ -151,3 +151,27 @@ def test_deploy_bias_is_exported_on_its_grid_and_matches_the_runtime_closer(tmp_
     export_onnx(q, tmp_path / "plain.onnx", opset=17)
     without = check_parity(q, tmp_path / "plain.onnx", x, threads=1)
     assert with_grid["max_rel_logit_diff"] < without["max_rel_logit_diff"], (with_grid, without)
+
+
+def test_timm_efficientnet_lite0_runs_in_integer_kernels(tmp_path):
+    """timm's tf_efficientnet_lite0 (random init, no download): its BatchNormAct2d fold into the convs
+    and the run-time TF-SAME pads of its Conv2dSame fold into them too, so every conv fuses."""
+    import pytest
+
+    timm = pytest.importorskip("timm", reason="timm is not installed")
+    import zsq
+
+    torch.manual_seed(0)
+    m = timm.create_model("tf_efficientnet_lite0").eval()
+    r = zsq.quantize(m, method="bn-minmax", preset="deploy", bits="w8a8", input_size=(3, 64, 64),
+                     mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    plan = r.model.zsq_quant_plan
+    assert len(plan["folded_bn"]) == 49 and plan["eager_fallback"] == [] and plan["kept_float"] == []
+    info = export_onnx(r.model, tmp_path / "m.onnx")
+    assert len(info["pads_folded_into_convs"]) == 5  # the stem and the four stride-2 depthwise convs
+    assert not {"BatchNormalization", "Pad", "Shape", "Ceil"} & set(info["ops"]), info["ops"]
+    ops = _optimized_ops(tmp_path / "m.onnx", tmp_path)
+    assert ops["QLinearConv"] == 49 and ops["Conv"] == 0 and ops["FusedConv"] == 0, ops
+    images = torch.randn(32, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    res = check_parity(r.model, tmp_path / "m.onnx", images, threads=1)
+    assert res["top1_agreement"] == 1.0 and res["max_rel_logit_diff"] < 0.2, res

@@ -117,3 +117,39 @@ def test_the_folded_pads_leave_no_dead_nodes(tmp_path):
     read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     assert all(any(o in read for o in n.output) for n in graph.node)
     assert all(i.name in read for i in graph.initializer)
+
+
+class RuntimeSamePadConv(nn.Conv2d):
+    """timm's Conv2dSame without timm: the TF "SAME" pad is computed from the input's size at run time,
+    so the export holds Shape/Gather/Div/Ceil/... -> Pad, constant only once the input shape is known."""
+
+    def forward(self, x):
+        ih, iw = x.size()[-2:]
+        pads = []
+        for size, k, s in ((iw, self.kernel_size[1], self.stride[1]), (ih, self.kernel_size[0], self.stride[0])):
+            p = torch.clamp(((size / s).ceil() - 1) * s + (k - 1) + 1 - size, min=0) if isinstance(size, torch.Tensor) \
+                else max((-(-size // s) - 1) * s + k - size, 0)
+            pads += [p // 2, p - p // 2]
+        return nn.functional.conv2d(nn.functional.pad(x, pads), self.weight, self.bias, self.stride, 0,
+                                    self.dilation, self.groups)
+
+
+def test_chained_run_time_pads_all_fold_and_their_shape_computation_goes():
+    """The second pad's input shape is unknown to shape inference until the first Pad is folded: the
+    pass repeats until nothing folds, and nothing of the run-time pad arithmetic is left."""
+    torch.manual_seed(0)
+    module = nn.Sequential(RuntimeSamePadConv(3, 4, 3, stride=2), nn.ReLU(), RuntimeSamePadConv(4, 4, 3, stride=2, groups=4),
+                           RuntimeSamePadConv(4, 5, 5, stride=2))
+    x = np.random.default_rng(0).standard_normal((2, 3, 13, 11)).astype(np.float32)
+    graph = _float_graph(module, size=(3, 13, 11))
+    before = _run(graph, x)
+    assert _ops(graph)["Pad"] == 3 and _ops(graph)["Shape"] >= 3
+    assert len(fold_zero_pads(graph)) == 3
+    left = _ops(graph)
+    assert left == Counter({"Conv": 3, "Relu": 1}), left  # no Pad, no Shape/Gather/Ceil/Cast/Concat
+    # 13x11 -> 7x6 -> 4x3: TF SAME pads, [h_begin, w_begin, h_end, w_end], the odd pixel at the end
+    assert [list(a.ints) for n in graph.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "pads"] == \
+        [[1, 1, 1, 1], [1, 0, 1, 1], [1, 2, 2, 2]]
+    onnx.checker.check_model(graph, full_check=True)
+    np.testing.assert_allclose(_run(graph, x), before, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(before, module(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-5)

@@ -23,7 +23,7 @@ import torch.nn as nn
 from zsq.errors import ZsqError
 from zsq.export.frozen import FrozenWeightQuantizer
 from zsq.export.weight_grid import weight_grid
-from zsq.quant.modules import FoldedBatchNorm, QuantConv2d
+from zsq.quant.modules import QuantConv2d, folded_stand_in
 from zsq.quant.state import quantizer_flags
 from zsq.quant.transforms import _conv_bn_pairs, act_quantizers, set_submodule
 
@@ -57,7 +57,7 @@ def fold_quantized_batchnorm(qmodel: nn.Module, example: torch.Tensor, rtol: flo
     for conv_name, bn_name in pairs:
         bn = m.get_submodule(bn_name)
         _fold_one(m.get_submodule(conv_name), conv_name, bn)
-        set_submodule(m, bn_name, FoldedBatchNorm.from_bn(bn))
+        set_submodule(m, bn_name, folded_stand_in(bn))
     # compare with activation quantizers off: then only float rounding of the weights differs, and no
     # activation near a rounding boundary can flip and cascade
     with quantizer_flags([q for mod in (qmodel, m) for _, q in act_quantizers(mod)], enabled=False), \

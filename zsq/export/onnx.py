@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from zsq.errors import ZsqError
 from zsq.quant.modules import QuantAct, QuantInput
-from zsq.export.onnx_passes import fold_zero_pads
+from zsq.export.onnx_passes import drop_unused, fold_zero_pads
 from zsq.export.weight_grid import weight_grid
 from zsq.quant.transforms import quant_layers
 
@@ -257,23 +257,8 @@ def pack_int4_weights(model) -> List[str]:
         users[n.input[2]] -= 1
         n.input[2] = zp_name
         done.append(n.input[0])
-    _drop_unused(model)
+    drop_unused(model)
     return done
-
-
-def _drop_unused(model) -> None:
-    """Remove the nodes (ONNX operators have no side effects) and initializers nothing reads any more."""
-    outputs = {o.name for o in model.graph.output}
-    while True:
-        used = {i for n in model.graph.node for i in n.input} | outputs
-        dead = [n for n in model.graph.node if not any(o in used for o in n.output)]
-        for n in dead:
-            model.graph.node.remove(n)
-        if not dead:
-            break
-    used = {i for n in model.graph.node for i in n.input}
-    for t in [t for t in model.graph.initializer if t.name not in used]:
-        model.graph.initializer.remove(t)
 
 
 def _to_opset21(model):
@@ -319,8 +304,6 @@ def export_onnx(qmodel: nn.Module, path, *, input_size: Optional[Tuple[int, int,
         raise ZsqError(f"torch.onnx.export failed: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     model = onnx.load_from_string(buf.getvalue())
     folded_pads = fold_zero_pads(model)
-    if folded_pads:
-        _drop_unused(model)
     int4 = []
     if opset > TORCH_MAX_OPSET:
         model, int4 = _to_opset21(model)

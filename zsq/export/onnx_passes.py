@@ -123,9 +123,23 @@ def _spatial_zero_pads(model, pad, shapes: dict) -> Optional[List[int]]:
     return [pads[2], pads[3], pads[6], pads[7]]
 
 
-def fold_zero_pads(model) -> List[str]:
-    """Move every zero ``Pad`` whose only reader is a Conv into that Conv's ``pads`` (in place).
-    Returns the names of the Convs that took a Pad."""
+def drop_unused(model) -> None:
+    """Remove the nodes (ONNX operators have no side effects) and initializers nothing reads any more."""
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        used = {i for n in model.graph.node for i in n.input} | outputs
+        dead = [n for n in model.graph.node if not any(o in used for o in n.output)]
+        for n in dead:
+            model.graph.node.remove(n)
+        if not dead:
+            break
+    used = {i for n in model.graph.node for i in n.input}
+    for t in [t for t in model.graph.initializer if t.name not in used]:
+        model.graph.initializer.remove(t)
+
+
+def _fold_pass(model, shapes: dict) -> List[str]:
+    """One pass of ``fold_zero_pads`` with these inferred shapes; the names of the Convs that took a Pad."""
     from onnx import helper
 
     readers = defaultdict(list)
@@ -134,9 +148,6 @@ def fold_zero_pads(model) -> List[str]:
             readers[name].append(node)
     outputs = {o.name for o in model.graph.output}
     pads_of = {n.output[0]: n for n in model.graph.node if n.op_type == "Pad"}
-    if not pads_of:
-        return []
-    shapes = _static_shapes(model)
     folded, dead = [], []
     for conv in model.graph.node:
         pad = pads_of.get(conv.input[0]) if conv.op_type == "Conv" else None
@@ -154,4 +165,22 @@ def fold_zero_pads(model) -> List[str]:
         folded.append(conv.name)
     for pad in dead:
         model.graph.node.remove(pad)
+    return folded
+
+
+def fold_zero_pads(model) -> List[str]:
+    """Move every zero ``Pad`` whose only reader is a Conv into that Conv's ``pads`` (in place), and
+    remove what computed the pads (timm's ``Conv2dSame`` computes them from ``Shape`` at run time).
+    Returns the names of the Convs that took a Pad.
+
+    A run-time pad is constant only once its input's shape is known, and shape inference knows a
+    shape after a run-time Pad only once that Pad is folded: so fold, infer again, repeat until a
+    pass folds nothing (at most once per Pad)."""
+    folded: List[str] = []
+    for _ in range(sum(n.op_type == "Pad" for n in model.graph.node)):
+        done = _fold_pass(model, _static_shapes(model))
+        if not done:
+            break
+        folded += done
+        drop_unused(model)
     return folded

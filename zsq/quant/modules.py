@@ -207,6 +207,38 @@ class FoldedBatchNorm(nn.Identity):
         return f"{self.num_features}, folded"
 
 
+# BatchNorm subclasses whose forward is "batch norm, then self.drop, then self.act", by (module, class name):
+# timm's BatchNormAct2d (timm.layers since 0.9, timm.models.layers before). Matched by exact type, never
+# by isinstance, and each call is checked to flow that way before the BN is folded (transforms.py).
+BN_ACT_TYPES = {("timm.layers.norm_act", "BatchNormAct2d"), ("timm.models.layers.norm_act", "BatchNormAct2d")}
+
+
+def is_bn_act(m: nn.Module) -> bool:
+    """A BatchNorm2d followed by its own ``drop`` and ``act`` children (timm's BatchNormAct2d)."""
+    return (isinstance(m, nn.BatchNorm2d) and (type(m).__module__, type(m).__name__) in BN_ACT_TYPES
+            and isinstance(getattr(m, "drop", None), nn.Module) and isinstance(getattr(m, "act", None), nn.Module))
+
+
+class FoldedBatchNormAct(nn.Module):
+    """What a folded BatchNorm-with-activation (timm's BatchNormAct2d) becomes: the folded BN (an
+    identity that keeps gamma/beta, so ``calibrate_from_bn`` samples its output before the
+    activation), then the BN's own ``drop`` and ``act`` children, unchanged, so graph capture finds
+    the activation call and places the after-activation quantizer there."""
+
+    def __init__(self, bn: FoldedBatchNorm, drop: nn.Module, act: nn.Module):
+        super().__init__()
+        self.bn, self.drop, self.act = bn, drop, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(self.bn(x)))
+
+
+def folded_stand_in(bn: nn.BatchNorm2d) -> nn.Module:
+    """The module that replaces ``bn`` once it is folded into the conv before it."""
+    folded = FoldedBatchNorm.from_bn(bn)
+    return FoldedBatchNormAct(folded, bn.drop, bn.act) if is_bn_act(bn) else folded
+
+
 QUANT_LAYER_TYPES = (QuantConv2d, QuantLinear, QuantKeepForward)
 FLOAT_TO_QUANT = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import torch.fx as fx
 
@@ -26,8 +27,8 @@ from zsq.errors import ZsqError
 from zsq.hooks import Hooks
 from zsq.quant import graph as G
 from zsq.quant.qconfig import QuantConfig
-from zsq.quant.modules import (QUANT_LAYER_TYPES, FoldedBatchNorm, QuantAct, QuantConv2d, QuantInput, QuantLinear, is_plain,
-                               keep_forward_quant)
+from zsq.quant.modules import (QUANT_LAYER_TYPES, QuantAct, QuantConv2d, QuantInput, QuantLinear, folded_stand_in,
+                               is_bn_act, is_plain, keep_forward_quant)
 from zsq.quant.quantizer import UniformQuantizer
 
 logger = logging.getLogger(__name__)
@@ -77,10 +78,46 @@ def example_input_for(model: nn.Module, batch: int = 2) -> Optional[torch.Tensor
 
 
 # ---- 1. BN folding -----------------------------------------------------------------------------
+def _watch_bn_act(hooks: Hooks, name: str, m: nn.Module, bad: set) -> None:
+    """Check on each call that a BN-with-activation (``is_bn_act``) computes act(drop(batch_norm(x)))
+    with its running statistics: its ``drop`` reads exactly the eval batch norm of the module input,
+    its ``act`` reads what ``drop`` returned, and the module returns what ``act`` returned. A module
+    whose forward differs (another timm version, a subclass) lands in ``bad`` and is left unfolded."""
+    seen: dict = {}
+
+    def enter(_m, inp):
+        seen.clear()
+        seen["x"] = inp[0]
+
+    def drop_in(_m, inp):
+        x = seen.get("x")
+        ok = x is not None and m.running_mean is not None and torch.equal(inp[0], F.batch_norm(
+            x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps))
+        seen["bn"] = ok
+
+    def drop_out(_m, _inp, out):
+        seen["drop"] = id(out)
+
+    def act_in(_m, inp):
+        seen["chain"] = seen.get("bn", False) and seen.get("drop") == id(inp[0])
+
+    def act_out(_m, _inp, out):
+        seen["act"] = id(out) if seen.get("chain") else None
+
+    def leave(_m, _inp, out):
+        if seen.get("act") is None or seen.get("act") != id(out):
+            bad.add(name)
+
+    hooks.pre(m, enter).pre(m.drop, drop_in).post(m.drop, drop_out).pre(m.act, act_in).post(m.act, act_out)
+    hooks.post(m, leave)
+
+
 def _conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, str]]:
-    """(conv, bn) name pairs where the BN reads exactly the conv's output tensor."""
+    """(conv, bn) name pairs where the BN reads exactly the conv's output tensor: a plain BatchNorm2d,
+    or a BN-with-activation (timm's BatchNormAct2d) seen to compute act(drop(bn(x)))."""
     produced: Dict[int, str] = {}
     pairs: List[Tuple[str, str]] = []
+    bad: set = set()
 
     def conv_hook(name):
         def h(mod, inp, out):
@@ -100,13 +137,17 @@ def _conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, s
                 hooks.post(m, conv_hook(name))
             elif isinstance(m, nn.BatchNorm2d) and type(m).forward is nn.BatchNorm2d.forward:
                 hooks.pre(m, bn_hook(name))
+            elif is_bn_act(m):
+                hooks.pre(m, bn_hook(name))
+                _watch_bn_act(hooks, name, m, bad)
         with torch.no_grad():
             model(example)
-    return pairs
+    return [p for p in pairs if p[1] not in bad]
 
 
 def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, str]]:
-    """Fold each BatchNorm2d into the conv that feeds it (in place); returns the folded pairs."""
+    """Fold each BatchNorm2d into the conv that feeds it (in place); returns the folded pairs. A
+    BN-with-activation (timm's BatchNormAct2d) keeps its ``drop`` and ``act`` (``FoldedBatchNormAct``)."""
     model.eval()
     pairs = _conv_bn_pairs(model, example)
     for conv_name, bn_name in pairs:
@@ -121,7 +162,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, s
             bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
             new_bias = beta + (bias - bn.running_mean) * factor
             conv.bias = nn.Parameter(new_bias)
-        set_submodule(model, bn_name, FoldedBatchNorm.from_bn(bn))
+        set_submodule(model, bn_name, folded_stand_in(bn))
     return pairs
 
 
