@@ -66,7 +66,7 @@ def cmd_run(a) -> None:
     fp = zsq.models.load(a.model, weights=str(weights))
     load0, t0 = _load(), time.time()
     synth_opts = _pairs(a.synth_set)
-    if a.method == "bn-minmax":
+    if a.method in ("bn-minmax", "fp32"):
         calib, source, synth_s = torch.zeros(0), "none", 0.0
     elif a.calib_data:
         calib, _, source = load_calibration(a.calib_data, fp, a.num_images)
@@ -81,21 +81,24 @@ def cmd_run(a) -> None:
     job = QuantJob(calib=calib, iters=a.iters, num_images=a.num_images, seed=a.seed,
                    extra=_pairs(a.set))
     tq = time.time()
-    info = get_method(a.method)
-    if not info.needs_images:
-        job.calib, source, synth_s = None, "none", 0.0
-    res = info.fn(fp, get_preset(a.preset or info.default_preset, a.bits), job)
+    if a.method == "fp32":  # the float model itself, for "how far from FP32" on the same images
+        model, units = fp, []
+    else:
+        info = get_method(a.method)
+        if not info.needs_images:
+            job.calib, source, synth_s = None, "none", 0.0
+        res = info.fn(fp, get_preset(a.preset or info.default_preset, a.bits), job)
+        model, units = res.model, res.report.get("unit_losses", [])
     quant_s = time.time() - tq
-    ev = evaluate(res.model, eval_data, return_preds=True)
+    ev = evaluate(model, eval_data, return_preds=True)
     from zsq.data import load_dataset
     from zsq.models.meta import get_meta
 
     labels = [int(y) for y in load_dataset(eval_data, get_meta(fp)).targets()]
     hits = [int(p == y) for p, y in zip(ev["preds"], labels)]
-    units = res.report.get("unit_losses", [])
     rec = {
         "tag": a.tag, "argv": sys.argv, "model": a.model, "method": a.method, "preset": a.preset, "bits": a.bits, "seed": a.seed, "calib": source,
-        "num_images": int(calib.shape[0]) if a.method != "bn-minmax" else 0, "synth_options": synth_opts, "options": _pairs(a.set),
+        "num_images": int(calib.shape[0]) if a.method not in ("bn-minmax", "fp32") else 0, "synth_options": synth_opts, "options": _pairs(a.set),
         "top1": ev["top1"], "n": ev["n"], "synth_seconds": round(synth_s, 1), "quant_seconds": round(quant_s, 1),
         "seconds": round(time.time() - t0, 1), "threads": a.threads, "load_before": load0, "load_after": _load(),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -136,7 +139,7 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("--tag", required=True)
     r.add_argument("--model", default="cifar10_resnet20", choices=sorted(MODELS))
-    r.add_argument("--method", default="genie", choices=["genie", "bn-minmax"])
+    r.add_argument("--method", default="genie", choices=["genie", "bn-minmax", "fp32"])
     r.add_argument("--weights")
     r.add_argument("--eval-data")
     r.add_argument("--bits", default="w2a4")
