@@ -12,8 +12,8 @@ from zsq.ptq.budgets import RECIPES
 from zsq.quant import get_preset
 
 
-def _recipe(name, **values):
-    return rm.with_overrides(RECIPES[name], parse_options(rm.PTQOptions, values, name))
+def _recipe(name, w_bits=4, **values):
+    return rm.with_overrides(RECIPES[name], parse_options(rm.PTQOptions, values, name), w_bits)
 
 
 def test_overrides_apply_to_the_phases_they_fit():
@@ -66,6 +66,9 @@ def test_relative_weight_step_lr_needs_a_learned_step():
     assert g.phases[0].lr_weight_scale_rel == 5e-3
     with pytest.raises(ZsqError, match="lr_weight_scale_rel needs learn_weight_scale"):
         _recipe("qdrop", lr_weight_scale_rel=5e-3)  # QDrop keeps its weight steps fixed
+    with pytest.raises(ZsqError, match="lr_weight_scale_rel needs learn_weight_scale"):
+        _recipe("genie", w_bits=8, lr_weight_scale_rel=5e-3)  # fixed on a fine grid: refused, not ignored
+    assert _recipe("genie", w_bits=8, learn_weight_scale=True, lr_weight_scale_rel=5e-3).phases[0].lr_weight_scale_rel == 5e-3
 
 
 def test_relative_weight_step_reaches_the_engine():

@@ -70,27 +70,17 @@ class PTQOptions:
 FIXED_WEIGHT_STEP_BITS = 5
 
 
-def with_fixed_steps_on_fine_grids(recipe: Recipe, user: PTQOptions, w_bits: int) -> Recipe:
-    """The recipe with learned weight steps turned off at >= FIXED_WEIGHT_STEP_BITS weight bits, unless
-    the user chose learn_weight_scale."""
-    if user.learn_weight_scale is not None or w_bits < FIXED_WEIGHT_STEP_BITS:
-        return recipe
-    if not any(ph.learn_weight_scale for ph in recipe.phases):
-        return recipe
-    logger.info(f"{recipe.name}: W{w_bits} is a fine grid, weight steps stay at their start "
-                "(--set learn_weight_scale=true learns them as the paper does)")
-    phases = tuple(dataclasses.replace(ph, learn_weight_scale=False, lr_weight_scale_rel=None) for ph in recipe.phases)
-    return dataclasses.replace(recipe, phases=phases)
-
-
-def with_overrides(recipe: Recipe, user: PTQOptions) -> Recipe:
+def with_overrides(recipe: Recipe, user: PTQOptions, w_bits: int) -> Recipe:
     """The recipe with the user's learn/lr overrides applied to every phase they make sense in: weight-step
-    options to phases that learn rounding, activation-step options to phases with activations on."""
+    options to phases that learn rounding, activation-step options to phases with activations on. Without
+    a learn_weight_scale choice, weight steps stay fixed from FIXED_WEIGHT_STEP_BITS weight bits up."""
     phases = []
     for ph in recipe.phases:
         change = {}
         if ph.train_rounding:
-            learn = ph.learn_weight_scale if user.learn_weight_scale is None else user.learn_weight_scale
+            learn = user.learn_weight_scale
+            if learn is None:
+                learn = ph.learn_weight_scale and w_bits < FIXED_WEIGHT_STEP_BITS
             rel = ph.lr_weight_scale_rel if learn else None  # the recipe's relative lr, if steps are learned
             if user.lr_weight_scale is not None:  # an absolute lr asks for the step itself to be learned
                 change["lr_weight_scale"], rel = user.lr_weight_scale, None
@@ -142,7 +132,11 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
     budget = get_budget(job.budget).override(job.iters, job.batch_size, job.num_images)
     extra = dict(job.extra or {})
     user = parse_options(PTQOptions, user_options(extra), recipe.name)
-    recipe = with_fixed_steps_on_fine_grids(with_overrides(recipe, user), user, qconfig.w_bits)
+    if user.learn_weight_scale is None and qconfig.w_bits >= FIXED_WEIGHT_STEP_BITS and any(
+            ph.learn_weight_scale for ph in recipe.phases):
+        logger.info(f"{recipe.name}: W{qconfig.w_bits} is a fine grid, weight steps stay at their start "
+                    "(--set learn_weight_scale=true learns them as the paper does)")
+    recipe = with_overrides(recipe, user, qconfig.w_bits)
     opts = EngineOptions(seed=job.seed, chunk=user.chunk, max_cache_mib=user.max_cache_mib,
                          holdout=user.holdout, keep_better=user.keep_better, augment=user.augment)
     work_dir = user.work_dir or (Path(job.out) / "work" if job.out is not None else None)
