@@ -1,5 +1,7 @@
 """act_init=bn: reconstruction starts from bn-minmax's activation steps, not from the (synthetic)
 calibration images, whose statistics can be far from real data's."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ class _Stop(Exception):
     pass
 
 
-def _start_scales(monkeypatch, act_init: str, calib: torch.Tensor) -> dict:
+def _start_scales(monkeypatch, act_init, calib: torch.Tensor, preset: str = "genie", bits: str = "w4a4") -> dict:
     seen = {}
 
     class Spy:
@@ -24,9 +26,9 @@ def _start_scales(monkeypatch, act_init: str, calib: torch.Tensor) -> dict:
             raise _Stop
 
     monkeypatch.setattr(rm, "Reconstructor", Spy)
-    job = QuantJob(calib=calib, iters=2, batch_size=8, extra={"act_init": act_init})
+    job = QuantJob(calib=calib, iters=2, batch_size=8, extra={} if act_init is None else {"act_init": act_init})
     with pytest.raises(_Stop):
-        rm.genie(make_tiny(), get_preset("genie", "w4a4"), job)
+        rm.genie(make_tiny(), get_preset(preset, bits), job)
     return seen
 
 
@@ -44,5 +46,26 @@ def test_bn_init_starts_from_bn_minmax_ranges(monkeypatch):
 
 def test_act_init_rejects_other_values():
     job = QuantJob(calib=torch.randn(4, 3, 16, 16), iters=1, extra={"act_init": "images"})
-    with pytest.raises(ZsqError, match="act_init must be one of data, bn"):
+    with pytest.raises(ZsqError, match="act_init must be data|bn or null, got .images."):
         rm.genie(make_tiny(), get_preset("genie", "w4a4"), job)
+
+
+def test_the_preset_chooses_the_start_and_set_overrides_it(monkeypatch):
+    """deploy (v3) starts from BN statistics, the paper presets from the images; --set act_init wins."""
+    calib = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 0.05
+    assert get_preset("deploy", "w8a8").act_init == "bn" and get_preset("genie", "w4a4").act_init == "data"
+    ref = calibrate_from_bn(quantize_model(make_tiny(), get_preset("deploy", "w8a8")), seed=0)
+    want = {n: q.scale.detach() for n, q in act_quantizers(ref)}
+    deploy = _start_scales(monkeypatch, None, calib, "deploy", "w8a8")
+    assert deploy.keys() == want.keys() and all(init for init, _ in deploy.values())
+    # the image input's quantizer is pinned by the preset either way; every other one comes from BN
+    assert all(torch.equal(s, want[n]) for n, (_, s) in deploy.items())
+    data = _start_scales(monkeypatch, "data", calib, "deploy", "w8a8")
+    assert sum(init for init, _ in data.values()) < len(data)  # left for the images
+    genie = _start_scales(monkeypatch, None, calib)
+    assert not any(init for init, _ in genie.values())
+
+
+def test_quant_config_refuses_an_unknown_act_init():
+    with pytest.raises(ZsqError, match="act_init must be one of data, bn, got 'images'"):
+        dataclasses.replace(get_preset("deploy", "w8a8"), act_init="images")

@@ -40,8 +40,9 @@ class PTQOptions:
     keep_better: bool = EngineOptions.keep_better  # a unit keeps its reconstruction only if better on held-out images
     augment: int = EngineOptions.augment  # flipped/shifted views added per training image (zsq.ptq.augment)
     # where activation steps start: "data" (the papers: Lp search on the calibration images) or "bn"
-    # (bn-minmax: from BatchNorm statistics, independent of how faithful synthetic images are)
-    act_init: Literal["data", "bn"] = "data"
+    # (bn-minmax: from BatchNorm statistics, independent of how faithful synthetic images are);
+    # None: the preset's QuantConfig.act_init (deploy: bn, the paper presets: data)
+    act_init: Optional[Literal["data", "bn"]] = None
     # what the recipe learns and how fast (None: the method's own value, e.g. Genie-M's Adam 1e-4 / 4e-5)
     # Genie-M's jointly learned per-channel weight step; None: learned below FIXED_WEIGHT_STEP_BITS weight bits
     learn_weight_scale: Optional[bool] = None
@@ -143,14 +144,15 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
     if job.resume and work_dir is None:
         raise ZsqError("--resume needs --out (the checkpoints live in OUT/work)")
     qmodel = quantize_model(fp_model, qconfig)
-    if user.act_init == "bn":
+    act_init = user.act_init or qconfig.act_init
+    if act_init == "bn":
         calibrate_from_bn(qmodel, seed=job.seed)  # initialised quantizers are not re-initialised on data
     engine = Reconstructor(qmodel, calib, recipe, budget, opts, work_dir=work_dir,
                            on_unit_done=extra.get("on_unit_done"), compute=job.compute)
     report = engine.run(resume=job.resume)
     qmodel.to("cpu", memory_format=torch.contiguous_format)  # saving, export and evaluation take it from here
     report.update({"compute": engine.compute.describe(), "method": recipe.name, "preset": qconfig.describe(), "calib_source": job.calib_source,
-                   "quant_seconds": time.time() - t0})
+                   "act_init": act_init, "quant_seconds": time.time() - t0})
     return QuantResult(qmodel, report)
 
 

@@ -15,6 +15,7 @@ from zsq.quant.quantizer import QuantSpec
 from zsq.registry import Registry
 
 PLACEMENTS = ("layer_input", "after_relu", "deploy")
+ACT_INITS = ("data", "bn")
 
 
 def parse_bits(text: str) -> Tuple[int, int]:
@@ -71,6 +72,10 @@ class QuantConfig:
     fold_bn: fold BatchNorm into the preceding conv before quantizing.
     bias_grid: round each Conv/Linear bias to the int32 grid (input step x weight step) that an
       integer kernel adds, so the fake-quant model computes what QLinearConv does (deploy v2).
+    act_init: where reconstruction methods (Genie-M, BRECQ, QDrop, AdaRound) start activation steps:
+      "data" (the papers: a search on the calibration images) or "bn" (BatchNorm statistics, as
+      bn-minmax; deploy v3, where ranges searched on synthetic images cost 3 points on Lite0 W8A8).
+      ``--set act_init=...`` overrides it per run.
     """
 
     preset: str = "custom"
@@ -86,10 +91,13 @@ class QuantConfig:
     fold_bn: bool = False
     bias_grid: bool = False
     residual_module_names: Tuple[str, ...] = ("shortcut",)
+    act_init: str = "data"
 
     def __post_init__(self):
         if self.act_placement not in PLACEMENTS:
             raise ZsqError(f"act_placement must be one of {PLACEMENTS}, got {self.act_placement!r}")
+        if self.act_init not in ACT_INITS:
+            raise ZsqError(f"act_init must be one of {', '.join(ACT_INITS)}, got {self.act_init!r}")
         for kind, b in (("weight", self.w_bits), ("activation", self.a_bits)):
             if not isinstance(b, int) or not 2 <= b <= 8:
                 raise ZsqError(f"{kind} bits must be from 2 to 8, got {b!r}")
@@ -194,11 +202,13 @@ def _gdfq() -> QuantConfig:
 
 @register_preset("deploy", "integer kernels (onnxruntime QLinearConv, OpenVINO int8): BN folded; W per-channel "
                            "symmetric int8 grid; A per-tensor asym (uint8) on every conv input and output, ReLU "
-                           "outputs included; all layers at k bits, image input quantized; biases on the int32 kernel grid")
+                           "outputs included; all layers at k bits, image input quantized; biases on the int32 kernel grid; "
+                           "reconstruction starts activation steps from BN statistics")
 def _deploy() -> QuantConfig:
     return QuantConfig(
         preset="deploy",
-        version=2,  # v2: biases on the int32 kernel grid (bias_grid)
+        version=3,  # v2: biases on the int32 kernel grid (bias_grid); v3: reconstruction starts act steps from BN
+        act_init="bn",
         weight=QuantSpec(per_channel=True, symmetric=True, signed=True, observer="minmax"),
         act=QuantSpec(per_channel=False, symmetric=False, observer="lp", lp_p=2.4, lp_ratios=100,
                       learnable=True, ste="clip"),
