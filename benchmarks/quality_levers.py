@@ -55,6 +55,7 @@ def cmd_run(a) -> None:
 
     import zsq
     from zsq.api import load_calibration
+    from zsq.compute import resolve
     from zsq.evaluation import evaluate
     from zsq.methods import QuantJob, get_method
     from zsq.quant import get_preset
@@ -66,6 +67,7 @@ def cmd_run(a) -> None:
     fp = zsq.models.load(a.model, weights=str(weights))
     load0, t0 = _load(), time.time()
     synth_opts = _pairs(a.synth_set)
+    compute = None if a.precision == "fp32" else resolve(precision=a.precision)  # None: cpu fp32 NCHW, as before
     if a.method in ("bn-minmax", "fp32"):
         calib, source, synth_s = torch.zeros(0), "none", 0.0
     elif a.calib_data:
@@ -75,11 +77,11 @@ def cmd_run(a) -> None:
         sdir = OUT / f"synth-{a.synth_tag}"
         ts = time.time()
         sset = synthesize(fp, "genie", a.num_images, budget="quick", seed=a.seed, out=sdir, resume=True,
-                          **synth_opts)
+                          compute=compute, **synth_opts)
         synth_s = sset.meta.get("seconds", time.time() - ts)
         calib, source = sset.images, f"synthetic:genie:{sdir}"
     job = QuantJob(calib=calib, iters=a.iters, num_images=a.num_images, seed=a.seed,
-                   extra=_pairs(a.set))
+                   extra=_pairs(a.set), compute=compute)
     tq = time.time()
     if a.method == "fp32":  # the float model itself, for "how far from FP32" on the same images
         model, units = fp, []
@@ -100,7 +102,7 @@ def cmd_run(a) -> None:
         "tag": a.tag, "argv": sys.argv, "model": a.model, "method": a.method, "preset": a.preset, "bits": a.bits, "seed": a.seed, "calib": source,
         "num_images": int(calib.shape[0]) if a.method not in ("bn-minmax", "fp32") else 0, "synth_options": synth_opts, "options": _pairs(a.set),
         "top1": ev["top1"], "n": ev["n"], "synth_seconds": round(synth_s, 1), "quant_seconds": round(quant_s, 1),
-        "seconds": round(time.time() - t0, 1), "threads": a.threads, "load_before": load0, "load_after": _load(),
+        "seconds": round(time.time() - t0, 1), "threads": a.threads, "compute": compute.describe() if compute else "fp32", "load_before": load0, "load_after": _load(),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "reverted_units": [u["unit"] for u in units if u.get("kept") is False],
         "units": [{k: u.get(k) for k in ("unit", "holdout_start", "holdout_end", "kept")} for u in units],
@@ -152,6 +154,8 @@ def main() -> None:
     r.add_argument("--synth-set", action="append", metavar="KEY=VALUE", help="Genie-D option")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="reconstruction option (job.extra)")
     r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="synthesis and reconstruction compute (zsq.compute; bf16 uses channels_last)")
     r.add_argument("--verbose", action="store_true")
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("compare")
