@@ -69,3 +69,32 @@ def test_the_preset_chooses_the_start_and_set_overrides_it(monkeypatch):
 def test_quant_config_refuses_an_unknown_act_init():
     with pytest.raises(ZsqError, match="act_init must be one of data, bn, got 'images'"):
         dataclasses.replace(get_preset("deploy", "w8a8"), act_init="images")
+
+
+def _no_bn_model() -> torch.nn.Module:
+    from tests.tiny_models import UNITS_META
+    from zsq.models.meta import set_meta
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+                            torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    return set_meta(m.eval(), UNITS_META)
+
+
+def test_a_model_without_bn_starts_from_the_images_unless_bn_is_asked_for(monkeypatch, caplog):
+    calib = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    seen = {}
+
+    class Spy:
+        def __init__(self, qmodel, *a, **k):
+            seen.update({n: bool(q.initialized) for n, q in act_quantizers(qmodel)})
+            raise _Stop
+
+    monkeypatch.setattr(rm, "Reconstructor", Spy)
+    with caplog.at_level("WARNING"), pytest.raises(_Stop):
+        rm.genie(_no_bn_model(), get_preset("deploy", "w8a8"), QuantJob(calib=calib, iters=1, batch_size=8))
+    assert "has no BatchNorm layers: starting them from the calibration images" in caplog.text
+    assert sum(seen.values()) < len(seen)  # left for the images (only the pinned image input is set)
+    job = QuantJob(calib=calib, iters=1, batch_size=8, extra={"act_init": "bn"})
+    with pytest.raises(ZsqError, match="act_init=bn .* no BatchNorm layers; use --set act_init=data"):
+        rm.genie(_no_bn_model(), get_preset("deploy", "w8a8"), job)

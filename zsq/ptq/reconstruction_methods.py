@@ -21,7 +21,7 @@ from zsq.options import check_range, parse_options
 from zsq.ptq import presets  # noqa: F401  (registers the brecq and qdrop presets)
 from zsq.ptq.budgets import RECIPES, EngineOptions, Recipe, get_budget
 from zsq.ptq.reconstruct import Reconstructor
-from zsq.quant.calibration import calibrate_from_bn
+from zsq.quant.calibration import bn_layers, calibrate_from_bn
 from zsq.quant.qconfig import QuantConfig
 from zsq.quant.transforms import quantize_model
 
@@ -126,6 +126,19 @@ def check_config(qconfig: QuantConfig, method: str) -> None:
                        "every step (dynamic); use --preset genie, brecq or qdrop")
 
 
+def start_of_act_steps(qmodel, qconfig: QuantConfig, asked: Optional[str], method: str) -> str:
+    """Where activation steps start: the user's act_init, else the preset's. The preset's "bn" falls
+    back to the images (logged) on a model without BatchNorm; an explicit act_init=bn there is an error."""
+    if asked is None and qconfig.act_init == "bn" and not bn_layers(qmodel):
+        logger.warning(f"{method}: preset {qconfig.preset!r} starts activation steps from BatchNorm statistics, "
+                       "but this model has no BatchNorm layers: starting them from the calibration images")
+        return "data"
+    if asked == "bn" and not bn_layers(qmodel):
+        raise ZsqError("act_init=bn starts activation steps from BatchNorm statistics, but this model has no "
+                       "BatchNorm layers; use --set act_init=data")
+    return asked or qconfig.act_init
+
+
 def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) -> QuantResult:
     t0 = time.time()
     check_config(qconfig, recipe.name)
@@ -144,7 +157,7 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
     if job.resume and work_dir is None:
         raise ZsqError("--resume needs --out (the checkpoints live in OUT/work)")
     qmodel = quantize_model(fp_model, qconfig)
-    act_init = user.act_init or qconfig.act_init
+    act_init = start_of_act_steps(qmodel, qconfig, user.act_init, recipe.name)
     if act_init == "bn":
         calibrate_from_bn(qmodel, seed=job.seed)  # initialised quantizers are not re-initialised on data
     engine = Reconstructor(qmodel, calib, recipe, budget, opts, work_dir=work_dir,

@@ -75,6 +75,12 @@ class _BNSampler:
 
 
 @torch.no_grad()
+def bn_layers(model: nn.Module) -> List[nn.Module]:
+    """The BatchNorm layers whose statistics calibrate_from_bn reads; a BN folded into its conv
+    (brecq/qdrop/deploy presets) keeps its affine for this simulation."""
+    return [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, FoldedBatchNorm))]
+
+
 def calibrate_from_bn(qmodel: nn.Module, k: float = 4.0, num_images: int = 64, corr: float = 0.5,
                       seed: int = 0) -> nn.Module:
     """Data-free activation ranges (the `bn-minmax` baseline).
@@ -85,8 +91,7 @@ def calibrate_from_bn(qmodel: nn.Module, k: float = 4.0, num_images: int = 64, c
     [min_c(mean_c - k std_c), max_c(mean_c + k std_c)] over its input's channels, clipped to what
     the simulated activations actually reached.
     """
-    # a BN folded into its conv (brecq/qdrop/deploy presets) keeps its affine for this simulation
-    bns = [m for m in qmodel.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, FoldedBatchNorm))]
+    bns = bn_layers(qmodel)
     if not bns:
         raise ZsqError("bn-minmax needs BatchNorm layers: this model has none, so there are no statistics "
                        "to derive activation ranges from (calibrate with images instead)")
