@@ -51,9 +51,11 @@ def export_fp32(model, path, input_size):
     Path(path).write_bytes(buf.getvalue())
 
 
-def interleaved_latency(paths: dict, runtime: str, threads: int, x: np.ndarray, rounds: int) -> dict:
-    """Median ms per graph; each round times every graph once, in turn."""
-    rts = {k: open_runtime(runtime, p, threads) for k, p in paths.items()}
+def interleaved_latency(paths: dict, runtime: str, threads: int, x: np.ndarray, rounds: int,
+                        spin: bool = True) -> dict:
+    """Median ms per graph; each round times every graph once, in turn. With several threads,
+    onnxruntime's idle threads spin after each call and take cores from the next graph timed: spin=False."""
+    rts = {k: open_runtime(runtime, p, threads, spin=spin) for k, p in paths.items()}
     for rt in rts.values():
         for _ in range(2):
             rt(x)
@@ -147,6 +149,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=15, help="latency rounds (median)")
     ap.add_argument("--runtimes", nargs="+", default=["ort", "openvino"])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--ort-spin", action="store_true",
+                    help="let onnxruntime's idle threads spin (its default); off by default here because the graphs "
+                         "are timed in turn and a spinning pool takes the cores from the next one")
+    ap.add_argument("--separately", action="store_true",
+                    help="time each graph alone (all rounds in a row, one session open) instead of in turn")
     ap.add_argument("--json", help="also write the raw rows here")
     ap.add_argument("--no-latency", action="store_true", help="accuracy, agreement and sizes only (deterministic: "
                                                              "fine on a busy machine; time on an idle one)")
@@ -207,9 +214,14 @@ def main():
                 for threads in args.threads:
                     for batch in (1, 32):
                         xb = x[:batch].numpy().copy()
-                        ms = interleaved_latency(paths, rt_name, threads, xb, args.rounds)
+                        if args.separately:  # each graph alone, all its rounds in a row (one session open)
+                            ms = {k: interleaved_latency({k: p}, rt_name, threads, xb, args.rounds,
+                                                         spin=args.ort_spin)[k] for k, p in paths.items()}
+                        else:
+                            ms = interleaved_latency(paths, rt_name, threads, xb, args.rounds, spin=args.ort_spin)
                         out["latency"].append({"model": name, "runtime": rt_name, "threads": threads, "batch": batch,
-                                               "ms": ms, "load": uptime()})
+                                               "ms": ms, "ort_spin": args.ort_spin, "separately": args.separately,
+                                               "load": uptime()})
                         print(json.dumps(out["latency"][-1]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -135,6 +135,30 @@ def cmd_compare(a) -> None:
               f"only {tag} right {n01}, McNemar exact p = {p:.3g}")
 
 
+def cmd_coverage(a) -> None:
+    """Class coverage of cached synthetic sets: the teacher's predicted-class entropy (bits), distinct
+    classes, mean max-softmax and, where the set has assigned labels, the share predicted as assigned."""
+    import torch
+
+    import zsq
+    from zsq.synth.dataset import SyntheticSet
+
+    torch.set_num_threads(a.threads)
+    fp = zsq.models.load(a.model, weights=str(MODELS[a.model][0]))
+    for tag in a.tags:
+        sset = SyntheticSet.load(OUT / f"synth-{tag}")
+        with torch.no_grad():
+            p = torch.cat([torch.softmax(fp(x), 1) for x in sset.images.split(32)])
+        pred = p.argmax(1)
+        q = torch.bincount(pred, minlength=p.shape[1]).float() / len(pred)
+        ent = float(-(q[q > 0] * q[q > 0].log2()).sum())
+        labels = getattr(sset, "labels", None)
+        hit = f", predicted as assigned {float((pred == labels).float().mean()):.0%}" if labels is not None else ""
+        print(f"synth-{tag}: {len(pred)} images, entropy {ent:.2f} of {math.log2(len(pred)):.2f} bits, "
+              f"{int((q > 0).sum())} classes, mean max prob {float(p.max(1).values.mean()):.3f}{hit}, "
+              f"BNS {sset.meta.get('bns_loss', float('nan')):.3f}, {sset.meta.get('seconds', 0):.0f} s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -162,6 +186,11 @@ def main() -> None:
     c.add_argument("base")
     c.add_argument("others", nargs="+")
     c.set_defaults(func=cmd_compare)
+    v = sub.add_parser("coverage")
+    v.add_argument("tags", nargs="+", help="synthetic-set tags (runs/levers/synth-TAG)")
+    v.add_argument("--model", default="cifar10_resnet20", choices=sorted(MODELS))
+    v.add_argument("--threads", type=int, default=1)
+    v.set_defaults(func=cmd_coverage)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO if getattr(a, "verbose", False) else logging.WARNING,
                         format="[zsq] %(message)s")

@@ -90,12 +90,16 @@ def _layer_name(node_name: str) -> str:
     return "/".join(parts[:-1]) or node_name
 
 
-def ort_runtime(onnx_path, threads: int = 1) -> Runtime:
+def ort_runtime(onnx_path, threads: int = 1, spin: bool = True) -> Runtime:
+    """spin=False: the intra-op threads sleep when idle instead of spinning (onnxruntime's default), so
+    several sessions timed in turn do not steal the cores from each other."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         sess = ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as e:
@@ -152,9 +156,10 @@ def openvino_runtime(onnx_path, threads: int = 1) -> Runtime:
                    fl_layers)
 
 
-def open_runtime(name: str, onnx_path, threads: int = 1) -> Runtime:
+def open_runtime(name: str, onnx_path, threads: int = 1, spin: bool = True) -> Runtime:
+    """spin applies to onnxruntime only (OpenVINO's CPU threads do not busy-wait between calls)."""
     if name == "ort":
-        return ort_runtime(onnx_path, threads)
+        return ort_runtime(onnx_path, threads, spin)
     if name == "openvino":
         return openvino_runtime(onnx_path, threads)
     raise ZsqError(f"unknown runtime {name!r}; choose one of {RUNTIMES}")
