@@ -40,7 +40,11 @@ def test_paper_figures_nearest_and_labelled():
 
 
 def test_suites_defined():
-    assert {"smoke", "cifar10-resnet20", "imagenet-lite0"} <= set(list_suites())
+    assert {"smoke", "cifar10-resnet20", "imagenet-lite0", "deploy-resnet20"} <= set(list_suites())
+    d = get_suite("deploy-resnet20").cells  # every method once on its paper preset, once on deploy, W8A8
+    assert {x.bits for x in d} == {"w8a8"} and {x.preset for x in d} == {None, "deploy"}
+    assert {x.method for x in d if x.preset is None} == {x.method for x in d if x.preset == "deploy"} == {
+        "bn-minmax", "genie", "brecq", "qdrop", "adaround", "gdfq", "ait", "hast"}
     c = get_suite("cifar10-resnet20")
     assert {x.bits for x in c.cells} == {"w2a4", "w3a3", "w4a4", "w5a5", "w8a8"}
     with pytest.raises(ZsqError):

@@ -139,7 +139,19 @@ def _imagenet_lite0() -> Suite:
                  "reconstruction work).")
 
 
-_SUITES = {"smoke": _smoke, "cifar10-resnet20": _cifar10_resnet20, "imagenet-lite0": _imagenet_lite0}
+def _deploy_resnet20() -> Suite:
+    m = "cifar10_resnet20"
+    cells: List[Cell] = []
+    for method, data in (("bn-minmax", DATA_NONE), ("genie", "genie"), ("brecq", "genie"), ("qdrop", "genie"),
+                         ("adaround", "genie"), ("gdfq", DATA_NONE), ("ait", DATA_NONE), ("hast", "hast")):
+        cells += [Cell(m, method, "w8a8", data=data), Cell(m, method, "w8a8", data=data, preset="deploy")]
+    return Suite("deploy-resnet20", "CIFAR-10 ResNet-20 W8A8: every method on its paper preset and on the deploy "
+                 "preset (integer kernels), to measure what deployability costs", tuple(cells),
+                 pruned="W8A8 only (the setting integer kernels run); quick budgets.")
+
+
+_SUITES = {"smoke": _smoke, "cifar10-resnet20": _cifar10_resnet20, "imagenet-lite0": _imagenet_lite0,
+           "deploy-resnet20": _deploy_resnet20}
 
 
 def list_suites() -> List[str]:
