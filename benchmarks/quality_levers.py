@@ -76,10 +76,10 @@ def cmd_run(a) -> None:
     else:
         sdir = OUT / f"synth-{a.synth_tag}"
         ts = time.time()
-        sset = synthesize(fp, "genie", a.num_images, budget="quick", seed=a.seed, out=sdir, resume=True,
+        sset = synthesize(fp, a.synth, a.num_images, budget="quick", seed=a.seed, out=sdir, resume=True,
                           compute=compute, **synth_opts)
         synth_s = sset.meta.get("seconds", time.time() - ts)
-        calib, source = sset.images, f"synthetic:genie:{sdir}"
+        calib, source = sset.images, f"synthetic:{a.synth}:{sdir}"
     job = QuantJob(calib=calib, iters=a.iters, num_images=a.num_images, seed=a.seed,
                    extra=_pairs(a.set), compute=compute)
     tq = time.time()
@@ -175,7 +175,8 @@ def main() -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--calib-data", help="real images instead of Genie-D (PATH[a:b])")
     r.add_argument("--synth-tag", default="base", help="cache name of the synthetic set (change with --synth-set)")
-    r.add_argument("--synth-set", action="append", metavar="KEY=VALUE", help="Genie-D option")
+    r.add_argument("--synth", default="genie", help="synthesizer of the calibration set (zsq.synth; default genie)")
+    r.add_argument("--synth-set", action="append", metavar="KEY=VALUE", help="synthesizer option")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="reconstruction option (job.extra)")
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
