@@ -45,13 +45,13 @@ def load_calibration(spec: str, model, num_images: Optional[int] = None):
     return x, y, f"real:{spec}"
 
 
-def default_num_images(kind: str, budget: str) -> int:
+def default_num_images(kind: str, budget: str, input_size=None) -> int:
     """How many images to synthesize when the user does not say: the PTQ budget's own number
-    (Genie's 1024 for both budgets), else 256 (the fixed-set size used by the QAT benchmarks)."""
+    (the paper's 1024; quick: 256 at 32², 64 at 224²), else 256 (the fixed-set size used by the QAT benchmarks)."""
     if kind == "ptq":
-        from zsq.ptq.budgets import BUDGETS
+        from zsq.ptq.budgets import get_budget
 
-        return BUDGETS[budget].num_images
+        return get_budget(budget, input_size).num_images
     return 256
 
 
@@ -103,7 +103,7 @@ def resolve_model(model, weights: Optional[str] = None, pretrained: bool = False
 
 
 def _plan_images(info, method: str, synth: Optional[str], calib_data: Optional[str], num_images: Optional[int],
-                 budget: str):
+                 budget: str, input_size=None):
     """(synthesizes?, synthesizer, number of images), every name checked before any work."""
     if calib_data is not None and synth is not None:
         raise ZsqError("give either --synth or --calib-data, not both")
@@ -118,7 +118,7 @@ def _plan_images(info, method: str, synth: Optional[str], calib_data: Optional[s
 
         get_synthesizer(synth)  # an unknown name fails here, before the run folder is touched
         if num_images is None:
-            num_images = default_num_images(info.kind, budget)
+            num_images = default_num_images(info.kind, budget, input_size)
     return synthesizes, synth, num_images
 
 
@@ -237,7 +237,7 @@ def quantize(model, *, weights: Optional[str] = None, pretrained: bool = False, 
     opts = info.parse_options(options, meta, budget)  # bad --set keys/values: before any work
     job.extra.update(opts)
 
-    synthesizes, synth, num_images = _plan_images(info, method, synth, calib_data, num_images, budget)
+    synthesizes, synth, num_images = _plan_images(info, method, synth, calib_data, num_images, budget, meta.input_size)
     if calib_data is not None:
         job.calib, labels, job.calib_source = load_calibration(calib_data, fp_model, num_images)
         if labels is not None and job.calib_source.startswith("synthetic"):

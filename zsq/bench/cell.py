@@ -58,7 +58,7 @@ def get_calibration(cell: Cell, fp_model, info, budget: str, cache: Path):
 
     if cell.data == DATA_NONE:
         return None, None, "none", None, 0.0, False, None
-    n = cell.num_images or default_num_images(info.kind, budget)
+    n = cell.num_images or default_num_images(info.kind, budget, fp_model.zsq_meta.input_size)
     if cell.data == DATA_REAL:
         setup = MODELS[cell.model]
         if setup.real_calib is None:

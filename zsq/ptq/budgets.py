@@ -40,12 +40,20 @@ class Budget:
 PAPER = Budget("paper", iters=20000, batch_size=32, num_images=1024)
 # Chosen by measurement on the 2-core CPU (benchmarks/results/ptq.md, "choosing the quick budget").
 QUICK = Budget("quick", iters=300, batch_size=32, num_images=256)
+# The quick budget for ImageNet-sized inputs (from LARGE_INPUT_PIXELS up). A 224² Genie-D image costs
+# ~20 s of one core and a Lite0 unit iteration ~1 s, so 32²'s quick budget would take hours there
+# (benchmarks/results/imagenet_quality.md, "A quick budget for 224² models").
+QUICK_LARGE = Budget("quick", iters=100, batch_size=32, num_images=64)
+LARGE_INPUT_PIXELS = 96 * 96
 BUDGETS = {"paper": PAPER, "quick": QUICK}
 
 
-def get_budget(name: str) -> Budget:
+def get_budget(name: str, input_size: Optional[Tuple[int, ...]] = None) -> Budget:
+    """The named budget; ``quick`` for a model whose (C, H, W) input has H*W >= LARGE_INPUT_PIXELS is QUICK_LARGE."""
     if name not in BUDGETS:
         raise ZsqError(f"budget must be one of {sorted(BUDGETS)}, got {name!r}")
+    if name == "quick" and input_size is not None and input_size[-1] * input_size[-2] >= LARGE_INPUT_PIXELS:
+        return QUICK_LARGE
     return BUDGETS[name]
 
 

@@ -143,7 +143,9 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
     t0 = time.time()
     check_config(qconfig, recipe.name)
     calib = check_calib(fp_model, job.calib)
-    budget = get_budget(job.budget).override(job.iters, job.batch_size, job.num_images)
+    meta = getattr(fp_model, "zsq_meta", None)
+    budget = get_budget(job.budget, meta.input_size if meta else tuple(calib.shape[1:]))
+    budget = budget.override(job.iters, job.batch_size, job.num_images)
     extra = dict(job.extra or {})
     user = parse_options(PTQOptions, user_options(extra), recipe.name)
     if user.learn_weight_scale is None and qconfig.w_bits >= FIXED_WEIGHT_STEP_BITS and any(
