@@ -173,3 +173,26 @@ def test_compute_fp32_is_the_reference_and_bf16_trains(method):
     assert all(p.is_contiguous() for p in bf.parameters())  # back in NCHW for saving and export
     assert not torch.equal(bf.layer1.conv2.weight, ref.layer1.conv2.weight)
     assert all(math.isfinite(v) for h in rep["epochs"] for v in h["losses"].values())
+
+
+@pytest.mark.parametrize("method", ["gdfq", "ait", "hast"])
+def test_a_preset_that_folds_bn_trains_at_a_tenth_of_the_papers_lr(monkeypatch, method):
+    """Without BN in the student the papers' lr diverged (HAST on deploy: 10 % top-1); an explicit lr wins."""
+    import zsq.qat.distillation_methods as dm
+    from zsq.methods.registry import QuantJob
+
+    seen = []
+
+    def spy(teacher, qconfig, cfg, **kw):
+        seen.append(cfg.lr)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dm, "distill", spy)
+    paper_lr = method_config(method, _teacher().zsq_meta, "quick").lr
+    for preset, extra in (("gdfq", {}), ("deploy", {}), ("deploy", {"lr": 3e-3})):
+        job = QuantJob(calib=torch.randn(8, 3, 8, 8), calib_source="synthetic:genie", epochs=2, iters_per_epoch=1,
+                       batch_size=4, extra=dict(extra))
+        with pytest.raises(KeyboardInterrupt):
+            getattr(dm, method.replace("-", "_"))(_teacher(), get_preset(preset, "w8a8"), job)
+    assert get_preset("deploy", "w8a8").fold_bn and not get_preset("gdfq", "w8a8").fold_bn
+    assert seen == [pytest.approx(paper_lr), pytest.approx(paper_lr * dm.FOLDED_BN_LR_SCALE), 3e-3]
