@@ -79,8 +79,8 @@ def test_harness_end_to_end_resume(tmp_path):
     assert "different teacher" in report and "torch" in report
     summary = report[report.index("## Summary"):report.index("## All cells")]
     assert "| W8A8 | W4A4 |" in summary
-    assert f"| {M} | bn-minmax | none | {rows[0]['main']['top1']:.2f} / {rows[0]['jpeg']['top1']:.2f} |  |" in summary
-    assert f"| {M} | genie | noise |  | {rows[1]['main']['top1']:.2f} / {rows[1]['jpeg']['top1']:.2f} |" in summary
+    assert f"| {M} | bn-minmax | - | none | {rows[0]['main']['top1']:.2f} / {rows[0]['jpeg']['top1']:.2f} |  |" in summary
+    assert f"| {M} | genie | - | noise |  | {rows[1]['main']['top1']:.2f} / {rows[1]['jpeg']['top1']:.2f} |" in summary
     assert rows[0]["main"]["fp32_top1"] == rows[1]["main"]["fp32_top1"]
     assert (tmp_path / "fp32" / f"{M}-exact-1017-64.json").exists()  # FP32 evaluated once per set (named by set)
 
@@ -200,3 +200,17 @@ def test_resume_picks_up_row_written_after_runner_died(tmp_path):
     again = run_suite(suite, tmp_path, resume=True, cell_timeout=0.01)
     assert "timed out" in again["cells"][key]["error"]
     assert not (cell_dir / "row.json").exists()
+
+
+def test_summary_keeps_cells_that_differ_only_in_preset():
+    from zsq.bench.report import summary_table
+
+    def row(preset, top1):
+        c = Cell(M, "bn-minmax", "w8a8", preset=preset)
+        return c.key, {"cell": c.to_dict(), "main": {"top1": top1}}
+
+    cells = dict([row(None, 91.84), row("deploy", 91.94)])
+    lines = summary_table({"cells": cells, "order": list(cells)})
+    assert lines[0].startswith("| model | method | preset | data |")
+    assert any("| bn-minmax | - | none | 91.84 |" in ln for ln in lines)
+    assert any("| bn-minmax | deploy | none | 91.94 |" in ln for ln in lines)

@@ -34,18 +34,18 @@ def _row_cells(r: dict) -> List[str]:
 
 
 def summary_table(results: dict) -> List[str]:
-    """Markdown lines: one row per (model, method, data), one column per bit width, top-1 on the main
-    set (JPEG-10k after a slash where run) -- the compact view the README shows."""
+    """Markdown lines: one row per (model, method, preset, data), one column per bit width, top-1 on the main
+    set (JPEG-10k after a slash where run) -- the compact view the README shows. Preset "-" is the method's own."""
     rows = [results["cells"][k] for k in results.get("order", results["cells"]) if k in results["cells"]]
     bits, groups = [], {}
     for r in rows:
         c = r.get("cell", r)
         if c["bits"] not in bits:
             bits.append(c["bits"])
-        groups.setdefault((c["model"], c["method"], c["data"]), {})[c["bits"]] = r
-    lines = ["| model | method | data | " + " | ".join(b.upper() for b in bits) + " |",
-             "|---|---|---|" + "---|" * len(bits)]
-    for (model, method, data), by_bits in groups.items():
+        groups.setdefault((c["model"], c["method"], c.get("preset") or "-", c["data"]), {})[c["bits"]] = r
+    lines = ["| model | method | preset | data | " + " | ".join(b.upper() for b in bits) + " |",
+             "|---|---|---|---|" + "---|" * len(bits)]
+    for (model, method, preset, data), by_bits in groups.items():
         vals = []
         for b in bits:
             r = by_bits.get(b)
@@ -56,7 +56,7 @@ def summary_table(results: dict) -> List[str]:
             else:
                 j = r.get("jpeg")
                 vals.append(f"{r['main']['top1']:.2f}" + (f" / {j['top1']:.2f}" if j else ""))
-        lines.append(f"| {model} | {method} | {data} | " + " | ".join(vals) + " |")
+        lines.append(f"| {model} | {method} | {preset} | {data} | " + " | ".join(vals) + " |")
     return lines
 
 
