@@ -42,7 +42,7 @@ PAPER = Budget("paper", iters=20000, batch_size=32, num_images=1024)
 QUICK = Budget("quick", iters=300, batch_size=32, num_images=256)
 # The quick budget for ImageNet-sized inputs (from LARGE_INPUT_PIXELS up). A 224² Genie-D image costs
 # ~20 s of one core and a Lite0 unit iteration ~1 s, so 32²'s quick budget would take hours there
-# (benchmarks/results/imagenet_quality.md, "A quick budget for 224² models").
+# (benchmarks/results/imagenet_quality.md, "budget curves and class coverage on Lite0 W4A8").
 QUICK_LARGE = Budget("quick", iters=100, batch_size=32, num_images=64)
 LARGE_INPUT_PIXELS = 96 * 96
 BUDGETS = {"paper": PAPER, "quick": QUICK}

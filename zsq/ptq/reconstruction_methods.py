@@ -129,14 +129,15 @@ def check_config(qconfig: QuantConfig, method: str) -> None:
 def start_of_act_steps(qmodel, qconfig: QuantConfig, asked: Optional[str], method: str) -> str:
     """Where activation steps start: the user's act_init, else the preset's. The preset's "bn" falls
     back to the images (logged) on a model without BatchNorm; an explicit act_init=bn there is an error."""
-    if asked is None and qconfig.act_init == "bn" and not bn_layers(qmodel):
+    want = asked or qconfig.act_init
+    if want != "bn" or bn_layers(qmodel):
+        return want
+    if asked is None:
         logger.warning(f"{method}: preset {qconfig.preset!r} starts activation steps from BatchNorm statistics, "
                        "but this model has no BatchNorm layers: starting them from the calibration images")
         return "data"
-    if asked == "bn" and not bn_layers(qmodel):
-        raise ZsqError("act_init=bn starts activation steps from BatchNorm statistics, but this model has no "
-                       "BatchNorm layers; use --set act_init=data")
-    return asked or qconfig.act_init
+    raise ZsqError("act_init=bn starts activation steps from BatchNorm statistics, but this model has no "
+                   "BatchNorm layers; use --set act_init=data")
 
 
 def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) -> QuantResult:
