@@ -92,6 +92,10 @@ def cmd_run(a) -> None:
         res = info.fn(fp, get_preset(a.preset or info.default_preset, a.bits), job)
         model, units = res.model, res.report.get("unit_losses", [])
     quant_s = time.time() - tq
+    if a.save and a.method != "fp32":
+        from zsq.export.packed_checkpoint import save_quantized
+
+        save_quantized(model, a.save, model_name=a.model, weights_path=str(weights))
     ev = evaluate(model, eval_data, return_preds=True)
     from zsq.data import load_dataset
     from zsq.models.meta import get_meta
@@ -182,6 +186,7 @@ def main() -> None:
     r.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
                    help="synthesis and reconstruction compute (zsq.compute; bf16 uses channels_last)")
     r.add_argument("--verbose", action="store_true")
+    r.add_argument("--save", help="also save the quantized model here (a packed checkpoint folder)")
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("compare")
     c.add_argument("base")
