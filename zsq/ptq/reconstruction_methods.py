@@ -51,6 +51,7 @@ class PTQOptions:
     lr_act_scale: Optional[float] = None
     # learn each weight step as s0 * g with this Adam lr (a fraction of the step) instead of s with lr_weight_scale
     lr_weight_scale_rel: Optional[float] = None
+    lr_v: Optional[float] = None  # Adam lr of the soft bits V (None: the recipe's, AdaRound's 1e-3)
 
     def __post_init__(self):
         check_range("chunk", self.chunk, 1)
@@ -58,6 +59,7 @@ class PTQOptions:
         check_range("lr_weight_scale", self.lr_weight_scale, 0.0, lo_open=True)
         check_range("lr_act_scale", self.lr_act_scale, 0.0, lo_open=True)
         check_range("lr_weight_scale_rel", self.lr_weight_scale_rel, 0.0, lo_open=True)
+        check_range("lr_v", self.lr_v, 0.0, lo_open=True)
         if self.lr_weight_scale is not None and self.lr_weight_scale_rel is not None:
             raise ZsqError("set lr_weight_scale (learn each weight step itself) or lr_weight_scale_rel (learn it "
                            "relative to its start), not both")
@@ -88,6 +90,8 @@ def with_overrides(recipe: Recipe, user: PTQOptions, w_bits: int) -> Recipe:
             if user.lr_weight_scale_rel is not None:  # the Phase refuses it where steps are not learned
                 rel = user.lr_weight_scale_rel
             change.update(learn_weight_scale=learn, lr_weight_scale_rel=rel)
+            if user.lr_v is not None:
+                change["lr_v"] = user.lr_v
         if ph.acts_on:
             if user.train_act_scale is not None:
                 change["train_act_scale"] = user.train_act_scale
