@@ -28,12 +28,21 @@ def test_overrides_apply_to_the_phases_they_fit():
     assert _recipe("genie") == RECIPES["genie"]
 
 
+def test_lr_v_reaches_only_phases_that_learn_rounding():
+    b = _recipe("brecq", lr_v=3e-2)
+    weights, acts = b.phases
+    assert weights.train_rounding and weights.lr_v == 3e-2
+    assert acts.lr_v == RECIPES["brecq"].phases[1].lr_v  # learns no rounding: unchanged
+    assert _recipe("genie", lr_v=1e-2).phases[0].lr_v == 1e-2 != RECIPES["genie"].phases[0].lr_v
+
+
 def test_an_override_that_leaves_a_phase_nothing_to_learn_is_refused():
     with pytest.raises(ZsqError, match="learns nothing"):
         _recipe("brecq", train_act_scale=False)  # BRECQ's second phase learns only activation steps
 
 
 @pytest.mark.parametrize("key,value,msg", [("lr_act_scale", 0.0, "lr_act_scale must be > 0"),
+                                           ("lr_v", -1e-3, "lr_v must be > 0"),
                                            ("learn_weight_scale", "no", "learn_weight_scale must be bool")])
 def test_bad_values_are_one_line_errors(key, value, msg):
     with pytest.raises(ZsqError, match=msg):
