@@ -127,15 +127,22 @@ def render(data: dict) -> str:
             if "opset17_onnx_bytes" in v:
                 lines.append(f"| {name} | {key} | 17 | {v['opset17_onnx_bytes']:,} | "
                              f"{v['opset17_onnx_bytes'] / row['fp32_onnx_bytes']:.3f}x | 0 |")
-    lines += ["", "## Latency (median ms; FP32 / deploy W8A8 / genie W8A8 QDQ timed in turn each round)", "",
-              "| model | runtime | threads | batch | FP32 | deploy W8A8 | genie W8A8 | FP32 / deploy | FP32 / genie | load (1 min) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Latency (median ms; the graphs of a row timed in turn each round)", "",
+              "deploy: portable (uint8) weights, the default; deploy int8: `--weight-dtype int8` (exact only on "
+              "CPUs with VNNI/AMX); deploy W7A8: 7-bit weights, int8 in the portable file; rows written before "
+              "2026-12-02 have int8 weights in the deploy column.", "",
+              "| model | runtime | threads | batch | FP32 | deploy W8A8 | deploy int8 | deploy W7A8 | genie W8A8 | "
+              "FP32 / deploy | FP32 / deploy int8 | FP32 / deploy W7A8 | FP32 / genie | load (1 min) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["latency"]:
         ms = r["ms"]
         load = r["load"].split("load average:")[-1].split(",")[0].strip()
+        extra = []
+        for k in ("deploy_int8", "deploy_w7"):
+            extra += ["-", "-"] if k not in ms else [f"{ms[k]:.2f}", f"{ms['fp32'] / ms[k]:.2f}x"]
         lines.append(f"| {r['model']} | {r['runtime']} | {r['threads']} | {r['batch']} | {ms['fp32']:.2f} | "
-                     f"{ms['deploy']:.2f} | {ms['genie']:.2f} | **{ms['fp32'] / ms['deploy']:.2f}x** | "
-                     f"{ms['fp32'] / ms['genie']:.2f}x | {load} |")
+                     f"{ms['deploy']:.2f} | {extra[0]} | {extra[2]} | {ms['genie']:.2f} | "
+                     f"**{ms['fp32'] / ms['deploy']:.2f}x** | {extra[1]} | {extra[3]} | {ms['fp32'] / ms['genie']:.2f}x | {load} |")
     return "\n".join(lines) + "\n"
 
 
@@ -178,21 +185,24 @@ def main():
             row = {"n": int(x.shape[0]), "fp32_top1": float((fp_logits.argmax(1) == yn).mean()),
                    "fp32_onnx_bytes": paths["fp32"].stat().st_size, "variants": {}}
             print(json.dumps({name: {k: row[k] for k in ("n", "fp32_top1", "fp32_onnx_bytes")}}), flush=True)
-            variants = {"deploy": ("deploy", "w8a8"), "genie": ("genie", "w8a8")}
+            # deploy: portable weights (uint8, exact on every CPU); deploy_int8: signed weights (VNNI CPUs);
+            # deploy_w7: 7-bit weights, which stay int8 in the portable file (they cannot saturate)
+            variants = {"deploy": ("deploy", "w8a8", "portable"), "deploy_int8": ("deploy", "w8a8", "int8"),
+                        "deploy_w7": ("deploy", "w7a8", "portable"), "genie": ("genie", "w8a8", "portable")}
             if name == "cifar10_resnet20":
-                variants["genie_w4a4"] = ("genie", "w4a4")
-            for key, (preset, bits) in variants.items():
+                variants["genie_w4a4"] = ("genie", "w4a4", "portable")
+            for key, (preset, bits, wdtype) in variants.items():
                 t0 = time.time()
                 q = get_method("bn-minmax").fn(fp, get_preset(preset, bits), QuantJob()).model
                 quant_s = time.time() - t0
                 p = work / f"{name}_{key}.onnx"
-                info = export_onnx(q, p)
-                v = {"preset": preset, "bits": bits, "quant_seconds": round(quant_s, 1), "onnx_bytes": info["onnx_bytes"],
+                info = export_onnx(q, p, weight_dtype=wdtype)
+                v = {"preset": preset, "bits": bits, "weight_dtype": wdtype, "quant_seconds": round(quant_s, 1), "onnx_bytes": info["onnx_bytes"],
                      "onnx_ratio_vs_fp32": info["onnx_bytes"] / row["fp32_onnx_bytes"], "ops": info["ops"],
                      "int4_weights": len(info["int4_weights"])}
                 if bits == "w4a4":
                     p17 = work / f"{name}_{key}_opset17.onnx"
-                    v["opset17_onnx_bytes"] = export_onnx(q, p17, opset=17)["onnx_bytes"]
+                    v["opset17_onnx_bytes"] = export_onnx(q, p17, opset=17, weight_dtype=wdtype)["onnx_bytes"]
                 ref = run_torch(q, x, 50)
                 v["zsq_top1"] = float((ref.argmax(1) == yn).mean())
                 t0 = time.time()
@@ -206,7 +216,7 @@ def main():
                                   "max_logit_diff": c["max_logit_diff"], "logit_std": c["logit_std"],
                                   "integer_ops": rt.integer_ops(), "float_ops": rt.float_ops()}
                 row["variants"][key] = v
-                if bits == "w8a8":
+                if preset == "deploy" or bits == "w8a8":
                     paths[key] = p
                 print(json.dumps({name: {key: v}}), flush=True)
             out["models"][name] = row

@@ -89,16 +89,3 @@ def test_runtime_names_and_missing_openvino(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_openvino)
     with pytest.raises(ZsqError, match=r"pip install 'zsq\[openvino\]'"):
         open_runtime("openvino", tmp_path / "m.onnx")
-
-
-def test_openvino_runs_the_deploy_graph_in_int8(tmp_path):
-    pytest.importorskip("openvino")
-    q = tiny_quantized("deploy", "w8a8")
-    export_onnx(q, tmp_path / "m.onnx")
-    rt = open_runtime("openvino", tmp_path / "m.onnx", threads=1)
-    x = tiny_images(16, seed=6)
-    with torch.no_grad():
-        ref = q(x).numpy()
-    got = rt(x.numpy())
-    assert (ref.argmax(1) == got.argmax(1)).all() and np.abs(ref - got).max() < 0.02 * ref.std()
-    assert rt.integer_ops().get("Convolution(u8)") == 4 and not any(k.startswith("Convolution") for k in rt.float_ops())

@@ -27,6 +27,10 @@ def add_parser(subparsers) -> None:
                    help="largest |logit diff| / logit std accepted (default 0.5)")
     p.add_argument("--opset", type=int, default=21,
                    help="ONNX opset 13-21 (default 21: weights that fit 4 bits as INT4/UINT4; 17 for older runtimes)")
+    p.add_argument("--weight-dtype", choices=("portable", "int8"), default="portable",
+                   help="portable (default): 8-bit weights stored as uint8, exact in onnxruntime on every CPU; int8: "
+                        "about 2x faster there on CPUs with VNNI/AMX, but onnxruntime's kernels on x86 CPUs without "
+                        "VNNI saturate and give other results (docs/export.md)")
     p.add_argument("--runtime", default="ort", help="check (and time) in ort, openvino, or all (default ort)")
     p.add_argument("--latency-runs", type=int, default=20, help="timed runs per runtime and batch size (0: none)")
     p.add_argument("--fold", action="store_true",
@@ -84,6 +88,9 @@ def _runtime_check(name: str, qmodel, onnx_file: Path, images, labels, tol, floo
     check = {k: res[k] for k in ("runtime_version", "n", "top1_agreement", "max_logit_diff",
                                  "mean_logit_diff", "max_rel_logit_diff", "integer_ops") if k in res}
     check["float_layers"] = open_runtime(name, onnx_file, 1).float_layers()
+    if name == "openvino" and args.weight_dtype == "portable" and check["float_layers"]:
+        logger.warning("OpenVINO runs convolutions with uint8 weights in float; --weight-dtype int8 runs them in "
+                       "int8 (exact on CPUs with VNNI or AMX only)")
     check.update({k: res[k] for k in ("torch_top1", "onnx_top1", "latency_ms") if k in res})
     return check
 
@@ -120,9 +127,16 @@ def run(args) -> dict:
     tmp = onnx_path.with_name(onnx_path.name + ".partial")
     checks = {}
     try:
-        info = export_onnx(to_export, tmp, opset=args.opset)
+        info = export_onnx(to_export, tmp, opset=args.opset, weight_dtype=args.weight_dtype)
         logger.info(f"wrote {info['onnx_bytes']} bytes (opset {args.opset}, {len(info['int4_weights'])} INT4/UINT4 weights), "
             f"ops {info['ops']}; comparing on {images.shape[0]} images; float floor {floor:.4f}")
+        if info["uint8_shifted_weights"]:
+            logger.info(f"{len(info['uint8_shifted_weights'])} layers' 8-bit weights are stored as uint8 (exact on every "
+                        "CPU; about 2x slower than int8 on CPUs with VNNI): quantize at 7 weight bits (e.g. --bits "
+                        "w7a8) for int8 kernels exact everywhere, or export with --weight-dtype int8 for VNNI-only CPUs")
+        if args.weight_dtype == "int8":
+            logger.warning("--weight-dtype int8: the graph gives the zsq model's results only on CPUs with VNNI or AMX "
+                           "(and non-x86 CPUs); x86 CPUs without VNNI give other results")
         for name in runtimes:
             checks[name] = _runtime_check(name, qmodel, tmp, images, labels, tol, floor, args)
         tmp.replace(onnx_path)
@@ -132,7 +146,8 @@ def run(args) -> dict:
     ck = getattr(qmodel, "zsq_checkpoint", {})
     first = checks[runtimes[0]]
     return {"checkpoint": str(args.checkpoint), "onnx": str(onnx_path), "onnx_bytes": info["onnx_bytes"],
-            "opset": info["opset"], "int4_weights": len(info["int4_weights"]), "model": ck.get("model_name"),
+            "opset": info["opset"], "weight_dtype": info["weight_dtype"],
+            "uint8_shifted_weights": len(info["uint8_shifted_weights"]), "int4_weights": len(info["int4_weights"]), "model": ck.get("model_name"),
             "bits": ck.get("bits"), "preset": ck.get("preset"),
             "check_data": source, "n": first["n"], "float_floor": floor,
             "top1_agreement": first["top1_agreement"], "max_logit_diff": first["max_logit_diff"],

@@ -6,7 +6,10 @@ Every quantizer becomes standard ONNX operators that any runtime understands:
   (the container alone would allow 256 levels);
 - weight quantizer -> an int8/uint8 initializer holding the integer codes -> DequantizeLinear
   (per output channel: ``axis=0`` with 1-D scale/zero point), so weights are stored as integers
-  in the .onnx file too.
+  in the .onnx file too. Signed codes beyond [-64, 64] are stored as uint8 (codes + 128, zero point
+  + 128, the same values) unless ``weight_dtype="int8"``: onnxruntime's u8 x s8 kernels on x86 CPUs
+  without VNNI sum pairs of products in saturating int16 (vpmaddubsw; 2 * 255 * 127 > 32767), so an
+  int8-weight file gives other results there, while u8 x u8 kernels are exact on every CPU.
 
 The export swaps the quantizers of a deep copy for export-only modules whose forward computes the
 same values as the fake-quant model and whose autograd ``symbolic`` emits the Q/DQ nodes; the
@@ -35,6 +38,11 @@ from zsq.quant.transforms import quant_layers
 OPSET = 21  # default: INT4/UINT4 weight initializers
 TORCH_MAX_OPSET = 20  # torch.onnx (TorchScript) writes up to this opset
 SUPPORTED_OPSETS = range(13, 22)
+# "portable": 8-bit signed weight codes stored as uint8 (exact on every CPU); "int8": kept signed, about 2x
+# faster in onnxruntime on CPUs with VNNI/AMX and wrong on x86 CPUs without (see the module docstring)
+WEIGHT_DTYPES = ("portable", "int8")
+# |code| up to this never saturates a u8 x s8 int16 pair sum: 2 * 255 * 64 = 32640 <= 32767
+SATURATION_SAFE_CODE = 64
 
 
 def _container(qmin: int, qmax: int, what: str) -> Tuple[torch.dtype, int, int]:
@@ -109,12 +117,15 @@ class ExportActQuant(nn.Module):
 class ExportWeightQuant(nn.Module):
     """Export-time stand-in for a weight quantizer: holds the integer codes, returns the weight."""
 
-    def __init__(self, name: str, layer: nn.Module):
+    def __init__(self, name: str, layer: nn.Module, weight_dtype: str = "portable"):
         super().__init__()
         w = layer.weight.detach()
         g = weight_grid(name, layer)
         codes, scale, zp = g.codes, g.scale, g.zero_point
         dt, _, _ = _container(g.qmin, g.qmax, f"layer {name}")
+        self.shifted = bool(dt == torch.int8 and weight_dtype == "portable" and codes.abs().max() > SATURATION_SAFE_CODE)
+        if self.shifted:
+            codes, zp, dt = codes.to(torch.int16) + 128, zp + 128, torch.uint8  # same values, u8 x u8 kernels
         # which axis the grid varies along: none (per tensor) or the output channels (axis 0)
         varying = [d for d in range(scale.dim()) if scale.shape[d] > 1 or (zp.dim() > d and zp.shape[d] > 1)]
         if scale.numel() == 1 and zp.numel() == 1:
@@ -143,8 +154,16 @@ class ExportWeightQuant(nn.Module):
         return _WeightDQ.apply(self.codes, self.scale_b, self.zp_b, self.scale_1d, self.zp_1d, self.per_channel)
 
 
-def export_model(qmodel: nn.Module) -> nn.Module:
+def check_weight_dtype(weight_dtype: str) -> str:
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ZsqError(f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)} (portable: exact in "
+                       f"onnxruntime on every CPU; int8: faster on CPUs with VNNI, wrong on x86 CPUs without)")
+    return weight_dtype
+
+
+def export_model(qmodel: nn.Module, weight_dtype: str = "portable") -> nn.Module:
     """A deep copy of ``qmodel`` with every quantizer replaced by its export-only module."""
+    check_weight_dtype(weight_dtype)
     m = copy.deepcopy(qmodel).eval()
     replaced = {}
 
@@ -169,7 +188,7 @@ def export_model(qmodel: nn.Module) -> nn.Module:
             layer.set_bias_grid(None)
     for name, layer in quant_layers(m):
         if layer.weight_quant is not None and getattr(layer.weight_quant, "enabled", True):
-            layer.weight_quant = ExportWeightQuant(name, layer)
+            layer.weight_quant = ExportWeightQuant(name, layer, weight_dtype)
         else:
             layer.weight_quant = None
         new = act(name + ".input_quant", layer.input_quant)
@@ -275,11 +294,11 @@ def _to_opset21(model):
 
 
 def export_onnx(qmodel: nn.Module, path, *, input_size: Optional[Tuple[int, int, int]] = None,
-                opset: int = OPSET) -> dict:
+                opset: int = OPSET, weight_dtype: str = "portable") -> dict:
     """Write ``qmodel`` as a QDQ ONNX graph (batch dimension dynamic) and check it with onnx.checker.
 
     opset 21 (default) stores weights whose codes fit 4 bits as INT4/UINT4; 13-20 keep int8/uint8
-    containers for runtimes without opset 21."""
+    containers for runtimes without opset 21. ``weight_dtype``: see the module docstring."""
     import onnx
 
     check_opset(opset)
@@ -288,7 +307,8 @@ def export_onnx(qmodel: nn.Module, path, *, input_size: Optional[Tuple[int, int,
         if meta is None:
             raise ZsqError("export needs the input size: the model has no zsq metadata; pass input_size=(C, H, W)")
         input_size = tuple(meta.input_size)
-    em = export_model(qmodel)
+    em = export_model(qmodel, weight_dtype)
+    shifted = [n for n, layer in quant_layers(em) if getattr(layer.weight_quant, "shifted", False)]
     freeze_shape_dependent_modules(em, input_size)
     x = torch.zeros(1, *input_size)
     buf = io.BytesIO()
@@ -318,5 +338,6 @@ def export_onnx(qmodel: nn.Module, path, *, input_size: Optional[Tuple[int, int,
     ops = {}
     for n in model.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return {"onnx": str(path), "onnx_bytes": len(data), "opset": opset, "ops": ops, "int4_weights": int4,
+    return {"onnx": str(path), "onnx_bytes": len(data), "opset": opset, "weight_dtype": weight_dtype, "ops": ops,
+            "int4_weights": int4, "uint8_shifted_weights": shifted,
             "pads_folded_into_convs": folded_pads}

@@ -104,6 +104,16 @@ def _finite(logits: np.ndarray, who: str) -> np.ndarray:
     return logits
 
 
+def _int8_hint(onnx_path) -> str:
+    """Why a graph with int8 weights may disagree on this CPU, if that is the case."""
+    from zsq.export.runtimes import cpu_has_int8_dot, int8_weight_names
+
+    if cpu_has_int8_dot() or not int8_weight_names(onnx_path):
+        return ""
+    return ("; this CPU has no VNNI, where int8-weight graphs run inexactly (onnxruntime saturates int16 sums): "
+            "export with --weight-dtype portable")
+
+
 def check_parity(qmodel: nn.Module, onnx_path, images: torch.Tensor, labels=None, *,
                  tolerance: ParityTolerance = ParityTolerance(), batch_size: int = 64, threads: int = 2,
                  runtime: str = "ort", floor: Optional[float] = None) -> dict:
@@ -127,5 +137,6 @@ def check_parity(qmodel: nn.Module, onnx_path, images: torch.Tensor, labels=None
                        f"{res['max_rel_logit_diff']:.3f} x logit std (allowed {tolerance.max_rel_logit_diff}) "
                        f"on {res['n']} images"
                        + (f" (zsq model top-1 {res['torch_top1']:.3f}: a model with near-tied logits flips easily; "
-                          f"loosen --min-agreement to accept)" if "torch_top1" in res else ""))
+                          f"loosen --min-agreement to accept)" if "torch_top1" in res else "")
+                       + _int8_hint(onnx_path))
     return res

@@ -63,6 +63,42 @@ def _load_error(runtime: str, version: str, onnx_path, e: Exception) -> ZsqError
     return ZsqError(f"{runtime} {version} cannot load the opset-{opset} graph {Path(onnx_path).name}: {first}{need}")
 
 
+# CPU features with an int8 dot product that sums u8 x s8 products in int32 (no int16 saturation)
+INT8_DOT_FEATURES = ("AVX512VNNI", "AVX_VNNI", "AVXVNNI", "AMX_INT8")
+
+
+def cpu_has_int8_dot() -> bool:
+    """Whether this CPU runs int8-weight graphs exactly: x86 with VNNI or AMX (from CPUID, as numpy reads
+    it), or not x86 at all. onnxruntime's u8 x s8 kernels on other x86 CPUs (AVX2, AVX-512 without
+    VNNI) add pairs of products in saturating int16, and OpenVINO's lose weight precision there."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return True
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    return any(features.get(f, False) for f in INT8_DOT_FEATURES)
+
+
+def int8_weight_names(onnx_path) -> List[str]:
+    """Weight initializers of the graph stored as int8 with codes beyond the range that cannot saturate."""
+    import onnx
+    from onnx import numpy_helper
+
+    from zsq.export.onnx import SATURATION_SAFE_CODE
+
+    m = onnx.load(str(onnx_path))
+    inits = {i.name: i for i in m.graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    wide = []
+    for n in m.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            if np.abs(numpy_helper.to_array(inits[n.input[0]]).astype(np.int16)).max() > SATURATION_SAFE_CODE:
+                wide.append(n.input[0])
+    return wide
+
+
 FLOAT_COMPUTE = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "Add")
 
 
