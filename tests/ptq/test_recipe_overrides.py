@@ -36,6 +36,28 @@ def test_lr_v_reaches_only_phases_that_learn_rounding():
     assert _recipe("genie", lr_v=1e-2).phases[0].lr_v == 1e-2 != RECIPES["genie"].phases[0].lr_v
 
 
+@pytest.mark.parametrize("iters,lr", [(20000, 1e-3), (5000, 4e-3), (300, 1e-2), (100, 1e-2)])
+def test_soft_bit_lr_is_sized_to_the_budget(iters, lr):
+    """AdaRound's 1e-3 at the paper's 20k steps; travel / steps below that, capped at 1e-2."""
+    for name in ("genie", "brecq"):
+        phases = rm.with_overrides(RECIPES[name], rm.PTQOptions(), 4, iters).phases
+        assert phases[0].lr_v == pytest.approx(lr), (name, iters)
+    assert rm.with_overrides(RECIPES["genie"], rm.PTQOptions(lr_v=2e-3), 4, 300).phases[0].lr_v == 2e-3
+
+
+def test_the_budget_reaches_the_soft_bits_optimizer(monkeypatch):
+    import zsq.ptq.reconstruct as rc
+
+    seen = []
+    groups = rc._param_groups
+    monkeypatch.setattr(rc, "_param_groups", lambda ph, soft, acts: seen.append(ph.lr_v) or groups(ph, soft, acts))
+    _run({})  # 5 steps per unit
+    assert seen and set(seen) == {1e-2}
+    seen.clear()
+    _run({"lr_v": 3e-3})
+    assert seen and set(seen) == {3e-3}
+
+
 def test_an_override_that_leaves_a_phase_nothing_to_learn_is_refused():
     with pytest.raises(ZsqError, match="learns nothing"):
         _recipe("brecq", train_act_scale=False)  # BRECQ's second phase learns only activation steps

@@ -19,7 +19,7 @@ from zsq.errors import ZsqError
 from zsq.methods.registry import QuantJob, QuantResult, register_method, schema_options, user_options
 from zsq.options import check_range, parse_options
 from zsq.ptq import presets  # noqa: F401  (registers the brecq and qdrop presets)
-from zsq.ptq.budgets import RECIPES, EngineOptions, Recipe, get_budget
+from zsq.ptq.budgets import RECIPES, EngineOptions, Recipe, get_budget, soft_bit_lr
 from zsq.ptq.reconstruct import Reconstructor
 from zsq.quant.calibration import bn_layers, calibrate_from_bn
 from zsq.quant.qconfig import QuantConfig
@@ -51,7 +51,7 @@ class PTQOptions:
     lr_act_scale: Optional[float] = None
     # learn each weight step as s0 * g with this Adam lr (a fraction of the step) instead of s with lr_weight_scale
     lr_weight_scale_rel: Optional[float] = None
-    lr_v: Optional[float] = None  # Adam lr of the soft bits V (None: the recipe's, AdaRound's 1e-3)
+    lr_v: Optional[float] = None  # Adam lr of the soft bits V (None: sized to the budget, budgets.soft_bit_lr)
 
     def __post_init__(self):
         check_range("chunk", self.chunk, 1)
@@ -73,10 +73,11 @@ class PTQOptions:
 FIXED_WEIGHT_STEP_BITS = 5
 
 
-def with_overrides(recipe: Recipe, user: PTQOptions, w_bits: int) -> Recipe:
+def with_overrides(recipe: Recipe, user: PTQOptions, w_bits: int, iters: Optional[int] = None) -> Recipe:
     """The recipe with the user's learn/lr overrides applied to every phase they make sense in: weight-step
     options to phases that learn rounding, activation-step options to phases with activations on. Without
-    a learn_weight_scale choice, weight steps stay fixed from FIXED_WEIGHT_STEP_BITS weight bits up."""
+    a learn_weight_scale choice, weight steps stay fixed from FIXED_WEIGHT_STEP_BITS weight bits up; without
+    an lr_v, the soft bits' lr is sized to ``iters`` steps per unit (``soft_bit_lr``)."""
     phases = []
     for ph in recipe.phases:
         change = {}
@@ -92,6 +93,8 @@ def with_overrides(recipe: Recipe, user: PTQOptions, w_bits: int) -> Recipe:
             change.update(learn_weight_scale=learn, lr_weight_scale_rel=rel)
             if user.lr_v is not None:
                 change["lr_v"] = user.lr_v
+            elif iters is not None:
+                change["lr_v"] = soft_bit_lr(ph.lr_v, round(iters * ph.iters_scale))
         if ph.acts_on:
             if user.train_act_scale is not None:
                 change["train_act_scale"] = user.train_act_scale
@@ -157,7 +160,7 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
             ph.learn_weight_scale for ph in recipe.phases):
         logger.info(f"{recipe.name}: W{qconfig.w_bits} is a fine grid, weight steps stay at their start "
                     "(--set learn_weight_scale=true learns them as the paper does)")
-    recipe = with_overrides(recipe, user, qconfig.w_bits)
+    recipe = with_overrides(recipe, user, qconfig.w_bits, budget.iters)
     opts = EngineOptions(seed=job.seed, chunk=user.chunk, max_cache_mib=user.max_cache_mib,
                          holdout=user.holdout, keep_better=user.keep_better, augment=user.augment)
     work_dir = user.work_dir or (Path(job.out) / "work" if job.out is not None else None)
