@@ -1,5 +1,6 @@
 """Why zsq stores 8-bit weights as uint8 by default: the same deploy W8A8 models exported with
-``--weight-dtype int8`` and ``portable``, compared with the fake-quant model in onnxruntime on this CPU.
+``--weight-dtype int8`` and ``portable`` (and the W7A8 models, int8 in the portable file), compared with
+the fake-quant model in onnxruntime and OpenVINO (when installed) on this CPU.
 
     PYTHONPATH=. python benchmarks/int8_saturation.py                                   # this CPU
     PYTHONPATH=. qemu-x86_64 -cpu Haswell .venv/bin/python benchmarks/int8_saturation.py  # an AVX2 CPU without VNNI
@@ -12,6 +13,7 @@ checkpoint, bn-minmax: no images) when the assets are present.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import tempfile
 from pathlib import Path
@@ -24,8 +26,8 @@ from zsq.export.parity import compare_logits, run_torch
 from zsq.export.runtimes import cpu_has_int8_dot, open_runtime, run_batches
 
 
-def models():
-    yield "tiny_resnet", tiny_quantized("deploy", "w8a8"), tiny_images(64, seed=4)
+def models(bits: str):
+    yield "tiny_resnet", tiny_quantized("deploy", bits), tiny_images(64, seed=4)
     from tests.quant.test_bn_act import BatchNormAct2d, _net
     from zsq.quant import calibrate, get_preset, quantize_model
     from zsq.quant import modules as qmodules
@@ -33,7 +35,7 @@ def models():
     saved = qmodules.BN_ACT_TYPES  # the test's stand-in for timm's BatchNormAct2d folds, as in the test
     qmodules.BN_ACT_TYPES = saved | {(BatchNormAct2d.__module__, "BatchNormAct2d")}
     try:
-        q = quantize_model(_net(), get_preset("deploy", "w8a8"))
+        q = quantize_model(_net(), get_preset("deploy", bits))
     finally:
         qmodules.BN_ACT_TYPES = saved
     calibrate(q, tiny_images(32, seed=7), batch_size=16)
@@ -49,7 +51,7 @@ def models():
     from zsq.models import load
 
     fp = load("cifar10_resnet20", weights=weights)
-    q = get_method("bn-minmax").fn(fp, get_preset("deploy", "w8a8"), QuantJob()).model
+    q = get_method("bn-minmax").fn(fp, get_preset("deploy", bits), QuantJob()).model
     yield "cifar10_resnet20", q, torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
@@ -59,18 +61,23 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
+    runtimes = ["ort"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
     with tempfile.TemporaryDirectory(prefix="zsq-sat-") as d:
-        for name, q, x in models():
-            ref = run_torch(q, x, 64)
-            for dtype in ("int8", "portable"):
-                path = Path(d) / f"{name}_{dtype}.onnx"
-                export_onnx(q, path, weight_dtype=dtype)
-                rt = open_runtime("ort", path, 1)
-                c = compare_logits(ref, run_batches(rt, x, 64))
-                rows.append({"model": name, "weight_dtype": dtype, "n": c["n"], "cpu_int8_dot": cpu_has_int8_dot(),
-                             "ort": rt.version, "top1_agreement": c["top1_agreement"],
-                             "max_rel_logit_diff": float(f"{c['max_rel_logit_diff']:.4g}")})
-                print(json.dumps(rows[-1]), flush=True)
+        for bits, dtypes in (("w8a8", ("int8", "portable")), ("w7a8", ("portable",))):
+            for name, q, x in models(bits):
+                ref = run_torch(q, x, 64)
+                for dtype in dtypes:
+                    path = Path(d) / f"{name}_{bits}_{dtype}.onnx"
+                    export_onnx(q, path, weight_dtype=dtype)
+                    for rt_name in runtimes:
+                        rt = open_runtime(rt_name, path, 1)
+                        c = compare_logits(ref, run_batches(rt, x, 64))
+                        rows.append({"model": name, "bits": bits, "weight_dtype": dtype, "runtime": rt_name,
+                                     "version": rt.version, "n": c["n"], "cpu_int8_dot": cpu_has_int8_dot(),
+                                     "top1_agreement": c["top1_agreement"],
+                                     "max_rel_logit_diff": float(f"{c['max_rel_logit_diff']:.4g}"),
+                                     "integer_ops": rt.integer_ops()})
+                        print(json.dumps(rows[-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
