@@ -133,3 +133,22 @@ def test_a_crafted_pickle_never_runs(tmp_path, where):
             runstate.load_state(target)
     assert "\n" not in str(e.value)
     assert not marker.exists()
+
+
+def test_source_digest_names_the_code(tmp_path):
+    from zsq.runstate import source_digest
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    (tmp_path / "notes.txt").write_text("not code")
+    d = source_digest(tmp_path)
+    assert len(d) == 16 and d == source_digest(tmp_path)
+    (tmp_path / "notes.txt").write_text("other notes")
+    assert source_digest(tmp_path) == d                     # only .py files count
+    (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
+    assert source_digest(tmp_path) != d                     # one changed byte is another code
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "a.py").rename(tmp_path / "pkg" / "c.py")
+    assert source_digest(tmp_path) != d                     # a moved file too
+    assert len(source_digest()) == 16                       # the installed zsq package

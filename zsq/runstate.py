@@ -34,6 +34,17 @@ def tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def source_digest(root=None) -> str:
+    """sha256 (16 hex) of the Python sources under ``root`` (default: the zsq package): which code made a
+    result (a results file resumed by other code would otherwise mix rows of two versions silently)."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def fingerprint(**parts: Any) -> Dict[str, Any]:
     """A JSON-normal dict of ``parts`` with every tensor replaced by its digest."""
 

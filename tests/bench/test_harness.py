@@ -214,3 +214,29 @@ def test_summary_keeps_cells_that_differ_only_in_preset():
     assert lines[0].startswith("| model | method | preset | data |")
     assert any("| bn-minmax | - | none | 91.84 |" in ln for ln in lines)
     assert any("| bn-minmax | deploy | none | 91.94 |" in ln for ln in lines)
+
+
+def test_resume_refuses_rows_of_other_code(tmp_path):
+    from zsq.runstate import source_digest
+
+    cell = Cell(M, "bn-minmax", "w8a8")
+    suite = Suite("t", "t", (cell,), jpeg_eval=False, eval_limit=16)
+    row = {"key": cell.key, "cell": cell.to_dict(), "model": M, "method": "bn-minmax", "bits": "w8a8",
+           "data": "none", "code": "0123456789abcdef",
+           "main": {"set": "exact-1017", "top1": 91.0, "n": 16, "ci95": [80.0, 95.0]}, "wall_seconds": 1.0}
+    save_results(tmp_path, {"suite": "t", "budget": "quick", "machine": {"platform": "p", "cores": 2, "python": "3",
+                            "torch": "2", "threads_per_cell": 1}, "wall_seconds": 1.0, "cells": {cell.key: row}})
+    before = (tmp_path / RESULTS).read_bytes()
+    with pytest.raises(ZsqError, match=r"1 finished cell\(s\) .* other zsq code \(source 0123456789abcdef; this is "
+                       + source_digest() + r"\).*--allow-mixed-code"):
+        run_suite(suite, tmp_path, resume=True)
+    assert (tmp_path / RESULTS).read_bytes() == before
+    ran = []
+    res = run_suite(suite, tmp_path, resume=True, on_cell=ran.append, allow_mixed_code=True)
+    assert ran == [] and res["cells"][cell.key]["code"] == "0123456789abcdef"  # kept, not re-run
+    from zsq.bench.report import _code_line
+
+    assert _code_line([row]) == "Code: zsq sources 0123456789abcdef (sha256 of zsq/**/*.py, every row)."
+    mixed = _code_line([row, dict(row, key="new", code=source_digest()), dict(row, key="x", error="boom")])
+    assert "rows made by different zsq sources" in mixed and "0123456789abcdef: 1 row(s)" in mixed
+    assert f"{source_digest()}: 1 row(s) (new)" in mixed   # the failed row is not counted

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 from zsq.bench.runner import load_results
 from zsq.errors import ZsqError
@@ -124,6 +124,19 @@ def _plots(results: dict, out: Path) -> List[str]:
     return files
 
 
+def _code_line(rows: List[dict]) -> str:
+    """Which zsq sources made the finished rows (more than one only with --allow-mixed-code)."""
+    codes: Dict[str, List[str]] = {}
+    for r in rows:
+        if "error" not in r:
+            codes.setdefault(str(r.get("code", "unrecorded")), []).append(r.get("key", "?"))
+    if len(codes) <= 1:
+        return f"Code: zsq sources {next(iter(codes), '-')} (sha256 of zsq/**/*.py, every row)."
+    parts = [f"{c}: {len(keys)} row(s) ({', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''})"
+             for c, keys in sorted(codes.items())]
+    return "Code: **rows made by different zsq sources** (--allow-mixed-code): " + "; ".join(parts) + "."
+
+
 def write_report(out, command: str = "") -> Path:
     """Write out/report.md (and plots) from out/results.json; returns the report path."""
     out = Path(out)
@@ -142,6 +155,7 @@ def write_report(out, command: str = "") -> Path:
               "inflated by contention from other jobs.",
               f"Total time (sum of cell wall times, incl. process start and evaluation): "
               f"{results['wall_seconds']:.0f} s. Cells: {n_done} done of {len(results.get('order', rows))}.", ""]
+    lines += [_code_line(rows), ""]
     if results.get("pruned"):
         lines += [f"Pruned matrix: {results['pruned']}", ""]
     lines += ["## Summary: top-1 on the main set (/ JPEG-10k where run)", ""] + summary_table(results)

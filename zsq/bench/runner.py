@@ -21,6 +21,7 @@ import torch
 
 from zsq.bench.suites import MODELS, Suite
 from zsq.errors import ZsqError
+from zsq.runstate import source_digest
 
 logger = logging.getLogger(__name__)
 
@@ -114,16 +115,33 @@ def _check_eval_sets(results: dict, out: Path) -> None:
                            f"{row['model']} on {setup.eval_main_name}; use another --out")
 
 
+def _check_code(results: dict, out: Path, code: str, allow_mixed: bool) -> None:
+    """Refuse to add rows to a results.json whose finished rows other zsq code made (their numbers could
+    differ from what this code gives, and one report would mix both without saying so)."""
+    other = [k for k, r in results.get("cells", {}).items() if "error" not in r and r.get("code") != code]
+    if not other:
+        return
+    made_by = sorted({str(results["cells"][k].get("code", "unrecorded")) for k in other})
+    msg = (f"{out / RESULTS}: {len(other)} finished cell(s) (e.g. {other[0]}) were made by other zsq code "
+           f"(source {', '.join(made_by)}; this is {code})")
+    if not allow_mixed:
+        raise ZsqError(msg + "; use another --out, or pass --allow-mixed-code to keep them beside new rows")
+    logger.warning(msg + "; kept (--allow-mixed-code), the report lists the code of each row")
+
+
 def run_suite(suite: Suite, out, budget: str = "quick", resume: bool = True, isolate: bool = True,
               on_cell: Optional[Callable[[str], None]] = None,
-              cell_timeout: Optional[float] = None, only: Optional[str] = None) -> dict:
+              cell_timeout: Optional[float] = None, only: Optional[str] = None,
+              allow_mixed_code: bool = False) -> dict:
     """Run every cell of `suite` not yet in out/results.json; returns the results dict.
 
     resume=False with an existing results.json for other settings raises instead of mixing runs.
     isolate=False runs cells in this process (faster, for tests; peak RSS is then the process's).
     on_cell(key) is called before each cell actually runs (tests count them).
     cell_timeout: seconds after which a cell's process is killed and the cell recorded as failed
-    (with its wall time), so a suite finishes the cells that fit. only: fnmatch pattern on cell keys."""
+    (with its wall time), so a suite finishes the cells that fit. only: fnmatch pattern on cell keys.
+    Every row records the digest of the zsq sources that made it; allow_mixed_code=False refuses to
+    resume a results.json with finished rows of other code."""
     if budget not in ("quick", "paper"):
         raise ZsqError(f"budget must be quick or paper, got {budget!r}")
     out = Path(out)
@@ -135,6 +153,9 @@ def run_suite(suite: Suite, out, budget: str = "quick", resume: bool = True, iso
         _check_eval_sets(results, out)
     if results is not None and not resume and results.get("cells"):
         raise ZsqError(f"{out / RESULTS} exists; pass --resume to finish it or use another --out")
+    code = source_digest()
+    if results is not None:
+        _check_code(results, out, code, allow_mixed_code)
     if results is None:
         results = {"suite": suite.name, "description": suite.description, "pruned": suite.pruned,
                    "budget": budget, "machine": machine(), "wall_seconds": 0.0, "cells": {}}
@@ -152,7 +173,7 @@ def run_suite(suite: Suite, out, budget: str = "quick", resume: bool = True, iso
         logger.info(f"[{i + 1}/{len(todo)}] {cell.key}")
         t0 = time.time()
         payload = {"cell": cell.to_dict(), "budget": budget, "cache": str(cache), "eval_limit": suite.eval_limit,
-                   "jpeg_eval": suite.jpeg_eval}
+                   "jpeg_eval": suite.jpeg_eval, "code": code}
         try:
             if isolate:
                 row = _run_subprocess(payload, out / "cells" / f"{order.index(cell.key):03d}", cell_timeout)
@@ -165,6 +186,7 @@ def run_suite(suite: Suite, out, budget: str = "quick", resume: bool = True, iso
                 raise
             row = {"key": cell.key, "cell": cell.to_dict(), "error": str(e)[-500:]}
             logger.warning(f"  failed: {row['error']}")
+        row["code"] = code
         if row.get("picked_up"):
             row["wall_seconds"] = row.get("total_seconds", 0.0)
             logger.info("  picked up the row its process wrote after the runner stopped")

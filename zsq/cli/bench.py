@@ -19,6 +19,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--merge", metavar="DIR", action="append", default=[],
                    help="first copy finished cells from another --out of the same suite (runs split with "
                    "--only across processes or machines); repeatable")
+    p.add_argument("--allow-mixed-code", action="store_true", help="resume even though finished rows were made "
+                   "by other zsq sources (each row records its code; the report lists them)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     from zsq.cli import add_log_args
 
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> dict:
         merge_results(args.out, other)
     if not args.report_only:
         run_suite(suite, args.out, budget=args.budget, resume=args.resume,
-                  cell_timeout=args.cell_timeout, only=args.only)
+                  cell_timeout=args.cell_timeout, only=args.only, allow_mixed_code=args.allow_mixed_code)
     report = write_report(args.out, command=cmd)
     res = load_results(args.out) or {"cells": {}}
     rows = list(res["cells"].values())
