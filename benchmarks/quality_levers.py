@@ -6,6 +6,10 @@ coverage, augmentation during reconstruction) on one model, one bit setting, one
     python benchmarks/quality_levers.py run --tag w2a4-keep --bits w2a4
     # paired comparison on the same images (exact McNemar test on the discordant pairs)
     python benchmarks/quality_levers.py compare w2a4-base w2a4-keep
+    # accuracy against minutes: one curve per budget knob, reference runs as horizontal lines
+    python benchmarks/quality_levers.py curve --dir benchmarks/results/levers --out curves.png \
+        --series "Genie-M it/unit=lite0-genie-w4a8-it20,lite0-genie-w4a8-default,lite0-genie-w4a8-it100" \
+        --ref lite0-genie-w4a8-real32 --ref lite0-fp32
 
 Each run writes runs/levers/<tag>.json: the command, options, top-1, times, `uptime` load before and
 after, peak RSS and the per-image hits (1 = correct) that `compare` pairs up. Synthetic sets are cached
@@ -164,6 +168,56 @@ def cmd_coverage(a) -> None:
               f"BNS {sset.meta.get('bns_loss', float('nan')):.3f}, {sset.meta.get('seconds', 0):.0f} s")
 
 
+def _curve_points(runs, minutes_of):
+    """(minutes, top-1, tag) per run, in the order given."""
+    return [(minutes_of(r), r["top1"], r["tag"]) for r in runs]
+
+
+def cmd_curve(a) -> None:
+    """Top-1 against minutes for runs that differ in one budget knob: each --series is a curve whose x is
+    the time of the stage that changed (synthesis seconds if they differ between the series' runs,
+    reconstruction seconds otherwise); each --ref is a horizontal line (real images, FP32)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def load(tag):
+        path = Path(a.dir) / f"{tag}.json"
+        if not path.is_file():
+            raise SystemExit(f"no run {tag!r}: {path} does not exist")
+        return json.loads(path.read_text())
+
+    series = []
+    for spec in a.series:
+        label, _, tags = spec.rpartition("=")
+        runs = [load(t) for t in tags.split(",")]
+        synth_varies = len({r["calib"] for r in runs}) > 1  # different synthetic sets: synthesis changed
+        series.append((label or tags, "synthesis" if synth_varies else "reconstruction", runs))
+    stages = [st for st in ("synthesis", "reconstruction") if any(s[1] == st for s in series)]
+    fig, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 4.5), squeeze=False, sharey=True)
+    ax_of = dict(zip(stages, axes[0]))
+    for i, (label, stage, runs) in enumerate(series):
+        key = "synth_seconds" if stage == "synthesis" else "quant_seconds"
+        pts = _curve_points(runs, lambda r: r[key] / 60)
+        ax = ax_of[stage]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", label=label)
+        for x, y, _ in pts:
+            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        print(f"{label} ({stage}): " + ", ".join(f"{t} {y:.2f} % at {x:.1f} min" for x, y, t in pts))
+    for stage, ax in ax_of.items():
+        for j, tag in enumerate(a.ref or []):
+            r = load(tag)
+            ax.axhline(r["top1"], color=f"C{len(series) + j}", linestyle="--", label=f"{tag} {r['top1']:.2f} %")
+        ax.set_xlabel(f"{stage} minutes (one torch thread, loaded 2-core machine)")
+        ax.legend(fontsize=7, loc="best")
+    axes[0][0].set_ylabel("top-1 % (same evaluation images)")
+    fig.suptitle(a.title or "accuracy against minutes")
+    fig.tight_layout()
+    fig.savefig(a.out, dpi=110)
+    print(f"wrote {a.out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -193,6 +247,13 @@ def main() -> None:
     c.add_argument("base")
     c.add_argument("others", nargs="+")
     c.set_defaults(func=cmd_compare)
+    k = sub.add_parser("curve", help="plot top-1 against minutes for runs that differ in one budget knob")
+    k.add_argument("--series", action="append", required=True, metavar="LABEL=TAG,TAG,...")
+    k.add_argument("--ref", action="append", metavar="TAG", help="a run drawn as a horizontal line")
+    k.add_argument("--dir", default=str(OUT), help="where the runs' JSONs are (default runs/levers)")
+    k.add_argument("--title")
+    k.add_argument("--out", required=True, help="the PNG to write")
+    k.set_defaults(func=cmd_curve)
     v = sub.add_parser("coverage")
     v.add_argument("tags", nargs="+", help="synthetic-set tags (runs/levers/synth-TAG)")
     v.add_argument("--model", default="cifar10_resnet20", choices=sorted(MODELS))

@@ -1,0 +1,53 @@
+"""benchmarks/quality_levers.py: the paired test and the accuracy-against-minutes plot that issue 15's
+results rest on."""
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "quality_levers.py"
+
+
+@pytest.fixture(scope="module")
+def ql():
+    spec = importlib.util.spec_from_file_location("quality_levers", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_mcnemar_counts_discordant_pairs_and_gives_the_exact_p(ql):
+    a = [1, 1, 1, 0, 0, 1]
+    b = [1, 0, 0, 1, 0, 1]
+    n10, n01, p = ql.mcnemar(a, b)
+    assert (n10, n01) == (2, 1)
+    assert p == pytest.approx(1.0)  # 2 * P(X <= 1 | Bin(3, 1/2)) = 2 * 4/8, capped at 1
+    n10, n01, p = ql.mcnemar([1] * 10, [0] * 10)
+    assert (n10, n01) == (10, 0) and p == pytest.approx(2 / 2 ** 10)
+    with pytest.raises(SystemExit, match="different image sets"):
+        ql.mcnemar([1, 0], [1])
+
+
+def _run(tmp_path, tag, top1, calib, synth_s, quant_s):
+    (tmp_path / f"{tag}.json").write_text(json.dumps(
+        {"tag": tag, "top1": top1, "calib": calib, "synth_seconds": synth_s, "quant_seconds": quant_s}))
+
+
+def test_curve_puts_each_series_on_the_stage_that_changed(ql, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    _run(tmp_path, "it20", 60.0, "synthetic:genie:a", 600, 600)
+    _run(tmp_path, "it50", 65.0, "synthetic:genie:a", 600, 1500)
+    _run(tmp_path, "s100", 66.0, "synthetic:genie:b", 1200, 1500)
+    _run(tmp_path, "real", 75.0, "real", 0, 1500)
+    out = tmp_path / "c.png"
+    ql.cmd_curve(SimpleNamespace(dir=str(tmp_path), out=str(out), title=None, ref=["real"],
+                                 series=["recon=it20,it50", "synth=it50,s100"]))
+    text = capsys.readouterr().out
+    assert "recon (reconstruction): it20 60.00 % at 10.0 min, it50 65.00 % at 25.0 min" in text
+    assert "synth (synthesis): it50 65.00 % at 10.0 min, s100 66.00 % at 20.0 min" in text
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="no run 'missing'"):
+        ql.cmd_curve(SimpleNamespace(dir=str(tmp_path), out=str(out), title=None, ref=None,
+                                     series=["x=missing"]))
