@@ -168,11 +168,6 @@ def cmd_coverage(a) -> None:
               f"BNS {sset.meta.get('bns_loss', float('nan')):.3f}, {sset.meta.get('seconds', 0):.0f} s")
 
 
-def _curve_points(runs, minutes_of):
-    """(minutes, top-1, tag) per run, in the order given."""
-    return [(minutes_of(r), r["top1"], r["tag"]) for r in runs]
-
-
 def cmd_curve(a) -> None:
     """Top-1 against minutes for runs that differ in one budget knob: each --series is a curve whose x is
     the time of the stage that changed (synthesis seconds if they differ between the series' runs,
@@ -199,7 +194,7 @@ def cmd_curve(a) -> None:
     ax_of = dict(zip(stages, axes[0]))
     for i, (label, stage, runs) in enumerate(series):
         key = "synth_seconds" if stage == "synthesis" else "quant_seconds"
-        pts = _curve_points(runs, lambda r: r[key] / 60)
+        pts = [(r[key] / 60, r["top1"], r["tag"]) for r in runs]
         ax = ax_of[stage]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", label=label)
         for x, y, _ in pts:
@@ -209,7 +204,7 @@ def cmd_curve(a) -> None:
         for j, tag in enumerate(a.ref or []):
             r = load(tag)
             ax.axhline(r["top1"], color=f"C{len(series) + j}", linestyle="--", label=f"{tag} {r['top1']:.2f} %")
-        ax.set_xlabel(f"{stage} minutes (one torch thread, loaded 2-core machine)")
+        ax.set_xlabel(f"{stage} minutes (wall time as each run recorded it)")
         ax.legend(fontsize=7, loc="best")
     axes[0][0].set_ylabel("top-1 % (same evaluation images)")
     fig.suptitle(a.title or "accuracy against minutes")

@@ -34,6 +34,7 @@ from zsq.synth.swing import SwingPlan, swing_copy
 
 CLASS_LOSSES = ("none", "ce", "margin")
 MARGIN = 1.0  # logit margin of the "margin" class loss
+QUICK_RATES = {"lr_g": 0.003, "lr_z": 0.3}  # generator / latents at every quick budget (GenieConfig.quick)
 COVERAGE_STREAM = 0xC1A55  # derive_seed key of the class permutation (independent of the batch streams)
 
 
@@ -117,7 +118,7 @@ class GenieConfig(SynthConfig):
             # from a sweep of BNS at equal CPU time (generator 0.1/0.01/0.003/0.001, latents 0.01/0.1/0.3/1):
             # 0.003 / 0.3. 20 iterations: Genie-M W4A4 on 256 such images is as good as on 100-iteration ones
             # (91.25 vs 91.94 exact-1017, one run each) in a fifth of the synthesis time.
-            return cls(batch_size=128, iters=20, lr_g=0.003, lr_z=0.3, width=64, z_patience=10, g_decay_every=5)
+            return cls(batch_size=128, iters=20, width=64, z_patience=10, g_decay_every=5, **QUICK_RATES)
         # 224²: the small generator head (measured on Lite0, 1 thread, batch 16, 12 iterations: 9.6 s/it
         # and per-layer BNS 8.3 vs 10.5 s/it and 11.9 with Genie's 103M-weight Linear head), and the 32²
         # rates: in 50 steps Adam moves each latent by at most ~50 x lr, so the documented latent lr 0.01
@@ -125,7 +126,7 @@ class GenieConfig(SynthConfig):
         # Lite0, 32 images, Genie-M W4A8 (benchmarks/results/imagenet_quality.md): documented rates 71.26 %
         # (BNS 4.52, 15 classes), latents 0.1 / generator 0.01 75.77 % (1.97, 27), these 77.39 % (1.41, 29;
         # paired p = 2e-7 vs the documented rates, 0.10 vs 0.1 / 0.01).
-        return cls(batch_size=32, iters=50, lr_g=0.003, lr_z=0.3, z_patience=10, g_decay_every=5, head="small")
+        return cls(batch_size=32, iters=50, z_patience=10, g_decay_every=5, head="small", **QUICK_RATES)
 
 
 @register_synthesizer
