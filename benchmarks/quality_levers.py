@@ -135,10 +135,18 @@ def mcnemar(a, b):
     return n10, n01, min(1.0, 2 * tail)
 
 
+def load_run(folder, tag: str) -> dict:
+    """The JSON of run `tag` in `folder`; a one-line exit when there is none."""
+    path = Path(folder) / f"{tag}.json"
+    if not path.is_file():
+        raise SystemExit(f"no run {tag!r}: {path} does not exist")
+    return json.loads(path.read_text())
+
+
 def cmd_compare(a) -> None:
-    base = json.loads((OUT / f"{a.base}.json").read_text())
+    base = load_run(a.dir, a.base)
     for tag in a.others:
-        other = json.loads((OUT / f"{tag}.json").read_text())
+        other = load_run(a.dir, tag)
         n10, n01, p = mcnemar(base["hits"], other["hits"])
         print(f"{a.base} {base['top1']:.2f} vs {tag} {other['top1']:.2f}: only base right {n10}, "
               f"only {tag} right {n01}, McNemar exact p = {p:.3g}")
@@ -177,16 +185,10 @@ def cmd_curve(a) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def load(tag):
-        path = Path(a.dir) / f"{tag}.json"
-        if not path.is_file():
-            raise SystemExit(f"no run {tag!r}: {path} does not exist")
-        return json.loads(path.read_text())
-
     series = []
     for spec in a.series:
         label, _, tags = spec.rpartition("=")
-        runs = [load(t) for t in tags.split(",")]
+        runs = [load_run(a.dir, t) for t in tags.split(",")]
         synth_varies = len({r["calib"] for r in runs}) > 1  # different synthetic sets: synthesis changed
         series.append((label or tags, "synthesis" if synth_varies else "reconstruction", runs))
     stages = [st for st in ("synthesis", "reconstruction") if any(s[1] == st for s in series)]
@@ -202,7 +204,7 @@ def cmd_curve(a) -> None:
         print(f"{label} ({stage}): " + ", ".join(f"{t} {y:.2f} % at {x:.1f} min" for x, y, t in pts))
     for stage, ax in ax_of.items():
         for j, tag in enumerate(a.ref or []):
-            r = load(tag)
+            r = load_run(a.dir, tag)
             ax.axhline(r["top1"], color=f"C{len(series) + j}", linestyle="--", label=f"{tag} {r['top1']:.2f} %")
         ax.set_xlabel(f"{stage} minutes (wall time as each run recorded it)")
         ax.legend(fontsize=7, loc="best")
@@ -241,6 +243,7 @@ def main() -> None:
     c = sub.add_parser("compare")
     c.add_argument("base")
     c.add_argument("others", nargs="+")
+    c.add_argument("--dir", default=str(OUT), help="where the runs' JSONs are (default runs/levers)")
     c.set_defaults(func=cmd_compare)
     k = sub.add_parser("curve", help="plot top-1 against minutes for runs that differ in one budget knob")
     k.add_argument("--series", action="append", required=True, metavar="LABEL=TAG,TAG,...")

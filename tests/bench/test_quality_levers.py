@@ -51,3 +51,12 @@ def test_curve_puts_each_series_on_the_stage_that_changed(ql, tmp_path, capsys):
     with pytest.raises(SystemExit, match="no run 'missing'"):
         ql.cmd_curve(SimpleNamespace(dir=str(tmp_path), out=str(out), title=None, ref=None,
                                      series=["x=missing"]))
+
+
+def test_compare_pairs_runs_and_names_a_missing_one(ql, tmp_path, capsys):
+    for tag, hits in (("a", [1, 1, 1, 0]), ("b", [1, 0, 0, 1])):
+        (tmp_path / f"{tag}.json").write_text(json.dumps({"tag": tag, "top1": 100.0 * sum(hits) / 4, "hits": hits}))
+    ql.cmd_compare(SimpleNamespace(dir=str(tmp_path), base="a", others=["b"]))
+    assert "a 75.00 vs b 50.00: only base right 2, only b right 1" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no run 'c'"):
+        ql.cmd_compare(SimpleNamespace(dir=str(tmp_path), base="a", others=["c"]))
