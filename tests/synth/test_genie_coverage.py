@@ -1,11 +1,15 @@
 """Genie-D class coverage (issue 15): assigned classes spread over the classes, and terms that pull
 each image toward its class."""
+import dataclasses
+
 import pytest
 import torch
 
 from zsq.errors import ZsqError
+from zsq.models.meta import get_meta, set_meta
 from zsq.synth import synthesize
 from zsq.synth.genie import GenieConfig, assigned_classes, class_terms
+from zsq.synth.pixel_prior import PHOTO_MEAN, PHOTO_STD
 
 
 def test_assigned_classes_are_spread_and_seeded():
@@ -43,12 +47,13 @@ def test_diversity_term_is_zero_for_even_cover_and_pushes_toward_it():
 
 def _input_sensitive(teacher):
     """The tiny teacher's logits barely depend on its input (a large constant part): centre and scale
-    its classifier so that images can reach any class, as a trained teacher's can."""
+    its classifier so that images can reach any class, as a trained teacher's can. ImageNet normalisation,
+    so that the pixel prior is Genie's mean 0 / std 1 (the N(0, 1) images centred on here)."""
     with torch.no_grad():
         f = teacher[:-1](torch.randn(256, 3, 16, 16, generator=torch.Generator().manual_seed(0))).mean(0)
         teacher[-1].weight.mul_(30)
         teacher[-1].bias.copy_(-teacher[-1].weight @ f)
-    return teacher
+    return set_meta(teacher, dataclasses.replace(get_meta(teacher), mean=PHOTO_MEAN, std=PHOTO_STD))
 
 
 def test_genie_with_class_loss_covers_assigned_classes(tiny_teacher):

@@ -8,10 +8,11 @@ from PIL import Image
 
 import zsq.synth.bn_stats as bn_stats
 from zsq.errors import ZsqError
-from zsq.models.meta import ModelMeta, set_meta
+from zsq.models.meta import ModelMeta, get_meta, set_meta
 from zsq.synth import SyntheticSet, get_synthesizer, list_synthesizers, synthesize
 from zsq.synth.gdfq import GDFQGeneratorStream
 from zsq.synth.genie import GenieSynthesizer
+from zsq.synth.pixel_prior import PixelPrior
 from zsq.synth.swing import SwingConv2d
 from tests.tiny_models import tiny_bn_cnn
 
@@ -250,3 +251,23 @@ def test_gdfq_stream_trains_the_generator_only_and_resumes(tiny_teacher):
     assert batches[0][0].shape == (4, 3, 16, 16) and not batches[0][0].requires_grad
     with pytest.raises(ZsqError, match="closed"):
         s.step()
+
+
+@pytest.mark.parametrize("method", ["genie", "zeroq", "hast", "gdfq", "noise"])
+def test_every_method_starts_from_photographs_statistics_in_the_models_space(method):
+    # EfficientNet-Lite's normalisation (mean 127/255, std 128/255): photographs have std ~0.45 there, not 1
+    teacher = set_meta(tiny_bn_cnn(), ModelMeta("lite_like", 10, (3, 16, 16), (127 / 255,) * 3, (128 / 255,) * 3))
+    prior = PixelPrior.of(get_meta(teacher))
+    x = synthesize(teacher, method, 64, iters=0, batch_size=32).images
+    std, mean = torch.std_mean(x, dim=(0, 2, 3))
+    assert std.tolist() == pytest.approx(list(prior.std), rel=0.05)
+    assert mean.tolist() == pytest.approx(list(prior.mean), abs=0.05)
+    assert max(prior.std) < 0.46
+
+
+def test_genie_pixel_prior_genie_keeps_the_papers_unit_statistics():
+    teacher = set_meta(tiny_bn_cnn(), ModelMeta("lite_like", 10, (3, 16, 16), (127 / 255,) * 3, (128 / 255,) * 3))
+    x = synthesize(teacher, "genie", 32, iters=0, batch_size=32, pixel_prior="genie").images
+    assert torch.std_mean(x, dim=(0, 2, 3))[0].tolist() == pytest.approx([1.0] * 3, rel=0.02)
+    with pytest.raises(ZsqError, match="pixel_prior must be one of model, genie"):
+        synthesize(teacher, "genie", 32, iters=0, batch_size=32, pixel_prior="photo")

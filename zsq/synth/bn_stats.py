@@ -128,13 +128,6 @@ def gdfq_bns_loss(records: List[BNRecord]) -> torch.Tensor:
     return total / len(records)
 
 
-def input_prior_loss(x: torch.Tensor) -> torch.Tensor:
-    """Genie's pixel term: every image's per-channel mean -> 0 and unbiased std -> 1, summed over
-    channels and averaged over images (Genie, official distill.py: L_in)."""
-    std, mean = torch.std_mean(x, dim=(2, 3), unbiased=True)
-    return ((mean ** 2).sum() + ((std - 1) ** 2).sum()) / x.shape[0]
-
-
 @torch.no_grad()
 def measure_genie_bns(teacher: nn.Module, images: torch.Tensor, batch_size: int) -> float:
     """Mean *per-layer* Genie-form BNS of `images` fed in chunks of `batch_size` (the number every

@@ -25,6 +25,7 @@ from zsq.synth.base import BatchResult, SynthConfig, SynthContext, Synthesizer, 
     register_synthesizer
 from zsq.synth.bn_stats import BNStatsRecorder
 from zsq.synth.generators import gdfq_generator
+from zsq.synth.pixel_prior import PixelPrior
 
 _STREAM_KEY = 0x6DF0  # separates the stream's per-step seeds from the per-batch ones
 
@@ -60,6 +61,7 @@ class GDFQGeneratorStream:
             torch.manual_seed(derive_seed(seed, _STREAM_KEY, -1 & 0xFFFFFFFF))
             self.generator = gdfq_generator(self.meta.num_classes, h, c, latent_dim).train()
         self.generator.to(self.compute.torch_device)
+        self.prior = PixelPrior.of(self.meta)  # the generator standardises; the prior gives photographs' statistics
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas)
         self.step_count = 0
         self.last_losses: Dict[str, float] = {}
@@ -80,7 +82,7 @@ class GDFQGeneratorStream:
         y = torch.randint(0, self.meta.num_classes, (self.batch_size,), generator=gen).to(dev)
         self.generator.train()
         with torch.set_grad_enabled(self.train):
-            x = self.generator(z, y)
+            x = self.prior.map(self.generator(z, y))
             self._recorder.clear()
             logits = self.compute.forward(self.teacher, x)
             terms = {"ce": F.cross_entropy(logits, y), "bns": self._recorder.gdfq_loss()}
@@ -176,7 +178,7 @@ class GDFQSynthesizer(Synthesizer):
         losses = stream.last_losses
         if not losses and state_file is not None and state_file.exists():
             losses = dict(runstate.load_state(state_file).get("losses", {}))
-        ctx.state["generator"] = stream.generator
+        ctx.state["generator"], ctx.state["prior"] = stream.generator, stream.prior
         ctx.state["losses"] = losses
 
     def make_batch(self, ctx: SynthContext, index: int, size: int, gen: torch.Generator) -> BatchResult:
@@ -186,5 +188,5 @@ class GDFQSynthesizer(Synthesizer):
         y = torch.randint(0, ctx.meta.num_classes, (size,), generator=gen).to(dev)
         g.train()  # batch statistics, as GDFQ always runs it
         with torch.no_grad():
-            x = g(z, y)
+            x = ctx.state["prior"].map(g(z, y))
         return BatchResult(x, y, dict(ctx.state["losses"]))

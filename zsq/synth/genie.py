@@ -27,12 +27,14 @@ from zsq.errors import ZsqError
 from zsq.progress import progress
 from zsq.synth.base import BatchResult, SynthConfig, SynthContext, Synthesizer, check_finite, derive_seed, \
     register_synthesizer
-from zsq.synth.bn_stats import BNStatsRecorder, input_prior_loss
+from zsq.synth.bn_stats import BNStatsRecorder
 from zsq.synth.generators import GenieGenerator, check_genie_width
+from zsq.synth.pixel_prior import GENIE_PRIOR, PixelPrior
 from zsq.synth.swing import SwingPlan, swing_copy
 
 
 CLASS_LOSSES = ("none", "ce", "margin")
+PIXEL_PRIORS = ("model", "genie")
 MARGIN = 1.0  # logit margin of the "margin" class loss
 QUICK_RATES = {"lr_g": 0.003, "lr_z": 0.3}  # generator / latents at every quick budget (GenieConfig.quick)
 COVERAGE_STREAM = 0xC1A55  # derive_seed key of the class permutation (independent of the batch streams)
@@ -76,7 +78,11 @@ class GenieConfig(SynthConfig):
     g_decay_every: int = 100  # ExponentialLR(g_gamma) on the generator's lr every this many iterations
     g_gamma: float = 0.95
     swing: bool = True
-    input_prior: bool = True  # the per-image mean 0 / std 1 pixel term (Genie, official distill.py: L_in)
+    input_prior: bool = True  # the per-image pixel-statistics term (Genie, official distill.py: L_in)
+    # "model": the generator's output and the input term follow photographs' statistics through the model's own
+    # normalisation (zsq.synth.pixel_prior); "genie": mean 0 / std 1 whatever the normalisation (the paper's, the
+    # same thing for ImageNet-normalised models)
+    pixel_prior: str = "model"
     head: str = "linear"  # "linear" (Genie) or "small" (zsq option, see GenieGenerator)
     width: int = 128  # generator channels after the head (Genie: 128; zsq option, see GenieGenerator)
     # class coverage (zsq option, not Genie's): each image gets an assigned class, spread over the classes
@@ -93,6 +99,8 @@ class GenieConfig(SynthConfig):
         check_genie_width(self.width)
         if self.head not in ("linear", "small"):
             raise ZsqError(f"genie head must be 'linear' or 'small', got {self.head!r}")
+        if self.pixel_prior not in PIXEL_PRIORS:
+            raise ZsqError(f"genie pixel_prior must be one of {', '.join(PIXEL_PRIORS)}, got {self.pixel_prior!r}")
         if self.class_loss not in CLASS_LOSSES:
             raise ZsqError(f"genie class_loss must be one of {', '.join(CLASS_LOSSES)}, got {self.class_loss!r}")
         if self.class_weight < 0 or self.diversity_weight < 0:
@@ -159,6 +167,7 @@ class GenieSynthesizer(Synthesizer):
         if cfg.class_loss != "none":
             labels = assigned_classes(ctx.meta.num_classes, ctx.seed, index * cfg.batch_size, size)
             labels = labels.to(ctx.compute.torch_device)
+        prior = PixelPrior.of(ctx.meta) if cfg.pixel_prior == "model" else GENIE_PRIOR
         opt_z = torch.optim.Adam([z], lr=cfg.latent_lr)
         opt_g = torch.optim.Adam(g.parameters(), lr=cfg.generator_lr)
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt_z, mode="min", factor=0.1,
@@ -170,14 +179,14 @@ class GenieSynthesizer(Synthesizer):
             for t in bar:
                 opt_z.zero_grad(set_to_none=True)
                 opt_g.zero_grad(set_to_none=True)
-                x = g(z)
+                x = prior.map(g(z))
                 rec.clear()
                 if "plan" in ctx.state:
                     ctx.state["plan"].draw(gen)
                 logits = ctx.compute.forward(net, x, step=True)
                 terms = {"bns": rec.genie_loss()}
                 if cfg.input_prior:
-                    terms["input"] = input_prior_loss(x)
+                    terms["input"] = prior.loss(x)
                 if labels is not None or cfg.diversity_weight > 0:
                     terms.update(class_terms(logits, labels, cfg.class_loss, cfg.class_weight, cfg.diversity_weight))
                 loss = sum(terms.values())
@@ -191,5 +200,5 @@ class GenieSynthesizer(Synthesizer):
                 x_last = x.detach()
         if x_last is None:  # iters == 0: the untrained generator's images
             with torch.no_grad():
-                x_last = g(z)
+                x_last = prior.map(g(z))
         return BatchResult(x_last.clone(), None if labels is None else labels.cpu(), values)

@@ -1,6 +1,6 @@
 """The pixel-optimisation loop ZeroQ and HAST share: the images are the parameters.
 
-Start from N(0, 1) pixels in the teacher's normalized space, run Adam with a plateau schedule
+Start from N(0, 1) pixels mapped to photographs' statistics in the teacher's input space (zsq.synth.pixel_prior), run Adam with a plateau schedule
 (x0.1, floor 1e-4, stepped on the total every iteration) on a sum of loss terms; a subclass says
 which terms (``terms``) and, if it needs them, which labels (``labels``).
 """
@@ -15,6 +15,7 @@ import torch
 from zsq.progress import progress
 from zsq.synth.base import BatchResult, SynthContext, Synthesizer, check_finite
 from zsq.synth.bn_stats import BNStatsRecorder
+from zsq.synth.pixel_prior import PixelPrior
 
 MIN_LR = 1e-4
 
@@ -35,7 +36,8 @@ class PixelSynthesizer(Synthesizer):
         cfg = ctx.cfg
         labels = self.labels(ctx, size, gen)
         # drawn on the CPU (the same start on every device), then moved
-        x = torch.randn(size, *ctx.meta.input_size, generator=gen).to(ctx.compute.torch_device).requires_grad_(True)
+        x = PixelPrior.of(ctx.meta).map(torch.randn(size, *ctx.meta.input_size, generator=gen))
+        x = x.to(ctx.compute.torch_device).requires_grad_(True)
         opt = torch.optim.Adam([x], lr=cfg.lr)
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1,
                                                              patience=cfg.patience, min_lr=MIN_LR)

@@ -15,6 +15,7 @@ import torch
 from zsq.errors import ZsqError
 from zsq.synth.base import SynthConfig, SynthContext, register_synthesizer
 from zsq.synth.bn_stats import BNStatsRecorder
+from zsq.synth.pixel_prior import PixelPrior
 from zsq.synth.pixels import PixelSynthesizer
 
 
@@ -41,12 +42,6 @@ class ZeroQConfig(SynthConfig):
         return cls(batch_size=32, iters=50, patience=10)
 
 
-def batch_input_loss(x: torch.Tensor) -> torch.Tensor:
-    """ZeroQ's input-layer term: per-channel batch mean -> 0, std -> 1 (channel-mean squared errors)."""
-    std, mean = torch.std_mean(x, dim=(0, 2, 3))
-    return torch.mean(mean ** 2) + torch.mean((std - 1) ** 2)
-
-
 @register_synthesizer
 class ZeroQSynthesizer(PixelSynthesizer):
     name = "zeroq"
@@ -56,4 +51,4 @@ class ZeroQSynthesizer(PixelSynthesizer):
     def terms(self, ctx: SynthContext, rec: BNStatsRecorder, x: torch.Tensor, labels, gen) -> dict:
         rec.clear()
         ctx.compute.forward(ctx.teacher, x, step=True)
-        return {"bns": rec.genie_loss(), "input": batch_input_loss(x)}
+        return {"bns": rec.genie_loss(), "input": PixelPrior.of(ctx.meta).batch_loss(x)}
