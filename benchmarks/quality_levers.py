@@ -11,7 +11,7 @@ coverage, augmentation during reconstruction) on one model, one bit setting, one
         --series "Genie-M it/unit=lite0-genie-w4a8-it20,lite0-genie-w4a8-default,lite0-genie-w4a8-it100" \
         --ref lite0-genie-w4a8-real32 --ref lite0-fp32
 
-Each run writes runs/levers/<tag>.json: the command, options, top-1, times, `uptime` load before and
+Each run writes runs/levers/<tag>.json: the command, the digest of the zsq sources, options, top-1, times, `uptime` load before and
 after, peak RSS and the per-image hits (1 = correct) that `compare` pairs up. Synthetic sets are cached
 in runs/levers/synth-<synth tag> (the same seed and options give the same images).
 """
@@ -107,7 +107,7 @@ def cmd_run(a) -> None:
     labels = [int(y) for y in load_dataset(eval_data, get_meta(fp)).targets()]
     hits = [int(p == y) for p, y in zip(ev["preds"], labels)]
     rec = {
-        "tag": a.tag, "argv": sys.argv, "model": a.model, "method": a.method, "preset": a.preset, "bits": a.bits, "seed": a.seed, "calib": source,
+        "tag": a.tag, "argv": sys.argv, "zsq_source": zsq.runstate.source_digest(), "model": a.model, "method": a.method, "preset": a.preset, "bits": a.bits, "seed": a.seed, "calib": source,
         "num_images": int(calib.shape[0]) if a.method not in ("bn-minmax", "fp32") else 0, "synth_options": synth_opts, "options": _pairs(a.set),
         "top1": ev["top1"], "n": ev["n"], "synth_seconds": round(synth_s, 1), "quant_seconds": round(quant_s, 1),
         "seconds": round(time.time() - t0, 1), "threads": a.threads, "compute": compute.describe() if compute else "fp32", "load_before": load0, "load_after": _load(),
