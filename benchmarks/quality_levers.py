@@ -6,6 +6,8 @@ coverage, augmentation during reconstruction) on one model, one bit setting, one
     python benchmarks/quality_levers.py run --tag w2a4-keep --bits w2a4
     # paired comparison on the same images (exact McNemar test on the discordant pairs)
     python benchmarks/quality_levers.py compare w2a4-base w2a4-keep
+    # per-layer BN statistics of synthetic sets against real images
+    python benchmarks/quality_levers.py layers lite0-32 real:../shared/assets/imagenet/val1300[0:32] --model efficientnet_lite0
     # accuracy against minutes: one curve per budget knob, reference runs as horizontal lines
     python benchmarks/quality_levers.py curve --dir benchmarks/results/levers --out curves.png \
         --series "Genie-M it/unit=lite0-genie-w4a8-it20,lite0-genie-w4a8-default,lite0-genie-w4a8-it100" \
@@ -176,6 +178,42 @@ def cmd_coverage(a) -> None:
               f"BNS {sset.meta.get('bns_loss', float('nan')):.3f}, {sset.meta.get('seconds', 0):.0f} s")
 
 
+def _images(model: str, spec: str):
+    """Images of a synthetic-set tag, or of real data written as real:PATH[a:b]."""
+    import zsq
+    from zsq.data import load_images_tensor
+    from zsq.synth.dataset import SyntheticSet
+
+    if spec.startswith("real:"):
+        fp = zsq.models.load(model, weights=str(MODELS[model][0]))
+        return load_images_tensor(spec[5:], zsq.models.get_meta(fp))[0]
+    return SyntheticSet.load(OUT / f"synth-{spec}").images
+
+
+def cmd_layers(a) -> None:
+    """Per-layer Genie BNS (batches of --batch) and per-channel pixel mean/std of image sets side by side:
+    where synthetic images' statistics differ from real ones'."""
+    import torch
+
+    import zsq
+    from zsq.synth.bn_stats import BNStatsRecorder
+
+    torch.set_num_threads(a.threads)
+    fp = zsq.models.load(a.model, weights=str(MODELS[a.model][0]))
+    columns = []
+    for spec in a.sets:
+        x = _images(a.model, spec)[:a.batch]
+        with BNStatsRecorder(fp) as rec, torch.no_grad():
+            fp(x)
+            columns.append(rec.per_layer_genie())
+        std, mean = torch.std_mean(x, dim=(0, 2, 3))
+        print(f"{spec}: {len(x)} images, BNS/layer {sum(columns[-1]) / len(columns[-1]):.3f}, pixel mean "
+              f"{[round(v, 3) for v in mean.tolist()]}, std {[round(v, 3) for v in std.tolist()]}")
+    print("BN layer  " + "  ".join(f"{s[-14:]:>14}" for s in a.sets))
+    for i, row in enumerate(zip(*columns)):
+        print(f"{i:8d}  " + "  ".join(f"{v:14.3f}" for v in row))
+
+
 def cmd_curve(a) -> None:
     """Top-1 against minutes for runs that differ in one budget knob: each --series is a curve whose x is
     the time of the stage that changed (synthesis seconds if they differ between the series' runs,
@@ -252,6 +290,12 @@ def main() -> None:
     k.add_argument("--title")
     k.add_argument("--out", required=True, help="the PNG to write")
     k.set_defaults(func=cmd_curve)
+    y = sub.add_parser("layers", help="per-layer BNS and pixel statistics of synthetic sets and real images")
+    y.add_argument("sets", nargs="+", help="synthetic-set tags (runs/levers/synth-TAG) or real:PATH[a:b]")
+    y.add_argument("--model", default="cifar10_resnet20", choices=sorted(MODELS))
+    y.add_argument("--batch", type=int, default=32, help="images per set fed as one batch (default 32)")
+    y.add_argument("--threads", type=int, default=1)
+    y.set_defaults(func=cmd_layers)
     v = sub.add_parser("coverage")
     v.add_argument("tags", nargs="+", help="synthetic-set tags (runs/levers/synth-TAG)")
     v.add_argument("--model", default="cifar10_resnet20", choices=sorted(MODELS))
