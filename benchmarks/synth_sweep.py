@@ -24,7 +24,7 @@ import torch
 import zsq.models
 from zsq.assets import RESNET20, asset
 from zsq.synth.bn_stats import BNStatsRecorder, measure_genie_bns
-from zsq.synth.pixel_prior import GENIE_PRIOR
+from zsq.synth.pixel_prior import PixelPrior
 from zsq.synth.generators import GenieGenerator
 from zsq.synth.swing import swing_copy
 
@@ -58,9 +58,9 @@ def run(teacher, seconds: float, kind: str = "genie", batch: int = 128, seed: in
             xx = images()
             rec.clear()
             net(xx)
-            loss = rec.genie_loss() + (GENIE_PRIOR.loss(xx) if kind == "genie" and prior else 0)
+            loss = rec.genie_loss() + (PixelPrior.genie().loss(xx) if kind == "genie" and prior else 0)
             if kind == "zeroq":
-                loss = loss + GENIE_PRIOR.batch_loss(xx)
+                loss = loss + PixelPrior.genie().batch_loss(xx)
             loss.backward()
             for o in opts:
                 o.step()

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from zsq.models.meta import ModelMeta
-from zsq.synth.pixel_prior import GENIE_PRIOR, PHOTO_MEAN, PHOTO_STD, PixelPrior
+from zsq.synth.pixel_prior import PHOTO_MEAN, PHOTO_STD, PixelPrior
+
+GENIE_PRIOR = PixelPrior.genie()
 
 
 def _meta(mean, std, channels=3):
@@ -47,3 +49,5 @@ def test_other_channel_counts_repeat_the_rgb_average():
     prior = PixelPrior.of(_meta((0.5,), (0.25,), channels=1))
     assert len(prior.mean) == len(prior.std) == 1
     assert prior.std[0] == pytest.approx(sum(PHOTO_STD) / 3 / 0.25)
+    x = torch.randn(4, 1, 8, 8)
+    assert float(PixelPrior.genie(1).loss(x)) >= 0 and prior.map(x).shape == x.shape

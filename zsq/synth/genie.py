@@ -29,7 +29,7 @@ from zsq.synth.base import BatchResult, SynthConfig, SynthContext, Synthesizer, 
     register_synthesizer
 from zsq.synth.bn_stats import BNStatsRecorder
 from zsq.synth.generators import GenieGenerator, check_genie_width
-from zsq.synth.pixel_prior import GENIE_PRIOR, PixelPrior
+from zsq.synth.pixel_prior import PixelPrior
 from zsq.synth.swing import SwingPlan, swing_copy
 
 
@@ -167,7 +167,7 @@ class GenieSynthesizer(Synthesizer):
         if cfg.class_loss != "none":
             labels = assigned_classes(ctx.meta.num_classes, ctx.seed, index * cfg.batch_size, size)
             labels = labels.to(ctx.compute.torch_device)
-        prior = PixelPrior.of(ctx.meta) if cfg.pixel_prior == "model" else GENIE_PRIOR
+        prior = PixelPrior.of(ctx.meta) if cfg.pixel_prior == "model" else PixelPrior.genie(c)
         opt_z = torch.optim.Adam([z], lr=cfg.latent_lr)
         opt_g = torch.optim.Adam(g.parameters(), lr=cfg.generator_lr)
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt_z, mode="min", factor=0.1,

@@ -37,6 +37,11 @@ class PixelPrior:
         return cls(tuple((p - m) / s for p, m, s in zip(pm, meta.mean, meta.std)),
                    tuple(p / s for p, s in zip(ps, meta.std)))
 
+    @classmethod
+    def genie(cls, channels: int = 3) -> "PixelPrior":
+        """Genie's prior, mean 0 / std 1, whatever the model's normalisation."""
+        return cls((0.0,) * channels, (1.0,) * channels)
+
     @property
     def identity(self) -> bool:
         """Within 1e-6 of mean 0 / std 1 (ImageNet normalisation): Genie's prior as it is."""
@@ -65,5 +70,3 @@ class PixelPrior:
         target_mean, target_std = self._view(self.mean, x).flatten(), self._view(self.std, x).flatten()
         return torch.mean((mean - target_mean) ** 2) + torch.mean((std - target_std) ** 2)
 
-
-GENIE_PRIOR = PixelPrior((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # Genie's: photographs in ImageNet-normalised space
