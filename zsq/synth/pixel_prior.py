@@ -47,26 +47,29 @@ class PixelPrior:
         """Within 1e-6 of mean 0 / std 1 (ImageNet normalisation): Genie's prior as it is."""
         return all(abs(m) < 1e-6 for m in self.mean) and all(abs(s - 1) < 1e-6 for s in self.std)
 
-    def _view(self, values, x: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(values, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    def _targets(self, x: torch.Tensor):
+        """(mean, std) as per-channel vectors in x's dtype and device."""
+        return (torch.tensor(self.mean, dtype=x.dtype, device=x.device),
+                torch.tensor(self.std, dtype=x.dtype, device=x.device))
 
     def map(self, x: torch.Tensor) -> torch.Tensor:
         """Standardised images (channel mean 0, std 1) -> the prior's statistics; identity left untouched."""
         if self.identity:
             return x
-        return x * self._view(self.std, x) + self._view(self.mean, x)
+        mean, std = self._targets(x)
+        return x * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         """Genie's input term toward the prior: each image's per-channel mean -> prior mean and unbiased
         std -> prior std, summed over channels and averaged over images (Genie, official distill.py: L_in)."""
         std, mean = torch.std_mean(x, dim=(2, 3), unbiased=True)
-        target_mean, target_std = self._view(self.mean, x)[..., 0, 0], self._view(self.std, x)[..., 0, 0]
+        target_mean, target_std = self._targets(x)
         return (((mean - target_mean) ** 2).sum() + ((std - target_std) ** 2).sum()) / x.shape[0]
 
     def batch_loss(self, x: torch.Tensor) -> torch.Tensor:
         """ZeroQ's input term toward the prior: the batch's per-channel mean and unbiased std against the
         prior's, squared errors averaged over channels."""
         std, mean = torch.std_mean(x, dim=(0, 2, 3))
-        target_mean, target_std = self._view(self.mean, x).flatten(), self._view(self.std, x).flatten()
+        target_mean, target_std = self._targets(x)
         return torch.mean((mean - target_mean) ** 2) + torch.mean((std - target_std) ** 2)
 
