@@ -190,6 +190,19 @@ def _images(model: str, spec: str):
     return SyntheticSet.load(OUT / f"synth-{spec}").images
 
 
+def _photo_range(x, meta) -> str:
+    """Where the pixels lie in [0, 1] (before the model's normalisation): their range, the share within 0.01
+    of their channel's extremes (a saturated generator piles pixels there) and the share in each fifth."""
+    import torch
+
+    p = x * torch.tensor(meta.std).view(1, -1, 1, 1) + torch.tensor(meta.mean).view(1, -1, 1, 1)
+    lo, hi = p.amin(dim=(0, 2, 3), keepdim=True), p.amax(dim=(0, 2, 3), keepdim=True)
+    at_limits = float((((p - lo) < 0.01) | ((hi - p) < 0.01)).float().mean())
+    fifths = (torch.histc(p, bins=5, min=0, max=1) / p.numel()).tolist()
+    return (f"pixels in [0, 1]: {float(p.min()):.2f}-{float(p.max()):.2f}, {at_limits:.0%} at their channel's "
+            f"extremes, per fifth {[round(f, 2) for f in fifths]}")
+
+
 def cmd_layers(a) -> None:
     """Per-layer Genie BNS (batches of --batch) and per-channel pixel mean/std of image sets side by side:
     where synthetic images' statistics differ from real ones'."""
@@ -208,7 +221,8 @@ def cmd_layers(a) -> None:
             columns.append(rec.per_layer_genie())
         std, mean = torch.std_mean(x, dim=(0, 2, 3))
         print(f"{spec}: {len(x)} images, BNS/layer {sum(columns[-1]) / len(columns[-1]):.3f}, pixel mean "
-              f"{[round(v, 3) for v in mean.tolist()]}, std {[round(v, 3) for v in std.tolist()]}")
+              f"{[round(v, 3) for v in mean.tolist()]}, std {[round(v, 3) for v in std.tolist()]}, "
+              + _photo_range(x, zsq.models.get_meta(fp)))
     print("BN layer  " + "  ".join(f"{s[-14:]:>14}" for s in a.sets))
     for i, row in enumerate(zip(*columns)):
         print(f"{i:8d}  " + "  ".join(f"{v:14.3f}" for v in row))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from zsq.models.meta import ModelMeta
-from zsq.synth.pixel_prior import PHOTO_MEAN, PHOTO_STD, PixelPrior
+from zsq.synth.pixel_prior import PHOTO_MEAN, PHOTO_STD, PixelPrior, clamp_to_photo_range
 
 GENIE_PRIOR = PixelPrior.genie()
 
@@ -51,3 +51,12 @@ def test_other_channel_counts_repeat_the_rgb_average():
     assert prior.std[0] == pytest.approx(sum(PHOTO_STD) / 3 / 0.25)
     x = torch.randn(4, 1, 8, 8)
     assert float(PixelPrior.genie(1).loss(x)) >= 0 and prior.map(x).shape == x.shape
+
+
+def test_clamp_to_photo_range_bounds_pixels_to_zero_one_before_normalisation():
+    meta = ModelMeta("lite_like", 10, (3, 4, 4), (0.5, 0.4, 0.3), (0.5, 0.25, 0.2))
+    x = torch.linspace(-10, 10, 3 * 16).view(1, 3, 4, 4)
+    pixels = clamp_to_photo_range(x, meta) * torch.tensor(meta.std).view(1, 3, 1, 1) + torch.tensor(meta.mean).view(1, 3, 1, 1)
+    assert pixels.min().item() == pytest.approx(0.0, abs=1e-6) and pixels.max().item() == pytest.approx(1.0, abs=1e-6)
+    inside = torch.zeros(1, 3, 4, 4)  # the mean pixel is a photograph's: untouched
+    assert torch.equal(clamp_to_photo_range(inside, meta), inside)

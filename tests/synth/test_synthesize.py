@@ -11,6 +11,7 @@ from zsq.errors import ZsqError
 from zsq.models.meta import ModelMeta, get_meta, set_meta
 from zsq.synth import SyntheticSet, get_synthesizer, list_synthesizers, synthesize
 from zsq.synth.gdfq import GDFQGeneratorStream
+from zsq.synth.generators import GenieGenerator
 from zsq.synth.genie import GenieSynthesizer
 from zsq.synth.pixel_prior import PixelPrior
 from zsq.synth.swing import SwingConv2d
@@ -271,3 +272,24 @@ def test_genie_pixel_prior_genie_keeps_the_papers_unit_statistics():
     assert torch.std_mean(x, dim=(0, 2, 3))[0].tolist() == pytest.approx([1.0] * 3, rel=0.02)
     with pytest.raises(ZsqError, match="pixel_prior must be one of model, genie"):
         synthesize(teacher, "genie", 32, iters=0, batch_size=32, pixel_prior="photo")
+
+
+def test_genie_output_clamp_keeps_every_pixel_in_a_photographs_range():
+    meta = ModelMeta("lite_like", 10, (3, 16, 16), (127 / 255,) * 3, (128 / 255,) * 3)
+    teacher = set_meta(tiny_bn_cnn(), meta)
+    lo = torch.tensor([-m / s for m, s in zip(meta.mean, meta.std)]).view(1, 3, 1, 1)
+    hi = torch.tensor([(1 - m) / s for m, s in zip(meta.mean, meta.std)]).view(1, 3, 1, 1)
+    x = synthesize(teacher, "genie", 32, iters=3, batch_size=32, output="clamp", lr_g=0.5, lr_z=1.0).images
+    assert bool(((x >= lo - 1e-6) & (x <= hi + 1e-6)).all())
+    assert bool(((x - hi).abs() < 1e-6).any())  # the clamp was reached: without it the batch-standardised output passes hi
+    assert not any(isinstance(m, nn.Tanh) for m in GenieGenerator(16, tanh=False).modules())
+    with pytest.raises(ZsqError, match="output must be one of tanh, clamp"):
+        synthesize(teacher, "genie", 32, iters=0, batch_size=32, output="sigmoid")
+
+
+def test_genie_clamps_to_the_photo_range_only_in_the_224_quick_budget():
+    """Measured on Lite0 only (imagenet_quality.md): the paper budget and the 32² quick budget keep Genie's Tanh."""
+    genie = get_synthesizer("genie")
+    outputs = {(size, budget): genie.make_config(ModelMeta("m", 1000, (3, size, size), (0, 0, 0), (1, 1, 1)), budget).output
+               for size in (32, 224) for budget in ("quick", "paper")}
+    assert outputs == {(32, "quick"): "tanh", (32, "paper"): "tanh", (224, "quick"): "clamp", (224, "paper"): "tanh"}

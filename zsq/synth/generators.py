@@ -121,12 +121,12 @@ class GenieGenerator(nn.Module):
     6.8M weights at 224² and width 128 (vs 103M); it reaches the same width×H/4×H/4 tensor.
 
     width (a zsq option; Genie: 128) is the channel count after the head; the middle conv has
-    width/2. At 32² the generator's forward+backward costs 0.62x the ResNet-20 step at width 128 and
+    width/2. tanh=False (a zsq option) drops the Tanh before the final BN: the caller bounds the pixels instead. At 32² the generator's forward+backward costs 0.62x the ResNet-20 step at width 128 and
     a third of that at 64 (benchmarks/results/synth_sweep.md).
     """
 
     def __init__(self, img_size: int = 224, channels: int = 3, latent_dim: int = 256, head: str = "linear",
-                 width: int = 128):
+                 width: int = 128, tanh: bool = True):
         super().__init__()
         from zsq.errors import ZsqError
 
@@ -151,7 +151,7 @@ class GenieGenerator(nn.Module):
             nn.LeakyReLU(0.2, inplace=True),
             nn.Upsample(scale_factor=2, mode="nearest"),
             nn.Conv2d(width // 2, channels, 3, stride=1, padding=1),
-            nn.Tanh(),
+            nn.Tanh() if tanh else nn.Identity(),
             nn.BatchNorm2d(channels, affine=False),
         )
 

@@ -20,6 +20,14 @@ PHOTO_MEAN = (0.485, 0.456, 0.406)  # ImageNet's per-channel pixel mean and std 
 PHOTO_STD = (0.229, 0.224, 0.225)
 
 
+def clamp_to_photo_range(x: torch.Tensor, meta) -> torch.Tensor:
+    """x (in meta's normalised space) with every pixel clamped to what a photograph can hold, [0, 1] before
+    normalisation."""
+    mean = torch.tensor(meta.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(meta.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return torch.maximum(torch.minimum(x, (1 - mean) / std), -mean / std)
+
+
 @dataclass(frozen=True)
 class PixelPrior:
     """Per-channel mean and std that photographs have in the model's normalised input space."""
