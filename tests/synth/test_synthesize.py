@@ -287,9 +287,10 @@ def test_genie_output_clamp_keeps_every_pixel_in_a_photographs_range():
         synthesize(teacher, "genie", 32, iters=0, batch_size=32, output="sigmoid")
 
 
-def test_genie_clamps_to_the_photo_range_only_in_the_224_quick_budget():
-    """Measured on Lite0 only (imagenet_quality.md): the paper budget and the 32² quick budget keep Genie's Tanh."""
+def test_genie_keeps_its_tanh_in_every_budget_unless_asked():
+    """The clamp is an option: on Lite0 end to end it was not better (imagenet_quality.md, 2026-12-04 c)."""
     genie = get_synthesizer("genie")
-    outputs = {(size, budget): genie.make_config(ModelMeta("m", 1000, (3, size, size), (0, 0, 0), (1, 1, 1)), budget).output
-               for size in (32, 224) for budget in ("quick", "paper")}
-    assert outputs == {(32, "quick"): "tanh", (32, "paper"): "tanh", (224, "quick"): "clamp", (224, "paper"): "tanh"}
+    for size in (32, 224):
+        meta = ModelMeta("m", 1000, (3, size, size), (0, 0, 0), (1, 1, 1))
+        assert [genie.make_config(meta, b).output for b in ("quick", "paper")] == ["tanh", "tanh"], size
+        assert genie.make_config(meta, "quick", output="clamp").output == "clamp"
