@@ -121,8 +121,11 @@ class GenieGenerator(nn.Module):
     6.8M weights at 224² and width 128 (vs 103M); it reaches the same width×H/4×H/4 tensor.
 
     width (a zsq option; Genie: 128) is the channel count after the head; the middle conv has
-    width/2. tanh=False (a zsq option) drops the Tanh before the final BN: the caller bounds the pixels instead. At 32² the generator's forward+backward costs 0.62x the ResNet-20 step at width 128 and
+    width/2. At 32² the generator's forward+backward costs 0.62x the ResNet-20 step at width 128 and
     a third of that at 64 (benchmarks/results/synth_sweep.md).
+
+    tanh=False (a zsq option) drops the Tanh before the final BN; the caller then bounds the pixels
+    (Genie-D's output="clamp").
     """
 
     def __init__(self, img_size: int = 224, channels: int = 3, latent_dim: int = 256, head: str = "linear",

@@ -180,6 +180,7 @@ class GenieSynthesizer(Synthesizer):
         def images():
             x = prior.map(g(z))
             return clamp_to_photo_range(x, ctx.meta) if cfg.output == "clamp" else x
+
         opt_z = torch.optim.Adam([z], lr=cfg.latent_lr)
         opt_g = torch.optim.Adam(g.parameters(), lr=cfg.generator_lr)
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt_z, mode="min", factor=0.1,
