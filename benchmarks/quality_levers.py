@@ -6,6 +6,8 @@ coverage, augmentation during reconstruction) on one model, one bit setting, one
     python benchmarks/quality_levers.py run --tag w2a4-keep --bits w2a4
     # paired comparison on the same images (exact McNemar test on the discordant pairs)
     python benchmarks/quality_levers.py compare w2a4-base w2a4-keep
+    # per-image hits of an end-to-end run's checkpoint (zsq quantize --out runs/X), to pair it the same way
+    python benchmarks/quality_levers.py hits runs/X --tag e2e-X
     # per-layer BN statistics of synthetic sets against real images
     python benchmarks/quality_levers.py layers lite0-32 real:../shared/assets/imagenet/val1300[0:32] --model efficientnet_lite0
     # accuracy against minutes: one curve per budget knob, reference runs as horizontal lines
@@ -62,7 +64,6 @@ def cmd_run(a) -> None:
     import zsq
     from zsq.api import load_calibration
     from zsq.compute import resolve
-    from zsq.evaluation import evaluate
     from zsq.methods import QuantJob, get_method
     from zsq.quant import get_preset
     from zsq.synth import synthesize
@@ -102,12 +103,7 @@ def cmd_run(a) -> None:
         from zsq.export.packed_checkpoint import save_quantized
 
         save_quantized(model, a.save, model_name=a.model, weights_path=str(weights))
-    ev = evaluate(model, eval_data, return_preds=True)
-    from zsq.data import load_dataset
-    from zsq.models.meta import get_meta
-
-    labels = [int(y) for y in load_dataset(eval_data, get_meta(fp)).targets()]
-    hits = [int(p == y) for p, y in zip(ev["preds"], labels)]
+    ev, hits = _evaluate_hits(model, eval_data)
     rec = {
         "tag": a.tag, "argv": sys.argv, "zsq_source": zsq.runstate.source_digest(), "model": a.model, "method": a.method, "preset": a.preset, "bits": a.bits, "seed": a.seed, "calib": source,
         "num_images": int(calib.shape[0]) if a.method not in ("bn-minmax", "fp32") else 0, "synth_options": synth_opts, "options": _pairs(a.set),
@@ -122,6 +118,40 @@ def cmd_run(a) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{a.tag}.json").write_text(json.dumps(rec))
     print(json.dumps({k: v for k, v in rec.items() if k not in ("hits", "units", "argv")}))
+
+
+def _evaluate_hits(model, eval_data: str):
+    """evaluate()'s result and the per-image hits (1 = top-1 correct) that `compare` pairs up."""
+    from zsq.data import load_dataset
+    from zsq.evaluation import evaluate
+    from zsq.models.meta import get_meta
+
+    ev = evaluate(model, eval_data, return_preds=True)
+    labels = [int(y) for y in load_dataset(eval_data, get_meta(model)).targets()]
+    return ev, [int(p == y) for p, y in zip(ev["preds"], labels)]
+
+
+def cmd_hits(a) -> None:
+    """Per-image hits of a packed checkpoint (e.g. `zsq quantize --out DIR`'s), so that end-to-end runs can be
+    paired with `compare`: writes runs/levers/<tag>.json with the run's report (the manifest's info) beside them."""
+    import torch
+
+    from zsq.export.manifest import read_manifest
+    from zsq.export.packed_checkpoint import load_quantized
+
+    torch.set_num_threads(a.threads)
+    folder = Path(a.checkpoint)
+    model = load_quantized(folder)
+    name = model.zsq_meta.name
+    eval_data = a.eval_data or MODELS[name][1]
+    ev, hits = _evaluate_hits(model, eval_data)
+    manifest = read_manifest(folder, verify=False)  # load_quantized has checked the files
+    rec = {"tag": a.tag, "argv": sys.argv, "checkpoint": str(folder), "model": name, "eval_data": eval_data,
+           "top1": ev["top1"], "n": ev["n"], "hits": hits,
+           "report": manifest.get("info")}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{a.tag}.json").write_text(json.dumps(rec))
+    print(json.dumps({k: rec[k] for k in ("tag", "checkpoint", "top1", "n")}))
 
 
 def mcnemar(a, b):
@@ -292,6 +322,12 @@ def main() -> None:
     r.add_argument("--verbose", action="store_true")
     r.add_argument("--save", help="also save the quantized model here (a packed checkpoint folder)")
     r.set_defaults(func=cmd_run)
+    h = sub.add_parser("hits", help="per-image hits of a packed checkpoint (zsq quantize --out), for compare")
+    h.add_argument("checkpoint")
+    h.add_argument("--tag", required=True)
+    h.add_argument("--eval-data", help="default: the model's evaluation images above")
+    h.add_argument("--threads", type=int, default=1)
+    h.set_defaults(func=cmd_hits)
     c = sub.add_parser("compare")
     c.add_argument("base")
     c.add_argument("others", nargs="+")

@@ -60,3 +60,31 @@ def test_compare_pairs_runs_and_names_a_missing_one(ql, tmp_path, capsys):
     assert "a 75.00 vs b 50.00: only base right 2, only b right 1" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no run 'c'"):
         ql.cmd_compare(SimpleNamespace(dir=str(tmp_path), base="a", others=["c"]))
+
+
+def test_hits_of_a_checkpoint_are_the_saved_models_own_per_image_results(ql, tmp_path, monkeypatch, capsys):
+    """`hits` evaluates a packed checkpoint (zsq quantize --out) so end-to-end runs can be paired with `compare`."""
+    import numpy as np
+
+    from tests.tiny_models import TINY_META, tiny_factory, tiny_quantized
+    from zsq.evaluation import evaluate
+    from zsq.export import packed_checkpoint as ckpt_mod
+    from zsq.export import save_quantized
+
+    monkeypatch.setattr(ckpt_mod, "_build_model", lambda name, factory: tiny_factory(seed=9))
+    monkeypatch.setattr(ql, "OUT", tmp_path / "levers")
+    q = tiny_quantized("genie", "w4a4")
+    save_quantized(q, tmp_path / "ck", model_name="tiny_resnet", info={"bits": "w4a4"})
+    _, h, w = TINY_META.input_size
+    rng = np.random.default_rng(3)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.integers(0, 256, (40, h, w, 3), dtype=np.uint8), y=rng.integers(0, 10, 40))
+    ql.cmd_hits(SimpleNamespace(checkpoint=str(tmp_path / "ck"), tag="e2e", eval_data=str(data), threads=1))
+    rec = json.loads((tmp_path / "levers" / "e2e.json").read_text())
+    ev = evaluate(q, str(data), return_preds=True)
+    labels = np.load(data)["y"]
+    assert rec["hits"] == [int(p == y) for p, y in zip(ev["preds"], labels)]
+    assert 0 < sum(rec["hits"]) < 40  # a tiny random model: some right, some wrong, so the check means something
+    assert rec["top1"] == pytest.approx(100.0 * sum(rec["hits"]) / 40) and rec["n"] == 40
+    assert rec["report"] == {"bits": "w4a4"}
+    assert '"tag": "e2e"' in capsys.readouterr().out

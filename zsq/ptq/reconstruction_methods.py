@@ -104,9 +104,6 @@ def with_overrides(recipe: Recipe, user: PTQOptions, w_bits: int, iters: Optiona
     return dataclasses.replace(recipe, phases=tuple(phases))
 
 
-
-
-
 def check_calib(fp_model, calib) -> torch.Tensor:
     """The calibration images as a float (N, C, H, W) tensor that fits the model, else ZsqError."""
     if calib is None:

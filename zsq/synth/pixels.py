@@ -2,8 +2,8 @@
 
 Start from N(0, 1) pixels mapped to photographs' statistics in the teacher's input space
 (zsq.synth.pixel_prior), run Adam with a plateau schedule (x0.1, floor 1e-4, stepped on the total every
-iteration) on a sum of loss terms; a subclass says
-which terms (``terms``) and, if it needs them, which labels (``labels``).
+iteration) on a sum of loss terms; a subclass says which terms (``terms``) and, if it needs them, which
+labels (``labels``).
 """
 from __future__ import annotations
 
