@@ -139,10 +139,17 @@ def cmd_hits(a) -> None:
     from zsq.export.manifest import read_manifest
     from zsq.export.packed_checkpoint import load_quantized
 
+    from zsq.errors import ZsqError
+
     torch.set_num_threads(a.threads)
     folder = Path(a.checkpoint)
-    model = load_quantized(folder)
+    try:
+        model = load_quantized(folder)
+    except ZsqError as e:
+        raise SystemExit(f"hits: {e}") from None
     name = model.zsq_meta.name
+    if not a.eval_data and name not in MODELS:
+        raise SystemExit(f"hits: {name} has no default evaluation images here; give --eval-data PATH[a:b]")
     eval_data = a.eval_data or MODELS[name][1]
     ev, hits = _evaluate_hits(model, eval_data)
     manifest = read_manifest(folder, verify=False)  # load_quantized has checked the files

@@ -88,3 +88,7 @@ def test_hits_of_a_checkpoint_are_the_saved_models_own_per_image_results(ql, tmp
     assert rec["top1"] == pytest.approx(100.0 * sum(rec["hits"]) / 40) and rec["n"] == 40
     assert rec["report"] == {"bits": "w4a4"}
     assert '"tag": "e2e"' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="hits: checkpoint .*missing does not exist"):
+        ql.cmd_hits(SimpleNamespace(checkpoint=str(tmp_path / "missing"), tag="x", eval_data=None, threads=1))
+    with pytest.raises(SystemExit, match="tiny_resnet has no default evaluation images here; give --eval-data"):
+        ql.cmd_hits(SimpleNamespace(checkpoint=str(tmp_path / "ck"), tag="x", eval_data=None, threads=1))
