@@ -136,10 +136,9 @@ def cmd_hits(a) -> None:
     paired with `compare`: writes runs/levers/<tag>.json with the run's report (the manifest's info) beside them."""
     import torch
 
+    from zsq.errors import ZsqError
     from zsq.export.manifest import read_manifest
     from zsq.export.packed_checkpoint import load_quantized
-
-    from zsq.errors import ZsqError
 
     torch.set_num_threads(a.threads)
     folder = Path(a.checkpoint)
