@@ -6,6 +6,7 @@ coverage, augmentation during reconstruction) on one model, one bit setting, one
     python benchmarks/quality_levers.py run --tag w2a4-keep --bits w2a4
     # paired comparison on the same images (exact McNemar test on the discordant pairs)
     python benchmarks/quality_levers.py compare w2a4-base w2a4-keep
+    # a unit left at round-to-nearest (a diagnostic lever): add --rtn-unit _conv_head to a run
     # per-image hits of an end-to-end run's checkpoint (zsq quantize --out runs/X), to pair it the same way
     python benchmarks/quality_levers.py hits runs/X --tag e2e-X
     # per-layer BN statistics of synthetic sets against real images
@@ -29,6 +30,7 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -96,7 +98,8 @@ def cmd_run(a) -> None:
         info = get_method(a.method)
         if not info.needs_images:
             job.calib, source, synth_s = None, "none", 0.0
-        res = info.fn(fp, get_preset(a.preset or info.default_preset, a.bits), job)
+        with _round_to_nearest(a.rtn_unit or []):
+            res = info.fn(fp, get_preset(a.preset or info.default_preset, a.bits), job)
         model, units = res.model, res.report.get("unit_losses", [])
     quant_s = time.time() - tq
     if a.save and a.method != "fp32":
@@ -106,7 +109,7 @@ def cmd_run(a) -> None:
     ev, hits = _evaluate_hits(model, eval_data)
     rec = {
         "tag": a.tag, "argv": sys.argv, "zsq_source": zsq.runstate.source_digest(), "model": a.model, "method": a.method, "preset": a.preset, "bits": a.bits, "seed": a.seed, "calib": source,
-        "num_images": int(calib.shape[0]) if a.method not in ("bn-minmax", "fp32") else 0, "synth_options": synth_opts, "options": _pairs(a.set),
+        "num_images": int(calib.shape[0]) if a.method not in ("bn-minmax", "fp32") else 0, "synth_options": synth_opts, "options": _pairs(a.set), "rtn_units": a.rtn_unit or [],
         "top1": ev["top1"], "n": ev["n"], "synth_seconds": round(synth_s, 1), "quant_seconds": round(quant_s, 1),
         "seconds": round(time.time() - t0, 1), "threads": a.threads, "compute": compute.describe() if compute else "fp32", "load_before": load0, "load_after": _load(),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -118,6 +121,29 @@ def cmd_run(a) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{a.tag}.json").write_text(json.dumps(rec))
     print(json.dumps({k: v for k, v in rec.items() if k not in ("hits", "units", "argv")}))
+
+
+@contextmanager
+def _round_to_nearest(names):
+    """A diagnostic lever: the named units skip Genie-M's optimisation, so they keep round-to-nearest on
+    their starting grid (activation steps at their Lp start); every other unit is reconstructed as usual."""
+    from zsq.ptq.reconstruct import Reconstructor
+
+    train, wanted, seen = Reconstructor._train, set(names), set()
+
+    def patched(self, phase, unit, *args, **kwargs):
+        if unit.name in wanted:
+            seen.add(unit.name)
+            return [], 0.0
+        return train(self, phase, unit, *args, **kwargs)
+
+    Reconstructor._train = patched
+    try:
+        yield
+    finally:
+        Reconstructor._train = train
+    if wanted - seen:
+        raise SystemExit(f"--rtn-unit: no unit named {sorted(wanted - seen)}")
 
 
 def _evaluate_hits(model, eval_data: str):
@@ -326,6 +352,8 @@ def main() -> None:
     r.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
                    help="synthesis and reconstruction compute (zsq.compute; bf16 uses channels_last)")
     r.add_argument("--verbose", action="store_true")
+    r.add_argument("--rtn-unit", action="append", metavar="UNIT",
+                   help="leave this unit at round-to-nearest (no reconstruction; e.g. _conv_head); repeatable")
     r.add_argument("--save", help="also save the quantized model here (a packed checkpoint folder)")
     r.set_defaults(func=cmd_run)
     h = sub.add_parser("hits", help="per-image hits of a packed checkpoint (zsq quantize --out), for compare")

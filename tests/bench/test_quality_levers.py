@@ -92,3 +92,33 @@ def test_hits_of_a_checkpoint_are_the_saved_models_own_per_image_results(ql, tmp
         ql.cmd_hits(SimpleNamespace(checkpoint=str(tmp_path / "missing"), tag="x", eval_data=None, threads=1))
     with pytest.raises(SystemExit, match="tiny_resnet has no default evaluation images here; give --eval-data"):
         ql.cmd_hits(SimpleNamespace(checkpoint=str(tmp_path / "ck"), tag="x", eval_data=None, threads=1))
+
+
+def test_rtn_unit_leaves_that_unit_at_round_to_nearest_and_names_a_missing_one(ql):
+    """`run --rtn-unit U`: U keeps round-to-nearest on its starting grid while the other units are reconstructed."""
+    import torch
+
+    from tests.tiny_models import tiny_factory, tiny_images
+    from zsq.methods.registry import QuantJob
+    from zsq.ptq.reconstruction_methods import genie
+    from zsq.ptq.units import find_units
+    from zsq.quant import get_preset
+    from zsq.quant.transforms import quantize_model
+
+    fp, qc = tiny_factory(seed=1), get_preset("genie", "w4a4")
+    start = quantize_model(fp, qc)
+    units = find_units(start, "block")
+    kept, trained = units[-1], units[-2]
+
+    def rtn(name):
+        layer = start.get_submodule(name)
+        return layer.weight_quant(layer.weight.detach())
+
+    job = QuantJob(calib=tiny_images(16), iters=20, batch_size=8, seed=0)
+    with ql._round_to_nearest([kept.name]):
+        q = genie(fp, qc, job).model
+    assert all(torch.equal(q.get_submodule(n).weight, rtn(n)) for n in kept.layers)
+    assert not all(torch.equal(q.get_submodule(n).weight, rtn(n)) for n in trained.layers)  # reconstruction moved it
+    with pytest.raises(SystemExit, match=r"--rtn-unit: no unit named \['nope'\]"):
+        with ql._round_to_nearest(["nope"]):
+            genie(fp, qc, QuantJob(calib=tiny_images(8), iters=1, batch_size=8, seed=0))
