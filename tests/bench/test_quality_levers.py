@@ -1,21 +1,9 @@
 """benchmarks/quality_levers.py: the paired test and the accuracy-against-minutes plot that issue 15's
 results rest on."""
-import importlib.util
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "quality_levers.py"
-
-
-@pytest.fixture(scope="module")
-def ql():
-    spec = importlib.util.spec_from_file_location("quality_levers", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_mcnemar_counts_discordant_pairs_and_gives_the_exact_p(ql):

@@ -1,7 +1,4 @@
 """benchmarks/unit_generalization.py: one unit reconstructed alone, its input from the float model."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -9,16 +6,6 @@ from tests.tiny_models import tiny_factory, tiny_images
 from zsq.ptq.budgets import soft_bit_lr
 from zsq.quant import get_preset
 from zsq.quant.transforms import quantize_model
-
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "unit_generalization.py"
-
-
-@pytest.fixture(scope="module")
-def ug():
-    spec = importlib.util.spec_from_file_location("unit_generalization", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_a_variant_sets_iterations_rounding_weight_beta_and_soft_bit_lr(ug):
