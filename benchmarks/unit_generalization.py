@@ -60,7 +60,10 @@ def _one(fp, qc, images, variant: dict, name: str):
     eng = Reconstructor(quantize_model(fp, qc), images, recipe, budget, EngineOptions())
     if rtn:  # no optimisation: the soft bits harden where they start, round-to-nearest on the starting grid
         eng._train = lambda *args, **kwargs: ([], 0.0)
-    ui = [u.name for u in eng.units].index(name)
+    names = [u.name for u in eng.units]
+    if name not in names:
+        raise SystemExit(f"no unit {name!r}; the units are {', '.join(names)}")
+    ui = names.index(name)
     set_quant_state(eng.qmodel, weights=False, acts=False)
     set_quant_state(eng.qmodel.get_submodule(name), weights=True, acts=False)  # acts: only_this_unit
 
@@ -99,7 +102,10 @@ def main() -> None:
     qc = get_preset("genie", a.bits)
     for v in a.variant:
         label, _, spec = v.partition(":")
-        kv = dict(x.split("=", 1) for x in spec.split(";") if x)
+        pairs = [x for x in spec.split(";") if x]
+        if any("=" not in x for x in pairs):
+            raise SystemExit(f"--variant {v!r}: write NAME:key=value;key=value")
+        kv = dict(x.split("=", 1) for x in pairs)
         data = kv.pop("data", "synth")
         train = real[:half] if data == "real" else syn[:syn.shape[0] - a.syn_holdout]
         for name in a.units.split(","):

@@ -34,3 +34,5 @@ def test_only_the_chosen_unit_is_quantized_and_iters_0_is_round_to_nearest(ug):
     assert not all(torch.equal(moved.qmodel.get_submodule(n).weight, eng.qmodel.get_submodule(n).weight)
                    for n in unit.layers)
     assert ug._unit_error(eng, "block", tiny_images(8, seed=6)) > 0
+    with pytest.raises(SystemExit, match="no unit 'nope'; the units are conv1, block"):
+        ug._one(fp, qc, tiny_images(8), {"iters": "0"}, "nope")
