@@ -81,6 +81,7 @@ def main() -> None:
     import zsq
     from zsq.api import load_calibration
     from zsq.assets import LITE0, VAL1300, asset
+    from zsq.errors import ZsqError
     from zsq.quant import get_preset
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,9 +96,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    fp = zsq.models.load("efficientnet_lite0", weights=str(asset(LITE0)))
-    syn, _, _ = load_calibration(a.synth_dir, fp)
-    real, _, _ = load_calibration(a.real, fp)
+    try:
+        fp = zsq.models.load("efficientnet_lite0", weights=str(asset(LITE0)))
+        syn, _, _ = load_calibration(a.synth_dir, fp)
+        real, _, _ = load_calibration(a.real, fp)
+    except ZsqError as e:
+        raise SystemExit(f"unit_generalization: {e}")
     half = real.shape[0] // 2
     qc = get_preset("genie", a.bits)
     for v in a.variant:
