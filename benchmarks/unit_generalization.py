@@ -25,12 +25,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _recipe(spec: dict):
+    from zsq.errors import ZsqError
     from zsq.ptq.budgets import RECIPES, get_budget
     from zsq.ptq.reconstruction_methods import PTQOptions, with_overrides
 
-    rw, be = float(spec.pop("round_weight", 1.0)), float(spec.pop("beta_end", 2.0))
-    budget = get_budget("quick", (3, 224, 224)).override(int(spec.pop("iters", 50)))
-    rec = with_overrides(RECIPES["genie"], PTQOptions(**{k: float(v) for k, v in spec.items()}), 4, budget.iters)
+    known = {"iters", "round_weight", "beta_end"} | {f.name for f in dataclasses.fields(PTQOptions)}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise SystemExit(f"--variant: unknown key(s) {unknown}; use iters, data, round_weight, beta_end or an option "
+                         "of PTQOptions (e.g. lr_v)")
+    try:
+        rw, be = float(spec.pop("round_weight", 1.0)), float(spec.pop("beta_end", 2.0))
+        budget = get_budget("quick", (3, 224, 224)).override(int(spec.pop("iters", 50)))
+        user = PTQOptions(**{k: float(v) for k, v in spec.items()})
+    except (ValueError, ZsqError) as e:
+        raise SystemExit(f"--variant: {e}") from None
+    rec = with_overrides(RECIPES["genie"], user, 4, budget.iters)
     phases = tuple(dataclasses.replace(p, round_weight=rw) for p in rec.phases)
     return dataclasses.replace(rec, beta_end=be, phases=phases), budget
 
@@ -102,6 +112,8 @@ def main() -> None:
         real, _, _ = load_calibration(a.real, fp)
     except ZsqError as e:
         raise SystemExit(f"unit_generalization: {e}")
+    if not 0 <= a.syn_holdout < syn.shape[0]:
+        raise SystemExit(f"--syn-holdout must be from 0 to {syn.shape[0] - 1} (the set has {syn.shape[0]} images)")
     half = real.shape[0] // 2
     qc = get_preset("genie", a.bits)
     for v in a.variant:

@@ -15,6 +15,12 @@ def test_a_variant_sets_iterations_rounding_weight_beta_and_soft_bit_lr(ug):
     rec, budget = ug._recipe({})  # Genie-M's own: lambda 1, beta to 2, the soft-bit lr sized to 50 steps
     assert budget.iters == 50 and rec.beta_end == 2.0 and rec.phases[0].round_weight == 1.0
     assert rec.phases[0].lr_v == soft_bit_lr(1e-3, 50)
+    with pytest.raises(SystemExit, match=r"--variant: unknown key\(s\) \['lrv'\]"):
+        ug._recipe({"lrv": "0.1"})
+    with pytest.raises(SystemExit, match="--variant: could not convert string to float: 'x'"):
+        ug._recipe({"lr_v": "x"})
+    with pytest.raises(SystemExit, match="--variant: lr_v must be"):
+        ug._recipe({"lr_v": "-1"})
 
 
 def test_only_the_chosen_unit_is_quantized_and_iters_0_is_round_to_nearest(ug):
