@@ -9,6 +9,10 @@ coverage, augmentation during reconstruction) on one model, one bit setting, one
     # a unit left at round-to-nearest (a diagnostic lever): add --rtn-unit _conv_head to a run
     # per-image hits of an end-to-end run's checkpoint (zsq quantize --out runs/X), to pair it the same way
     python benchmarks/quality_levers.py hits runs/X --tag e2e-X
+    # output distillation (zsq.ptq.output_distill) on a saved checkpoint (run --save DIR) and its images
+    python benchmarks/quality_levers.py distill runs/X --images SYNTH_TAG --set iters=100 --tag X-kd
+    # a checkpoint's predictions against the float model's, on synthetic sets and real images
+    python benchmarks/quality_levers.py kl runs/X SYNTH_TAG real:../shared/assets/imagenet/val1300[0:32]
     # per-layer BN statistics of synthetic sets against real images
     python benchmarks/quality_levers.py layers lite0-32 real:../shared/assets/imagenet/val1300[0:32] --model efficientnet_lite0
     # accuracy against minutes: one curve per budget knob, reference runs as horizontal lines
@@ -184,6 +188,76 @@ def cmd_hits(a) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{a.tag}.json").write_text(json.dumps(rec))
     print(json.dumps({k: rec[k] for k in ("tag", "checkpoint", "top1", "n")}))
+
+
+def _float_model(name: str, what: str):
+    """The float model of a checkpoint's model (a checkpoint holds only the rounded weights)."""
+    import zsq
+
+    if name not in MODELS:
+        raise SystemExit(f"{what}: no float weights known for {name} here (known: {sorted(MODELS)})")
+    return zsq.models.load(name, weights=str(MODELS[name][0]))
+
+
+def cmd_distill(a) -> None:
+    """Output distillation (zsq.ptq.output_distill) on a packed checkpoint, with the images it was
+    reconstructed on; writes runs/levers/<tag>.json with the per-image hits, so `compare` pairs it with
+    the checkpoint's own hits."""
+    import torch
+
+    import zsq
+    from zsq.errors import ZsqError
+    from zsq.export.packed_checkpoint import load_quantized
+    from zsq.options import parse_options
+    from zsq.ptq.output_distill import OutputDistillConfig, distill_outputs
+
+    torch.set_num_threads(a.threads)
+    opts = _pairs(a.set)
+    try:
+        cfg = parse_options(OutputDistillConfig, opts, "distill")
+    except ZsqError as e:
+        raise SystemExit(str(e)) from None
+    model = load_quantized(Path(a.checkpoint))
+    name = model.zsq_meta.name
+    fp = _float_model(name, "distill")
+    images = _images(name, a.images)
+    t0 = time.time()
+    rep = distill_outputs(model, fp, images, cfg, seed=a.seed)
+    secs = time.time() - t0
+    eval_data = a.eval_data or MODELS[model.zsq_meta.name][1]
+    ev, hits = _evaluate_hits(model, eval_data)
+    rec = {"tag": a.tag, "argv": sys.argv, "zsq_source": zsq.runstate.source_digest(),
+           "checkpoint": a.checkpoint, "images": a.images, "num_images": int(images.shape[0]),
+           "options": opts, "distill": rep, "distill_seconds": round(secs, 1), "threads": a.threads,
+           "load_after": _load(), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+           "top1": ev["top1"], "n": ev["n"], "hits": hits}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{a.tag}.json").write_text(json.dumps(rec))
+    print(json.dumps({k: v for k, v in rec.items() if k not in ("hits", "argv")}))
+
+
+def cmd_kl(a) -> None:
+    """How far a packed checkpoint's predictions are from its float model's on image sets: mean KL(float ||
+    quantized), top-1 agreement, and the float model's mean max probability and entropy (nats)."""
+    import torch
+    import torch.nn.functional as F
+
+    from zsq.export.packed_checkpoint import load_quantized
+
+    torch.set_num_threads(a.threads)
+    model = load_quantized(Path(a.checkpoint))
+    name = model.zsq_meta.name
+    fp = _float_model(name, "kl")
+    for spec in a.sets:
+        x = _images(name, spec)
+        with torch.no_grad():
+            q = torch.cat([model(c) for c in x.split(32)])
+            f = torch.cat([fp(c) for c in x.split(32)])
+        t, s = F.log_softmax(f, 1), F.log_softmax(q, 1)
+        kl = (t.exp() * (t - s)).sum(1)
+        print(f"{spec}: {len(x)} images, KL mean {float(kl.mean()):.4f} median {float(kl.median()):.4f}, "
+              f"top-1 agreement {float((q.argmax(1) == f.argmax(1)).float().mean()):.3f}, float model: "
+              f"mean max prob {float(t.exp().max(1).values.mean()):.3f}, entropy {float(-(t.exp() * t).sum(1).mean()):.2f}")
 
 
 def mcnemar(a, b):
@@ -362,6 +436,20 @@ def main() -> None:
     h.add_argument("--eval-data", help="default: the model's evaluation images above")
     h.add_argument("--threads", type=int, default=1)
     h.set_defaults(func=cmd_hits)
+    d = sub.add_parser("distill", help="output distillation on a packed checkpoint, then its per-image hits")
+    d.add_argument("checkpoint")
+    d.add_argument("--images", required=True, help="synthetic-set tag (runs/levers/synth-TAG) or real:PATH[a:b]")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="OutputDistillConfig field")
+    d.add_argument("--tag", required=True)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--eval-data")
+    d.add_argument("--threads", type=int, default=1)
+    d.set_defaults(func=cmd_distill)
+    kk = sub.add_parser("kl", help="a packed checkpoint's predictions against its float model's, per image set")
+    kk.add_argument("checkpoint")
+    kk.add_argument("sets", nargs="+", help="synthetic-set tags (runs/levers/synth-TAG) or real:PATH[a:b]")
+    kk.add_argument("--threads", type=int, default=1)
+    kk.set_defaults(func=cmd_kl)
     c = sub.add_parser("compare")
     c.add_argument("base")
     c.add_argument("others", nargs="+")

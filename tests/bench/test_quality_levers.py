@@ -110,3 +110,23 @@ def test_rtn_unit_leaves_that_unit_at_round_to_nearest_and_names_a_missing_one(q
     with pytest.raises(SystemExit, match=r"--rtn-unit: no unit named \['nope'\]"):
         with ql._round_to_nearest(["nope"]):
             genie(fp, qc, QuantJob(calib=tiny_images(8), iters=1, batch_size=8, seed=0))
+
+
+def test_distill_and_kl_refuse_in_one_line_what_they_cannot_do(ql, tmp_path, monkeypatch):
+    """A bad option is named before anything loads; a model without known float weights is named."""
+    from tests.tiny_models import tiny_factory, tiny_quantized
+    from zsq.export import packed_checkpoint as ckpt_mod
+    from zsq.export import save_quantized
+
+    args = dict(checkpoint=str(tmp_path / "none"), images="x", tag="t", seed=0, eval_data=None, threads=1)
+    with pytest.raises(SystemExit, match="distill has no option lr_v"):
+        ql.cmd_distill(SimpleNamespace(set=["lr_v=1"], **args))
+    with pytest.raises(SystemExit, match="distill_params must be one of"):
+        ql.cmd_distill(SimpleNamespace(set=["params=weights"], **args))
+    monkeypatch.setattr(ckpt_mod, "_build_model", lambda name, factory: tiny_factory(seed=9))
+    save_quantized(tiny_quantized("genie", "w4a4"), tmp_path / "ck", model_name="tiny_resnet")
+    args["checkpoint"] = str(tmp_path / "ck")
+    with pytest.raises(SystemExit, match="distill: no float weights known for tiny_resnet"):
+        ql.cmd_distill(SimpleNamespace(set=["iters=1"], **args))
+    with pytest.raises(SystemExit, match="kl: no float weights known for tiny_resnet"):
+        ql.cmd_kl(SimpleNamespace(checkpoint=str(tmp_path / "ck"), sets=["x"], threads=1))

@@ -134,3 +134,32 @@ def test_absolute_and_relative_lr_are_exclusive():
     assert paper.lr_weight_scale == 1e-4 and paper.lr_weight_scale_rel is None and paper.learn_weight_scale
     off = _recipe("genie", learn_weight_scale=False).phases[0]
     assert not off.learn_weight_scale and off.lr_weight_scale_rel is None
+
+
+def test_round_weight_and_qdrop_p_reach_the_phases_they_fit():
+    g = _recipe("genie", round_weight=10.0, qdrop_p=1.0).phases[0]
+    assert g.round_weight == 10.0 and g.qdrop_p == 1.0
+    weights, acts = _recipe("brecq", round_weight=0.1).phases
+    assert weights.round_weight == 0.1 and acts.round_weight == RECIPES["brecq"].phases[1].round_weight
+    assert _recipe("qdrop", qdrop_p=0.75).phases[0].qdrop_p == 0.75
+
+
+@pytest.mark.parametrize("name,values,msg", [
+    ("brecq", {"qdrop_p": 0.5}, "brecq does not use QDrop"),
+    ("genie", {"qdrop_p": 0.0}, "qdrop_p must be > 0.0"),
+    ("genie", {"qdrop_p": 1.5}, "qdrop_p must be .*<= 1.0"),
+    ("genie", {"round_weight": -1.0}, "round_weight must be >= 0.0"),
+])
+def test_round_weight_and_qdrop_p_refuse_what_they_cannot_do(name, values, msg):
+    with pytest.raises(ZsqError, match=msg):
+        _recipe(name, **values)
+
+
+def test_qdrop_p_one_reads_only_the_quantized_input(monkeypatch):
+    import zsq.ptq.reconstruct as rc
+
+    seen = []
+    hooks = rc._qdrop_hooks
+    monkeypatch.setattr(rc, "_qdrop_hooks", lambda q, p, g, rows: seen.append(p) or hooks(q, p, g, rows))
+    _run({"qdrop_p": 1.0})
+    assert seen and set(seen) == {1.0}

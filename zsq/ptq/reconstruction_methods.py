@@ -20,6 +20,7 @@ from zsq.methods.registry import QuantJob, QuantResult, register_method, schema_
 from zsq.options import check_range, parse_options
 from zsq.ptq import presets  # noqa: F401  (registers the brecq and qdrop presets)
 from zsq.ptq.budgets import RECIPES, EngineOptions, Recipe, get_budget, soft_bit_lr
+from zsq.ptq.output_distill import OutputDistillConfig, distill_outputs
 from zsq.ptq.reconstruct import Reconstructor
 from zsq.quant.calibration import bn_layers, calibrate_from_bn
 from zsq.quant.qconfig import QuantConfig
@@ -52,6 +53,13 @@ class PTQOptions:
     # learn each weight step as s0 * g with this Adam lr (a fraction of the step) instead of s with lr_weight_scale
     lr_weight_scale_rel: Optional[float] = None
     lr_v: Optional[float] = None  # Adam lr of the soft bits V (None: sized to the budget, budgets.soft_bit_lr)
+    round_weight: Optional[float] = None  # lambda of the rounding loss (None: the recipe's; Genie-M 1, AdaRound 0.01)
+    # QDrop's probability of keeping a quantized value, in (0, 1]; 1: no drop (None: the recipe's, 0.5)
+    qdrop_p: Optional[float] = None
+    # output distillation after reconstruction (zsq.ptq.output_distill): steps, Adam lr, what it trains
+    distill_iters: int = OutputDistillConfig.iters
+    distill_lr: float = OutputDistillConfig.lr
+    distill_params: str = OutputDistillConfig.params
 
     def __post_init__(self):
         check_range("chunk", self.chunk, 1)
@@ -60,9 +68,15 @@ class PTQOptions:
         check_range("lr_act_scale", self.lr_act_scale, 0.0, lo_open=True)
         check_range("lr_weight_scale_rel", self.lr_weight_scale_rel, 0.0, lo_open=True)
         check_range("lr_v", self.lr_v, 0.0, lo_open=True)
+        check_range("round_weight", self.round_weight, 0.0)
+        check_range("qdrop_p", self.qdrop_p, 0.0, 1.0, lo_open=True)
+        self.distill_config()  # its own checks
         if self.lr_weight_scale is not None and self.lr_weight_scale_rel is not None:
             raise ZsqError("set lr_weight_scale (learn each weight step itself) or lr_weight_scale_rel (learn it "
                            "relative to its start), not both")
+
+    def distill_config(self) -> OutputDistillConfig:
+        return OutputDistillConfig(iters=self.distill_iters, lr=self.distill_lr, params=self.distill_params)
 
 
 # From this many weight bits up, a recipe that learns weight steps (Genie-M) keeps them at their start
@@ -78,6 +92,9 @@ def with_overrides(recipe: Recipe, user: PTQOptions, w_bits: int, iters: Optiona
     options to phases that learn rounding, activation-step options to phases with activations on. Without
     a learn_weight_scale choice, weight steps stay fixed from FIXED_WEIGHT_STEP_BITS weight bits up; without
     an lr_v, the soft bits' lr is sized to ``iters`` steps per unit (``soft_bit_lr``)."""
+    if user.qdrop_p is not None and not any(ph.qdrop_p > 0 for ph in recipe.phases):
+        raise ZsqError(f"qdrop_p: {recipe.name} does not use QDrop (its units read the quantized input); "
+                       "use --method genie or qdrop")
     phases = []
     for ph in recipe.phases:
         change = {}
@@ -91,11 +108,15 @@ def with_overrides(recipe: Recipe, user: PTQOptions, w_bits: int, iters: Optiona
             if user.lr_weight_scale_rel is not None:  # the Phase refuses it where steps are not learned
                 rel = user.lr_weight_scale_rel
             change.update(learn_weight_scale=learn, lr_weight_scale_rel=rel)
+            if user.round_weight is not None:
+                change["round_weight"] = user.round_weight
             if user.lr_v is not None:
                 change["lr_v"] = user.lr_v
             elif iters is not None:
                 change["lr_v"] = soft_bit_lr(ph.lr_v, round(iters * ph.iters_scale))
         if ph.acts_on:
+            if user.qdrop_p is not None and ph.qdrop_p > 0:  # only recipes that drop (BRECQ's act phase reads x_q)
+                change["qdrop_p"] = user.qdrop_p
             if user.train_act_scale is not None:
                 change["train_act_scale"] = user.train_act_scale
             if user.lr_act_scale is not None:
@@ -170,6 +191,10 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
     engine = Reconstructor(qmodel, calib, recipe, budget, opts, work_dir=work_dir,
                            on_unit_done=extra.get("on_unit_done"), compute=job.compute)
     report = engine.run(resume=job.resume)
+    if user.distill_iters:  # on the training images (the engine's order: training part first)
+        images = engine.calib[:engine.n_train]
+        report["output_distill"] = distill_outputs(qmodel, fp_model, images, user.distill_config(), seed=job.seed,
+                                                   compute=engine.compute)
     qmodel.to("cpu", memory_format=torch.contiguous_format)  # saving, export and evaluation take it from here
     report.update({"compute": engine.compute.describe(), "method": recipe.name, "preset": qconfig.describe(), "calib_source": job.calib_source,
                    "act_init": act_init, "quant_seconds": time.time() - t0})
