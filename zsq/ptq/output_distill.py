@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from zsq.compute import Compute, as_compute
 from zsq.errors import ZsqError
 from zsq.options import check_range
+from zsq.ptq.reconstruct import only_trainable
 from zsq.ptq.unit_bar import UnitBar
 from zsq.quant.transforms import act_quantizers
 
@@ -56,8 +57,11 @@ def affine_parameters(model: nn.Module) -> List[nn.Parameter]:
     scale channels, which rounding cannot change."""
     out, seen = [], set()
     for m in model.modules():
-        names = ("weight", "bias") if isinstance(m, nn.modules.batchnorm._NormBase) else ("bias",)
-        if not (isinstance(m, nn.modules.batchnorm._NormBase) or isinstance(m, (nn.Conv2d, nn.Linear))):
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            names = ("weight", "bias")
+        elif isinstance(m, (nn.Conv2d, nn.Linear)):
+            names = ("bias",)
+        else:
             continue
         for n in names:
             p = getattr(m, n, None)
@@ -69,7 +73,7 @@ def affine_parameters(model: nn.Module) -> List[nn.Parameter]:
 
 def _kl(student: torch.Tensor, teacher_logp: torch.Tensor, t: float) -> torch.Tensor:
     """KL(teacher || student) per image, averaged, scaled by t² (Hinton et al.)."""
-    s = F.log_softmax(student.float() / t, 1)
+    s = F.log_softmax(student / t, 1)
     return (teacher_logp.exp() * (teacher_logp - s)).sum(1).mean() * t * t
 
 
@@ -93,7 +97,7 @@ def distill_outputs(qmodel: nn.Module, teacher: nn.Module, images: torch.Tensor,
         return {"iters": 0}
     compute = as_compute(compute)
     qmodel.eval()  # BatchNorm keeps its statistics: only the affine terms move
-    t, chunk = cfg.temperature, max(1, cfg.batch_size)
+    t, chunk = cfg.temperature, cfg.batch_size
 
     def run(x: torch.Tensor, net: nn.Module = qmodel, step: bool = False) -> torch.Tensor:
         return compute.forward(net, x, step=step)
@@ -101,7 +105,7 @@ def distill_outputs(qmodel: nn.Module, teacher: nn.Module, images: torch.Tensor,
     with torch.no_grad():
         logits = torch.cat([run(images[i:i + chunk], compute.prepare(teacher.eval()))
                             for i in range(0, len(images), chunk)])
-        teacher_logp = F.log_softmax(logits.float() / t, 1)
+        teacher_logp = F.log_softmax(logits / t, 1)
     groups = [{"params": affine_parameters(qmodel), "lr": cfg.lr}]
     if cfg.params == "affine+act":
         acts = [q.scale for _, q in act_quantizers(qmodel) if isinstance(q.scale, nn.Parameter)]
@@ -112,36 +116,26 @@ def distill_outputs(qmodel: nn.Module, teacher: nn.Module, images: torch.Tensor,
                        "activation steps to train")
     kl_start = _mean_kl(run, images, teacher_logp, t, chunk)
     start = [p.detach().clone() for p in params]
-    saved = {id(p): p.requires_grad for p in qmodel.parameters()}
-    for p in qmodel.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
     opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters, eta_min=0.0)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + 424_242)  # batch order, drawn on the CPU
-    teacher_logp = teacher_logp.to(compute.torch_device)
     n, bs = images.shape[0], min(cfg.batch_size, images.shape[0])
     perm, pos, hist = None, n, []
-    try:
-        with UnitBar(cfg.iters, "output distillation") as bar:
-            for _ in range(cfg.iters):
-                if pos + bs > n:
-                    perm, pos = torch.randperm(n, generator=gen), 0
-                idx = perm[pos:pos + bs]
-                pos += bs
-                loss = _kl(run(images[idx], step=True), teacher_logp[idx], t)
-                if not torch.isfinite(loss):
-                    raise ZsqError(f"output distillation: the loss became {float(loss)}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                hist.append(float(loss.detach()))
-                bar.update(hist[-1])
-    finally:
-        for p in qmodel.parameters():
-            p.requires_grad_(saved.get(id(p), True))
+    with only_trainable(qmodel, params), UnitBar(cfg.iters, "output distillation") as bar:
+        for _ in range(cfg.iters):
+            if pos + bs > n:
+                perm, pos = torch.randperm(n, generator=gen), 0
+            idx = perm[pos:pos + bs]
+            pos += bs
+            loss = _kl(run(images[idx], step=True), teacher_logp[idx], t)
+            if not torch.isfinite(loss):
+                raise ZsqError(f"output distillation: the loss became {float(loss)}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            hist.append(float(loss.detach()))
+            bar.update(hist[-1])
     kl_end = _mean_kl(run, images, teacher_logp, t, chunk)
     kept = kl_end < kl_start
     if not kept:  # the pass made the model worse on the images it trained on: back to the start

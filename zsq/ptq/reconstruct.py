@@ -152,7 +152,7 @@ def _param_groups(phase: Phase, soft: List[SoftRoundQuantizer], acts: List[Unifo
 
 
 @contextmanager
-def _only_trainable(model: nn.Module, params: List[torch.Tensor]):
+def only_trainable(model: nn.Module, params: List[torch.Tensor]):
     """Gradients for ``params`` only inside the block; every parameter's requires_grad restored after."""
     saved = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -254,7 +254,7 @@ class Reconstructor:
         if not groups[0] and not groups[1]:
             iters = 0  # nothing to learn here (e.g. the stem in an activation phase: its input stays float)
         desc = f"{phase.name} {ui + 1}/{len(self.units)} {unit.name}"
-        with _only_trainable(self.qmodel, [p for g in groups[0] + groups[1] for p in g["params"]]):
+        with only_trainable(self.qmodel, [p for g in groups[0] + groups[1] for p in g["params"]]):
             rec_hist, round_val = self._train(phase, unit, mod, soft, acts, gen, (x, y, xq), groups, iters, desc)
         _hard(soft, True)
         hold_end = _output_error(unit_fwd, xq_hold, y_hold)
