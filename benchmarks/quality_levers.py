@@ -13,6 +13,9 @@ coverage, augmentation during reconstruction) on one model, one bit setting, one
     python benchmarks/quality_levers.py distill runs/X --images SYNTH_TAG --set iters=100 --tag X-kd
     # a checkpoint's predictions against the float model's, on synthetic sets and real images
     python benchmarks/quality_levers.py kl runs/X SYNTH_TAG real:../shared/assets/imagenet/val1300[0:32]
+    # each activation quantizer's own error on real images, with its range from each set or from BN statistics
+    python benchmarks/quality_levers.py ranges lite0-32 real:../shared/assets/imagenet/val1300[0:32] bn \
+        --probe real:../shared/assets/imagenet/val1300[32:64] --model efficientnet_lite0 --bits w4a8
     # per-layer BN statistics of synthetic sets against real images
     python benchmarks/quality_levers.py layers lite0-32 real:../shared/assets/imagenet/val1300[0:32] --model efficientnet_lite0
     # accuracy against minutes: one curve per budget knob, reference runs as horizontal lines
@@ -118,7 +121,7 @@ def cmd_run(a) -> None:
         "seconds": round(time.time() - t0, 1), "threads": a.threads, "compute": compute.describe() if compute else "fp32", "load_before": load0, "load_after": _load(),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "reverted_units": [u["unit"] for u in units if u.get("kept") is False],
-        "units": [{k: u.get(k) for k in ("unit", "loss_start", "loss_end", "round_loss_end", "hard_loss",
+        "units": [{k: u.get(k) for k in ("unit", "loss_start", "loss_end", "round_loss_end", "soft_loss", "hard_loss",
                                          "holdout_start", "holdout_end", "kept")} for u in units],
         "hits": hits,
     }
@@ -339,6 +342,68 @@ def _photo_range(x, meta) -> str:
             f"extremes, per fifth {[round(f, 2) for f in fifths]}")
 
 
+def _act_errors(qmodel, probe):
+    """Each activation quantizer's own relative squared error and clipped share on ``probe``: every
+    quantizer sees its float input (the others off), so the numbers are its range's alone."""
+    import torch
+
+    from zsq.hooks import Hooks
+    from zsq.quant.state import quantizers_disabled
+    from zsq.quant.transforms import act_quantizers
+
+    out = {}
+
+    def pre(name, q):
+        def h(_m, inp):
+            x = inp[0].detach()
+            scale, zp = q.qparams(x)
+            lo, hi = (q.qmin - zp) * scale, (q.qmax - zp) * scale
+            xq = torch.clamp(torch.round(x / scale) + zp, q.qmin, q.qmax).sub(zp).mul(scale)
+            err, clip = float(((xq - x) ** 2).sum() / (x ** 2).sum().clamp_min(1e-12)), float(((x < lo) | (x > hi)).float().mean())
+            out[name] = (float(hi.max()), err, clip)
+        return h
+
+    quants = act_quantizers(qmodel)
+    with Hooks() as hooks, quantizers_disabled(qmodel), torch.no_grad():
+        for name, q in quants:
+            hooks.pre(q, pre(name, q))
+        qmodel.eval()
+        qmodel(probe)
+    return [(name,) + out[name] for name, _ in quants if name in out]
+
+
+def cmd_ranges(a) -> None:
+    """Where activation ranges set on synthetic images cost real images: each activation quantizer's range
+    (its upper clip), its own relative squared error and the share of values it clips on real probe
+    images, with the range from each image set (the preset's observer) or from BatchNorm statistics (bn)."""
+    import copy
+
+    import torch
+
+    import zsq
+    from zsq.quant import get_preset, quantize_model
+    from zsq.quant.calibration import calibrate, calibrate_from_bn
+
+    torch.set_num_threads(a.threads)
+    fp = zsq.models.load(a.model, weights=str(MODELS[a.model][0]))
+    base = quantize_model(fp, get_preset(a.preset, a.bits))
+    probe = _images(a.model, a.probe)
+    rows = {}
+    for spec in a.sets:
+        q = copy.deepcopy(base)
+        calibrate_from_bn(q, seed=a.seed) if spec == "bn" else calibrate(q, _images(a.model, spec), seed=a.seed)
+        rows[spec] = _act_errors(q, probe)
+    print(f"probe {a.probe} ({len(probe)} images); per quantizer: upper clip / relative squared error / clipped share")
+    print(f"{'quantizer':40s}" + "".join(f"{s[-26:]:>30}" for s in a.sets))
+    names = [r[0] for r in rows[a.sets[0]]]
+    for i, name in enumerate(names):
+        print(f"{name[-40:]:40s}" + "".join(f"{rows[s][i][1]:9.3f} {rows[s][i][2]:9.2e} {rows[s][i][3]:9.1e}" + " " for s in a.sets))
+    for s in a.sets:
+        errs = [r[2] for r in rows[s]]
+        print(f"{s}: mean relative error {sum(errs) / len(errs):.3e}, worst {max(errs):.3e}, "
+              f"mean clipped share {sum(r[3] for r in rows[s]) / len(errs):.2e}")
+
+
 def cmd_layers(a) -> None:
     """Per-layer Genie BNS (batches of --batch) and per-channel pixel mean/std of image sets side by side:
     where synthetic images' statistics differ from real ones'."""
@@ -468,6 +533,15 @@ def main() -> None:
     y.add_argument("--batch", type=int, default=32, help="images per set fed as one batch (default 32)")
     y.add_argument("--threads", type=int, default=1)
     y.set_defaults(func=cmd_layers)
+    g = sub.add_parser("ranges", help="each activation quantizer's error on real images, per calibration set or bn")
+    g.add_argument("sets", nargs="+", help="synthetic-set tags, real:PATH[a:b], or bn (BatchNorm statistics)")
+    g.add_argument("--probe", required=True, help="the images the errors are measured on (real:PATH[a:b])")
+    g.add_argument("--model", default="cifar10_resnet20", choices=sorted(MODELS))
+    g.add_argument("--bits", default="w4a8")
+    g.add_argument("--preset", default="genie")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=1)
+    g.set_defaults(func=cmd_ranges)
     v = sub.add_parser("coverage")
     v.add_argument("tags", nargs="+", help="synthetic-set tags (runs/levers/synth-TAG)")
     v.add_argument("--model", default="cifar10_resnet20", choices=sorted(MODELS))

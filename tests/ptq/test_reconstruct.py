@@ -198,3 +198,41 @@ def test_ptq_options_default_to_the_engines_own():
     shared = [f.name for f in fields(PTQOptions) if hasattr(engine, f.name)]
     assert shared == ["chunk", "max_cache_mib", "holdout", "keep_better", "augment"]
     assert all(getattr(user, n) == getattr(engine, n) for n in shared)
+
+
+def test_soft_loss_is_measured_before_hardening(tiny, tiny_images):
+    """soft_loss is the unit's error with the soft bits as trained, hard_loss the same after hardening:
+    after one step at a negligible lr the soft bits still reproduce the float weights within the grid, so
+    the first unit's soft error (its input is the float image, activations off) is far below its hardened,
+    round-to-nearest W2 error."""
+    one_step = Recipe("one-step", "block", (
+        Phase("w", train_rounding=True, learn_weight_scale=False, train_act_scale=False, acts_on=False,
+              round_weight=0.0, lr_v=1e-12),
+    ))
+    q = quantize_model(tiny, get_preset("brecq", "w2a8"))
+    rep = Reconstructor(q, tiny_images, one_step, Budget("t", 1, 16, 48), EngineOptions(holdout=0)).run()
+    first = rep["unit_losses"][0]
+    assert first["soft_loss"] is not None and first["hard_loss"] > 0
+    assert first["soft_loss"] < 0.2 * first["hard_loss"]
+    assert all(u["soft_loss"] is not None for u in rep["unit_losses"])
+
+
+def test_refit_after_hardening_lowers_the_hardened_error(tiny, tiny_images):
+    """refit_iters re-fits a unit's steps (and with refit_affine its BN affine terms and biases) to its
+    hardened rounding: summed over units the hardened error after it is below the one before it."""
+    q = quantize_model(tiny, get_preset("genie", "w2a8"))
+    opts = EngineOptions(refit_iters=30, refit_affine=True)
+    rep = Reconstructor(q, tiny_images, WEIGHTS_ONLY, Budget("t", 20, 16, 48), opts).run()
+    units = [u for u in rep["unit_losses"] if u["refit_from"] is not None]
+    assert len(units) == len(rep["unit_losses"])
+    assert sum(u["hard_loss"] for u in units) < 0.95 * sum(u["refit_from"] for u in units)
+    plain = Reconstructor(quantize_model(tiny, get_preset("genie", "w2a8")), tiny_images, WEIGHTS_ONLY,
+                          Budget("t", 20, 16, 48), EngineOptions()).run()
+    assert all(u["refit_from"] is None for u in plain["unit_losses"])
+
+
+def test_refit_options_are_checked():
+    with pytest.raises(ZsqError, match="refit_iters must be >= 0"):
+        EngineOptions(refit_iters=-1)
+    with pytest.raises(ZsqError, match="set refit_iters > 0 too"):
+        EngineOptions(refit_affine=True)

@@ -140,6 +140,7 @@ class EngineOptions:
     is lower than its starting point's, else the start is restored (reconstruction on few images can
     overfit and make a good model worse). holdout=0 with keep_better=False is the plain engine.
     augment: that many flipped/shifted views of each training image are added (never of held-out ones).
+    refit_iters: after a unit's rounding is hardened, that many steps re-fit its continuous terms to it.
     """
 
     seed: int = 0
@@ -148,12 +149,20 @@ class EngineOptions:
     holdout: float = 0.0  # off by default until measured on W4A4 (see docs/ptq.md)
     keep_better: bool = False
     augment: int = 0  # augmented views added per training image (zsq.ptq.augment: flip + shift)
+    # steps after hardening that re-fit the unit's steps (and with refit_affine its BN affine terms and
+    # biases) to the fixed rounding; 0: none (the papers')
+    refit_iters: int = 0
+    refit_affine: bool = False
 
     def __post_init__(self):
         if self.chunk < 1 or self.max_cache_mib <= 0:
             raise ZsqError("chunk must be >= 1 and max_cache_mib > 0")
         if not 0.0 <= self.holdout < 1.0:
             raise ZsqError(f"holdout must be in [0, 1), got {self.holdout}")
+        if self.refit_iters < 0:
+            raise ZsqError(f"refit_iters must be >= 0 steps, got {self.refit_iters}")
+        if self.refit_affine and not self.refit_iters:
+            raise ZsqError("refit_affine re-fits the affine terms during the refit steps: set refit_iters > 0 too")
         if self.augment < 0:
             raise ZsqError(f"augment must be >= 0 views per image, got {self.augment}")
         if self.keep_better and self.holdout == 0.0:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from zsq.compute import Compute, as_compute
 from zsq.errors import ZsqError
 from zsq.options import check_range
-from zsq.ptq.reconstruct import only_trainable
+from zsq.ptq.reconstruct import affine_parameters, only_trainable
 from zsq.ptq.unit_bar import UnitBar
 from zsq.quant.transforms import act_quantizers
 
@@ -50,25 +50,6 @@ class OutputDistillConfig:
         check_range("distill_temperature", self.temperature, 0.0, lo_open=True)
         if self.params not in PARAM_SETS:
             raise ZsqError(f"distill_params must be one of {list(PARAM_SETS)}, got {self.params!r}")
-
-
-def affine_parameters(model: nn.Module) -> List[nn.Parameter]:
-    """Normalisation layers' weight and bias and every conv/linear bias: the float terms that shift and
-    scale channels, which rounding cannot change."""
-    out, seen = [], set()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._NormBase):
-            names = ("weight", "bias")
-        elif isinstance(m, (nn.Conv2d, nn.Linear)):
-            names = ("bias",)
-        else:
-            continue
-        for n in names:
-            p = getattr(m, n, None)
-            if isinstance(p, nn.Parameter) and id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
 
 
 def _kl(student: torch.Tensor, teacher_logp: torch.Tensor, t: float) -> torch.Tensor:

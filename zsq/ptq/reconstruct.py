@@ -46,6 +46,7 @@ from zsq.quant.transforms import act_quantizers
 logger = logging.getLogger(__name__)
 
 ACT_INIT_IMAGES = 32  # Genie initialises activation steps on the first 32 calibration samples
+REFIT_AFFINE_LR = 1e-3  # Adam lr of the affine terms in the refit after hardening (output_distill's default)
 ACT_INIT_VALUES = 1 << 16  # values the Lp-2.4 search sees per quantizer (a seeded subsample + min and max)
 
 
@@ -166,6 +167,25 @@ def only_trainable(model: nn.Module, params: List[torch.Tensor]):
             p.requires_grad_(saved.get(id(p), True))
 
 
+def affine_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """Normalisation layers' weight and bias and every conv/linear bias: the float terms that shift and
+    scale channels, which rounding cannot change."""
+    out, seen = [], set()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            names = ("weight", "bias")
+        elif isinstance(m, (nn.Conv2d, nn.Linear)):
+            names = ("bias",)
+        else:
+            continue
+        for n in names:
+            p = getattr(m, n, None)
+            if isinstance(p, nn.Parameter) and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
 def _step(optimizers, loss: torch.Tensor) -> None:
     for o in optimizers:
         if o is not None:
@@ -208,6 +228,7 @@ class Reconstructor:
         self.fingerprint = unit_checkpoint.fingerprint(
             recipe=recipe.to_dict(), budget=[budget.iters, self.batch_size, n], seed=opts.seed,
             holdout=[opts.holdout, opts.keep_better], augment=opts.augment,
+            **({"refit": [opts.refit_iters, opts.refit_affine]} if opts.refit_iters else {}),
             units=[u.name for u in self.units], calib_images=self.calib,
             initial_model=torch.cat([p.detach().flatten() for p in qmodel.state_dict().values()
                                      if p.is_floating_point()]),
@@ -256,7 +277,13 @@ class Reconstructor:
         desc = f"{phase.name} {ui + 1}/{len(self.units)} {unit.name}"
         with only_trainable(self.qmodel, [p for g in groups[0] + groups[1] for p in g["params"]]):
             rec_hist, round_val = self._train(phase, unit, mod, soft, acts, gen, (x, y, xq), groups, iters, desc)
+        # the same error as hard_loss but with the soft bits as trained: their gap is what hardening costs
+        soft_final = _output_error(unit_fwd, xq[:n], y[:n]) if soft and iters else None
         _hard(soft, True)
+        refit_from = None
+        if self.opts.refit_iters and soft and iters:
+            refit_from = _output_error(unit_fwd, xq[:n], y[:n])
+            self._refit(phase, unit, mod, soft, acts, gen, (x, y, xq), desc)
         hold_end = _output_error(unit_fwd, xq_hold, y_hold)
         kept = None if not judge else (iters == 0 or hold_end < hold_start)
         if kept is False:  # training made the unit worse on images it never saw: back to the start
@@ -266,8 +293,22 @@ class Reconstructor:
         rec_hist = rec_hist or [final]
         return {"unit": unit.name, "kind": unit.kind, "phase": phase.name, "iters": iters,
                 "loss_start": sum(rec_hist[:k]) / k, "loss_end": sum(rec_hist[-k:]) / k,
-                "round_loss_end": round_val, "hard_loss": final, "holdout_start": hold_start,
+                "round_loss_end": round_val, "soft_loss": soft_final, "refit_from": refit_from, "hard_loss": final, "holdout_start": hold_start,
                 "holdout_end": hold_end, "kept": kept, "seconds": time.time() - t0}
+
+    def _refit(self, phase: Phase, unit: Unit, mod: nn.Module, soft: List[SoftRoundQuantizer],
+               acts: List[UniformQuantizer], gen: torch.Generator, data, desc: str) -> None:
+        """After hardening, the unit's continuous terms re-fitted to its fixed rounding for opts.refit_iters
+        steps: the weight-step gains and activation steps the phase learns, and with refit_affine its
+        normalisation affine terms and biases. Training fitted them to soft weights that hardening replaced."""
+        _, groups = _param_groups(phase, soft, acts)
+        if self.opts.refit_affine:
+            groups.append({"params": affine_parameters(mod), "lr": REFIT_AFFINE_LR})
+        params = [p for g in groups for p in g["params"]]
+        if not params:
+            return
+        with only_trainable(self.qmodel, params):
+            self._train(phase, unit, mod, [], acts, gen, data, ([], groups), self.opts.refit_iters, desc + " refit")
 
     def _train(self, phase: Phase, unit: Unit, mod: nn.Module, soft: List[SoftRoundQuantizer],
                acts: List[UniformQuantizer], gen: torch.Generator, data, groups, iters: int,
@@ -402,9 +443,10 @@ def log_summary(records: List[dict]) -> None:
         return
     width = max(len(r["unit"]) for r in records)
     logger.info(f"{'phase':<8} {'unit':<{width}} {'iters':>6} {'loss start':>11} {'loss end':>10} "
-                f"{'hard':>10} {'held start':>10} {'held end':>10} {'kept':>8} {'sec':>6}")
+                f"{'soft':>10} {'hard':>10} {'held start':>10} {'held end':>10} {'kept':>8} {'sec':>6}")
     for r in records:
         kept = {True: "yes", False: "REVERTED"}.get(r.get("kept"), "-")
-        held = [f"{v:>10.4g}" if v is not None else f"{'-':>10}" for v in (r.get("holdout_start"), r.get("holdout_end"))]
+        soft, held0, held1 = (f"{v:>10.4g}" if v is not None else f"{'-':>10}"
+                              for v in (r.get("soft_loss"), r.get("holdout_start"), r.get("holdout_end")))
         logger.info(f"{r['phase']:<8} {r['unit']:<{width}} {r['iters']:>6} {r['loss_start']:>11.4g} "
-                    f"{r['loss_end']:>10.4g} {r['hard_loss']:>10.4g} {held[0]} {held[1]} {kept:>8} {r['seconds']:>6.1f}")
+                    f"{r['loss_end']:>10.4g} {soft} {r['hard_loss']:>10.4g} {held0} {held1} {kept:>8} {r['seconds']:>6.1f}")

@@ -40,6 +40,8 @@ class PTQOptions:
     holdout: float = EngineOptions.holdout  # share of the calibration images held out of training (keep-the-better)
     keep_better: bool = EngineOptions.keep_better  # a unit keeps its reconstruction only if better on held-out images
     augment: int = EngineOptions.augment  # flipped/shifted views added per training image (zsq.ptq.augment)
+    refit_iters: int = EngineOptions.refit_iters  # steps re-fitting a unit's steps to its hardened rounding
+    refit_affine: bool = EngineOptions.refit_affine  # ... and its BN affine terms and biases
     # where activation steps start: "data" (the papers: Lp search on the calibration images) or "bn"
     # (bn-minmax: from BatchNorm statistics, independent of how faithful synthetic images are);
     # None: the preset's QuantConfig.act_init (deploy: bn, the paper presets: data)
@@ -180,7 +182,8 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
                     "(--set learn_weight_scale=true learns them as the paper does)")
     recipe = with_overrides(recipe, user, qconfig.w_bits, budget.iters)
     opts = EngineOptions(seed=job.seed, chunk=user.chunk, max_cache_mib=user.max_cache_mib,
-                         holdout=user.holdout, keep_better=user.keep_better, augment=user.augment)
+                         holdout=user.holdout, keep_better=user.keep_better, augment=user.augment,
+                         refit_iters=user.refit_iters, refit_affine=user.refit_affine)
     work_dir = user.work_dir or (Path(job.out) / "work" if job.out is not None else None)
     if job.resume and work_dir is None:
         raise ZsqError("--resume needs --out (the checkpoints live in OUT/work)")
