@@ -121,7 +121,7 @@ def cmd_run(a) -> None:
         "seconds": round(time.time() - t0, 1), "threads": a.threads, "compute": compute.describe() if compute else "fp32", "load_before": load0, "load_after": _load(),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "reverted_units": [u["unit"] for u in units if u.get("kept") is False],
-        "units": [{k: u.get(k) for k in ("unit", "loss_start", "loss_end", "round_loss_end", "soft_loss", "hard_loss",
+        "units": [{k: u.get(k) for k in ("unit", "loss_start", "loss_end", "round_loss_end", "soft_loss", "refit_from", "hard_loss",
                                          "holdout_start", "holdout_end", "kept")} for u in units],
         "hits": hits,
     }
