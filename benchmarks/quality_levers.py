@@ -359,8 +359,8 @@ def _act_errors(qmodel, probe):
             scale, zp = q.qparams(x)
             lo, hi = (q.qmin - zp) * scale, (q.qmax - zp) * scale
             xq = torch.clamp(torch.round(x / scale) + zp, q.qmin, q.qmax).sub(zp).mul(scale)
-            err, clip = float(((xq - x) ** 2).sum() / (x ** 2).sum().clamp_min(1e-12)), float(((x < lo) | (x > hi)).float().mean())
-            out[name] = (float(hi.max()), err, clip)
+            err = float(((xq - x) ** 2).sum() / (x ** 2).sum().clamp_min(1e-12))
+            out[name] = (float(hi.max()), err, float(((x < lo) | (x > hi)).float().mean()))
         return h
 
     quants = act_quantizers(qmodel)

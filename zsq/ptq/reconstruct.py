@@ -293,8 +293,8 @@ class Reconstructor:
         rec_hist = rec_hist or [final]
         return {"unit": unit.name, "kind": unit.kind, "phase": phase.name, "iters": iters,
                 "loss_start": sum(rec_hist[:k]) / k, "loss_end": sum(rec_hist[-k:]) / k,
-                "round_loss_end": round_val, "soft_loss": soft_final, "refit_from": refit_from, "hard_loss": final, "holdout_start": hold_start,
-                "holdout_end": hold_end, "kept": kept, "seconds": time.time() - t0}
+                "round_loss_end": round_val, "soft_loss": soft_final, "refit_from": refit_from, "hard_loss": final,
+                "holdout_start": hold_start, "holdout_end": hold_end, "kept": kept, "seconds": time.time() - t0}
 
     def _refit(self, phase: Phase, unit: Unit, mod: nn.Module, soft: List[SoftRoundQuantizer],
                acts: List[UniformQuantizer], gen: torch.Generator, data, desc: str) -> None:
