@@ -133,8 +133,9 @@ def test_distill_and_kl_refuse_in_one_line_what_they_cannot_do(ql, tmp_path, mon
 
 
 def test_act_errors_are_each_quantizers_own_error_and_clipping_on_the_probe(ql):
-    """`ranges`: a range set on the probe images themselves clips nothing and errs little; the same range
-    shrunk to a tenth clips and errs more, quantizer by quantizer."""
+    """`ranges`: a min/max range set on the probe images themselves clips next to nothing (a value at the edge
+    from the zero point's rounding) and errs little; the same range shrunk to a tenth clips and errs far more,
+    quantizer by quantizer."""
     import torch
 
     from tests.tiny_models import tiny_factory, tiny_images
@@ -143,14 +144,14 @@ def test_act_errors_are_each_quantizers_own_error_and_clipping_on_the_probe(ql):
     from zsq.quant.transforms import act_quantizers, quantize_model
 
     x = tiny_images(16)
-    q = quantize_model(tiny_factory(seed=1), get_preset("gdfq", "w8a8"))  # min/max ranges: nothing clipped
+    q = quantize_model(tiny_factory(seed=1), get_preset("gdfq", "w8a8"))  # min/max ranges
     calibrate(q, x)
     full = ql._act_errors(q, x)
     assert [r[0] for r in full] == [n for n, _ in act_quantizers(q)]
-    assert all(clip == 0.0 and 0.0 < err < 1e-3 for _, _, err, clip in full)
+    assert all(clip < 1e-3 and 0.0 < err < 1e-3 for _, _, err, clip in full)
     for _, aq in act_quantizers(q):
         s, z = aq.qparams()
         aq.set_range((aq.qmin - z) * s / 10, (aq.qmax - z) * s / 10)
     shrunk = ql._act_errors(q, x)
-    assert all(b[3] > 0.0 and b[2] > a[2] for a, b in zip(full, shrunk))
+    assert all(b[3] > 0.05 and b[2] > 10 * a[2] for a, b in zip(full, shrunk))
     assert all(b[1] == pytest.approx(a[1] / 10, rel=1e-4) for a, b in zip(full, shrunk))
