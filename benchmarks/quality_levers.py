@@ -348,6 +348,7 @@ def _act_errors(qmodel, probe):
     import torch
 
     from zsq.hooks import Hooks
+    from zsq.quant.quantizer import fake_quantize
     from zsq.quant.state import quantizers_disabled
     from zsq.quant.transforms import act_quantizers
 
@@ -358,7 +359,7 @@ def _act_errors(qmodel, probe):
             x = inp[0].detach()
             scale, zp = q.qparams(x)
             lo, hi = (q.qmin - zp) * scale, (q.qmax - zp) * scale
-            xq = torch.clamp(torch.round(x / scale) + zp, q.qmin, q.qmax).sub(zp).mul(scale)
+            xq = fake_quantize(x, scale, zp, q.qmin, q.qmax)  # the model's own grid arithmetic
             err = float(((xq - x) ** 2).sum() / (x ** 2).sum().clamp_min(1e-12))
             out[name] = (float(hi.max()), err, float(((x < lo) | (x > hi)).float().mean()))
         return h
