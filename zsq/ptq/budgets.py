@@ -131,6 +131,9 @@ class Recipe:
         return asdict(self)
 
 
+ROUNDINGS = ("learned", "gptq")
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """Run-level options: seed, where checkpoints go, memory limit, forward chunk for the caches.
@@ -141,6 +144,7 @@ class EngineOptions:
     overfit and make a good model worse). holdout=0 with keep_better=False is the plain engine.
     augment: that many flipped/shifted views of each training image are added (never of held-out ones).
     refit_iters: after a unit's rounding is hardened, that many steps re-fit its continuous terms to it.
+    rounding: "learned" soft bits or "gptq" (ROUNDINGS).
     """
 
     seed: int = 0
@@ -153,6 +157,9 @@ class EngineOptions:
     # biases) to the fixed rounding; 0: none (the papers')
     refit_iters: int = 0
     refit_affine: bool = False
+    # how a unit's weights are rounded: "learned" (soft bits, hardened after training: AdaRound/Genie-M) or
+    # "gptq" (closed form from the unit's inputs, zsq.ptq.gptq; the iterations then train only the steps)
+    rounding: str = "learned"
 
     def __post_init__(self):
         if self.chunk < 1 or self.max_cache_mib <= 0:
@@ -163,6 +170,8 @@ class EngineOptions:
             raise ZsqError(f"refit_iters must be >= 0 steps, got {self.refit_iters}")
         if self.refit_affine and not self.refit_iters:
             raise ZsqError("refit_affine re-fits the affine terms during the refit steps: set refit_iters > 0 too")
+        if self.rounding not in ROUNDINGS:
+            raise ZsqError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if self.augment < 0:
             raise ZsqError(f"augment must be >= 0 views per image, got {self.augment}")
         if self.keep_better and self.holdout == 0.0:

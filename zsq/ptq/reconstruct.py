@@ -17,6 +17,7 @@ preset did to the graph (BN folding) the reference and the student agree layer b
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -35,6 +36,7 @@ from zsq.hooks import Hooks
 from zsq.ptq import cache, unit_checkpoint
 from zsq.ptq.augment import augmented_views
 from zsq.ptq.budgets import Budget, EngineOptions, Phase, Recipe
+from zsq.ptq.gptq import gptq_round_unit
 from zsq.ptq.schedule import BetaSchedule
 from zsq.ptq.soft_round import SoftRoundQuantizer, to_uniform
 from zsq.ptq.unit_bar import UnitBar
@@ -229,6 +231,7 @@ class Reconstructor:
             recipe=recipe.to_dict(), budget=[budget.iters, self.batch_size, n], seed=opts.seed,
             holdout=[opts.holdout, opts.keep_better], augment=opts.augment,
             **({"refit": [opts.refit_iters, opts.refit_affine]} if opts.refit_iters else {}),
+            **({"rounding": opts.rounding} if opts.rounding != "learned" else {}),
             units=[u.name for u in self.units], calib_images=self.calib,
             initial_model=torch.cat([p.detach().flatten() for p in qmodel.state_dict().values()
                                      if p.is_floating_point()]),
@@ -259,11 +262,13 @@ class Reconstructor:
         def unit_fwd(t: torch.Tensor) -> torch.Tensor:
             return self.compute.forward(mod, t)
 
-        soft = _soft_rounding(layers, phase)
         acts = self.unit_acts[ui] if phase.acts_on else []
-        if acts:
-            with torch.no_grad(), _fast_lazy_init(acts, self.opts.seed):  # Lp-2.4 init of still-uninitialised steps
-                self.compute.forward(mod, xq[:min(ACT_INIT_IMAGES, n)])
+        gptq = self.opts.rounding == "gptq" and phase.train_rounding
+        if gptq:  # activation steps first: GPTQ fits the weights to the inputs the quantized unit gives them
+            self._init_acts(mod, acts, xq[:min(ACT_INIT_IMAGES, n)])
+            gptq_stats = gptq_round_unit(list(zip(unit.layers, layers)), lambda: self._feed(mod, xq[:n]))
+        soft = _soft_rounding(layers, phase)
+        self._init_acts(mod, acts, xq[:min(ACT_INIT_IMAGES, n)])
         # the start: soft bits at init, hardened, are round-to-nearest on the initial grid
         judge = self.opts.keep_better and xq_hold.shape[0] > 0
         _hard(soft, True)
@@ -271,6 +276,9 @@ class Reconstructor:
         _hard(soft, False)
         start = {k: v.detach().clone() for k, v in mod.state_dict().items()} if judge else None
         groups = _param_groups(phase, soft, acts)
+        if gptq:  # the rounding is chosen: the iterations train only the steps, on the hard weights
+            _hard(soft, True)
+            groups, soft = ([], groups[1]), []
         iters = max(1, round(self.budget.iters * phase.iters_scale))
         if not groups[0] and not groups[1]:
             iters = 0  # nothing to learn here (e.g. the stem in an activation phase: its input stays float)
@@ -279,6 +287,7 @@ class Reconstructor:
             rec_hist, round_val = self._train(phase, unit, mod, soft, acts, gen, (x, y, xq), groups, iters, desc)
         # the same error as hard_loss but with the soft bits as trained: their gap is what hardening costs
         soft_final = _output_error(unit_fwd, xq[:n], y[:n]) if soft and iters else None
+        soft = [layer.weight_quant for layer in layers if isinstance(layer.weight_quant, SoftRoundQuantizer)]
         _hard(soft, True)
         refit_from = None
         if self.opts.refit_iters and soft and iters:
@@ -294,7 +303,20 @@ class Reconstructor:
         return {"unit": unit.name, "kind": unit.kind, "phase": phase.name, "iters": iters,
                 "loss_start": sum(rec_hist[:k]) / k, "loss_end": sum(rec_hist[-k:]) / k,
                 "round_loss_end": round_val, "soft_loss": soft_final, "refit_from": refit_from, "hard_loss": final,
-                "holdout_start": hold_start, "holdout_end": hold_end, "kept": kept, "seconds": time.time() - t0}
+                "holdout_start": hold_start, "holdout_end": hold_end, "kept": kept, "seconds": time.time() - t0,
+                **({"gptq": [dataclasses.asdict(g) for g in gptq_stats]} if gptq else {})}
+
+    def _init_acts(self, mod: nn.Module, acts: List[UniformQuantizer], x: torch.Tensor) -> None:
+        """Lp-2.4 init of the unit's still-uninitialised activation steps on x (a no-op once they are)."""
+        if acts:
+            with torch.no_grad(), _fast_lazy_init(acts, self.opts.seed):
+                self.compute.forward(mod, x)
+
+    def _feed(self, mod: nn.Module, x: torch.Tensor) -> None:
+        """The unit run on x in chunks, outputs dropped (for hooks that read its layers' inputs)."""
+        with torch.no_grad():
+            for i in range(0, x.shape[0], self.opts.chunk):
+                self.compute.forward(mod, x[i:i + self.opts.chunk])
 
     def _refit(self, phase: Phase, unit: Unit, mod: nn.Module, soft: List[SoftRoundQuantizer],
                acts: List[UniformQuantizer], gen: torch.Generator, data, desc: str) -> None:

@@ -1,0 +1,102 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zsq.errors import ZsqError
+from zsq.methods.registry import QuantJob
+from zsq.ptq.budgets import EngineOptions
+from zsq.ptq.gptq import call_order, gptq_round_layer
+from zsq.ptq.reconstruction_methods import genie
+from zsq.quant import QuantSpec, UniformQuantizer, get_preset, quant_layers
+from zsq.quant.modules import QuantConv2d, QuantLinear
+
+W3 = QuantSpec(bits=3, symmetric=False, per_channel=True, observer="minmax")
+
+
+def _on_grid(layer) -> bool:
+    s, z = layer.weight_quant.qparams(layer.weight)
+    codes = layer.weight / s + z
+    return bool(torch.allclose(codes, codes.round(), atol=1e-4)) and \
+        codes.round().min() >= layer.weight_quant.qmin and codes.round().max() <= layer.weight_quant.qmax
+
+
+def _correlated(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d ** 0.5 + torch.eye(d)
+    return torch.randn(n, d, generator=g) @ mix
+
+
+def test_gptq_lowers_a_linear_layers_output_error_below_nearest_and_stays_on_the_grid():
+    g = torch.Generator().manual_seed(0)
+    fp = nn.Linear(48, 24)
+    with torch.no_grad():
+        fp.weight.copy_(torch.randn(24, 48, generator=g) * 0.2)
+    lin = QuantLinear.from_float(fp, W3, None)  # its grid fits the weight
+    w = lin.weight.detach().clone()
+    x = _correlated(1024, 48, 1)
+    nearest = F.linear(x, lin.weight_quant(w))
+    stats = gptq_round_layer("lin", lin, lambda: lin(x))
+    assert _on_grid(lin)
+    err_nearest = float(((x @ w.t() - nearest) ** 2).sum(1).mean())
+    err_gptq = float(((x @ w.t() - x @ lin.weight.detach().t()) ** 2).sum(1).mean())
+    assert err_gptq < 0.7 * err_nearest
+    # the reported errors are these output errors (tr(D H D^T) with H the inputs' second moments)
+    assert stats.nearest_error == pytest.approx(err_nearest, rel=1e-3)
+    assert stats.gptq_error == pytest.approx(err_gptq, rel=1e-3)
+
+
+@pytest.mark.parametrize("groups,stride,padding", [(1, 1, 1), (4, 2, 1), (8, 2, 0)])
+def test_gptq_on_a_grouped_conv_reports_its_true_output_error(groups, stride, padding):
+    """The per-group second moments come from unfolded patches: the error they give must equal the
+    conv's own output error, per output position, for plain, grouped and depthwise convs."""
+    g = torch.Generator().manual_seed(groups)
+    conv = QuantConv2d.from_float(nn.Conv2d(8, 8, 3, stride, padding, groups=groups, bias=False), W3, None)
+    w = conv.weight.detach().clone()
+    x = torch.randn(6, 8, 9, 9, generator=g)
+    stats = gptq_round_layer("conv", conv, lambda: conv(x))
+    assert _on_grid(conv)
+    diff = F.conv2d(x, w - conv.weight.detach(), None, stride, padding, 1, groups)
+    per_position = float((diff ** 2).sum(1).mean())
+    assert stats.gptq_error == pytest.approx(per_position, rel=1e-3)
+    assert stats.gptq_error < stats.nearest_error
+
+
+def test_layers_are_rounded_in_the_order_the_forward_calls_them():
+    class Reversed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.second = nn.Linear(4, 4)
+            self.first = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.second(self.first(x))
+
+    m = Reversed()
+    order = call_order([("second", m.second), ("first", m.first)], lambda: m(torch.zeros(1, 4)))
+    assert [n for n, _ in order] == ["first", "second"]
+    with pytest.raises(ZsqError, match="second not called"):
+        call_order([("second", m.second)], lambda: m.first(torch.zeros(1, 4)))
+
+
+def test_genie_with_gptq_rounding_rounds_every_layer_and_trains_only_steps(tiny, tiny_images):
+    job = QuantJob(calib=tiny_images, iters=4, batch_size=16, extra={"rounding": "gptq"})
+    res = genie(tiny, get_preset("genie", "w4a4"), job)
+    units = res.report["unit_losses"]
+    assert all("gptq" in u and u["soft_loss"] is None for u in units)
+    layer_stats = [s for u in units for s in u["gptq"]]
+    assert len(layer_stats) == len(list(quant_layers(res.model)))
+    assert sum(s["gptq_error"] for s in layer_stats) < sum(s["nearest_error"] for s in layer_stats)
+    for _, layer in quant_layers(res.model):
+        assert isinstance(layer.weight_quant, UniformQuantizer) and _on_grid(layer)
+    out = res.model(tiny_images[:4])
+    assert torch.isfinite(out).all()
+
+
+def test_rounding_option_is_checked():
+    with pytest.raises(ZsqError, match="rounding must be one of"):
+        EngineOptions(rounding="nearest")
+    job = QuantJob(calib=torch.randn(4, 3, 16, 16), iters=1, extra={"rounding": "obq"})
+    from tests.tiny_models import make_tiny
+    with pytest.raises(ZsqError, match="rounding"):
+        genie(make_tiny(), get_preset("genie", "w4a4"), job)
