@@ -6,9 +6,10 @@ import torch.nn.functional as F
 from zsq.errors import ZsqError
 from zsq.methods.registry import QuantJob
 from zsq.ptq.budgets import EngineOptions
-from zsq.ptq.gptq import call_order, gptq_round_layer
+from zsq.ptq.gptq import call_order, gptq_codes, gptq_round_layer
 from zsq.ptq.reconstruction_methods import genie
 from zsq.quant import QuantSpec, UniformQuantizer, get_preset, quant_layers
+from zsq.quant.quantizer import fake_quantize
 from zsq.quant.modules import QuantConv2d, QuantLinear
 
 W3 = QuantSpec(bits=3, symmetric=False, per_channel=True, observer="minmax")
@@ -100,3 +101,18 @@ def test_rounding_option_is_checked():
     from tests.tiny_models import make_tiny
     with pytest.raises(ZsqError, match="rounding"):
         genie(make_tiny(), get_preset("genie", "w4a4"), job)
+
+
+def test_a_large_ridge_makes_gptq_round_to_nearest():
+    """gptq_damp -> infinity: H is swamped by the ridge, no error is passed on, every weight rounds to nearest."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(2, 5, 12, generator=g, dtype=torch.double)
+    x = _correlated(256, 12, 4).double()
+    h = (x.t() @ x / 256).expand(2, 12, 12)
+    scale = w.abs().amax(2, keepdim=True) / 3.3  # no weight on a .5 tie
+    zero = torch.full_like(scale, 4.0)
+    nearest = fake_quantize(w, scale, zero, 0, 7)
+    assert torch.equal(gptq_codes(w, h, scale, zero, 0, 7, damp=1e9), nearest)
+    assert not torch.equal(gptq_codes(w, h, scale, zero, 0, 7), nearest)
+    with pytest.raises(ZsqError, match="gptq_damp must be > 0"):
+        EngineOptions(rounding="gptq", gptq_damp=0.0)

@@ -160,6 +160,7 @@ class EngineOptions:
     # how a unit's weights are rounded: "learned" (soft bits, hardened after training: AdaRound/Genie-M) or
     # "gptq" (closed form from the unit's inputs, zsq.ptq.gptq; the iterations then train only the steps)
     rounding: str = "learned"
+    gptq_damp: float = 0.01  # GPTQ's ridge: this share of the mean input second moment added to H's diagonal
 
     def __post_init__(self):
         if self.chunk < 1 or self.max_cache_mib <= 0:
@@ -172,6 +173,8 @@ class EngineOptions:
             raise ZsqError("refit_affine re-fits the affine terms during the refit steps: set refit_iters > 0 too")
         if self.rounding not in ROUNDINGS:
             raise ZsqError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if not self.gptq_damp > 0:
+            raise ZsqError(f"gptq_damp must be > 0, got {self.gptq_damp}")
         if self.augment < 0:
             raise ZsqError(f"augment must be >= 0 views per image, got {self.augment}")
         if self.keep_better and self.holdout == 0.0:

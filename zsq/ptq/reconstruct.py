@@ -231,7 +231,7 @@ class Reconstructor:
             recipe=recipe.to_dict(), budget=[budget.iters, self.batch_size, n], seed=opts.seed,
             holdout=[opts.holdout, opts.keep_better], augment=opts.augment,
             **({"refit": [opts.refit_iters, opts.refit_affine]} if opts.refit_iters else {}),
-            **({"rounding": opts.rounding} if opts.rounding != "learned" else {}),
+            **({"rounding": [opts.rounding, opts.gptq_damp]} if opts.rounding != "learned" else {}),
             units=[u.name for u in self.units], calib_images=self.calib,
             initial_model=torch.cat([p.detach().flatten() for p in qmodel.state_dict().values()
                                      if p.is_floating_point()]),
@@ -266,7 +266,8 @@ class Reconstructor:
         gptq = self.opts.rounding == "gptq" and phase.train_rounding
         if gptq:  # activation steps first: GPTQ fits the weights to the inputs the quantized unit gives them
             self._init_acts(mod, acts, xq[:min(ACT_INIT_IMAGES, n)])
-            gptq_stats = gptq_round_unit(list(zip(unit.layers, layers)), lambda: self._feed(mod, xq[:n]))
+            gptq_stats = gptq_round_unit(list(zip(unit.layers, layers)), lambda: self._feed(mod, xq[:n]),
+                                         self.opts.gptq_damp)
         soft = _soft_rounding(layers, phase)
         self._init_acts(mod, acts, xq[:min(ACT_INIT_IMAGES, n)])
         # the start: soft bits at init, hardened, are round-to-nearest on the initial grid
