@@ -116,3 +116,17 @@ def test_a_large_ridge_makes_gptq_round_to_nearest():
     assert not torch.equal(gptq_codes(w, h, scale, zero, 0, 7), nearest)
     with pytest.raises(ZsqError, match="gptq_damp must be > 0"):
         EngineOptions(rounding="gptq", gptq_damp=0.0)
+
+
+def test_a_conv_that_pads_inside_its_own_forward_is_refused():
+    """timm's Conv2dSame pads in its forward: patches unfolded from its input would not be what it convolves."""
+    class PadsItself(QuantConv2d):
+        def forward(self, x):
+            return super().forward(F.pad(x, (0, 1, 0, 1)))
+
+    fp = nn.Conv2d(4, 4, 3, bias=False)
+    conv = PadsItself(4, 4, 3, bias=False)
+    conv._take_float(fp, W3, None)
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(ZsqError, match="plain conv/linear of its input"):
+        gptq_round_layer("c", conv, lambda: conv(x))

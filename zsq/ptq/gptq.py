@@ -65,25 +65,49 @@ def _input_rows(layer: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
     return out
 
 
+def _check_rows(name: str, layer: nn.Module, pieces: List[torch.Tensor], out: torch.Tensor) -> None:
+    """The rows rebuilt from the input must give the layer's own output (else H would be of the wrong
+    thing: a conv that pads or reshapes inside its own forward). Checked on the first call."""
+    w = layer.quantized_weight().detach().float()
+    groups = pieces[0].shape[0]
+    w = w.reshape(groups, w.shape[0] // groups, -1)
+    y = torch.cat([torch.einsum("grd,gkd->grk", rows, w) for rows in pieces], 1)  # [G, rows, R]
+    bias = layer.quantized_bias() if hasattr(layer, "quantized_bias") else layer.bias
+    tol = 1e-3 if out.dtype in (torch.float32, torch.float64) else 3e-2  # bf16 autocast: 8 mantissa bits
+    out = out.detach().float()
+    if isinstance(layer, nn.Linear):
+        ref = out.reshape(1, -1, out.shape[-1])
+    else:
+        n, c = out.shape[:2]
+        ref = out.reshape(n, groups, c // groups, -1).permute(1, 0, 3, 2).reshape(groups, -1, c // groups)
+    if bias is not None:
+        y = y + bias.detach().float().reshape(groups, 1, -1)
+    if ref.shape != y.shape or not torch.allclose(y, ref, rtol=tol, atol=tol * float(ref.abs().max()) + 1e-6):
+        raise ZsqError(f"GPTQ rounding: {name} ({type(layer).__name__}) computes something other than a plain "
+                       "conv/linear of its input (padding or reshaping inside its forward?): use --set rounding=learned")
+
+
 @torch.no_grad()
-def input_hessian(layer: nn.Module, run: Callable[[], None]) -> torch.Tensor:
+def input_hessian(layer: nn.Module, run: Callable[[], None], name: str = "layer") -> torch.Tensor:
     """E[x x^T] of the layer's input (after its own input quantizer) over what ``run`` feeds it: [G, D, D]."""
     acc = {"h": None, "n": 0}
 
-    def pre(mod, args):
+    def post(mod, args, out):
         x = args[0]
         if getattr(mod, "input_quant", None) is not None:
             x = mod.input_quant(x)
+        if acc["h"] is None:  # on one image: the check's output rows are as many as the layer's outputs
+            _check_rows(name, mod, _input_rows(mod, x[:1]), out[:1])
         for rows in _input_rows(mod, x):
             h = torch.einsum("grd,gre->gde", rows.double(), rows.double())
             acc["h"] = h if acc["h"] is None else acc["h"] + h
             acc["n"] += rows.shape[1]
 
     with Hooks() as hooks:
-        hooks.pre(layer, pre)
+        hooks.post(layer, post)
         run()
     if acc["h"] is None:
-        raise ZsqError("GPTQ rounding: the layer was not called on the calibration images")
+        raise ZsqError(f"GPTQ rounding: {name} was not called on the calibration images")
     return acc["h"] / acc["n"]
 
 
@@ -139,7 +163,7 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torc
 @torch.no_grad()
 def gptq_round_layer(name: str, layer: nn.Module, run: Callable[[], None], damp: float = 0.01) -> GPTQStats:
     """Write GPTQ-rounded weights (on the layer's grid, which stays as it is) into ``layer.weight``."""
-    h = input_hessian(layer, run)
+    h = input_hessian(layer, run, name)
     scale, zero, qmin, qmax = _weight_grid(layer)
     groups = h.shape[0]
     w = layer.weight.detach().double().reshape(groups, layer.weight.shape[0] // groups, -1)
