@@ -7,7 +7,7 @@ from zsq.errors import ZsqError
 from zsq.methods.registry import QuantJob
 from zsq.models.meta import ModelMeta, set_meta
 from zsq.ptq.budgets import EngineOptions
-from zsq.ptq.gptq import call_order, gptq_codes, gptq_round_layer
+from zsq.ptq.gptq import call_order, float_target, gptq_codes, gptq_round_layer, input_moments
 from zsq.ptq.reconstruction_methods import genie
 from zsq.quant import QuantSpec, UniformQuantizer, get_preset, quant_layers
 from zsq.quant.quantizer import fake_quantize
@@ -158,3 +158,43 @@ def test_gptq_refuses_timms_same_padding_conv():
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ZsqError, match="conv_stem .*plain conv/linear of its input"):
         genie(fp, get_preset("genie", "w4a8"), QuantJob(calib=x, iters=1, batch_size=8, extra={"rounding": "gptq"}))
+
+
+def _twin_linears(seed):
+    g = torch.Generator().manual_seed(seed)
+    fp = nn.Linear(32, 16, bias=False)
+    with torch.no_grad():
+        fp.weight.copy_(torch.randn(16, 32, generator=g) * 0.2)
+    x = _correlated(512, 32, seed)
+    # the input as a quantized chain delivers it: a systematic distortion of x, plus noise
+    distort = 0.85 * torch.eye(32) + 0.1 * torch.randn(32, 32, generator=g) / 32 ** 0.5
+    xq = x @ distort + 0.02 * torch.randn(x.shape, generator=g)
+    return fp, QuantLinear.from_float(fp, W3, None), x, xq
+
+
+def test_the_float_target_corrects_the_error_the_quantized_input_carries():
+    fp, q_float, x, xq = _twin_linears(5)
+    _, q_plain, _, _ = _twin_linears(5)
+
+    def both():
+        fp(x)
+        q_float(xq)
+
+    s_float = gptq_round_layer("float", q_float, both, fp_layer=fp)
+    gptq_round_layer("plain", q_plain, lambda: q_plain(xq))
+    target = x @ fp.weight.detach().t()
+    err = {k: float(((target - xq @ m.weight.detach().t()) ** 2).sum(1).mean()) for k, m in
+           (("float", q_float), ("plain", q_plain))}
+    assert err["float"] < 0.8 * err["plain"]
+    assert s_float.gptq_error == pytest.approx(err["float"], rel=1e-3)
+    assert _on_grid(q_float)
+
+
+def test_the_float_targets_ridge_pulls_toward_the_float_weights():
+    fp, q, x, xq = _twin_linears(6)
+    m = input_moments(q, lambda: (fp(x[:8]), q(xq[:8])), fp_layer=fp)  # 8 rows for 32 columns
+    w = fp.weight.detach().double()[None]
+    assert torch.allclose(float_target(w, m, 1e9), w, atol=1e-6)
+    assert not torch.allclose(float_target(w, m, 0.01), w, atol=1e-2)
+    with pytest.raises(ZsqError, match="float twin did not see the same chunk"):
+        input_moments(q, lambda: q(xq[:8]), fp_layer=fp)

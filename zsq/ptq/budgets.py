@@ -132,6 +132,7 @@ class Recipe:
 
 
 ROUNDINGS = ("learned", "gptq")
+GPTQ_TARGETS = ("float", "quantized")
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,9 @@ class EngineOptions:
     # "gptq" (closed form from the unit's inputs, zsq.ptq.gptq; the iterations then train only the steps)
     rounding: str = "learned"
     gptq_damp: float = 0.01  # GPTQ's ridge: this share of the mean input second moment added to H's diagonal
+    # what GPTQ fits each layer to: "float" (the float layer's output on the float input, as block
+    # reconstruction does) or "quantized" (the float weights on the quantized input: the GPTQ paper's)
+    gptq_target: str = "float"
 
     def __post_init__(self):
         if self.chunk < 1 or self.max_cache_mib <= 0:
@@ -173,6 +177,8 @@ class EngineOptions:
             raise ZsqError("refit_affine re-fits the affine terms during the refit steps: set refit_iters > 0 too")
         if self.rounding not in ROUNDINGS:
             raise ZsqError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.gptq_target not in GPTQ_TARGETS:
+            raise ZsqError(f"gptq_target must be one of {GPTQ_TARGETS}, got {self.gptq_target!r}")
         if not self.gptq_damp > 0:
             raise ZsqError(f"gptq_damp must be > 0, got {self.gptq_damp}")
         if self.augment < 0:

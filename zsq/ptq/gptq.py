@@ -11,7 +11,7 @@ integer codes are chosen here. A grouped or depthwise conv has one H per group (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,8 @@ UNFOLD_VALUES = 1 << 25  # input patches unfolded at a time (128 MiB of float32)
 
 @dataclass(frozen=True)
 class GPTQStats:
-    """One layer's output error on its calibration inputs, tr((W - Q) H (W - Q)^T), before and after."""
+    """One layer's output error on its calibration inputs (E||W x - Q x_q||^2 summed over channels, x the
+    float input with a float twin, else x_q) with round-to-nearest Q and with GPTQ's."""
 
     layer: str
     nearest_error: float
@@ -87,28 +88,63 @@ def _check_rows(name: str, layer: nn.Module, pieces: List[torch.Tensor], out: to
                        "conv/linear of its input (padding or reshaping inside its forward?): use --set rounding=learned")
 
 
+@dataclass
+class Moments:
+    """Second moments of a layer's input rows, per group [G, D, D]: h = E[x_q x_q^T] (the quantized model's
+    input), and with a float twin c = E[x_fp x_q^T] and a = E[x_fp x_fp^T] (the float model's input)."""
+
+    h: torch.Tensor
+    c: Optional[torch.Tensor] = None
+    a: Optional[torch.Tensor] = None
+
+
+def _quantized_input(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return mod.input_quant(x) if getattr(mod, "input_quant", None) is not None else x
+
+
+def _layer_rows(mod: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
+    return [r.double() for r in _input_rows(mod, _quantized_input(mod, x))]
+
+
 @torch.no_grad()
-def input_hessian(layer: nn.Module, run: Callable[[], None], name: str = "layer") -> torch.Tensor:
-    """E[x x^T] of the layer's input (after its own input quantizer) over what ``run`` feeds it: [G, D, D]."""
-    acc = {"h": None, "n": 0}
+def input_moments(layer: nn.Module, run: Callable[[], None], name: str = "layer",
+                  fp_layer: Optional[nn.Module] = None) -> Moments:
+    """The moments of what ``run`` feeds the layer (after its own input quantizer). With ``fp_layer`` (the
+    same layer in the float model), ``run`` must call it on each chunk just before the layer itself on the
+    matching chunk, so that their rows pair up."""
+    acc = {"n": 0, "fp": None}
+    sums = {}
+
+    def add(key, t):
+        sums[key] = t if key not in sums else sums[key] + t
+
+    def fp_post(mod, args, _out):
+        acc["fp"] = _layer_rows(mod, args[0])
 
     def post(mod, args, out):
-        x = args[0]
-        if getattr(mod, "input_quant", None) is not None:
-            x = mod.input_quant(x)
-        if acc["h"] is None:  # on one image: the check's output rows are as many as the layer's outputs
-            _check_rows(name, mod, _input_rows(mod, x[:1]), out[:1])
-        for rows in _input_rows(mod, x):
-            h = torch.einsum("grd,gre->gde", rows.double(), rows.double())
-            acc["h"] = h if acc["h"] is None else acc["h"] + h
-            acc["n"] += rows.shape[1]
+        if not sums:  # on one image: the check's output rows are as many as the layer's outputs
+            _check_rows(name, mod, _input_rows(mod, _quantized_input(mod, args[0][:1])), out[:1])
+        rows_q = _layer_rows(mod, args[0])
+        if fp_layer is not None:
+            if acc["fp"] is None or [r.shape for r in acc["fp"]] != [r.shape for r in rows_q]:
+                raise ZsqError(f"GPTQ rounding: {name}'s float twin did not see the same chunk just before it")
+            for xf, xq in zip(acc["fp"], rows_q):
+                add("c", torch.einsum("grd,gre->gde", xf, xq))
+                add("a", torch.einsum("grd,gre->gde", xf, xf))
+            acc["fp"] = None
+        for xq in rows_q:
+            add("h", torch.einsum("grd,gre->gde", xq, xq))
+            acc["n"] += xq.shape[1]
 
     with Hooks() as hooks:
         hooks.post(layer, post)
+        if fp_layer is not None:
+            hooks.post(fp_layer, fp_post)
         run()
-    if acc["h"] is None:
+    if not sums:
         raise ZsqError(f"GPTQ rounding: {name} was not called on the calibration images")
-    return acc["h"] / acc["n"]
+    n = acc["n"]
+    return Moments(sums["h"] / n, *((sums["c"] / n, sums["a"] / n) if fp_layer is not None else ()))
 
 
 def _weight_grid(layer: nn.Module):
@@ -121,9 +157,26 @@ def _weight_grid(layer: nn.Module):
         z.detach().double().expand(c_out, *z.shape[1:]).reshape(c_out, 1), wq.qmin, wq.qmax
 
 
-def _error(diff: torch.Tensor, h: torch.Tensor) -> float:
-    """sum over groups of tr(diff H diff^T): the output's squared error summed over output channels."""
-    return float(torch.einsum("grd,gde,gre->", diff, h, diff))
+def _target_error(w: torch.Tensor, q: torch.Tensor, m: Moments) -> float:
+    """E||W x_ref - Q x_q||^2 summed over output channels (x_ref = x_q without a float twin)."""
+    quad = lambda u, mat, v: float(torch.einsum("grd,gde,gre->", u, mat, v))  # noqa: E731
+    if m.c is None:
+        return quad(w - q, m.h, w - q)
+    return quad(w, m.a, w) - 2.0 * quad(w, m.c, q) + quad(q, m.h, q)
+
+
+def _ridge(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """damp times each group's mean diagonal, as a [G, 1, 1] tensor."""
+    return damp * torch.diagonal(h, dim1=1, dim2=2).mean(1)[:, None, None]
+
+
+def float_target(w: torch.Tensor, m: Moments, damp: float) -> torch.Tensor:
+    """The weights that best map the quantized input onto the float output: argmin_V E||W x_fp - V x_q||^2 +
+    ridge ||V - W||^2 = W (C + ridge I)(H + ridge I)^-1. GPTQ rounds these, so each layer also corrects the
+    error its quantized input carries (as block reconstruction does); the ridge pulls them back to W where
+    the images say little (a classifier fed by few images)."""
+    lam = _ridge(m.h, damp) * torch.eye(m.h.shape[-1], dtype=m.h.dtype)
+    return torch.linalg.solve(m.h + lam, (w @ (m.c + lam)).transpose(1, 2)).transpose(1, 2)
 
 
 def gptq_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int,
@@ -141,8 +194,7 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torc
     h = torch.gather(torch.gather(h, 1, perm[:, :, None].expand(g, d, d)), 2, perm[:, None, :].expand(g, d, d))
     eye = torch.eye(d, dtype=h.dtype)
     for k in range(8):  # more damping until H is positive definite
-        lam = damp * (10 ** k) * torch.diagonal(h, dim1=1, dim2=2).mean(1)
-        chol, info = torch.linalg.cholesky_ex(h + lam[:, None, None] * eye)
+        chol, info = torch.linalg.cholesky_ex(h + _ridge(h, damp * 10 ** k) * eye)
         if not bool(info.any()):
             break
     else:
@@ -161,16 +213,17 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torc
 
 
 @torch.no_grad()
-def gptq_round_layer(name: str, layer: nn.Module, run: Callable[[], None], damp: float = 0.01) -> GPTQStats:
-    """Write GPTQ-rounded weights (on the layer's grid, which stays as it is) into ``layer.weight``."""
-    h = input_hessian(layer, run, name)
+def gptq_round_layer(name: str, layer: nn.Module, run: Callable[[], None], damp: float = 0.01,
+                     fp_layer: Optional[nn.Module] = None) -> GPTQStats:
+    """Write GPTQ-rounded weights (on the layer's grid, which stays as it is) into ``layer.weight``. With
+    ``fp_layer`` (see ``input_moments``) the target is the float layer's output on the float input."""
+    m = input_moments(layer, run, name, fp_layer)
     scale, zero, qmin, qmax = _weight_grid(layer)
-    groups = h.shape[0]
+    groups = m.h.shape[0]
     w = layer.weight.detach().double().reshape(groups, layer.weight.shape[0] // groups, -1)
     s, z = scale.reshape(groups, -1, 1), zero.reshape(groups, -1, 1)
-    q = gptq_codes(w, h, s, z, qmin, qmax, damp)
-    nearest = fake_quantize(w, s, z, qmin, qmax)
-    stats = GPTQStats(name, _error(w - nearest, h), _error(w - q, h))
+    q = gptq_codes(w if m.c is None else float_target(w, m, damp), m.h, s, z, qmin, qmax, damp)
+    stats = GPTQStats(name, _target_error(w, fake_quantize(w, s, z, qmin, qmax), m), _target_error(w, q, m))
     layer.weight.copy_(q.reshape(layer.weight.shape).to(layer.weight.dtype))
     return stats
 
@@ -188,10 +241,12 @@ def call_order(layers: List[Tuple[str, nn.Module]], run: Callable[[], None]) -> 
     return [layers[i] for i in seen]
 
 
-def gptq_round_unit(layers: List[Tuple[str, nn.Module]], run: Callable[[], None],
-                    damp: float = 0.01) -> List[GPTQStats]:
+def gptq_round_unit(layers: List[Tuple[str, nn.Module]], run: Callable[[], None], damp: float = 0.01,
+                    fp_layers: Optional[List[nn.Module]] = None) -> List[GPTQStats]:
     """Each of a unit's (name, layer) in forward order, each on the inputs it gets with the layers before it
-    already rounded; ``run`` feeds the unit its calibration inputs."""
+    already rounded; ``run`` feeds the unit its calibration inputs (and, with ``fp_layers``, the float unit
+    each chunk first: the layers' float twins, in the same order as ``layers``)."""
+    twin = dict(zip([id(layer) for _, layer in layers], fp_layers or []))
     with torch.no_grad():
         ordered = call_order(layers, run)
-    return [gptq_round_layer(n, layer, run, damp) for n, layer in ordered]
+    return [gptq_round_layer(n, layer, run, damp, twin.get(id(layer))) for n, layer in ordered]

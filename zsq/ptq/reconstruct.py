@@ -231,7 +231,7 @@ class Reconstructor:
             recipe=recipe.to_dict(), budget=[budget.iters, self.batch_size, n], seed=opts.seed,
             holdout=[opts.holdout, opts.keep_better], augment=opts.augment,
             **({"refit": [opts.refit_iters, opts.refit_affine]} if opts.refit_iters else {}),
-            **({"rounding": [opts.rounding, opts.gptq_damp]} if opts.rounding != "learned" else {}),
+            **({"rounding": [opts.rounding, opts.gptq_damp, opts.gptq_target]} if opts.rounding != "learned" else {}),
             units=[u.name for u in self.units], calib_images=self.calib,
             initial_model=torch.cat([p.detach().flatten() for p in qmodel.state_dict().values()
                                      if p.is_floating_point()]),
@@ -266,8 +266,7 @@ class Reconstructor:
         gptq = self.opts.rounding == "gptq" and phase.train_rounding
         if gptq:  # activation steps first: GPTQ fits the weights to the inputs the quantized unit gives them
             self._init_acts(mod, acts, xq[:min(ACT_INIT_IMAGES, n)])
-            gptq_stats = gptq_round_unit(list(zip(unit.layers, layers)), lambda: self._feed(mod, xq[:n]),
-                                         self.opts.gptq_damp)
+            gptq_stats = self._gptq(unit, mod, layers, x[:n], xq[:n])
         soft = _soft_rounding(layers, phase)
         self._init_acts(mod, acts, xq[:min(ACT_INIT_IMAGES, n)])
         # the start: soft bits at init, hardened, are round-to-nearest on the initial grid
@@ -313,11 +312,23 @@ class Reconstructor:
             with torch.no_grad(), _fast_lazy_init(acts, self.opts.seed):
                 self.compute.forward(mod, x)
 
-    def _feed(self, mod: nn.Module, x: torch.Tensor) -> None:
-        """The unit run on x in chunks, outputs dropped (for hooks that read its layers' inputs)."""
-        with torch.no_grad():
-            for i in range(0, x.shape[0], self.opts.chunk):
-                self.compute.forward(mod, x[i:i + self.opts.chunk])
+    def _gptq(self, unit: Unit, mod: nn.Module, layers: List[nn.Module], x: torch.Tensor, xq: torch.Tensor):
+        """GPTQ codes for the unit's layers on its quantized input xq; with gptq_target "float" each layer is
+        fitted to its float twin in the reference model, fed the float input x chunk by chunk alongside."""
+        c = self.opts.chunk
+        if self.opts.gptq_target == "quantized":
+            twins, fp_mod = None, None
+        else:
+            twins, fp_mod = [self.fp_ref.get_submodule(n) for n in unit.layers], self.fp_ref.get_submodule(unit.name)
+
+        def run():
+            with torch.no_grad():
+                for i in range(0, xq.shape[0], c):
+                    if fp_mod is not None:
+                        self.compute.forward(fp_mod, x[i:i + c])
+                    self.compute.forward(mod, xq[i:i + c])
+
+        return gptq_round_unit(list(zip(unit.layers, layers)), run, self.opts.gptq_damp, twins)
 
     def _refit(self, phase: Phase, unit: Unit, mod: nn.Module, soft: List[SoftRoundQuantizer],
                acts: List[UniformQuantizer], gen: torch.Generator, data, desc: str) -> None:

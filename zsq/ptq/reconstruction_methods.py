@@ -46,6 +46,8 @@ class PTQOptions:
     # (zsq.ptq.gptq; the unit's iterations then train only its steps)
     rounding: Literal["learned", "gptq"] = EngineOptions.rounding
     gptq_damp: float = EngineOptions.gptq_damp  # GPTQ's ridge, a share of the mean diagonal of H
+    # GPTQ fits each layer to the float layer on the float input, or (the paper's) on the quantized input
+    gptq_target: Literal["float", "quantized"] = EngineOptions.gptq_target
     # where activation steps start: "data" (the papers: Lp search on the calibration images) or "bn"
     # (bn-minmax: from BatchNorm statistics, independent of how faithful synthetic images are);
     # None: the preset's QuantConfig.act_init (deploy: bn, the paper presets: data)
@@ -188,7 +190,7 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
     opts = EngineOptions(seed=job.seed, chunk=user.chunk, max_cache_mib=user.max_cache_mib,
                          holdout=user.holdout, keep_better=user.keep_better, augment=user.augment,
                          refit_iters=user.refit_iters, refit_affine=user.refit_affine, rounding=user.rounding,
-                         gptq_damp=user.gptq_damp)
+                         gptq_damp=user.gptq_damp, gptq_target=user.gptq_target)
     work_dir = user.work_dir or (Path(job.out) / "work" if job.out is not None else None)
     if job.resume and work_dir is None:
         raise ZsqError("--resume needs --out (the checkpoints live in OUT/work)")
