@@ -198,3 +198,23 @@ def test_the_float_targets_ridge_pulls_toward_the_float_weights():
     assert not torch.allclose(float_target(w, m, 0.01), w, atol=1e-2)
     with pytest.raises(ZsqError, match="float twin did not see the same chunk"):
         input_moments(q, lambda: q(xq[:8]), fp_layer=fp)
+
+
+def test_a_channel_no_calibration_image_reaches_rounds_to_nearest_and_is_not_zeroed():
+    """ReLU channels dead on a few synthetic images may live on real ones: their weights must survive."""
+    g = torch.Generator().manual_seed(7)
+    fp = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+    q = QuantConv2d.from_float(fp, W3, None)
+    x = torch.randn(4, 4, 6, 6, generator=g)
+    x[:, 2] = 0.0  # channel 2 is dead on these images
+    xq = x + 0.05 * torch.randn(x.shape, generator=g)
+    xq[:, 2] = 0.0
+
+    def both():
+        fp(x)
+        q(xq)
+
+    nearest = q.weight_quant(q.weight.detach().clone())
+    gptq_round_layer("dw", q, both, fp_layer=fp)
+    assert torch.equal(q.weight[2].detach(), nearest[2].detach()) and nearest[2].abs().sum() > 0
+    assert torch.isfinite(q.weight).all()

@@ -166,8 +166,9 @@ def _target_error(w: torch.Tensor, q: torch.Tensor, m: Moments) -> float:
 
 
 def _ridge(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """damp times each group's mean diagonal, as a [G, 1, 1] tensor."""
-    return damp * torch.diagonal(h, dim1=1, dim2=2).mean(1)[:, None, None]
+    """damp times each group's mean diagonal, as a [G, 1, 1] tensor (a group no input reaches: damp)."""
+    mean = torch.diagonal(h, dim1=1, dim2=2).mean(1)
+    return damp * torch.where(mean > 0, mean, torch.ones_like(mean))[:, None, None]
 
 
 def float_target(w: torch.Tensor, m: Moments, damp: float) -> torch.Tensor:
@@ -182,13 +183,13 @@ def float_target(w: torch.Tensor, m: Moments, damp: float) -> torch.Tensor:
 def gptq_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int,
                damp: float = 0.01) -> torch.Tensor:
     """GPTQ-rounded weights (on the grid) for w: [G, R, D] rows per group, h: [G, D, D], scale and zero: [G, R, 1].
-    Columns go in order of decreasing H diagonal (act-order); a column no input reaches is set to zero."""
+    Columns go in order of decreasing H diagonal (act-order). A column no calibration input reaches rounds to
+    nearest (GPTQ's code sets it to zero, but other images may reach it)."""
     w, h = w.double().clone(), h.double().clone()
     g, r, d = w.shape
     diag = torch.diagonal(h, dim1=1, dim2=2)
     dead = diag == 0
-    diag.masked_fill_(dead, 1.0)
-    w.masked_fill_(dead[:, None, :], 0.0)
+    diag.masked_fill_(dead, 1.0)  # such a column passes no error on: it rounds to nearest
     perm = torch.argsort(diag, dim=1, descending=True)
     w = torch.gather(w, 2, perm[:, None, :].expand(g, r, d))
     h = torch.gather(torch.gather(h, 1, perm[:, :, None].expand(g, d, d)), 2, perm[:, None, :].expand(g, d, d))
