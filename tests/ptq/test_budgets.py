@@ -8,6 +8,7 @@ import torch
 import zsq.ptq.reconstruction_methods as rm
 from tests.tiny_models import UNITS_META, make_tiny
 from zsq.api import default_num_images
+from zsq.errors import ZsqError
 from zsq.methods.registry import QuantJob
 from zsq.models.meta import set_meta
 from zsq.ptq.budgets import PAPER, QUICK, QUICK_LARGE, get_budget
@@ -31,23 +32,38 @@ class _Stop(Exception):
     pass
 
 
-def _engine_budget(monkeypatch, input_size, iters=None):
+def _engine_budget(monkeypatch, input_size, iters=None, **extra):
+    return _engine_args(monkeypatch, input_size, iters, **extra)["budget"]
+
+
+def _engine_args(monkeypatch, input_size, iters=None, bits="w4a4", **extra):
     seen = {}
 
     class Spy:
         def __init__(self, qmodel, calib, recipe, budget, *a, **k):
-            seen["budget"] = budget
+            seen["budget"], seen["opts"] = budget, a[0]
             raise _Stop
 
     monkeypatch.setattr(rm, "Reconstructor", Spy)
     model = set_meta(make_tiny(), dataclasses.replace(UNITS_META, input_size=input_size))
     calib = torch.randn(4, *input_size, generator=torch.Generator().manual_seed(0))
     with pytest.raises(_Stop):
-        rm.genie(model, get_preset("genie", "w4a4"), QuantJob(calib=calib, iters=iters))
-    return seen["budget"]
+        rm.genie(model, get_preset("genie", bits), QuantJob(calib=calib, iters=iters, extra=extra))
+    return seen
 
 
 def test_the_engine_gets_the_budget_for_the_models_input(monkeypatch):
     assert _engine_budget(monkeypatch, (3, 16, 16)).iters == QUICK.iters
     assert _engine_budget(monkeypatch, (3, 112, 112)).iters == QUICK_LARGE.iters
     assert _engine_budget(monkeypatch, (3, 112, 112), iters=7).iters == 7  # --iters still wins
+
+
+def test_the_large_quick_budget_rounds_with_gptq_unless_asked(monkeypatch):
+    assert QUICK_LARGE.rounding == "gptq" and QUICK.rounding == PAPER.rounding == "learned"
+    assert _engine_args(monkeypatch, (3, 112, 112))["opts"].rounding == "gptq"
+    assert _engine_args(monkeypatch, (3, 16, 16))["opts"].rounding == "learned"
+    assert _engine_args(monkeypatch, (3, 112, 112), bits="w8a8")["opts"].rounding == "learned"  # fine grids
+    assert _engine_args(monkeypatch, (3, 112, 112), rounding="learned")["opts"].rounding == "learned"
+    assert _engine_args(monkeypatch, (3, 16, 16), rounding="gptq")["opts"].rounding == "gptq"
+    with pytest.raises(ZsqError, match="rounding must be one of"):
+        dataclasses.replace(QUICK, rounding="nearest")

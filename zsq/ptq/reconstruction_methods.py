@@ -19,7 +19,7 @@ from zsq.errors import ZsqError
 from zsq.methods.registry import QuantJob, QuantResult, register_method, schema_options, user_options
 from zsq.options import check_range, parse_options
 from zsq.ptq import presets  # noqa: F401  (registers the brecq and qdrop presets)
-from zsq.ptq.budgets import RECIPES, EngineOptions, Recipe, get_budget, soft_bit_lr
+from zsq.ptq.budgets import RECIPES, Budget, EngineOptions, Recipe, get_budget, soft_bit_lr
 from zsq.ptq.output_distill import OutputDistillConfig, distill_outputs
 from zsq.ptq.reconstruct import Reconstructor
 from zsq.quant.calibration import bn_layers, calibrate_from_bn
@@ -43,8 +43,9 @@ class PTQOptions:
     refit_iters: int = EngineOptions.refit_iters  # steps re-fitting a unit's steps to its hardened rounding
     refit_affine: bool = EngineOptions.refit_affine  # ... and its BN affine terms and biases
     # how weights are rounded: soft bits learned then hardened (the papers'), or GPTQ in closed form
-    # (zsq.ptq.gptq; the unit's iterations then train only its steps)
-    rounding: Literal["learned", "gptq"] = EngineOptions.rounding
+    # (zsq.ptq.gptq; the unit's iterations then train only its steps); None: default_rounding (gptq at the
+    # quick budget on 224²-class inputs below W5, learned otherwise)
+    rounding: Optional[Literal["learned", "gptq"]] = None
     gptq_damp: float = EngineOptions.gptq_damp  # GPTQ's ridge, a share of the mean diagonal of H
     # GPTQ fits each layer to the float layer on the float input, or (the paper's) on the quantized input
     gptq_target: Literal["float", "quantized"] = EngineOptions.gptq_target
@@ -93,6 +94,12 @@ class PTQOptions:
 # Lite0 W8A8 on 32 Genie-D images, 82.85 % bn-minmax: learned 79.12, fixed 82.66; at W4A8 learning is
 # worth +14 points (65.90 vs 51.63), so the papers' W2-W4 settings keep it.
 FIXED_WEIGHT_STEP_BITS = 5
+
+
+def default_rounding(budget: Budget, w_bits: int) -> str:
+    """The budget's rounding below FIXED_WEIGHT_STEP_BITS weight bits; on finer grids the soft bits, whose
+    W8A8 result is measured against bn-minmax (GPTQ there is not)."""
+    return budget.rounding if w_bits < FIXED_WEIGHT_STEP_BITS else "learned"
 
 
 def with_overrides(recipe: Recipe, user: PTQOptions, w_bits: int, iters: Optional[int] = None) -> Recipe:
@@ -187,9 +194,14 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
         logger.info(f"{recipe.name}: W{qconfig.w_bits} is a fine grid, weight steps stay at their start "
                     "(--set learn_weight_scale=true learns them as the paper does)")
     recipe = with_overrides(recipe, user, qconfig.w_bits, budget.iters)
+    rounding = user.rounding or default_rounding(budget, qconfig.w_bits)
+    if user.rounding is None and rounding != "learned":
+        logger.info(f"{recipe.name}: the {budget.name} budget at this input size rounds weights with {rounding} "
+                    "(--set rounding=learned for the paper's soft bits)")
     opts = EngineOptions(seed=job.seed, chunk=user.chunk, max_cache_mib=user.max_cache_mib,
                          holdout=user.holdout, keep_better=user.keep_better, augment=user.augment,
-                         refit_iters=user.refit_iters, refit_affine=user.refit_affine, rounding=user.rounding,
+                         refit_iters=user.refit_iters, refit_affine=user.refit_affine,
+                         rounding=rounding,
                          gptq_damp=user.gptq_damp, gptq_target=user.gptq_target)
     work_dir = user.work_dir or (Path(job.out) / "work" if job.out is not None else None)
     if job.resume and work_dir is None:
@@ -207,13 +219,14 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
                                                    compute=engine.compute)
     qmodel.to("cpu", memory_format=torch.contiguous_format)  # saving, export and evaluation take it from here
     report.update({"compute": engine.compute.describe(), "method": recipe.name, "preset": qconfig.describe(), "calib_source": job.calib_source,
-                   "act_init": act_init, "quant_seconds": time.time() - t0})
+                   "act_init": act_init, "rounding": opts.rounding, "quant_seconds": time.time() - t0})
     return QuantResult(qmodel, report)
 
 
 @register_method("genie", kind="ptq", needs_images=True, default_preset="genie", default_synth="genie",
                  summary="Genie-M: block reconstruction, soft bits + jointly learned weight steps, LSQ act steps, "
-                         "QDrop p=0.5 (with Genie-D images unless --calib-data)",
+                         "QDrop p=0.5 (with Genie-D images unless --calib-data; at the quick budget on 224² inputs "
+                         "below W5 the codes come from GPTQ, --set rounding=learned for soft bits)",
                  options=schema_options(PTQOptions, "genie"))
 def genie(fp_model, qconfig, job: QuantJob) -> QuantResult:
     return run_recipe(RECIPES["genie"], fp_model, qconfig, job)
