@@ -218,3 +218,19 @@ def test_a_channel_no_calibration_image_reaches_rounds_to_nearest_and_is_not_zer
     gptq_round_layer("dw", q, both, fp_layer=fp)
     assert torch.equal(q.weight[2].detach(), nearest[2].detach()) and nearest[2].abs().sum() > 0
     assert torch.isfinite(q.weight).all()
+
+
+def test_a_layer_called_twice_pairs_each_call_with_its_float_twins_call():
+    """Shared weights (one layer used twice in a forward): the float rows must pair call by call."""
+    fp, q, x, xq = _twin_linears(8)
+
+    def twice(m, t):
+        return m(m(t)[:, :16].repeat(1, 2))
+
+    m = input_moments(q, lambda: (twice(fp, x), twice(q, xq)), fp_layer=fp)
+    with torch.no_grad():
+        second_fp, second_q = fp(x)[:, :16].repeat(1, 2), q(xq)[:, :16].repeat(1, 2)
+    want = (x.double().t() @ xq.double() + second_fp.double().t() @ second_q.double()) / (2 * len(x))
+    assert torch.allclose(m.c[0], want, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ZsqError, match="called more often"):
+        input_moments(q, lambda: (twice(fp, x), q(xq)), fp_layer=fp)

@@ -7,6 +7,10 @@ grid and the error it leaves is pushed onto the columns not yet rounded, weighte
 layer's input second moments H = E[x x^T] (the Hessian of its output error). It reads the inputs once and
 has nothing to harden. The grid (step and zero point per output channel) is the layer's own; only the
 integer codes are chosen here. A grouped or depthwise conv has one H per group (its own input channels).
+Plain GPTQ fits W x_q, the float weights on the quantized input; with the layer's float twin fed the float
+input (``fp_layer``) the weights are first mapped to the best fit of the float output from x_q
+(``float_target``), so that each layer also corrects the error the quantized chain delivers to it, as block
+reconstruction does (on Lite0 W4A8 that is what made GPTQ pay: imagenet_quality.md, section "2026-12-05 (e)").
 """
 from __future__ import annotations
 
@@ -112,26 +116,27 @@ def input_moments(layer: nn.Module, run: Callable[[], None], name: str = "layer"
     """The moments of what ``run`` feeds the layer (after its own input quantizer). With ``fp_layer`` (the
     same layer in the float model), ``run`` must call it on each chunk just before the layer itself on the
     matching chunk, so that their rows pair up."""
-    acc = {"n": 0, "fp": None}
+    acc = {"n": 0}
+    fp_rows: List[List[torch.Tensor]] = []  # the twin's calls not yet paired, oldest first
     sums = {}
 
     def add(key, t):
         sums[key] = t if key not in sums else sums[key] + t
 
     def fp_post(mod, args, _out):
-        acc["fp"] = _layer_rows(mod, args[0])
+        fp_rows.append(_layer_rows(mod, args[0]))
 
     def post(mod, args, out):
         if not sums:  # on one image: the check's output rows are as many as the layer's outputs
             _check_rows(name, mod, _input_rows(mod, _quantized_input(mod, args[0][:1])), out[:1])
         rows_q = _layer_rows(mod, args[0])
         if fp_layer is not None:
-            if acc["fp"] is None or [r.shape for r in acc["fp"]] != [r.shape for r in rows_q]:
+            twin = fp_rows.pop(0) if fp_rows else None
+            if twin is None or [r.shape for r in twin] != [r.shape for r in rows_q]:
                 raise ZsqError(f"GPTQ rounding: {name}'s float twin did not see the same chunk just before it")
-            for xf, xq in zip(acc["fp"], rows_q):
+            for xf, xq in zip(twin, rows_q):
                 add("c", torch.einsum("grd,gre->gde", xf, xq))
                 add("a", torch.einsum("grd,gre->gde", xf, xf))
-            acc["fp"] = None
         for xq in rows_q:
             add("h", torch.einsum("grd,gre->gde", xq, xq))
             acc["n"] += xq.shape[1]
@@ -143,6 +148,8 @@ def input_moments(layer: nn.Module, run: Callable[[], None], name: str = "layer"
         run()
     if not sums:
         raise ZsqError(f"GPTQ rounding: {name} was not called on the calibration images")
+    if fp_rows:
+        raise ZsqError(f"GPTQ rounding: {name}'s float twin was called more often than the layer itself")
     n = acc["n"]
     return Moments(sums["h"] / n, *((sums["c"] / n, sums["a"] / n) if fp_layer is not None else ()))
 
