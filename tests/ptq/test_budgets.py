@@ -60,10 +60,11 @@ def test_the_engine_gets_the_budget_for_the_models_input(monkeypatch):
 
 def test_the_large_quick_budget_rounds_with_gptq_unless_asked(monkeypatch):
     assert QUICK_LARGE.rounding == "gptq" and QUICK.rounding == PAPER.rounding == "learned"
-    assert _engine_args(monkeypatch, (3, 112, 112))["opts"].rounding == "gptq"
+    assert _engine_args(monkeypatch, (3, 112, 112), bits="w4a8")["opts"].rounding == "gptq"
+    assert _engine_args(monkeypatch, (3, 112, 112))["opts"].rounding == "learned"  # W4A4: soft bits measured better
     assert _engine_args(monkeypatch, (3, 16, 16))["opts"].rounding == "learned"
     assert _engine_args(monkeypatch, (3, 112, 112), bits="w8a8")["opts"].rounding == "learned"  # fine grids
-    assert _engine_args(monkeypatch, (3, 112, 112), rounding="learned")["opts"].rounding == "learned"
+    assert _engine_args(monkeypatch, (3, 112, 112), bits="w4a8", rounding="learned")["opts"].rounding == "learned"
     assert _engine_args(monkeypatch, (3, 16, 16), rounding="gptq")["opts"].rounding == "gptq"
     with pytest.raises(ZsqError, match="rounding must be one of"):
         dataclasses.replace(QUICK, rounding="nearest")

@@ -53,7 +53,8 @@ QUICK = Budget("quick", iters=300, batch_size=32, num_images=256)
 # (benchmarks/results/imagenet_quality.md, "budget curves and class coverage on Lite0 W4A8").
 # At 100 steps a unit's soft bits are far from binary when hardened, and GPTQ's closed-form rounding (fitted to
 # the float model's output) gave Lite0 W4A8 80.56 % against 78.54 % on 32 Genie-D images (paired p = 0.04;
-# imagenet_quality.md, section "2026-12-05 (e)"), so the 224² quick budget rounds with GPTQ.
+# imagenet_quality.md, section "2026-12-05 (e)"), so the 224² quick budget rounds with GPTQ (below W5 with A8:
+# reconstruction_methods.default_rounding; at W4A4 it was worse end to end).
 QUICK_LARGE = Budget("quick", iters=100, batch_size=32, num_images=64, rounding="gptq")
 LARGE_INPUT_PIXELS = 96 * 96
 BUDGETS = {"paper": PAPER, "quick": QUICK}

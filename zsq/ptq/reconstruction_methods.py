@@ -44,7 +44,7 @@ class PTQOptions:
     refit_affine: bool = EngineOptions.refit_affine  # ... and its BN affine terms and biases
     # how weights are rounded: soft bits learned then hardened (the papers'), or GPTQ in closed form
     # (zsq.ptq.gptq; the unit's iterations then train only its steps); None: default_rounding (gptq at the
-    # quick budget on 224²-class inputs below W5, learned otherwise)
+    # quick budget on 224²-class inputs below W5 with A8, learned otherwise)
     rounding: Optional[Literal["learned", "gptq"]] = None
     gptq_damp: float = EngineOptions.gptq_damp  # GPTQ's ridge, a share of the mean diagonal of H
     # GPTQ fits each layer to the float layer on the float input, or (the paper's) on the quantized input
@@ -96,10 +96,17 @@ class PTQOptions:
 FIXED_WEIGHT_STEP_BITS = 5
 
 
-def default_rounding(budget: Budget, w_bits: int) -> str:
-    """The budget's rounding below FIXED_WEIGHT_STEP_BITS weight bits; on finer grids the soft bits, whose
-    W8A8 result is measured against bn-minmax (GPTQ there is not)."""
-    return budget.rounding if w_bits < FIXED_WEIGHT_STEP_BITS else "learned"
+# GPTQ is the large quick budget's rounding only with activations of this many bits and more: on Lite0 W4A4
+# end to end it gave 64.18 % against the soft bits' 72.51 % (imagenet_quality.md, section "2026-12-05 (e)").
+GPTQ_MIN_ACT_BITS = 8
+
+
+def default_rounding(budget: Budget, w_bits: int, a_bits: int) -> str:
+    """The budget's rounding below FIXED_WEIGHT_STEP_BITS weight bits with GPTQ_MIN_ACT_BITS activations;
+    elsewhere the soft bits, whose W8A8 (against bn-minmax) and W4A4 results are the measured ones."""
+    if w_bits < FIXED_WEIGHT_STEP_BITS and a_bits >= GPTQ_MIN_ACT_BITS:
+        return budget.rounding
+    return "learned"
 
 
 def with_overrides(recipe: Recipe, user: PTQOptions, w_bits: int, iters: Optional[int] = None) -> Recipe:
@@ -194,7 +201,7 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
         logger.info(f"{recipe.name}: W{qconfig.w_bits} is a fine grid, weight steps stay at their start "
                     "(--set learn_weight_scale=true learns them as the paper does)")
     recipe = with_overrides(recipe, user, qconfig.w_bits, budget.iters)
-    rounding = user.rounding or default_rounding(budget, qconfig.w_bits)
+    rounding = user.rounding or default_rounding(budget, qconfig.w_bits, qconfig.a_bits)
     if user.rounding is None and rounding != "learned":
         logger.info(f"{recipe.name}: the {budget.name} budget at this input size rounds weights with {rounding} "
                     "(--set rounding=learned for the paper's soft bits)")
@@ -226,7 +233,7 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
 @register_method("genie", kind="ptq", needs_images=True, default_preset="genie", default_synth="genie",
                  summary="Genie-M: block reconstruction, soft bits + jointly learned weight steps, LSQ act steps, "
                          "QDrop p=0.5 (with Genie-D images unless --calib-data; at the quick budget on 224² inputs "
-                         "below W5 the codes come from GPTQ, --set rounding=learned for soft bits)",
+                         "below W5 with A8 the codes come from GPTQ, --set rounding=learned for soft bits)",
                  options=schema_options(PTQOptions, "genie"))
 def genie(fp_model, qconfig, job: QuantJob) -> QuantResult:
     return run_recipe(RECIPES["genie"], fp_model, qconfig, job)
