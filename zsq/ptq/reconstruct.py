@@ -7,7 +7,8 @@ For each phase of a recipe and each unit in network order:
 3. optimise: the unit reads mix(x_q, x) (QDrop at the unit input) and each activation quantizer keeps
    its quantized value with probability p (QDrop inside); loss = mean sum_c |y_hat - y|^p + lambda *
    rounding loss, beta annealed after the warm-up; Adam on V, cosine-annealed Adam on the steps;
-4. harden (codes floor(W/s0) + 1[V >= 0] written back as plain UniformQuantizer weights);
+4. harden (codes floor(W/s0) + 1[V >= 0] written back as plain UniformQuantizer weights); with
+   rounding=gptq the codes come from zsq.ptq.gptq before 2, and 3 trains only the steps on them;
 5. keep the better (EngineOptions.keep_better): compare the unit's output error on held-out calibration
    images (never trained on) before and after 2-4, and restore the start if training did not lower it;
 6. checkpoint, so ``resume`` continues after the last finished unit.
@@ -269,7 +270,7 @@ class Reconstructor:
             gptq_stats = self._gptq(unit, mod, layers, x[:n], xq[:n])
         soft = _soft_rounding(layers, phase)
         self._init_acts(mod, acts, xq[:min(ACT_INIT_IMAGES, n)])
-        # the start: soft bits at init, hardened, are round-to-nearest on the initial grid
+        # the start: soft bits at init, hardened, are round-to-nearest on the initial grid (GPTQ's codes with gptq)
         judge = self.opts.keep_better and xq_hold.shape[0] > 0
         _hard(soft, True)
         hold_start = _output_error(unit_fwd, xq_hold, y_hold)
