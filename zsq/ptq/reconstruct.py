@@ -277,18 +277,18 @@ class Reconstructor:
         _hard(soft, False)
         start = {k: v.detach().clone() for k, v in mod.state_dict().items()} if judge else None
         groups = _param_groups(phase, soft, acts)
+        learning = [] if gptq else soft  # the soft bits the iterations move
         if gptq:  # the rounding is chosen: the iterations train only the steps, on the hard weights
             _hard(soft, True)
-            groups, soft = ([], groups[1]), []
+            groups = ([], groups[1])
         iters = max(1, round(self.budget.iters * phase.iters_scale))
         if not groups[0] and not groups[1]:
             iters = 0  # nothing to learn here (e.g. the stem in an activation phase: its input stays float)
         desc = f"{phase.name} {ui + 1}/{len(self.units)} {unit.name}"
         with only_trainable(self.qmodel, [p for g in groups[0] + groups[1] for p in g["params"]]):
-            rec_hist, round_val = self._train(phase, unit, mod, soft, acts, gen, (x, y, xq), groups, iters, desc)
+            rec_hist, round_val = self._train(phase, unit, mod, learning, acts, gen, (x, y, xq), groups, iters, desc)
         # the same error as hard_loss but with the soft bits as trained: their gap is what hardening costs
-        soft_final = _output_error(unit_fwd, xq[:n], y[:n]) if soft and iters else None
-        soft = [layer.weight_quant for layer in layers if isinstance(layer.weight_quant, SoftRoundQuantizer)]
+        soft_final = _output_error(unit_fwd, xq[:n], y[:n]) if learning and iters else None
         _hard(soft, True)
         refit_from = None
         if self.opts.refit_iters and soft and iters:
@@ -308,8 +308,8 @@ class Reconstructor:
                 **({"gptq": [dataclasses.asdict(g) for g in gptq_stats]} if gptq else {})}
 
     def _init_acts(self, mod: nn.Module, acts: List[UniformQuantizer], x: torch.Tensor) -> None:
-        """Lp-2.4 init of the unit's still-uninitialised activation steps on x (a no-op once they are)."""
-        if acts:
+        """Lp-2.4 init of the unit's still-uninitialised activation steps on x (no forward once they all are)."""
+        if any(not bool(q.initialized) for q in acts):
             with torch.no_grad(), _fast_lazy_init(acts, self.opts.seed):
                 self.compute.forward(mod, x)
 
