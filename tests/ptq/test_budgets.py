@@ -68,3 +68,26 @@ def test_the_large_quick_budget_rounds_with_gptq_unless_asked(monkeypatch):
     assert _engine_args(monkeypatch, (3, 16, 16), rounding="gptq")["opts"].rounding == "gptq"
     with pytest.raises(ZsqError, match="rounding must be one of"):
         dataclasses.replace(QUICK, rounding="nearest")
+
+
+@pytest.mark.parametrize("method", ["qdrop", "brecq", "adaround"])
+def test_the_baselines_keep_their_learned_rounding_on_the_large_budget(monkeypatch, method):
+    """GPTQ was measured for Genie-M only; AdaRound/BRECQ/QDrop with GPTQ codes would not be those methods."""
+    seen = {}
+
+    class Spy:
+        def __init__(self, qmodel, calib, recipe, budget, opts, *a, **k):
+            seen["opts"] = opts
+            raise _Stop
+
+    monkeypatch.setattr(rm, "Reconstructor", Spy)
+    model = set_meta(make_tiny(), dataclasses.replace(UNITS_META, input_size=(3, 112, 112)))
+    calib = torch.randn(4, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    run = getattr(rm, method)
+    with pytest.raises(_Stop):
+        run(model, get_preset("brecq", "w4a8"), QuantJob(calib=calib))
+    assert seen["opts"].rounding == "learned"
+    with pytest.raises(_Stop):  # still available when asked for
+        run(model, get_preset("brecq", "w4a8"), QuantJob(calib=calib, extra={"rounding": "gptq"}))
+    assert seen["opts"].rounding == "gptq"
+    assert "budget_rounding" not in rm.RECIPES[method].to_dict()  # resume fingerprints unchanged

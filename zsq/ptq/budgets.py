@@ -53,8 +53,8 @@ QUICK = Budget("quick", iters=300, batch_size=32, num_images=256)
 # (benchmarks/results/imagenet_quality.md, "budget curves and class coverage on Lite0 W4A8").
 # At 100 steps a unit's soft bits are far from binary when hardened, and GPTQ's closed-form rounding (fitted to
 # the float model's output) gave Lite0 W4A8 80.56 % against 78.54 % on 32 Genie-D images (paired p = 0.04;
-# imagenet_quality.md, section "2026-12-05 (e)"), so the 224² quick budget rounds with GPTQ (below W5 with A8:
-# reconstruction_methods.default_rounding; at W4A4 it was worse end to end).
+# imagenet_quality.md, section "2026-12-05 (e)"), so the 224² quick budget rounds with GPTQ (Genie-M only,
+# below W5 with A8: reconstruction_methods.default_rounding; at W4A4 it was worse end to end).
 QUICK_LARGE = Budget("quick", iters=100, batch_size=32, num_images=64, rounding="gptq")
 LARGE_INPUT_PIXELS = 96 * 96
 BUDGETS = {"paper": PAPER, "quick": QUICK}
@@ -132,6 +132,9 @@ class Recipe:
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2
+    # the budget's rounding (Budget.rounding) may replace the soft bits: only where measured (Genie-M); the
+    # baselines keep the learned rounding that defines them (AdaRound with GPTQ codes is not AdaRound)
+    budget_rounding: bool = False
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
@@ -140,7 +143,11 @@ class Recipe:
             raise ZsqError("a recipe needs at least one phase")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """What the engine runs (reports, resume fingerprints); budget_rounding only picks an option, whose
+        effect the engine's own options carry."""
+        d = asdict(self)
+        d.pop("budget_rounding")
+        return d
 
 
 @dataclass(frozen=True)
@@ -205,7 +212,7 @@ GENIE = Recipe("genie", "block", (
     Phase("joint", train_rounding=True, learn_weight_scale=True, train_act_scale=True, acts_on=True,
           qdrop_p=0.5, round_weight=1.0, lr_v=1e-3, lr_weight_scale=1e-4, lr_act_scale=4e-5,
           lr_weight_scale_rel=GENIE_LR_WEIGHT_SCALE_REL),
-))
+), budget_rounding=True)
 QDROP = Recipe("qdrop", "block", (
     Phase("joint", train_rounding=True, learn_weight_scale=False, train_act_scale=True, acts_on=True,
           qdrop_p=0.5, round_weight=0.01, lr_v=1e-3, lr_act_scale=4e-5),

@@ -43,8 +43,8 @@ class PTQOptions:
     refit_iters: int = EngineOptions.refit_iters  # steps re-fitting a unit's steps to its hardened rounding
     refit_affine: bool = EngineOptions.refit_affine  # ... and its BN affine terms and biases
     # how weights are rounded: soft bits learned then hardened (the papers'), or GPTQ in closed form
-    # (zsq.ptq.gptq; the unit's iterations then train only its steps); None: default_rounding (gptq at the
-    # quick budget on 224²-class inputs below W5 with A8, learned otherwise)
+    # (zsq.ptq.gptq; the unit's iterations then train only its steps); None: default_rounding (Genie-M: gptq
+    # at the quick budget on 224²-class inputs below W5 with A8; learned otherwise and for the baselines)
     rounding: Optional[Literal["learned", "gptq"]] = None
     gptq_damp: float = EngineOptions.gptq_damp  # GPTQ's ridge, a share of the mean diagonal of H
     # GPTQ fits each layer to the float layer on the float input, or (the paper's) on the quantized input
@@ -101,10 +101,11 @@ FIXED_WEIGHT_STEP_BITS = 5
 GPTQ_MIN_ACT_BITS = 8
 
 
-def default_rounding(budget: Budget, w_bits: int, a_bits: int) -> str:
-    """The budget's rounding below FIXED_WEIGHT_STEP_BITS weight bits with GPTQ_MIN_ACT_BITS activations;
-    elsewhere the soft bits, whose W8A8 (against bn-minmax) and W4A4 results are the measured ones."""
-    if w_bits < FIXED_WEIGHT_STEP_BITS and a_bits >= GPTQ_MIN_ACT_BITS:
+def default_rounding(recipe: Recipe, budget: Budget, w_bits: int, a_bits: int) -> str:
+    """The budget's rounding for a recipe that takes it (Recipe.budget_rounding), below FIXED_WEIGHT_STEP_BITS
+    weight bits with GPTQ_MIN_ACT_BITS activations; elsewhere the soft bits, whose W8A8 (against bn-minmax)
+    and W4A4 results are the measured ones."""
+    if recipe.budget_rounding and w_bits < FIXED_WEIGHT_STEP_BITS and a_bits >= GPTQ_MIN_ACT_BITS:
         return budget.rounding
     return "learned"
 
@@ -201,7 +202,7 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
         logger.info(f"{recipe.name}: W{qconfig.w_bits} is a fine grid, weight steps stay at their start "
                     "(--set learn_weight_scale=true learns them as the paper does)")
     recipe = with_overrides(recipe, user, qconfig.w_bits, budget.iters)
-    rounding = user.rounding or default_rounding(budget, qconfig.w_bits, qconfig.a_bits)
+    rounding = user.rounding or default_rounding(recipe, budget, qconfig.w_bits, qconfig.a_bits)
     if user.rounding is None and rounding != "learned":
         logger.info(f"{recipe.name}: the {budget.name} budget at this input size rounds weights with {rounding} "
                     "(--set rounding=learned for the paper's soft bits)")
