@@ -42,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zsq.assets import CIFAR10_EXACT, LITE0, RESNET20, VAL1300, asset  # noqa: E402
+from zsq.errors import ZsqError  # noqa: E402
 
 # default weights and evaluation images; Lite0 evaluates on val1300[256:] so that val1300[0:256] can
 # serve as the real-data calibration reference (--calib-data .../val1300[0:64])
@@ -155,13 +156,10 @@ def _round_to_nearest(names):
 
 def _evaluate_hits(model, eval_data: str):
     """evaluate()'s result and the per-image hits (1 = top-1 correct) that `compare` pairs up."""
-    from zsq.data import load_dataset
     from zsq.evaluation import evaluate
-    from zsq.models.meta import get_meta
 
     ev = evaluate(model, eval_data, return_preds=True)
-    labels = [int(y) for y in load_dataset(eval_data, get_meta(model)).targets()]
-    return ev, [int(p == y) for p, y in zip(ev["preds"], labels)]
+    return ev, ev["hits"]
 
 
 def cmd_hits(a) -> None:
@@ -169,7 +167,6 @@ def cmd_hits(a) -> None:
     paired with `compare`: writes runs/levers/<tag>.json with the run's report (the manifest's info) beside them."""
     import torch
 
-    from zsq.errors import ZsqError
     from zsq.export.manifest import read_manifest
     from zsq.export.packed_checkpoint import load_quantized
 
@@ -209,7 +206,6 @@ def cmd_distill(a) -> None:
     import torch
 
     import zsq
-    from zsq.errors import ZsqError
     from zsq.export.packed_checkpoint import load_quantized
     from zsq.options import parse_options
     from zsq.ptq.output_distill import OutputDistillConfig, distill_outputs
@@ -264,16 +260,13 @@ def cmd_kl(a) -> None:
 
 
 def mcnemar(a, b):
-    """(only a right, only b right, exact two-sided p) for paired 0/1 hits."""
-    if len(a) != len(b):
-        raise SystemExit("runs were evaluated on different image sets")
-    n10 = sum(1 for x, y in zip(a, b) if x and not y)
-    n01 = sum(1 for x, y in zip(a, b) if y and not x)
-    m = n10 + n01
-    if m == 0:
-        return n10, n01, 1.0
-    tail = sum(math.comb(m, i) for i in range(min(n10, n01) + 1)) / 2 ** m
-    return n10, n01, min(1.0, 2 * tail)
+    """(only a right, only b right, exact two-sided p) for paired 0/1 hits (zsq.evaluation.mcnemar)."""
+    from zsq.evaluation import mcnemar as paired
+
+    try:
+        return paired(a, b)
+    except ZsqError as e:
+        raise SystemExit(str(e)) from None
 
 
 def load_run(folder, tag: str) -> dict:

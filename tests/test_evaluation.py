@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from zsq.errors import ZsqError
-from zsq.evaluation import agreement, evaluate
+from zsq.evaluation import agreement, evaluate, mcnemar
 from zsq.models.meta import ModelMeta, set_meta
 
 
@@ -30,6 +30,17 @@ def test_top1_top5_counts():
     assert r["top1"] == pytest.approx(40.0)
     assert r["top5"] == pytest.approx(80.0)  # label 7 for v=9: ranking 9,8,7 -> in top 5
     assert r["preds"] == [3, 3, 3, 0, 9]
+    assert r["hits"] == [1, 0, 0, 1, 0]  # top-1 right per image, in data order
+
+
+def test_mcnemar_counts_discordant_pairs_and_gives_the_exact_p():
+    n10, n01, p = mcnemar([1, 1, 1, 0, 0, 1], [1, 0, 0, 1, 0, 1])
+    assert (n10, n01) == (2, 1) and p == pytest.approx(1.0)  # 2 * P(X <= 1 | Bin(3, 1/2)), capped at 1
+    n10, n01, p = mcnemar([1] * 10, [0] * 10)
+    assert (n10, n01) == (10, 0) and p == pytest.approx(2 / 2 ** 10)
+    assert mcnemar([1, 0], [1, 0]) == (0, 0, 1.0)
+    with pytest.raises(ZsqError, match="2 against 1 images"):
+        mcnemar([1, 0], [1])
 
 
 def test_restores_training_mode_and_no_grad():

@@ -1,8 +1,9 @@
 """Top-1/top-5 accuracy of a model on labelled real images (the only place real labels are used)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -33,7 +34,8 @@ def evaluate(
 
     data: a data spec string (``PATH[START:STOP]``, preprocessed with the model's ModelMeta), a Dataset
       yielding ``(image, label)``, or a tuple of tensors ``(x, y)`` already in model input space.
-    return_preds: add ``"preds"``, the top-1 class per sample (to compare FP32 and quantized models).
+    return_preds: add ``"preds"``, the top-1 class per sample (to compare FP32 and quantized models), and
+      ``"hits"``, 1 where it is the label and 0 elsewhere (to compare two models on the same images: ``mcnemar``).
     The model is run in eval mode and restored to its previous mode afterwards. device: where ``model`` is;
     on CUDA the images are loaded by worker processes into pinned memory (zsq.compute.loader_options).
     """
@@ -61,7 +63,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     correct1 = correct5 = n = 0
-    preds = []
+    preds, hits = [], []
     try:
         with torch.inference_mode():
             for x, y in progress(loader, total=len(loader), desc="evaluate"):
@@ -78,12 +80,27 @@ def evaluate(
                 n += y.numel()
                 if return_preds:
                     preds.extend(top[:, 0].tolist())
+                    hits.extend(hit[:, 0].int().tolist())
     finally:
         model.train(was_training)
     out = {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": n}
     if return_preds:
-        out["preds"] = preds
+        out["preds"], out["hits"] = preds, hits
     return out
+
+
+def mcnemar(hits_a, hits_b) -> Tuple[int, int, float]:
+    """(only a right, only b right, exact two-sided p) for two models' 0/1 hits on the same images: the paired
+    test, far tighter than comparing two accuracies' intervals when the models agree on most images."""
+    if len(hits_a) != len(hits_b):
+        raise ZsqError(f"paired comparison: {len(hits_a)} against {len(hits_b)} images (different image sets)")
+    n10 = sum(1 for x, y in zip(hits_a, hits_b) if x and not y)
+    n01 = sum(1 for x, y in zip(hits_a, hits_b) if y and not x)
+    m = n10 + n01
+    if m == 0:
+        return n10, n01, 1.0
+    tail = sum(math.comb(m, i) for i in range(min(n10, n01) + 1)) / 2 ** m
+    return n10, n01, min(1.0, 2 * tail)
 
 
 def agreement(preds_a, preds_b) -> float:

@@ -69,6 +69,9 @@ def test_harness_end_to_end_resume(tmp_path):
         lo, hi = r["main"]["ci95"]
         assert lo <= r["main"]["top1"] <= hi
         assert 0 <= r["main"]["agreement"] <= 100 and r["peak_rss_mib"] > 50
+        hits = r["main"]["hits"]
+        assert len(hits) == 64 and set(hits) <= {"0", "1"}
+        assert 100 * hits.count("1") / 64 == pytest.approx(r["main"]["top1"])  # the row's own accuracy
     assert rows[0]["num_images"] is None and rows[0]["main"]["agreement"] > 80  # W8A8 ~ FP32
     assert rows[1]["num_images"] == 16 and rows[1]["synth_seconds"] > 0 and rows[1]["unit_losses"]
     report = write_report(tmp_path).read_text()
@@ -77,6 +80,8 @@ def test_harness_end_to_end_resume(tmp_path):
     for f in ("accuracy_vs_time.png", "grid_noise.png", "ptq_unit_losses.png"):
         assert (tmp_path / "plots" / f).stat().st_size > 1000
     assert "different teacher" in report and "torch" in report
+    # the genie row against bn-minmax is only at the same bits: here W4A4 vs W8A8, so no pair
+    assert "## Paired on the same images" in report and "No pairs with per-image hits to compare." in report
     summary = report[report.index("## Summary"):report.index("## All cells")]
     assert "| W8A8 | W4A4 |" in summary
     assert f"| {M} | bn-minmax | - | none | {rows[0]['main']['top1']:.2f} / {rows[0]['jpeg']['top1']:.2f} |  |" in summary
@@ -240,3 +245,28 @@ def test_resume_refuses_rows_of_other_code(tmp_path):
     mixed = _code_line([row, dict(row, key="new", code=source_digest()), dict(row, key="x", error="boom")])
     assert "rows made by different zsq sources" in mixed and "0123456789abcdef: 1 row(s)" in mixed
     assert f"{source_digest()}: 1 row(s) (new)" in mixed   # the failed row is not counted
+
+
+def _row(method, data, bits, hits, preset="genie"):
+    c = Cell(M, method, bits, data=data)
+    return c.key, {"key": c.key, "cell": c.to_dict(), "preset": preset,
+                   "main": {"top1": 100 * hits.count("1") / max(len(hits), 1), **({"hits": hits} if hits else {})}}
+
+
+def test_report_pairs_each_row_with_its_real_reference_and_bn_minmax_at_the_same_bits():
+    from zsq.bench.report import paired_lines
+
+    cells = dict([_row("genie", "genie", "w4a4", "1100110011"),
+                  _row("genie", "real", "w4a4", "1111110000"),
+                  _row("bn-minmax", "none", "w4a4", "0000000011"),
+                  _row("bn-minmax", "none", "w8a8", "1111111111"),
+                  _row("qdrop", "genie", "w4a4", "1111111111", preset="qdrop"),  # other preset: not vs bn-minmax
+                  _row("genie", "zeroq", "w4a4", "")])                          # made before hits were kept
+    lines = paired_lines({"cells": cells, "order": list(cells)})
+    table = [ln for ln in lines if ln.startswith("| genie/")]
+    # genie 1100110011 vs real 1111110000: only real right at images 2, 3; only genie right at 8, 9
+    assert "| genie/genie w4a4 | real-data reference | 60.00 | 60.00 | 2 | 2 | 1 |" in table
+    assert "| genie/genie w4a4 | bn-minmax | 60.00 | 20.00 | 0 | 4 | 0.125 |" in table
+    assert "| genie/real w4a4 | bn-minmax | 60.00 | 20.00 | 2 | 6 | 0.289 |" in table
+    assert len(table) == 3 and not any(ln.startswith("| qdrop/") for ln in lines)
+    assert lines[-1] == "2 pair(s) not compared: a row has no per-image hits (made before rows recorded them)."

@@ -138,8 +138,9 @@ def run_cell(cell: Cell, budget: str, cache: Path, eval_limit: Optional[int] = N
         q = evaluate(result.model, spec, return_preds=True)
         k = round(q["top1"] * q["n"] / 100)
         lo, hi = wilson(k, q["n"])
+        # hits as a 0/1 string: the report pairs rows on the same images (report.paired_lines)
         row[tag] = {"set": name, "n": q["n"], "top1": q["top1"], "ci95": [lo, hi], "fp32_top1": fp["top1"],
-                    "agreement": agreement(fp["preds"], q["preds"])}
+                    "agreement": agreement(fp["preds"], q["preds"]), "hits": "".join(map(str, q["hits"]))}
     w, a = (int(v) for v in parse_bits(cell.bits))
     row["paper"] = nearest_figure(cell.model, cell.method, cell.data, (w, a))
     mr = result.report or {}

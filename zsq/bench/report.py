@@ -60,6 +60,65 @@ def summary_table(results: dict) -> List[str]:
     return lines
 
 
+def _references(r: dict, rows: List[dict]) -> List[tuple]:
+    """(name, row) pairs a finished row is compared with on the same images: the real-data reference of its
+    method and bits (the data's share of the gap), and bn-minmax at its bits (what reconstruction adds)."""
+    c = r["cell"]
+    found = []
+    for ref in rows:
+        if "error" in ref or ref is r:
+            continue
+        rc = ref["cell"]
+        if (rc["model"], rc["bits"]) != (c["model"], c["bits"]):
+            continue
+        same_preset = ref["preset"] == r["preset"]  # the effective one: a cell's None is its method's own
+        if rc["data"] == "real" and c["data"] not in ("real", "none") and rc["method"] == c["method"] and same_preset:
+            found.append(("real-data reference", ref))
+        elif rc["method"] == "bn-minmax" and c["method"] != "bn-minmax" and same_preset:
+            found.append(("bn-minmax", ref))
+    return found
+
+
+def paired_lines(results: dict) -> List[str]:
+    """Markdown lines: each row against its references on the same images (exact McNemar test); the 95 %
+    intervals of two rows overlap far more often than a paired test finds them equal."""
+    from zsq.evaluation import mcnemar
+
+    rows = [results["cells"][k] for k in results.get("order", results["cells"]) if k in results["cells"]]
+    lines = ["| row | against | row top-1 | against top-1 | only against right | only row right | p (exact McNemar) |",
+             "|---|---|---|---|---|---|---|"]
+    unpaired = 0
+    for r in rows:
+        if "error" in r:
+            continue
+        for name, ref in _references(r, rows):
+            a, b = ref["main"].get("hits"), r["main"].get("hits")
+            if a is None or b is None:
+                unpaired += 1
+                continue
+            n10, n01, p = mcnemar([int(v) for v in a], [int(v) for v in b])
+            c = r["cell"]
+            lines.append(f"| {c['method']}/{c['data']} {c['bits']} | {name} | {r['main']['top1']:.2f} | "
+                         f"{ref['main']['top1']:.2f} | {n10} | {n01} | {p:.3g} |")
+    if len(lines) == 2:
+        lines = ["No pairs with per-image hits to compare."]
+    if unpaired:
+        lines += ["", f"{unpaired} pair(s) not compared: a row has no per-image hits (made before rows recorded them)."]
+    return lines
+
+
+def _threads_line(rows: List[dict], default: int) -> str:
+    """Torch threads per cell as the rows record them (resumed or merged runs may differ)."""
+    counts: Dict[int, int] = {}
+    for r in rows:
+        if "error" not in r:
+            t = int(r.get("threads", default))
+            counts[t] = counts.get(t, 0) + 1
+    if len(counts) <= 1:
+        return f"{next(iter(counts), default)} torch thread(s) per cell"
+    return "torch threads per cell: " + ", ".join(f"{t} ({n} rows)" for t, n in sorted(counts.items()))
+
+
 def _plots(results: dict, out: Path) -> List[str]:
     import matplotlib
 
@@ -151,7 +210,7 @@ def write_report(out, command: str = "") -> Path:
     if command:
         lines += ["Command:", "", f"    {command}", ""]
     lines += [f"Machine: {m['platform']}, {m['cores']} cores, Python {m['python']}, torch {m['torch']}, "
-              f"{m['threads_per_cell']} torch thread(s) per cell. Times are wall-clock on a shared machine and "
+              f"{_threads_line(rows, m['threads_per_cell'])}. Times are wall-clock on a shared machine and "
               "inflated by contention from other jobs.",
               f"Total time (sum of cell wall times, incl. process start and evaluation): "
               f"{results['wall_seconds']:.0f} s. Cells: {n_done} done of {len(results.get('order', rows))}.", ""]
@@ -170,8 +229,8 @@ def write_report(out, command: str = "") -> Path:
               "model's primary eval set with a 95 % Wilson interval. *agree FP32* is the share of images whose "
               "top-1 class matches the FP32 teacher's. *Paper* figures are the published top-1 for the same "
               "method at the nearest bit setting with that paper's FP32 baseline: **a different teacher** "
-              "(pytorchcv ResNet-20, full test set, GPU budgets), so they are context, not targets.", "",
-              "## Plots", ""]
+              "(pytorchcv ResNet-20, full test set, GPU budgets), so they are context, not targets.", ""]
+    lines += ["## Paired on the same images", ""] + paired_lines(results) + ["", "## Plots", ""]
     lines += [f"![{Path(f).stem}]({f})" for f in files]
     p = out / "report.md"
     p.write_text("\n".join(lines) + "\n")
