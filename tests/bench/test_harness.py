@@ -247,8 +247,8 @@ def test_resume_refuses_rows_of_other_code(tmp_path):
     assert f"{source_digest()}: 1 row(s) (new)" in mixed   # the failed row is not counted
 
 
-def _row(method, data, bits, hits, preset="genie"):
-    c = Cell(M, method, bits, data=data)
+def _row(method, data, bits, hits, preset="genie", iters=None):
+    c = Cell(M, method, bits, data=data, iters=iters)
     return c.key, {"key": c.key, "cell": c.to_dict(), "preset": preset,
                    "main": {"top1": 100 * hits.count("1") / max(len(hits), 1), **({"hits": hits} if hits else {})}}
 
@@ -261,12 +261,14 @@ def test_report_pairs_each_row_with_its_real_reference_and_bn_minmax_at_the_same
                   _row("bn-minmax", "none", "w4a4", "0000000011"),
                   _row("bn-minmax", "none", "w8a8", "1111111111"),
                   _row("qdrop", "genie", "w4a4", "1111111111", preset="qdrop"),  # other preset: not vs bn-minmax
-                  _row("genie", "zeroq", "w4a4", "")])                          # made before hits were kept
+                  _row("genie", "zeroq", "w4a4", ""),                           # made before hits were kept
+                  _row("genie", "genie", "w4a4", "1111111111", iters=7)])        # other budget: not vs real
     lines = paired_lines({"cells": cells, "order": list(cells)})
     table = [ln for ln in lines if ln.startswith("| genie/")]
     # genie 1100110011 vs real 1111110000: only real right at images 2, 3; only genie right at 8, 9
     assert "| genie/genie w4a4 | real-data reference | 60.00 | 60.00 | 2 | 2 | 1 |" in table
     assert "| genie/genie w4a4 | bn-minmax | 60.00 | 20.00 | 0 | 4 | 0.125 |" in table
     assert "| genie/real w4a4 | bn-minmax | 60.00 | 20.00 | 2 | 6 | 0.289 |" in table
-    assert len(table) == 3 and not any(ln.startswith("| qdrop/") for ln in lines)
+    assert "| genie/genie w4a4 | bn-minmax | 100.00 | 20.00 | 0 | 8 | 0.00781 |" in table  # the iters=7 row
+    assert len(table) == 4 and not any(ln.startswith("| qdrop/") for ln in lines)
     assert lines[-1] == "2 pair(s) not compared: a row has no per-image hits (made before rows recorded them)."

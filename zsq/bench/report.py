@@ -62,7 +62,7 @@ def summary_table(results: dict) -> List[str]:
 
 def _references(r: dict, rows: List[dict]) -> List[tuple]:
     """(name, row) pairs a finished row is compared with on the same images: the real-data reference of its
-    method and bits (the data's share of the gap), and bn-minmax at its bits (what reconstruction adds)."""
+    method, bits and budget (the data's share of the gap), and bn-minmax at its bits (what reconstruction adds)."""
     c = r["cell"]
     found = []
     for ref in rows:
@@ -72,7 +72,8 @@ def _references(r: dict, rows: List[dict]) -> List[tuple]:
         if (rc["model"], rc["bits"]) != (c["model"], c["bits"]):
             continue
         same_preset = ref["preset"] == r["preset"]  # the effective one: a cell's None is its method's own
-        if rc["data"] == "real" and c["data"] not in ("real", "none") and rc["method"] == c["method"] and same_preset:
+        same_but_data = {k: v for k, v in rc.items() if k != "data"} == {k: v for k, v in c.items() if k != "data"}
+        if rc["data"] == "real" and c["data"] not in ("real", "none") and same_but_data and same_preset:
             found.append(("real-data reference", ref))
         elif rc["method"] == "bn-minmax" and c["method"] != "bn-minmax" and same_preset:
             found.append(("bn-minmax", ref))
