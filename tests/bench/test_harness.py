@@ -272,3 +272,14 @@ def test_report_pairs_each_row_with_its_real_reference_and_bn_minmax_at_the_same
     assert "| genie/genie w4a4 | bn-minmax | 100.00 | 20.00 | 0 | 8 | 0.00781 |" in table  # the iters=7 row
     assert len(table) == 4 and not any(ln.startswith("| qdrop/") for ln in lines)
     assert lines[-1] == "2 pair(s) not compared: a row has no per-image hits (made before rows recorded them)."
+
+
+def test_report_warns_where_real_rows_calibrate_inside_the_jpeg_eval_set():
+    """CIFAR's real calibration slice is part of JPEG-10k: the report says so wherever a real row shows that figure."""
+    from zsq.bench.report import _calib_overlap_lines
+
+    real = {"model": "cifar10_resnet20", "data": "real", "jpeg": {"top1": 80.0}}
+    caveat = _calib_overlap_lines([real, {"model": "cifar10_resnet20", "data": "genie", "jpeg": {"top1": 79.0}}])
+    assert len(caveat) == 1 and "JPEG-10k[1017:2041]" in caveat[0] and "own calibration images" in caveat[0]
+    assert _calib_overlap_lines([dict(real, jpeg=None)]) == []  # no JPEG figure shown: nothing to warn of
+    assert _calib_overlap_lines([{"model": "efficientnet_lite0", "data": "real", "jpeg": None}]) == []

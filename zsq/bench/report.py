@@ -197,6 +197,15 @@ def _code_line(rows: List[dict]) -> str:
     return "Code: **rows made by different zsq sources** (--allow-mixed-code): " + "; ".join(parts) + "."
 
 
+def _calib_overlap_lines(rows) -> List[str]:
+    """The caveat of a model whose real calibration images are inside its second eval set, where a real row shows it."""
+    from zsq.bench.suites import DATA_REAL, MODELS
+
+    notes = {MODELS[r["model"]].real_calib_in_jpeg for r in rows
+             if r.get("data") == DATA_REAL and r.get("jpeg") is not None and r.get("model") in MODELS}
+    return [f"**Caveat:** {n}." for n in sorted(n for n in notes if n)]
+
+
 def write_report(out, command: str = "") -> Path:
     """Write out/report.md (and plots) from out/results.json; returns the report path."""
     out = Path(out)
@@ -230,7 +239,8 @@ def write_report(out, command: str = "") -> Path:
               "model's primary eval set with a 95 % Wilson interval. *agree FP32* is the share of images whose "
               "top-1 class matches the FP32 teacher's. *Paper* figures are the published top-1 for the same "
               "method at the nearest bit setting with that paper's FP32 baseline: **a different teacher** "
-              "(pytorchcv ResNet-20, full test set, GPU budgets), so they are context, not targets.", ""]
+              "(pytorchcv ResNet-20, full test set, GPU budgets), so they are context, not targets."]
+    lines += _calib_overlap_lines(rows) + [""]
     lines += ["## Paired on the same images", ""] + paired_lines(results) + ["", "## Plots", ""]
     lines += [f"![{Path(f).stem}]({f})" for f in files]
     p = out / "report.md"

@@ -24,13 +24,19 @@ class ModelSetup:
     eval_main_name: str
     eval_jpeg: Optional[str] = None  # the optional second eval set (JPEG-10k)
     real_calib: Optional[str] = None  # real calibration images, disjoint from eval_main
+    # where real_calib is not disjoint from eval_jpeg, what the report says of the real rows' JPEG figure
+    real_calib_in_jpeg: Optional[str] = None
 
 
 MODELS: Dict[str, ModelSetup] = {
     "cifar10_resnet20": ModelSetup("cifar10/resnet20-12fca82f.th",
                                    "cifar10/cifar10_test_lossless_first1017.npz", "exact-1017",
                                    "cifar10/cifar10_test_jpeg_yoongikim.npz",
-                                   "cifar10/cifar10_test_jpeg_yoongikim.npz[1017:2041]"),
+                                   "cifar10/cifar10_test_jpeg_yoongikim.npz[1017:2041]",
+                                   # no CIFAR-10 image lies outside both eval sets (MANIFEST.md: test set only)
+                                   real_calib_in_jpeg="the real-data rows calibrate on JPEG-10k[1017:2041], "
+                                                      "which is inside JPEG-10k: their JPEG-10k figure includes "
+                                                      "their own calibration images (exact-1017 does not)"),
     # val1300[0:256] is the real-data reference's calibration set, so every Lite0 cell is evaluated on the rest
     "efficientnet_lite0": ModelSetup("imagenet/efficientnet-lite0-57934424.pth", "imagenet/val1300[256:]",
                                      "val1300[256:]", real_calib="imagenet/val1300[0:256]"),
