@@ -16,6 +16,9 @@ coverage, augmentation during reconstruction) on one model, one bit setting, one
     # each activation quantizer's own error on real images, with its range from each set or from BN statistics
     python benchmarks/quality_levers.py ranges lite0-32 real:../shared/assets/imagenet/val1300[0:32] bn \
         --probe real:../shared/assets/imagenet/val1300[32:64] --model efficientnet_lite0 --bits w4a8
+    # a synthetic set alone (no run), another seed's, and the two joined into one set of twice the images
+    python benchmarks/quality_levers.py run --tag unused --synth-tag lite0-64-s1 --synth-seed 1 --synth-only --model efficientnet_lite0 --num-images 64
+    python benchmarks/quality_levers.py concat lite0-128-s01 lite0-64-s0 lite0-64-s1
     # per-layer BN statistics of synthetic sets against real images
     python benchmarks/quality_levers.py layers lite0-32 real:../shared/assets/imagenet/val1300[0:32] --model efficientnet_lite0
     # accuracy against minutes: one curve per budget knob, reference runs as horizontal lines
@@ -93,10 +96,14 @@ def cmd_run(a) -> None:
     else:
         sdir = OUT / f"synth-{a.synth_tag}"
         ts = time.time()
-        sset = synthesize(fp, a.synth, a.num_images, budget="quick", seed=a.seed, out=sdir, resume=True,
+        seed = a.seed if a.synth_seed is None else a.synth_seed
+        sset = synthesize(fp, a.synth, a.num_images, budget="quick", seed=seed, out=sdir, resume=True,
                           compute=compute, **synth_opts)
         synth_s = sset.meta.get("seconds", time.time() - ts)
         calib, source = sset.images, f"synthetic:{a.synth}:{sdir}"
+        if a.synth_only:
+            print(f"{sdir}: {len(sset)} images, seed {seed}, {synth_s:.0f} s, BNS {sset.meta.get('bns_loss')}")
+            return
     job = QuantJob(calib=calib, iters=a.iters, num_images=a.num_images, seed=a.seed,
                    extra=_pairs(a.set), compute=compute)
     tq = time.time()
@@ -398,6 +405,27 @@ def cmd_ranges(a) -> None:
               f"mean clipped share {sum(r[3] for r in rows[s]) / len(errs):.2e}")
 
 
+def cmd_concat(a) -> None:
+    """One synthetic set of several (runs/levers/synth-TAG each), in order: more images from independent
+    seeds without synthesizing the ones already made again."""
+    import torch
+
+    from zsq.synth.dataset import SyntheticSet
+
+    out = OUT / f"synth-{a.out}"
+    if out.exists():
+        raise SystemExit(f"{out} exists; pick another tag")
+    sets = [SyntheticSet.load(OUT / f"synth-{t}") for t in a.tags]
+    shapes = {tuple(s.images.shape[1:]) for s in sets}
+    if len(shapes) > 1:
+        raise SystemExit(f"the sets' images differ in shape: {sorted(shapes)}")
+    meta = dict(sets[0].meta, concat_of=list(a.tags), seeds=[s.meta.get("seed") for s in sets],
+                seconds=sum(s.meta.get("seconds", 0.0) for s in sets))
+    labels = None if any(s.labels is None for s in sets) else torch.cat([s.labels for s in sets])
+    SyntheticSet(torch.cat([s.images for s in sets]), labels, meta).save(out)
+    print(f"{out}: {sum(len(s) for s in sets)} images from {', '.join(a.tags)}")
+
+
 def cmd_layers(a) -> None:
     """Per-layer Genie BNS (batches of --batch) and per-channel pixel mean/std of image sets side by side:
     where synthetic images' statistics differ from real ones'."""
@@ -480,6 +508,8 @@ def main() -> None:
     r.add_argument("--synth-tag", default="base", help="cache name of the synthetic set (change with --synth-set)")
     r.add_argument("--synth", default="genie", help="synthesizer of the calibration set (zsq.synth; default genie)")
     r.add_argument("--synth-set", action="append", metavar="KEY=VALUE", help="synthesizer option")
+    r.add_argument("--synth-seed", type=int, help="seed of the synthetic set (default: --seed)")
+    r.add_argument("--synth-only", action="store_true", help="make (or reuse) the synthetic set, then stop")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="reconstruction option (job.extra)")
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
@@ -536,6 +566,10 @@ def main() -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=1)
     g.set_defaults(func=cmd_ranges)
+    cc = sub.add_parser("concat")
+    cc.add_argument("out", help="tag of the new set (runs/levers/synth-OUT)")
+    cc.add_argument("tags", nargs="+", help="synthetic-set tags to join, in order")
+    cc.set_defaults(func=cmd_concat)
     v = sub.add_parser("coverage")
     v.add_argument("tags", nargs="+", help="synthetic-set tags (runs/levers/synth-TAG)")
     v.add_argument("--model", default="cifar10_resnet20", choices=sorted(MODELS))

@@ -155,3 +155,24 @@ def test_act_errors_are_each_quantizers_own_error_and_clipping_on_the_probe(ql):
     shrunk = ql._act_errors(q, x)
     assert all(b[3] > 0.05 and b[2] > 10 * a[2] for a, b in zip(full, shrunk))
     assert all(b[1] == pytest.approx(a[1] / 10, rel=1e-4) for a, b in zip(full, shrunk))
+
+
+def test_concat_joins_synthetic_sets_in_order_and_refuses_an_existing_tag(ql, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from zsq.synth.dataset import SyntheticSet
+
+    monkeypatch.setattr(ql, "OUT", tmp_path)
+    a, b = torch.randn(2, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    SyntheticSet(a, None, {"seed": 0, "seconds": 10.0}).save(tmp_path / "synth-a")
+    SyntheticSet(b, None, {"seed": 1, "seconds": 5.0}).save(tmp_path / "synth-b")
+    ql.cmd_concat(SimpleNamespace(out="ab", tags=["a", "b"]))
+    joined = SyntheticSet.load(tmp_path / "synth-ab")
+    assert torch.equal(joined.images, torch.cat([a, b]))
+    assert joined.meta["seeds"] == [0, 1] and joined.meta["seconds"] == 15.0 and joined.meta["concat_of"] == ["a", "b"]
+    assert "5 images from a, b" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="exists"):
+        ql.cmd_concat(SimpleNamespace(out="ab", tags=["a"]))
+    SyntheticSet(torch.randn(1, 3, 4, 4), None, {}).save(tmp_path / "synth-c")
+    with pytest.raises(SystemExit, match="differ in shape"):
+        ql.cmd_concat(SimpleNamespace(out="ac", tags=["a", "c"]))
