@@ -129,6 +129,10 @@ def make_tiny(seed: int = 0) -> nn.Module:
                 mod.running_var.copy_(0.5 + torch.rand(mod.num_features, generator=g))
                 mod.weight.copy_(0.8 + 0.4 * torch.rand(mod.num_features, generator=g))
                 mod.bias.copy_(0.1 * torch.randn(mod.num_features, generator=g))
+        gb = torch.Generator().manual_seed(seed + 1)  # layer biases too (torch's default init draws the global RNG)
+        for mod in m.modules():
+            if isinstance(mod, (nn.Conv2d, nn.Linear)) and mod.bias is not None:
+                mod.bias.copy_(0.1 * torch.randn(mod.bias.shape, generator=gb))
     return set_meta(m.eval(), UNITS_META)
 
 

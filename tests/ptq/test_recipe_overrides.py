@@ -111,6 +111,45 @@ def test_relative_weight_step_reaches_the_engine():
         assert (ratio - 1).abs().max() <= 5.5e-3 and not torch.equal(rel[n], start[n]), n
 
 
+def _act_steps(model):
+    from zsq.quant import act_quantizers
+    return {n: q.scale.detach().clone() for n, q in act_quantizers(model) if isinstance(q.scale, torch.nn.Parameter)}
+
+
+def test_relative_activation_step_lr_is_a_share_of_each_step():
+    """Two steps 100x apart get Adam lrs 100x apart (one absolute lr would freeze one or swing the other)."""
+    from zsq.ptq.reconstruct import _param_groups
+    from zsq.quant import QuantSpec, UniformQuantizer
+
+    acts = []
+    for s0 in (0.03, 3.0):
+        q = UniformQuantizer(QuantSpec(bits=4, per_channel=False, symmetric=True, learnable=True))
+        q.set_range(torch.tensor(-8 * s0), torch.tensor(7 * s0))
+        acts.append(q)
+    starts = [float(q.scale) for q in acts]
+    phase = _recipe("genie", lr_act_scale_rel=2e-2).phases[0]
+    _, groups = _param_groups(phase, [], acts)
+    assert [g["lr"] for g in groups] == pytest.approx([2e-2 * s for s in starts])
+    _, groups = _param_groups(_recipe("genie").phases[0], [], acts)  # the default: one absolute lr for all
+    assert len(groups) == 1 and groups[0]["lr"] == RECIPES["genie"].phases[0].lr_act_scale
+
+
+def test_relative_activation_step_lr_reaches_the_engine():
+    rel = _act_steps(_run({"lr_act_scale_rel": 1e-2}))
+    frozen = _act_steps(_run({"train_act_scale": False}))
+    assert rel.keys() == frozen.keys() and rel
+    assert any(not torch.equal(rel[n], frozen[n]) for n in rel)
+
+
+def test_relative_activation_step_lr_is_refused_where_nothing_learns_it():
+    with pytest.raises(ZsqError, match="not both"):
+        parse_options(rm.PTQOptions, {"lr_act_scale": 1e-4, "lr_act_scale_rel": 1e-2}, "genie")
+    with pytest.raises(ZsqError, match="lr_act_scale_rel needs train_act_scale"):
+        _recipe("genie", train_act_scale=False, lr_act_scale_rel=1e-2)
+    with pytest.raises(ZsqError, match="lr_act_scale_rel must be > 0"):
+        parse_options(rm.PTQOptions, {"lr_act_scale_rel": 0.0}, "genie")
+
+
 @pytest.mark.parametrize("bits", ["w8a8", "w5a5"])
 def test_genie_keeps_weight_steps_on_fine_grids_unless_asked(bits):
     frozen = _weight_steps(_run({"learn_weight_scale": False}, bits))

@@ -79,7 +79,8 @@ class Phase:
     value at the unit input and in each activation quantizer (0 = no QDrop: the unit reads x_q);
     loss_p: the reconstruction loss is mean over batch/space of sum_c |y_hat - y|^p;
     lr_weight_scale_rel: when set, the weight step is learned relative to its start (s0 * g) with this lr
-    instead of lr_weight_scale on s itself.
+    instead of lr_weight_scale on s itself; lr_act_scale_rel likewise for each activation step (Adam lr
+    rel * |s0| on s, which for Adam is the same as lr rel on s / s0).
     """
 
     name: str
@@ -95,6 +96,7 @@ class Phase:
     lr_act_scale: float = 4e-5
     loss_p: float = 2.0
     lr_weight_scale_rel: Optional[float] = None  # set: learn each weight step as s0 * g, lr a fraction of s0
+    lr_act_scale_rel: Optional[float] = None  # set: each activation step's lr is this fraction of its start
 
     def __post_init__(self):
         if not 0.0 <= self.qdrop_p <= 1.0:
@@ -105,6 +107,8 @@ class Phase:
             raise ZsqError(f"phase {self.name!r} learns nothing")
         if self.lr_weight_scale_rel is not None and not (self.learn_weight_scale and self.lr_weight_scale_rel > 0):
             raise ZsqError(f"phase {self.name!r}: lr_weight_scale_rel needs learn_weight_scale and a value > 0")
+        if self.lr_act_scale_rel is not None and not (self.train_act_scale and self.lr_act_scale_rel > 0):
+            raise ZsqError(f"phase {self.name!r}: lr_act_scale_rel needs train_act_scale and a value > 0")
         if self.iters_scale <= 0 or self.round_weight < 0 or self.loss_p <= 0:
             raise ZsqError(f"phase {self.name!r}: iters_scale and loss_p must be > 0, round_weight >= 0")
 

@@ -150,8 +150,10 @@ def _param_groups(phase: Phase, soft: List[SoftRoundQuantizer], acts: List[Unifo
             groups_scale.append({"params": [s.scale_parameter() for s in soft], "lr": lr})
     if phase.train_act_scale:
         act_params = [q.scale for q in acts if isinstance(q.scale, nn.Parameter) and q.scale.requires_grad]
-        if act_params:
+        if act_params and phase.lr_act_scale_rel is None:
             groups_scale.append({"params": act_params, "lr": phase.lr_act_scale})
+        for p in act_params if phase.lr_act_scale_rel is not None else ():  # a step's lr: a share of its start
+            groups_scale.append({"params": [p], "lr": phase.lr_act_scale_rel * float(p.detach().abs().mean())})
     return groups_fast, groups_scale
 
 

@@ -59,6 +59,8 @@ class PTQOptions:
     train_act_scale: Optional[bool] = None  # LSQ activation steps
     lr_weight_scale: Optional[float] = None
     lr_act_scale: Optional[float] = None
+    # each activation step's Adam lr as this share of its start (instead of the absolute lr_act_scale)
+    lr_act_scale_rel: Optional[float] = None
     # learn each weight step as s0 * g with this Adam lr (a fraction of the step) instead of s with lr_weight_scale
     lr_weight_scale_rel: Optional[float] = None
     lr_v: Optional[float] = None  # Adam lr of the soft bits V (None: sized to the budget, budgets.soft_bit_lr)
@@ -76,6 +78,7 @@ class PTQOptions:
         check_range("lr_weight_scale", self.lr_weight_scale, 0.0, lo_open=True)
         check_range("lr_act_scale", self.lr_act_scale, 0.0, lo_open=True)
         check_range("lr_weight_scale_rel", self.lr_weight_scale_rel, 0.0, lo_open=True)
+        check_range("lr_act_scale_rel", self.lr_act_scale_rel, 0.0, lo_open=True)
         check_range("lr_v", self.lr_v, 0.0, lo_open=True)
         check_range("round_weight", self.round_weight, 0.0)
         check_range("qdrop_p", self.qdrop_p, 0.0, 1.0, lo_open=True)
@@ -83,6 +86,8 @@ class PTQOptions:
         if self.lr_weight_scale is not None and self.lr_weight_scale_rel is not None:
             raise ZsqError("set lr_weight_scale (learn each weight step itself) or lr_weight_scale_rel (learn it "
                            "relative to its start), not both")
+        if self.lr_act_scale is not None and self.lr_act_scale_rel is not None:
+            raise ZsqError("set lr_act_scale (an absolute lr) or lr_act_scale_rel (a share of each step), not both")
 
     def distill_config(self) -> OutputDistillConfig:
         return OutputDistillConfig(iters=self.distill_iters, lr=self.distill_lr, params=self.distill_params)
@@ -143,7 +148,9 @@ def with_overrides(recipe: Recipe, user: PTQOptions, w_bits: int, iters: Optiona
             if user.train_act_scale is not None:
                 change["train_act_scale"] = user.train_act_scale
             if user.lr_act_scale is not None:
-                change["lr_act_scale"] = user.lr_act_scale
+                change["lr_act_scale"], change["lr_act_scale_rel"] = user.lr_act_scale, None
+            if user.lr_act_scale_rel is not None:  # the Phase refuses it where steps are not learned
+                change["lr_act_scale_rel"] = user.lr_act_scale_rel
         phases.append(dataclasses.replace(ph, **change))
     return dataclasses.replace(recipe, phases=tuple(phases))
 
