@@ -152,8 +152,9 @@ def _param_groups(phase: Phase, soft: List[SoftRoundQuantizer], acts: List[Unifo
         act_params = [q.scale for q in acts if isinstance(q.scale, nn.Parameter) and q.scale.requires_grad]
         if act_params and phase.lr_act_scale_rel is None:
             groups_scale.append({"params": act_params, "lr": phase.lr_act_scale})
-        for p in act_params if phase.lr_act_scale_rel is not None else ():  # a step's lr: a share of its start
-            groups_scale.append({"params": [p], "lr": phase.lr_act_scale_rel * float(p.detach().abs().mean())})
+        elif act_params:  # each step its own lr: a share of its start
+            groups_scale += [{"params": [p], "lr": phase.lr_act_scale_rel * float(p.detach().abs().mean())}
+                             for p in act_params]
     return groups_fast, groups_scale
 
 
