@@ -197,7 +197,7 @@ def test_ptq_options_default_to_the_engines_own():
     user, engine = PTQOptions(), EngineOptions()
     shared = [f.name for f in fields(PTQOptions) if hasattr(engine, f.name)]
     assert shared == ["chunk", "max_cache_mib", "holdout", "keep_better", "augment", "refit_iters", "refit_affine",
-                      "rounding", "gptq_damp", "gptq_target"]
+                      "rounding", "gptq_damp", "gptq_target", "hardening"]
     # rounding is the budget's unless asked (Budget.rounding), every other one the engine's own
     assert user.rounding is None
     assert all(getattr(user, n) == getattr(engine, n) for n in shared if n != "rounding")
@@ -232,6 +232,41 @@ def test_refit_after_hardening_lowers_the_hardened_error(tiny, tiny_images):
     plain = Reconstructor(quantize_model(tiny, get_preset("genie", "w2a8")), tiny_images, WEIGHTS_ONLY,
                           Budget("t", 20, 16, 48), EngineOptions()).run()
     assert all(u["refit_from"] is None for u in plain["unit_losses"])
+
+
+def test_gptq_hardening_is_never_worse_than_nearest_on_the_training_images(tiny, tiny_images):
+    """hardening=gptq: each unit's trained soft weights are rounded by GPTQ on its quantized input, and the unit
+    keeps that only where its error on its images is below 1[V >= 0]'s. Per unit the kept error is the lower of
+    the two; over the run GPTQ wins somewhere (20 steps leave the W2 soft bits far from 0 and 1) and the
+    hardened error is the reported one. The weights end on their grid as frozen UniformQuantizers."""
+    q = quantize_model(tiny, get_preset("genie", "w2a4"))
+    rep = Reconstructor(q, tiny_images, WEIGHTS_ONLY, Budget("t", 20, 16, 48), EngineOptions(hardening="gptq")).run()
+    units = rep["unit_losses"]
+    assert all("hardening" in u for u in units)
+    for u in units:
+        h = u["hardening"]
+        assert h["kept"] == ("gptq" if h["gptq"] < h["nearest"] else "nearest")
+        assert u["hard_loss"] == pytest.approx(min(h["gptq"], h["nearest"]), rel=1e-4, abs=1e-7)
+    assert any(u["hardening"]["kept"] == "gptq" for u in units)
+    assert sum(u["hard_loss"] for u in units) < sum(u["hardening"]["nearest"] for u in units)
+    for _, layer in quant_layers(q):
+        wq = layer.weight_quant
+        assert isinstance(wq, UniformQuantizer)
+        assert torch.equal(wq(layer.weight), layer.weight)  # the codes are on the grid the quantizer holds
+    plain = Reconstructor(quantize_model(tiny, get_preset("genie", "w2a4")), tiny_images, WEIGHTS_ONLY,
+                          Budget("t", 20, 16, 48), EngineOptions()).run()
+    assert all("hardening" not in u for u in plain["unit_losses"])
+    # the first unit sees the same input in both runs: the plain run's hardened error is the "nearest" one
+    assert plain["unit_losses"][0]["hard_loss"] == pytest.approx(units[0]["hardening"]["nearest"], rel=1e-4)
+
+
+def test_hardening_options_are_checked():
+    with pytest.raises(ZsqError, match="hardening must be one of"):
+        EngineOptions(hardening="stochastic")
+    with pytest.raises(ZsqError, match="rounding=gptq learns none"):
+        EngineOptions(hardening="gptq", rounding="gptq")
+    with pytest.raises(ZsqError, match="set refit_iters=0"):
+        EngineOptions(hardening="gptq", refit_iters=5)
 
 
 def test_refit_options_are_checked():

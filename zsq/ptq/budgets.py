@@ -13,6 +13,7 @@ from zsq.errors import ZsqError
 from zsq.ptq.units import GRANULARITIES
 
 
+HARDENINGS = ("nearest", "gptq")  # learned soft bits made hard: 1[V >= 0] (AdaRound) | GPTQ on the soft weights
 ROUNDINGS = ("learned", "gptq")  # soft bits learned then hardened (AdaRound, Genie-M) | zsq.ptq.gptq
 GPTQ_TARGETS = ("float", "quantized")
 
@@ -184,6 +185,9 @@ class EngineOptions:
     # what GPTQ fits each layer to: "float" (the float layer's output on the float input, as block
     # reconstruction does) or "quantized" (the float weights on the quantized input: the GPTQ paper's)
     gptq_target: str = "float"
+    # how learned soft bits become codes: "nearest" (1[V >= 0], the papers') or "gptq" (GPTQ on the soft
+    # weights, zsq.ptq.gptq.gptq_harden_unit; a unit keeps whichever has the lower error on its images)
+    hardening: str = "nearest"
 
     def __post_init__(self):
         if self.chunk < 1 or self.max_cache_mib <= 0:
@@ -202,6 +206,12 @@ class EngineOptions:
             raise ZsqError(f"gptq_damp must be > 0, got {self.gptq_damp}")
         if self.augment < 0:
             raise ZsqError(f"augment must be >= 0 views per image, got {self.augment}")
+        if self.hardening not in HARDENINGS:
+            raise ZsqError(f"hardening must be one of {HARDENINGS}, got {self.hardening!r}")
+        if self.hardening == "gptq" and self.rounding == "gptq":
+            raise ZsqError("hardening=gptq hardens learned soft bits; rounding=gptq learns none: drop one of them")
+        if self.hardening == "gptq" and self.refit_iters:
+            raise ZsqError("refit_iters re-fits the steps to 1[V >= 0] hardening; with hardening=gptq set refit_iters=0")
         if self.keep_better and self.holdout == 0.0:
             raise ZsqError("keep_better needs held-out images: set holdout > 0 (e.g. 0.125) or keep_better=false")
 

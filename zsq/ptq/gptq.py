@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from zsq.errors import ZsqError
 from zsq.hooks import Hooks
+from zsq.ptq.soft_round import SoftRoundQuantizer, to_uniform
 from zsq.quant.quantizer import UniformQuantizer, fake_quantize
 
 UNFOLD_VALUES = 1 << 25  # input patches unfolded at a time (128 MiB of float32)
@@ -236,6 +237,30 @@ def gptq_round_layer(name: str, layer: nn.Module, run: Callable[[], None], damp:
     return stats
 
 
+@torch.no_grad()
+def gptq_harden_layer(name: str, layer: nn.Module, run: Callable[[], None], damp: float = 0.01) -> GPTQStats:
+    """Harden a layer's trained soft bits with GPTQ instead of rounding each to nearest: the target is the
+    soft-rounded weight W_s the unit was trained with, on the learned grid, and the codes minimise
+    E||W_s x_q - Q x_q||^2 over what ``run`` feeds the layer, so the error one weight's rounding leaves is
+    compensated by the weights not yet rounded. Round-to-nearest of W_s is AdaRound's 1[V >= 0]; on short
+    budgets the soft bits are far from 0 and 1 and that jump costs most of what a unit learned
+    (imagenet_quality.md, "what hardening costs"). The layer leaves with a frozen UniformQuantizer."""
+    if not isinstance(layer.weight_quant, SoftRoundQuantizer):
+        raise ZsqError(f"GPTQ hardening: {name} has no soft-rounded weights to harden")
+    m = input_moments(layer, run, name)
+    layer.weight_quant.hard = False
+    target = layer.weight_quant(layer.weight).detach().double()
+    to_uniform(layer)
+    scale, zero, qmin, qmax = _weight_grid(layer)
+    groups = m.h.shape[0]
+    w = target.reshape(groups, target.shape[0] // groups, -1)
+    s, z = scale.reshape(groups, -1, 1), zero.reshape(groups, -1, 1)
+    q = gptq_codes(w, m.h, s, z, qmin, qmax, damp)
+    stats = GPTQStats(name, _target_error(w, fake_quantize(w, s, z, qmin, qmax), m), _target_error(w, q, m))
+    layer.weight.copy_(q.reshape(layer.weight.shape).to(layer.weight.dtype))
+    return stats
+
+
 def call_order(layers: List[Tuple[str, nn.Module]], run: Callable[[], None]) -> List[Tuple[str, nn.Module]]:
     """The layers in the order ``run`` first calls them (module order need not be forward order)."""
     seen: List[int] = []
@@ -247,6 +272,15 @@ def call_order(layers: List[Tuple[str, nn.Module]], run: Callable[[], None]) -> 
     if missing:
         raise ZsqError(f"GPTQ rounding: {', '.join(missing)} not called on the calibration images")
     return [layers[i] for i in seen]
+
+
+def gptq_harden_unit(layers: List[Tuple[str, nn.Module]], run: Callable[[], None],
+                     damp: float = 0.01) -> List[GPTQStats]:
+    """gptq_harden_layer for each of a unit's soft-rounded layers in forward order, each on the inputs it
+    gets with the layers before it already hardened."""
+    with torch.no_grad():
+        ordered = call_order(layers, run)
+    return [gptq_harden_layer(n, layer, run, damp) for n, layer in ordered]
 
 
 def gptq_round_unit(layers: List[Tuple[str, nn.Module]], run: Callable[[], None], damp: float = 0.01,

@@ -37,7 +37,7 @@ from zsq.hooks import Hooks
 from zsq.ptq import cache, unit_checkpoint
 from zsq.ptq.augment import augmented_views
 from zsq.ptq.budgets import Budget, EngineOptions, Phase, Recipe
-from zsq.ptq.gptq import gptq_round_unit
+from zsq.ptq.gptq import gptq_harden_unit, gptq_round_unit
 from zsq.ptq.schedule import BetaSchedule
 from zsq.ptq.soft_round import SoftRoundQuantizer, to_uniform
 from zsq.ptq.unit_bar import UnitBar
@@ -236,6 +236,7 @@ class Reconstructor:
             holdout=[opts.holdout, opts.keep_better], augment=opts.augment,
             **({"refit": [opts.refit_iters, opts.refit_affine]} if opts.refit_iters else {}),
             **({"rounding": [opts.rounding, opts.gptq_damp, opts.gptq_target]} if opts.rounding != "learned" else {}),
+            **({"hardening": [opts.hardening, opts.gptq_damp]} if opts.hardening != "nearest" else {}),
             units=[u.name for u in self.units], calib_images=self.calib,
             initial_model=torch.cat([p.detach().flatten() for p in qmodel.state_dict().values()
                                      if p.is_floating_point()]),
@@ -301,6 +302,8 @@ class Reconstructor:
         kept = None if not judge else (iters == 0 or hold_end < hold_start)
         if kept is False:  # training made the unit worse on images it never saw: back to the start
             mod.load_state_dict(start)
+        by_gptq = self.opts.hardening == "gptq" and bool(learning) and iters > 0 and kept is not False
+        hardening = self._gptq_harden(unit, mod, layers, soft, xq[:n], y[:n]) if by_gptq else None
         final = self._harden(layers, mod, xq[:n], y[:n])  # the hardened unit on its training images, no QDrop
         k = max(1, len(rec_hist) // 10)
         rec_hist = rec_hist or [final]
@@ -308,6 +311,7 @@ class Reconstructor:
                 "loss_start": sum(rec_hist[:k]) / k, "loss_end": sum(rec_hist[-k:]) / k,
                 "round_loss_end": round_val, "soft_loss": soft_final, "refit_from": refit_from, "hard_loss": final,
                 "holdout_start": hold_start, "holdout_end": hold_end, "kept": kept, "seconds": time.time() - t0,
+                **({"hardening": hardening} if hardening is not None else {}),
                 **({"gptq": [dataclasses.asdict(g) for g in gptq_stats]} if gptq else {})}
 
     def _init_acts(self, mod: nn.Module, acts: List[UniformQuantizer], x: torch.Tensor) -> None:
@@ -333,6 +337,26 @@ class Reconstructor:
                     self.compute.forward(mod, xq[i:i + c])
 
         return gptq_round_unit(list(zip(unit.layers, layers)), run, self.opts.gptq_damp, twins)
+
+    def _gptq_harden(self, unit: Unit, mod: nn.Module, layers: List[nn.Module], soft: List[SoftRoundQuantizer],
+                     xq: torch.Tensor, y: torch.Tensor) -> dict:
+        """GPTQ hardening of the trained soft bits (opts.hardening "gptq"); the unit keeps it only if its output
+        error on its training images is below 1[V >= 0]'s (which it then falls back to). Returns both errors."""
+        c = self.opts.chunk
+
+        def run():
+            with torch.no_grad():
+                for i in range(0, xq.shape[0], c):
+                    self.compute.forward(mod, xq[i:i + c])
+
+        _hard(soft, True)
+        nearest = _output_error(lambda t: self.compute.forward(mod, t), xq, y)
+        gptq_harden_unit(list(zip(unit.layers, layers)), run, self.opts.gptq_damp)
+        by_gptq = _output_error(lambda t: self.compute.forward(mod, t), xq, y)
+        if by_gptq >= nearest:  # back to the soft bits, hardened to nearest by _harden
+            for layer, s in zip(layers, soft):
+                layer.weight_quant = s
+        return {"nearest": nearest, "gptq": by_gptq, "kept": "gptq" if by_gptq < nearest else "nearest"}
 
     def _refit(self, phase: Phase, unit: Unit, mod: nn.Module, soft: List[SoftRoundQuantizer],
                acts: List[UniformQuantizer], gen: torch.Generator, data, desc: str) -> None:

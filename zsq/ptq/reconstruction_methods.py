@@ -49,6 +49,8 @@ class PTQOptions:
     gptq_damp: float = EngineOptions.gptq_damp  # GPTQ's ridge, a share of the mean diagonal of H
     # GPTQ fits each layer to the float layer on the float input, or (the paper's) on the quantized input
     gptq_target: Literal["float", "quantized"] = EngineOptions.gptq_target
+    # how learned soft bits become codes: 1[V >= 0] (the papers') or GPTQ on the trained soft weights
+    hardening: Literal["nearest", "gptq"] = EngineOptions.hardening
     # where activation steps start: "data" (the papers: Lp search on the calibration images) or "bn"
     # (bn-minmax: from BatchNorm statistics, independent of how faithful synthetic images are);
     # None: the preset's QuantConfig.act_init (deploy: bn, the paper presets: data)
@@ -217,7 +219,7 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
                          holdout=user.holdout, keep_better=user.keep_better, augment=user.augment,
                          refit_iters=user.refit_iters, refit_affine=user.refit_affine,
                          rounding=rounding,
-                         gptq_damp=user.gptq_damp, gptq_target=user.gptq_target)
+                         gptq_damp=user.gptq_damp, gptq_target=user.gptq_target, hardening=user.hardening)
     work_dir = user.work_dir or (Path(job.out) / "work" if job.out is not None else None)
     if job.resume and work_dir is None:
         raise ZsqError("--resume needs --out (the checkpoints live in OUT/work)")
