@@ -130,7 +130,7 @@ def cmd_run(a) -> None:
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "reverted_units": [u["unit"] for u in units if u.get("kept") is False],
         "units": [{k: u.get(k) for k in ("unit", "loss_start", "loss_end", "round_loss_end", "soft_loss", "refit_from", "hard_loss",
-                                         "holdout_start", "holdout_end", "kept")} for u in units],
+                                         "holdout_start", "holdout_end", "kept", "hardening")} for u in units],
         "hits": hits,
     }
     OUT.mkdir(parents=True, exist_ok=True)
