@@ -238,16 +238,19 @@ def gptq_round_layer(name: str, layer: nn.Module, run: Callable[[], None], damp:
 
 
 @torch.no_grad()
-def gptq_harden_layer(name: str, layer: nn.Module, run: Callable[[], None], damp: float = 0.01) -> GPTQStats:
-    """Harden a layer's trained soft bits with GPTQ instead of rounding each to nearest: the target is the
-    soft-rounded weight W_s the unit was trained with, on the learned grid, and the codes minimise
-    E||W_s x_q - Q x_q||^2 over what ``run`` feeds the layer, so the error one weight's rounding leaves is
-    compensated by the weights not yet rounded. Round-to-nearest of W_s is AdaRound's 1[V >= 0]; on short
-    budgets the soft bits are far from 0 and 1 and that jump costs most of what a unit learned
-    (imagenet_quality.md, "what hardening costs"). The layer leaves with a frozen UniformQuantizer."""
+def gptq_harden_layer(name: str, layer: nn.Module, run: Callable[[], None], soft_layer: nn.Module,
+                      damp: float = 0.01) -> GPTQStats:
+    """Harden a layer's trained soft bits with GPTQ instead of rounding each to nearest. ``soft_layer`` is the
+    same layer in a copy of the unit that keeps its soft bits, and ``run`` calls that copy on each chunk just
+    before the unit itself (see ``input_moments``). The target is the soft unit's own output, W_s x_s: the
+    weights are first mapped to its best fit from the input the hardened layers before give (float_target,
+    so each layer also takes up what hardening the earlier ones cost), then GPTQ picks their codes on the
+    learned grid. Round-to-nearest of W_s is AdaRound's 1[V >= 0]; on short budgets the soft bits are far
+    from 0 and 1 and that jump costs most of what a unit learned (imagenet_quality.md, "what hardening
+    costs"). The layer leaves with a frozen UniformQuantizer; the stats' errors are E||W_s x_s - Q x_q||^2."""
     if not isinstance(layer.weight_quant, SoftRoundQuantizer):
         raise ZsqError(f"GPTQ hardening: {name} has no soft-rounded weights to harden")
-    m = input_moments(layer, run, name)
+    m = input_moments(layer, run, name, fp_layer=soft_layer)
     layer.weight_quant.hard = False
     target = layer.weight_quant(layer.weight).detach().double()
     to_uniform(layer)
@@ -255,7 +258,7 @@ def gptq_harden_layer(name: str, layer: nn.Module, run: Callable[[], None], damp
     groups = m.h.shape[0]
     w = target.reshape(groups, target.shape[0] // groups, -1)
     s, z = scale.reshape(groups, -1, 1), zero.reshape(groups, -1, 1)
-    q = gptq_codes(w, m.h, s, z, qmin, qmax, damp)
+    q = gptq_codes(float_target(w, m, damp), m.h, s, z, qmin, qmax, damp)
     stats = GPTQStats(name, _target_error(w, fake_quantize(w, s, z, qmin, qmax), m), _target_error(w, q, m))
     layer.weight.copy_(q.reshape(layer.weight.shape).to(layer.weight.dtype))
     return stats
@@ -274,13 +277,15 @@ def call_order(layers: List[Tuple[str, nn.Module]], run: Callable[[], None]) -> 
     return [layers[i] for i in seen]
 
 
-def gptq_harden_unit(layers: List[Tuple[str, nn.Module]], run: Callable[[], None],
+def gptq_harden_unit(layers: List[Tuple[str, nn.Module]], run: Callable[[], None], soft_layers: List[nn.Module],
                      damp: float = 0.01) -> List[GPTQStats]:
     """gptq_harden_layer for each of a unit's soft-rounded layers in forward order, each on the inputs it
-    gets with the layers before it already hardened."""
+    gets with the layers before it already hardened; ``soft_layers`` are their twins in a soft copy of the
+    unit, in the same order as ``layers``, and ``run`` feeds that copy each chunk first."""
+    twin = dict(zip([id(layer) for _, layer in layers], soft_layers))
     with torch.no_grad():
         ordered = call_order(layers, run)
-    return [gptq_harden_layer(n, layer, run, damp) for n, layer in ordered]
+    return [gptq_harden_layer(n, layer, run, twin[id(layer)], damp) for n, layer in ordered]
 
 
 def gptq_round_unit(layers: List[Tuple[str, nn.Module]], run: Callable[[], None], damp: float = 0.01,

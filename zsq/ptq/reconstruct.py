@@ -340,22 +340,29 @@ class Reconstructor:
 
     def _gptq_harden(self, unit: Unit, mod: nn.Module, layers: List[nn.Module], soft: List[SoftRoundQuantizer],
                      xq: torch.Tensor, y: torch.Tensor) -> dict:
-        """GPTQ hardening of the trained soft bits (opts.hardening "gptq"); the unit keeps it only if its output
-        error on its training images is below 1[V >= 0]'s (which it then falls back to). Returns both errors."""
-        c = self.opts.chunk
+        """GPTQ hardening of the trained soft bits (opts.hardening "gptq"), fitted to a copy of the unit that
+        keeps them soft; the unit keeps it only if its output error on its training images is below
+        1[V >= 0]'s (which it then falls back to). Returns both errors."""
+        c, fwd = self.opts.chunk, (lambda t: self.compute.forward(mod, t))
+        _hard(soft, False)
+        soft_mod = copy.deepcopy(mod)
+        soft_layers = [soft_mod.get_submodule(n[len(unit.name) + 1:]) if n != unit.name else soft_mod
+                       for n in unit.layers]
 
         def run():
             with torch.no_grad():
                 for i in range(0, xq.shape[0], c):
-                    self.compute.forward(mod, xq[i:i + c])
+                    self.compute.forward(soft_mod, xq[i:i + c])
+                    fwd(xq[i:i + c])
 
         _hard(soft, True)
-        nearest = _output_error(lambda t: self.compute.forward(mod, t), xq, y)
-        gptq_harden_unit(list(zip(unit.layers, layers)), run, self.opts.gptq_damp)
-        by_gptq = _output_error(lambda t: self.compute.forward(mod, t), xq, y)
+        nearest = _output_error(fwd, xq, y)
+        gptq_harden_unit(list(zip(unit.layers, layers)), run, soft_layers, self.opts.gptq_damp)
+        by_gptq = _output_error(fwd, xq, y)
         if by_gptq >= nearest:  # back to the soft bits, hardened to nearest by _harden
             for layer, s in zip(layers, soft):
                 layer.weight_quant = s
+                s.hard = True
         return {"nearest": nearest, "gptq": by_gptq, "kept": "gptq" if by_gptq < nearest else "nearest"}
 
     def _refit(self, phase: Phase, unit: Unit, mod: nn.Module, soft: List[SoftRoundQuantizer],
