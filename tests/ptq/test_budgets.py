@@ -70,6 +70,22 @@ def test_the_large_quick_budget_rounds_with_gptq_unless_asked(monkeypatch):
         dataclasses.replace(QUICK, rounding="nearest")
 
 
+def test_genie_hardens_coarse_soft_bits_with_gptq_unless_asked(monkeypatch):
+    """default_hardening: GPTQ hardening where it was measured to pay (W2), 1[V >= 0] elsewhere, never with
+    GPTQ rounding (no soft bits) or a refit (fitted to 1[V >= 0]); the user's choice always wins."""
+    def hardening(bits, size=(3, 16, 16), **extra):
+        return _engine_args(monkeypatch, size, bits=bits, **extra)["opts"].hardening
+
+    assert hardening("w2a4") == "gptq"
+    assert hardening("w4a4") == "nearest" and hardening("w8a8") == "nearest"
+    assert hardening("w4a8", size=(3, 112, 112)) == "nearest"  # rounded by GPTQ: nothing learned to harden
+    assert hardening("w2a4", refit_iters=5) == "nearest"
+    assert hardening("w2a4", hardening="nearest") == "nearest"
+    assert hardening("w4a4", hardening="gptq") == "gptq"
+    with pytest.raises(ZsqError, match="rounding=gptq learns none"):
+        hardening("w4a4", hardening="gptq", rounding="gptq")
+
+
 @pytest.mark.parametrize("method", ["qdrop", "brecq", "adaround"])
 def test_the_baselines_keep_their_learned_rounding_on_the_large_budget(monkeypatch, method):
     """GPTQ was measured for Genie-M only; AdaRound/BRECQ/QDrop with GPTQ codes would not be those methods."""
@@ -87,6 +103,9 @@ def test_the_baselines_keep_their_learned_rounding_on_the_large_budget(monkeypat
     with pytest.raises(_Stop):
         run(model, get_preset("brecq", "w4a8"), QuantJob(calib=calib))
     assert seen["opts"].rounding == "learned"
+    with pytest.raises(_Stop):  # their 1[V >= 0] hardening too, at any weight width
+        run(model, get_preset("brecq", "w2a4"), QuantJob(calib=calib))
+    assert seen["opts"].hardening == "nearest"
     with pytest.raises(_Stop):  # still available when asked for
         run(model, get_preset("brecq", "w4a8"), QuantJob(calib=calib, extra={"rounding": "gptq"}))
     assert seen["opts"].rounding == "gptq"

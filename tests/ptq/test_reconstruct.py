@@ -198,9 +198,10 @@ def test_ptq_options_default_to_the_engines_own():
     shared = [f.name for f in fields(PTQOptions) if hasattr(engine, f.name)]
     assert shared == ["chunk", "max_cache_mib", "holdout", "keep_better", "augment", "refit_iters", "refit_affine",
                       "rounding", "gptq_damp", "gptq_target", "hardening"]
-    # rounding is the budget's unless asked (Budget.rounding), every other one the engine's own
-    assert user.rounding is None
-    assert all(getattr(user, n) == getattr(engine, n) for n in shared if n != "rounding")
+    # rounding is the budget's unless asked (Budget.rounding), hardening default_hardening's, every other
+    # one the engine's own
+    assert user.rounding is None and user.hardening is None
+    assert all(getattr(user, n) == getattr(engine, n) for n in shared if n not in ("rounding", "hardening"))
 
 
 def test_soft_loss_is_measured_before_hardening(tiny, tiny_images):
