@@ -221,20 +221,26 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torc
     return out
 
 
+def _write_codes(name: str, layer: nn.Module, weights: torch.Tensor, m: Moments, damp: float) -> GPTQStats:
+    """GPTQ codes for ``weights`` (shaped as the layer's; mapped to float_target first when ``m`` has a twin's
+    moments) on the layer's grid, written into ``layer.weight``; their error against round-to-nearest's."""
+    scale, zero, qmin, qmax = _weight_grid(layer)
+    groups = m.h.shape[0]
+    w = weights.detach().double().reshape(groups, weights.shape[0] // groups, -1)
+    s, z = scale.reshape(groups, -1, 1), zero.reshape(groups, -1, 1)
+    q = gptq_codes(w if m.c is None else float_target(w, m, damp), m.h, s, z, qmin, qmax, damp)
+    stats = GPTQStats(name, _target_error(w, fake_quantize(w, s, z, qmin, qmax), m), _target_error(w, q, m))
+    layer.weight.copy_(q.reshape(layer.weight.shape).to(layer.weight.dtype))
+    return stats
+
+
 @torch.no_grad()
 def gptq_round_layer(name: str, layer: nn.Module, run: Callable[[], None], damp: float = 0.01,
                      fp_layer: Optional[nn.Module] = None) -> GPTQStats:
     """Write GPTQ-rounded weights (on the layer's grid, which stays as it is) into ``layer.weight``. With
     ``fp_layer`` (see ``input_moments``) the target is the float layer's output on the float input."""
     m = input_moments(layer, run, name, fp_layer)
-    scale, zero, qmin, qmax = _weight_grid(layer)
-    groups = m.h.shape[0]
-    w = layer.weight.detach().double().reshape(groups, layer.weight.shape[0] // groups, -1)
-    s, z = scale.reshape(groups, -1, 1), zero.reshape(groups, -1, 1)
-    q = gptq_codes(w if m.c is None else float_target(w, m, damp), m.h, s, z, qmin, qmax, damp)
-    stats = GPTQStats(name, _target_error(w, fake_quantize(w, s, z, qmin, qmax), m), _target_error(w, q, m))
-    layer.weight.copy_(q.reshape(layer.weight.shape).to(layer.weight.dtype))
-    return stats
+    return _write_codes(name, layer, layer.weight, m, damp)
 
 
 @torch.no_grad()
@@ -252,16 +258,9 @@ def gptq_harden_layer(name: str, layer: nn.Module, run: Callable[[], None], soft
         raise ZsqError(f"GPTQ hardening: {name} has no soft-rounded weights to harden")
     m = input_moments(layer, run, name, fp_layer=soft_layer)
     layer.weight_quant.hard = False
-    target = layer.weight_quant(layer.weight).detach().double()
-    to_uniform(layer)
-    scale, zero, qmin, qmax = _weight_grid(layer)
-    groups = m.h.shape[0]
-    w = target.reshape(groups, target.shape[0] // groups, -1)
-    s, z = scale.reshape(groups, -1, 1), zero.reshape(groups, -1, 1)
-    q = gptq_codes(float_target(w, m, damp), m.h, s, z, qmin, qmax, damp)
-    stats = GPTQStats(name, _target_error(w, fake_quantize(w, s, z, qmin, qmax), m), _target_error(w, q, m))
-    layer.weight.copy_(q.reshape(layer.weight.shape).to(layer.weight.dtype))
-    return stats
+    soft_weights = layer.weight_quant(layer.weight).detach()
+    to_uniform(layer)  # the learned grid as a frozen UniformQuantizer; GPTQ's codes replace its weights
+    return _write_codes(name, layer, soft_weights, m, damp)
 
 
 def call_order(layers: List[Tuple[str, nn.Module]], run: Callable[[], None]) -> List[Tuple[str, nn.Module]]:
