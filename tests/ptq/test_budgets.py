@@ -71,13 +71,17 @@ def test_the_large_quick_budget_rounds_with_gptq_unless_asked(monkeypatch):
 
 
 def test_genie_hardens_coarse_soft_bits_with_gptq_unless_asked(monkeypatch):
-    """default_hardening: GPTQ hardening where it was measured to pay (W2), 1[V >= 0] elsewhere, never with
-    GPTQ rounding (no soft bits) or a refit (fitted to 1[V >= 0]); the user's choice always wins."""
-    def hardening(bits, size=(3, 16, 16), **extra):
-        return _engine_args(monkeypatch, size, bits=bits, **extra)["opts"].hardening
+    """default_hardening: GPTQ hardening where it was measured to pay (W2; below W5 at 100 steps or fewer),
+    1[V >= 0] elsewhere, never with GPTQ rounding (no soft bits) or a refit (fitted to 1[V >= 0]); the user's
+    choice always wins."""
+    def hardening(bits, size=(3, 16, 16), iters=None, **extra):
+        return _engine_args(monkeypatch, size, iters, bits=bits, **extra)["opts"].hardening
 
     assert hardening("w2a4") == "gptq"
-    assert hardening("w4a4") == "nearest" and hardening("w8a8") == "nearest"
+    assert hardening("w4a4") == "nearest" and hardening("w8a8") == "nearest"  # 300 steps at 16²
+    assert hardening("w4a4", size=(3, 112, 112)) == "gptq"  # QUICK_LARGE: 100 steps
+    assert hardening("w4a4", iters=100) == "gptq" and hardening("w4a4", iters=101) == "nearest"
+    assert hardening("w8a8", size=(3, 112, 112)) == "nearest"  # a fine grid
     assert hardening("w4a8", size=(3, 112, 112)) == "nearest"  # rounded by GPTQ: nothing learned to harden
     assert hardening("w2a4", refit_iters=5) == "nearest"
     assert hardening("w2a4", hardening="nearest") == "nearest"

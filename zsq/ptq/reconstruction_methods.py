@@ -50,7 +50,7 @@ class PTQOptions:
     # GPTQ fits each layer to the float layer on the float input, or (the paper's) on the quantized input
     gptq_target: Literal["float", "quantized"] = EngineOptions.gptq_target
     # how learned soft bits become codes: 1[V >= 0] (the papers') or GPTQ fitted to the soft unit
-    # (zsq.ptq.gptq.gptq_harden_unit); None: default_hardening (Genie-M: gptq at 2 weight bits)
+    # (zsq.ptq.gptq.gptq_harden_unit); None: default_hardening (Genie-M: gptq at W2, and below W5 with <= 100 steps)
     hardening: Optional[Literal["nearest", "gptq"]] = None
     # where activation steps start: "data" (the papers: Lp search on the calibration images) or "bn"
     # (bn-minmax: from BatchNorm statistics, independent of how faithful synthetic images are);
@@ -118,19 +118,24 @@ def default_rounding(recipe: Recipe, budget: Budget, w_bits: int, a_bits: int) -
     return "learned"
 
 
-# GPTQ hardening of Genie-M's learned soft bits pays where the grid is coarse: ResNet-20 W2A4 87.71 -> 90.56 % and
-# 88.00 -> 89.48 % on two Genie-D sets (paired p = 0.001 and 0.10), W4A4 90.95 -> 90.86 and 91.45 -> 91.15 (n.s.)
-# (benchmarks/results/imagenet_quality.md, section "2026-12-06").
+# GPTQ hardening of Genie-M's learned soft bits pays where hardening costs much: on coarse grids and on short
+# budgets, whose soft bits end far from 0 and 1 (benchmarks/results/imagenet_quality.md, section "2026-12-06",
+# paired on the same images). ResNet-20 W2A4, 300 steps: 87.71 -> 90.56 % (p = 0.001) and 88.00 -> 89.48 %;
+# W4A4, 300 steps: 90.95 -> 90.86 and 91.45 -> 91.15 (n.s.; hardening cost 1-5 % of a unit's error there);
+# Lite0 W4A4, 100 steps: 74.04 -> 74.81 % (n.s.; every unit's hardened error 15-88 % lower).
 GPTQ_HARDENING_MAX_W_BITS = 2
+GPTQ_HARDENING_MAX_ITERS = 100
 
 
-def default_hardening(recipe: Recipe, rounding: str, refit_iters: int, w_bits: int, a_bits: int) -> str:
+def default_hardening(recipe: Recipe, budget: Budget, rounding: str, refit_iters: int, w_bits: int) -> str:
     """How Genie-M's soft bits are hardened unless the user says: GPTQ (fitted to the soft unit) up to
-    GPTQ_HARDENING_MAX_W_BITS weight bits, 1[V >= 0] elsewhere, for the baselines (whose hardening defines
+    GPTQ_HARDENING_MAX_W_BITS weight bits, or below FIXED_WEIGHT_STEP_BITS with at most
+    GPTQ_HARDENING_MAX_ITERS steps per unit; 1[V >= 0] elsewhere, for the baselines (whose hardening defines
     them), with rounding=gptq (nothing learned to harden) and with a refit (fitted to 1[V >= 0])."""
     if not recipe.budget_rounding or rounding != "learned" or refit_iters:
         return "nearest"
-    return "gptq" if w_bits <= GPTQ_HARDENING_MAX_W_BITS else "nearest"
+    short = budget.iters <= GPTQ_HARDENING_MAX_ITERS and w_bits < FIXED_WEIGHT_STEP_BITS
+    return "gptq" if w_bits <= GPTQ_HARDENING_MAX_W_BITS or short else "nearest"
 
 
 def with_overrides(recipe: Recipe, user: PTQOptions, w_bits: int, iters: Optional[int] = None) -> Recipe:
@@ -231,10 +236,10 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
     if user.rounding is None and rounding != "learned":
         logger.info(f"{recipe.name}: the {budget.name} budget at this input size rounds weights with {rounding} "
                     "(--set rounding=learned for the paper's soft bits)")
-    hardening = user.hardening or default_hardening(recipe, rounding, user.refit_iters, qconfig.w_bits, qconfig.a_bits)
+    hardening = user.hardening or default_hardening(recipe, budget, rounding, user.refit_iters, qconfig.w_bits)
     if user.hardening is None and hardening != "nearest":
-        logger.info(f"{recipe.name}: W{qconfig.w_bits} soft bits are hardened with {hardening} "
-                    "(--set hardening=nearest for the paper's 1[V >= 0])")
+        logger.info(f"{recipe.name}: W{qconfig.w_bits} soft bits after {budget.iters} steps are hardened with "
+                    f"{hardening} (--set hardening=nearest for the paper's 1[V >= 0])")
     opts = EngineOptions(seed=job.seed, chunk=user.chunk, max_cache_mib=user.max_cache_mib,
                          holdout=user.holdout, keep_better=user.keep_better, augment=user.augment,
                          refit_iters=user.refit_iters, refit_affine=user.refit_affine,
