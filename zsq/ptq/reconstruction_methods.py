@@ -122,7 +122,7 @@ def default_rounding(recipe: Recipe, budget: Budget, w_bits: int, a_bits: int) -
 # budgets, whose soft bits end far from 0 and 1 (benchmarks/results/imagenet_quality.md, section "2026-12-06",
 # paired on the same images). ResNet-20 W2A4, 300 steps: 87.71 -> 90.56 % (p = 0.001) and 88.00 -> 89.48 %;
 # W4A4, 300 steps: 90.95 -> 90.86 and 91.45 -> 91.15 (n.s.; hardening cost 1-5 % of a unit's error there);
-# Lite0 W4A4, 100 steps: 74.04 -> 74.81 % (n.s.; every unit's hardened error 15-88 % lower).
+# Lite0 W4A4, 100 steps: 74.04 -> 74.81 % (n.s.; every block's hardened error in the chain 17-88 % lower).
 GPTQ_HARDENING_MAX_W_BITS = 2
 GPTQ_HARDENING_MAX_ITERS = 100
 
