@@ -15,7 +15,7 @@ reconstruction does (on Lite0 W4A8 that is what made GPTQ pay: imagenet_quality.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -53,27 +53,28 @@ def _padding(conv: nn.Conv2d):
     return conv.padding
 
 
-def _input_rows(layer: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
-    """The layer's input as rows of its weight's columns, per group: [G, rows, D] pieces."""
+def _input_rows(layer: nn.Module, x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The layer's input as rows of its weight's columns, per group: [G, rows, D] pieces of a few images each,
+    one at a time (a 112² layer's rows for 64 images are gigabytes in float64)."""
     x = x.detach().float()
     if isinstance(layer, nn.Linear):
-        return [x.reshape(1, -1, x.shape[-1])]
+        yield x.reshape(1, -1, x.shape[-1])
+        return
     if not isinstance(layer, nn.Conv2d):
         raise ZsqError(f"GPTQ rounding supports Conv2d and Linear layers, not {type(layer).__name__}")
     g, d = layer.groups, layer.weight[0].numel()
     per_image = g * d * max(1, (x.shape[-1] * x.shape[-2]) // (layer.stride[0] * layer.stride[1]))
     step = max(1, UNFOLD_VALUES // per_image)
-    out = []
     for i in range(0, x.shape[0], step):
         cols = F.unfold(x[i:i + step], layer.kernel_size, layer.dilation, _padding(layer), layer.stride)
         n, _, length = cols.shape  # channels outermost (c, kh, kw): the order of weight.reshape(C_out, -1)
-        out.append(cols.reshape(n, g, d, length).permute(1, 0, 3, 2).reshape(g, n * length, d))
-    return out
+        yield cols.reshape(n, g, d, length).permute(1, 0, 3, 2).reshape(g, n * length, d)
 
 
-def _check_rows(name: str, layer: nn.Module, pieces: List[torch.Tensor], out: torch.Tensor) -> None:
+def _check_rows(name: str, layer: nn.Module, pieces: Iterable[torch.Tensor], out: torch.Tensor) -> None:
     """The rows rebuilt from the input must give the layer's own output (else H would be of the wrong
     thing: a conv that pads or reshapes inside its own forward). Checked on the first call."""
+    pieces = list(pieces)
     w = layer.quantized_weight().detach().float()
     groups = pieces[0].shape[0]
     w = w.reshape(groups, w.shape[0] // groups, -1)
@@ -107,40 +108,40 @@ def _quantized_input(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mod.input_quant(x) if getattr(mod, "input_quant", None) is not None else x
 
 
-def _layer_rows(mod: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
-    return [r.double() for r in _input_rows(mod, _quantized_input(mod, x))]
-
-
 @torch.no_grad()
 def input_moments(layer: nn.Module, run: Callable[[], None], name: str = "layer",
                   fp_layer: Optional[nn.Module] = None) -> Moments:
     """The moments of what ``run`` feeds the layer (after its own input quantizer). With ``fp_layer`` (the
     same layer in the float model), ``run`` must call it on each chunk just before the layer itself on the
-    matching chunk, so that their rows pair up."""
+    matching chunk, so that their rows pair up. Rows are summed a piece at a time in float64."""
     acc = {"n": 0}
-    fp_rows: List[List[torch.Tensor]] = []  # the twin's calls not yet paired, oldest first
+    fp_inputs: List[torch.Tensor] = []  # the twin's inputs not yet paired, oldest first
     sums = {}
 
     def add(key, t):
         sums[key] = t if key not in sums else sums[key] + t
 
     def fp_post(mod, args, _out):
-        fp_rows.append(_layer_rows(mod, args[0]))
+        fp_inputs.append(_quantized_input(mod, args[0]).detach())
 
     def post(mod, args, out):
         if not sums:  # on one image: the check's output rows are as many as the layer's outputs
             _check_rows(name, mod, _input_rows(mod, _quantized_input(mod, args[0][:1])), out[:1])
-        rows_q = _layer_rows(mod, args[0])
+        xq = _quantized_input(mod, args[0]).detach()
+        xf = None
         if fp_layer is not None:
-            twin = fp_rows.pop(0) if fp_rows else None
-            if twin is None or [r.shape for r in twin] != [r.shape for r in rows_q]:
+            xf = fp_inputs.pop(0) if fp_inputs else None
+            if xf is None or xf.shape != xq.shape:
                 raise ZsqError(f"GPTQ rounding: {name}'s float twin did not see the same chunk just before it")
-            for xf, xq in zip(twin, rows_q):
-                add("c", torch.einsum("grd,gre->gde", xf, xq))
-                add("a", torch.einsum("grd,gre->gde", xf, xf))
-        for xq in rows_q:
-            add("h", torch.einsum("grd,gre->gde", xq, xq))
-            acc["n"] += xq.shape[1]
+        pieces_f = _input_rows(mod, xf) if xf is not None else None
+        for rq in _input_rows(mod, xq):
+            rq = rq.double()
+            if pieces_f is not None:
+                rf = next(pieces_f).double()
+                add("c", torch.einsum("grd,gre->gde", rf, rq))
+                add("a", torch.einsum("grd,gre->gde", rf, rf))
+            add("h", torch.einsum("grd,gre->gde", rq, rq))
+            acc["n"] += rq.shape[1]
 
     with Hooks() as hooks:
         hooks.post(layer, post)
@@ -149,7 +150,7 @@ def input_moments(layer: nn.Module, run: Callable[[], None], name: str = "layer"
         run()
     if not sums:
         raise ZsqError(f"GPTQ rounding: {name} was not called on the calibration images")
-    if fp_rows:
+    if fp_inputs:
         raise ZsqError(f"GPTQ rounding: {name}'s float twin was called more often than the layer itself")
     n = acc["n"]
     return Moments(sums["h"] / n, *((sums["c"] / n, sums["a"] / n) if fp_layer is not None else ()))
