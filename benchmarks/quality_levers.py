@@ -197,6 +197,25 @@ def cmd_hits(a) -> None:
     print(json.dumps({k: rec[k] for k in ("tag", "checkpoint", "top1", "n")}))
 
 
+def cmd_row(a) -> None:
+    """A `zsq bench` cell's row (CELL/row.json) as runs/levers/<tag>.json, so that suite cells pair with lever
+    runs in `compare`: its main set's per-image hits, top-1, times, threads, peak memory and unit losses."""
+    path = Path(a.cell) / "row.json"
+    if not path.is_file():
+        raise SystemExit(f"row: {path} does not exist (a finished cell's folder, e.g. runs/bench/cells/003)")
+    row = json.loads(path.read_text())
+    main = row.get("main") or {}
+    if not main.get("hits"):
+        raise SystemExit(f"row: {path} has no per-image hits on its main set")
+    rec = {"tag": a.tag, "source": f"{path} ({row['key']})", "top1": main["top1"], "n": main["n"],
+           "threads": row.get("threads"), "synth_seconds": row.get("synth_seconds"),
+           "quant_seconds": row.get("quant_seconds"), "peak_rss_mib": row.get("peak_rss_mib"),
+           "units": row.get("unit_losses", []), "hits": [int(c) for c in main["hits"]]}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{a.tag}.json").write_text(json.dumps(rec))
+    print(json.dumps({k: rec[k] for k in ("tag", "source", "top1", "n")}))
+
+
 def _float_model(name: str, what: str):
     """The float model of a checkpoint's model (a checkpoint holds only the rounded weights)."""
     import zsq
@@ -525,6 +544,10 @@ def main() -> None:
     h.add_argument("--eval-data", help="default: the model's evaluation images above")
     h.add_argument("--threads", type=int, default=1)
     h.set_defaults(func=cmd_hits)
+    rw = sub.add_parser("row", help="a zsq bench cell's row (CELL/row.json) as a run JSON, for compare")
+    rw.add_argument("cell")
+    rw.add_argument("--tag", required=True)
+    rw.set_defaults(func=cmd_row)
     d = sub.add_parser("distill", help="output distillation on a packed checkpoint, then its per-image hits")
     d.add_argument("checkpoint")
     d.add_argument("--images", required=True, help="synthetic-set tag (runs/levers/synth-TAG) or real:PATH[a:b]")

@@ -176,3 +176,30 @@ def test_concat_joins_synthetic_sets_in_order_and_refuses_an_existing_tag(ql, tm
     SyntheticSet(torch.randn(1, 3, 4, 4), None, {}).save(tmp_path / "synth-c")
     with pytest.raises(SystemExit, match="differ in shape"):
         ql.cmd_concat(SimpleNamespace(out="ac", tags=["a", "c"]))
+
+
+def test_row_turns_a_bench_cell_into_a_run_that_compare_pairs(ql, tmp_path, monkeypatch, capsys):
+    """`row CELL --tag T` writes the cell's main-set hits and figures as runs/levers/T.json; a cell without
+    hits, or a folder without row.json, is refused in one line and nothing is written."""
+    monkeypatch.setattr(ql, "OUT", tmp_path / "levers")
+    cell = tmp_path / "cells" / "003"
+    cell.mkdir(parents=True)
+    row = {"key": "m|genie|w4a4|genie|-|seed=0", "main": {"top1": 60.0, "n": 5, "hits": "10110"},
+           "threads": 2, "synth_seconds": 1.5, "quant_seconds": 2.5, "peak_rss_mib": 10.0,
+           "unit_losses": [{"unit": "a", "hard_loss": 1.0}]}
+    (cell / "row.json").write_text(json.dumps(row))
+    ql.cmd_row(SimpleNamespace(cell=str(cell), tag="cellrun"))
+    rec = json.loads((tmp_path / "levers" / "cellrun.json").read_text())
+    assert rec["hits"] == [1, 0, 1, 1, 0] and rec["top1"] == 60.0 and rec["n"] == 5
+    assert rec["threads"] == 2 and rec["units"] == row["unit_losses"] and row["key"] in rec["source"]
+    other = {"tag": "other", "top1": 40.0, "hits": [0, 0, 1, 1, 0]}
+    (tmp_path / "levers" / "other.json").write_text(json.dumps(other))
+    capsys.readouterr()
+    ql.cmd_compare(SimpleNamespace(dir=str(tmp_path / "levers"), base="cellrun", others=["other"]))
+    assert "only base right 1, only other right 0" in capsys.readouterr().out
+    (cell / "row.json").write_text(json.dumps({**row, "main": {"top1": 60.0, "n": 5}}))
+    with pytest.raises(SystemExit, match="no per-image hits"):
+        ql.cmd_row(SimpleNamespace(cell=str(cell), tag="nohits"))
+    with pytest.raises(SystemExit, match="does not exist"):
+        ql.cmd_row(SimpleNamespace(cell=str(tmp_path / "none"), tag="missing"))
+    assert not (tmp_path / "levers" / "nohits.json").exists() and not (tmp_path / "levers" / "missing.json").exists()
