@@ -35,3 +35,14 @@ def test_bf16_reconstruction_keeps_float32_state(tiny, tiny_images):
     losses = [u["hard_loss"] for u in res.report["unit_losses"]]
     ref_losses = [u["hard_loss"] for u in ref.report["unit_losses"]]
     assert all(l <= 2 * r + 1e-3 for l, r in zip(losses, ref_losses)), (losses, ref_losses)
+
+
+def test_gptq_rounding_and_hardening_run_under_bf16(tiny, tiny_images):
+    """GPTQ reads each layer's input inside the bf16-autocast forward: its row check and moments stay in
+    float32/float64, for the closed-form rounding and for the hardening of learned soft bits alike."""
+    for extra in ({"rounding": "gptq"}, {"hardening": "gptq"}):
+        job = QuantJob(calib=tiny_images, iters=6, batch_size=16, compute=resolve("cpu", "bf16"), extra=extra)
+        res = genie(tiny, get_preset("genie", "w4a8"), job)
+        assert torch.isfinite(res.model(tiny_images)).all()
+        if "hardening" in extra:
+            assert all("hardening" in u for u in res.report["unit_losses"] if u["iters"])

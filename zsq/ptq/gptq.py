@@ -75,10 +75,10 @@ def _check_rows(name: str, layer: nn.Module, pieces: Iterable[torch.Tensor], out
     """The rows rebuilt from the input must give the layer's own output (else H would be of the wrong
     thing: a conv that pads or reshapes inside its own forward). Checked on the first call."""
     pieces = list(pieces)
-    w = layer.quantized_weight().detach().float()
+    w = layer.quantized_weight().detach().double()  # float64: bf16 autocast (around the forward) leaves it be
     groups = pieces[0].shape[0]
     w = w.reshape(groups, w.shape[0] // groups, -1)
-    y = torch.cat([torch.einsum("grd,gkd->grk", rows, w) for rows in pieces], 1)  # [G, rows, R]
+    y = torch.cat([torch.einsum("grd,gkd->grk", rows.double(), w) for rows in pieces], 1).float()  # [G, rows, R]
     bias = layer.quantized_bias() if hasattr(layer, "quantized_bias") else layer.bias
     tol = 1e-3 if out.dtype in (torch.float32, torch.float64) else 3e-2  # bf16 autocast: 8 mantissa bits
     out = out.detach().float()

@@ -302,7 +302,8 @@ class Reconstructor:
         kept = None if not judge else (iters == 0 or hold_end < hold_start)
         if kept is False:  # training made the unit worse on images it never saw: back to the start
             mod.load_state_dict(start)
-        by_gptq = self.opts.hardening == "gptq" and bool(learning) and iters > 0 and kept is not False
+        # GPTQ hardening of what the iterations learned (none ran: the unit stays at its start)
+        by_gptq = self.opts.hardening == "gptq" and bool(learning) and bool(rec_hist) and kept is not False
         hardening = self._gptq_harden(unit, mod, layers, soft, xq[:n], y[:n]) if by_gptq else None
         final = self._harden(layers, mod, xq[:n], y[:n])  # the hardened unit on its training images, no QDrop
         k = max(1, len(rec_hist) // 10)
