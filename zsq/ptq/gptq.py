@@ -11,6 +11,7 @@ Plain GPTQ fits W x_q, the float weights on the quantized input; with the layer'
 input (``fp_layer``) the weights are first mapped to the best fit of the float output from x_q
 (``float_target``), so that each layer also corrects the error the quantized chain delivers to it, as block
 reconstruction does (on Lite0 W4A8 that is what made GPTQ pay: imagenet_quality.md, section "2026-12-05 (e)").
+The same machinery also hardens learned soft bits (``gptq_harden_unit``): the soft unit is then the twin.
 """
 from __future__ import annotations
 

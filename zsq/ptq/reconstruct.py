@@ -7,7 +7,8 @@ For each phase of a recipe and each unit in network order:
 3. optimise: the unit reads mix(x_q, x) (QDrop at the unit input) and each activation quantizer keeps
    its quantized value with probability p (QDrop inside); loss = mean sum_c |y_hat - y|^p + lambda *
    rounding loss, beta annealed after the warm-up; Adam on V, cosine-annealed Adam on the steps;
-4. harden (codes floor(W/s0) + 1[V >= 0] written back as plain UniformQuantizer weights); with
+4. harden (codes floor(W/s0) + 1[V >= 0] written back as plain UniformQuantizer weights, or with
+   hardening=gptq GPTQ's codes for the soft weights where they fit the unit's images better); with
    rounding=gptq the codes come from zsq.ptq.gptq before 2, and 3 trains only the steps on them;
 5. keep the better (EngineOptions.keep_better): compare the unit's output error on held-out calibration
    images (never trained on) before and after 2-4, and restore the start if training did not lower it;
