@@ -306,7 +306,8 @@ class Reconstructor:
         # GPTQ hardening of what the iterations learned (none ran: the unit stays at its start)
         by_gptq = self.opts.hardening == "gptq" and bool(learning) and bool(rec_hist) and kept is not False
         hardening = self._gptq_harden(unit, mod, layers, soft, xq[:n], y[:n]) if by_gptq else None
-        final = self._harden(layers, mod, xq[:n], y[:n])  # the hardened unit on its training images, no QDrop
+        known = None if hardening is None else min(hardening["nearest"], hardening["gptq"])  # measured there
+        final = self._harden(layers, mod, xq[:n], y[:n], known)  # the hardened unit on its training images, no QDrop
         k = max(1, len(rec_hist) // 10)
         rec_hist = rec_hist or [final]
         return {"unit": unit.name, "kind": unit.kind, "phase": phase.name, "iters": iters,
@@ -444,12 +445,14 @@ class Reconstructor:
                 o.step()
         return total[1]
 
-    def _harden(self, layers: List[nn.Module], mod: nn.Module, xq: torch.Tensor, y: torch.Tensor) -> float:
-        """Soft rounding made hard; the unit's error on its quantized input, without QDrop."""
+    def _harden(self, layers: List[nn.Module], mod: nn.Module, xq: torch.Tensor, y: torch.Tensor,
+                known: Optional[float] = None) -> float:
+        """Soft rounding made hard; the unit's error on its quantized input, without QDrop (``known``: that
+        error as already measured on these codes, e.g. by _gptq_harden, so the unit is not run again)."""
         for layer in layers:
             if isinstance(layer.weight_quant, SoftRoundQuantizer):
                 to_uniform(layer)
-        return _output_error(lambda x: self.compute.forward(mod, x), xq, y)
+        return known if known is not None else _output_error(lambda x: self.compute.forward(mod, x), xq, y)
 
     # ---- the whole run -------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
