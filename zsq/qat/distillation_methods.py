@@ -15,10 +15,11 @@ import time
 import torch
 
 from zsq.errors import ZsqError
-from zsq.methods.registry import QuantJob, QuantResult, register_method, user_options
+from zsq.methods.registry import QuantJob, QuantResult, get_method, register_method, user_options
 from zsq.models.meta import get_meta
 from zsq.qat.training_config import method_config, paper_config
 from zsq.qat.loop import distill
+from zsq.quant.qconfig import fixed_grids
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +68,51 @@ def _run(name: str, fp_model, qconfig, job: QuantJob) -> QuantResult:
         extra.setdefault("calib_data", "fixed")
     cfg = cfg.with_options(epochs=job.epochs, iters_per_epoch=job.iters_per_epoch, batch_size=job.batch_size,
                            **extra)
+    start = warm = None
+    if cfg.warm_start != "none":
+        qconfig, cfg, start, warm = _warm_start(fp_model, qconfig, cfg, images, job)
     if cfg.data == "generator" and cfg.calib_data == "generator":
         images = labels = None  # a generator run: given images are not used
     model, report = distill(fp_model, qconfig, cfg, fixed=images, fixed_labels=labels, seed=job.seed,
                             out=job.out, resume=job.resume, eval_fn=job.eval_fn,
-                            compute=job.compute)
+                            compute=job.compute, start=start)
+    if warm is not None:
+        report["warm_start"] = warm
+        report["preset"] = qconfig.describe()
     report["data"] = "generator" if images is None else job.calib_source
     report["quant_seconds"] = time.time() - t0
     return QuantResult(model, report)
+
+
+def _warm_start(fp_model, qconfig, cfg, images, job: QuantJob):
+    """Reconstruct the student first (cfg.warm_start, e.g. Genie-M) on the training images, on the preset's
+    fixed-grid form: (qconfig, cfg, student, report). The loop then trains that student with no calibration
+    epochs: its activation steps are the reconstruction's, and a min/max or EMA pass would throw them away."""
+    if images is None:
+        raise ZsqError(f"warm_start={cfg.warm_start} reconstructs the student on images first: give --synth genie "
+                       "(or --calib-data)")
+    if qconfig.weight.dynamic:
+        qconfig = fixed_grids(qconfig, f"{qconfig.preset}-fixed")
+        logger.info(f"{cfg.method}: warm start on {qconfig.describe()} (the preset's layers and bits on fixed grids: "
+                    "weight steps set once instead of min/max every step, LSQ activation steps)")
+    ptq_job = QuantJob(calib=images, calib_source=job.calib_source, budget=job.budget, iters=cfg.warm_iters,
+                       seed=job.seed, out=job.out, resume=job.resume, compute=job.compute)
+    t0 = time.time()
+    result = get_method(cfg.warm_start).fn(fp_model, qconfig, ptq_job)
+    warm = {"method": cfg.warm_start, "seconds": time.time() - t0, "preset": qconfig.describe(),
+            "units": result.report.get("units"), "iters": result.report.get("iters")}
+    if job.eval_fn is not None:
+        warm["top1"] = float(job.eval_fn(result.model)["top1"])
+    if cfg.warmup_epochs or cfg.live_range_epochs:
+        logger.info(f"{cfg.method}: warm start keeps the reconstructed activation steps: no calibration epochs "
+                    f"(warmup_epochs {cfg.warmup_epochs} -> 0, live_range_epochs {cfg.live_range_epochs} -> 0)")
+    shift = cfg.warmup_epochs  # the schedule's milestones count from the first student epoch
+    cfg = dataclasses.replace(cfg, warmup_epochs=0, live_range_epochs=0,
+                              milestones=tuple(max(1, m - shift) for m in cfg.milestones))
+    if cfg.gi is not None:
+        cfg = dataclasses.replace(cfg, gi=dataclasses.replace(
+            cfg.gi, rho_milestones=tuple(max(1, m - shift) for m in cfg.gi.rho_milestones)))
+    return qconfig, cfg, result.model, warm
 
 
 def _options(name: str):

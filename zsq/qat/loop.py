@@ -216,10 +216,14 @@ def _loop_qconfig(qconfig: QuantConfig, cfg: QATConfig) -> QuantConfig:
     return qconfig
 
 
-def _teacher_and_student(teacher: nn.Module, qconfig: QuantConfig, compute) -> Tuple[nn.Module, nn.Module]:
-    """A frozen copy of the teacher (on the compute device) and a trainable fake-quantized student."""
+def _teacher_and_student(teacher: nn.Module, qconfig: QuantConfig, compute,
+                         start: Optional[nn.Module] = None) -> Tuple[nn.Module, nn.Module]:
+    """A frozen copy of the teacher (on the compute device) and a trainable fake-quantized student: a copy
+    of ``start`` (a quantized model of this teacher, e.g. a reconstruction: the warm start) or a fresh one."""
     # quantize the float NCHW teacher (the rewrite is checked bit for bit against it), then move both
-    student = compute.prepare(quantize_model(copy.deepcopy(teacher).eval(), qconfig).eval())
+    fresh = start is None
+    student = copy.deepcopy(start) if not fresh else quantize_model(copy.deepcopy(teacher).eval(), qconfig)
+    student = compute.prepare(student.eval())
     teacher = compute.prepare(copy.deepcopy(teacher).eval())
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -423,7 +427,7 @@ class _Loop:
 def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: Optional[torch.Tensor] = None,
             fixed_labels: Optional[torch.Tensor] = None, seed: int = 0, out: Optional[Path] = None,
             resume: bool = False, eval_fn: Optional[Callable[[nn.Module], dict]] = None,
-            compute=None) -> Tuple[nn.Module, dict]:
+            compute=None, start: Optional[nn.Module] = None) -> Tuple[nn.Module, dict]:
     """Train a fake-quantized student of ``teacher`` by distillation; returns (student, report).
 
     fixed: images (N,C,H,W, teacher-normalized) for cfg.data/calib_data == "fixed"; fixed_labels
@@ -437,7 +441,7 @@ def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: 
     _check_inputs(cfg, meta, fixed, out, resume)
     qconfig = _loop_qconfig(qconfig, cfg)
     compute = as_compute(compute)
-    teacher, student = _teacher_and_student(teacher, qconfig, compute)
+    teacher, student = _teacher_and_student(teacher, qconfig, compute, start)
     loop = _Loop(teacher, student, cfg, eval_fn, compute)
     fixed, fixed_labels = _fixed_set(teacher, fixed, fixed_labels, compute)
     loop.opt = _Optimizers.build(student, cfg)

@@ -73,6 +73,12 @@ class QATConfig:
     hast: Optional[HASTTrainConfig] = None
     eval_every: int = 1
     ema_bias_correction: Optional[bool] = None  # None keeps the preset's (gdfq: True, the official quirk)
+    # Warm start (a departure from the papers, which start from a min/max-calibrated student): "none", or a
+    # reconstruction method (genie, brecq, qdrop, adaround) run first on the training images on the preset's
+    # fixed-grid form (zsq.quant.qconfig.fixed_grids), whose student the loop then fine-tunes with no calibration
+    # epochs. warm_iters: that reconstruction's steps per unit (None: its budget's).
+    warm_start: str = "none"
+    warm_iters: Optional[int] = None
 
     def __post_init__(self):
         for name in ("epochs", "iters_per_epoch", "eval_every", "latent_dim"):
@@ -93,6 +99,14 @@ class QATConfig:
         for name in ("data", "calib_data"):
             if getattr(self, name) not in SOURCES:
                 raise ZsqError(f"{name} must be one of {SOURCES}, got {getattr(self, name)!r}")
+        if self.warm_start != "none":
+            from zsq.methods.registry import get_method
+
+            if get_method(self.warm_start).kind != "ptq":  # an unknown name is refused with the list by get_method
+                raise ZsqError(f"warm_start must be 'none' or a reconstruction method (genie, brecq, qdrop, adaround), "
+                               f"got {self.warm_start!r}")
+        if self.warm_iters is not None and not 1 <= self.warm_iters <= 100000:
+            raise ZsqError(f"warm_iters must be from 1 to 100000, got {self.warm_iters}")
         if self.ce_scale < 0 or self.kd_scale < 0 or self.temperature <= 0:
             raise ZsqError("need ce_scale >= 0, kd_scale >= 0, temperature > 0")
         object.__setattr__(self, "milestones", tuple(sorted(int(m) for m in self.milestones)))

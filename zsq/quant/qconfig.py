@@ -219,3 +219,20 @@ def _deploy() -> QuantConfig:
         fold_bn=True,
         bias_grid=True,
     )
+
+
+@register_preset("gdfq-fixed", "the gdfq protocol (same layers, bits, placement and granularity) on fixed grids: W per-channel "
+                               "asym steps set once (Lp-2.4 init, learnable by reconstruction), A per-tensor asym LSQ "
+                               "steps after every ReLU/ReLU6; what a reconstructed (warm-started) QAT student uses")
+def _gdfq_fixed() -> QuantConfig:
+    return fixed_grids(_gdfq(), "gdfq-fixed")
+
+
+def fixed_grids(qconfig: QuantConfig, preset: str) -> QuantConfig:
+    """``qconfig`` with grids a reconstruction can learn: weight steps fixed per channel instead of min/max
+    recomputed every step (Lp-2.4 start, as Genie's), activation steps LSQ-learnable with the clipping STE.
+    Which layers are quantized, at which bits, where and per what granularity stays the preset's, so a model
+    on it answers the same protocol question (every layer at k bits for gdfq)."""
+    lp = dict(observer="lp", lp_p=2.4, lp_ratios=100, ste="clip")
+    return replace(qconfig, preset=preset, weight=replace(qconfig.weight, dynamic=False, **lp),
+                   act=replace(qconfig.act, learnable=True, **lp))
