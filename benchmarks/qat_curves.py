@@ -15,6 +15,7 @@ import argparse
 import json
 import platform
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -71,8 +72,15 @@ def run(args) -> None:
             extra["warm_iters"] = args.warm_iters
     info = get_method(args.method)
     options = info.parse_options(extra, meta, args.budget)
+    work = None
+    if args.reuse_warm:  # a finished warm start's reconstruction (same preset, images, seed): resumed, not redone
+        work = Path(args.out).with_suffix("")
+        (work / "work").mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(args.reuse_warm) / "work" / "ptq_state.safetensors", work / "work" / "ptq_state.safetensors")
+    elif args.keep_warm:
+        work = Path(args.keep_warm)
     job = QuantJob(budget=args.budget, seed=args.seed, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
-                   batch_size=args.batch_size, eval_fn=eval_fn, extra=dict(options))
+                   batch_size=args.batch_size, eval_fn=eval_fn, extra=dict(options), out=work, resume=work is not None)
     synth = args.synth or info.default_synth
     synth_s = 0.0
     if synth is not None:
@@ -149,6 +157,8 @@ def main():
     r.add_argument("--synth-cache", default="runs/qat_curves_synth")
     r.add_argument("--warm-start", default="none")
     r.add_argument("--warm-iters", type=int, default=None)
+    r.add_argument("--keep-warm", default=None, help="folder whose work/ keeps the warm start's reconstruction")
+    r.add_argument("--reuse-warm", default=None, help="a --keep-warm folder of an earlier run to resume it from")
     r.add_argument("--set", action="append", default=[])
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--out", required=True)

@@ -103,15 +103,16 @@ def resolve_model(model, weights: Optional[str] = None, pretrained: bool = False
 
 
 def _plan_images(info, method: str, synth: Optional[str], calib_data: Optional[str], num_images: Optional[int],
-                 budget: str, input_size=None):
+                 budget: str, input_size=None, options: Optional[Dict[str, Any]] = None):
     """(synthesizes?, synthesizer, number of images), every name checked before any work."""
     if calib_data is not None and synth is not None:
         raise ZsqError("give either --synth or --calib-data, not both")
     if info.kind == "calibration" and not info.needs_images and (calib_data or synth):
         raise ZsqError(f"method {method} uses no images; drop --synth/--calib-data or pick another method")
-    synthesizes = calib_data is None and (info.needs_images or synth is not None)
+    wanted = info.run_synth(options or {}, budget)  # the synthesizer this run needs images from, if any
+    synthesizes = calib_data is None and (wanted is not None or info.needs_images or synth is not None)
     if synthesizes:
-        synth = synth or info.default_synth
+        synth = synth or wanted or info.default_synth
         if synth is None:
             raise ZsqError(f"method {method} needs images: give --synth METHOD (e.g. genie) or --calib-data PATH")
         from zsq.synth import get_synthesizer
@@ -237,7 +238,8 @@ def quantize(model, *, weights: Optional[str] = None, pretrained: bool = False, 
     opts = info.parse_options(options, meta, budget)  # bad --set keys/values: before any work
     job.extra.update(opts)
 
-    synthesizes, synth, num_images = _plan_images(info, method, synth, calib_data, num_images, budget, meta.input_size)
+    synthesizes, synth, num_images = _plan_images(info, method, synth, calib_data, num_images, budget, meta.input_size,
+                                                  opts)
     if calib_data is not None:
         job.calib, labels, job.calib_source = load_calibration(calib_data, fp_model, num_images)
         if labels is not None and job.calib_source.startswith("synthetic"):

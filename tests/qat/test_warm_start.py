@@ -72,3 +72,36 @@ def test_warm_start_refusals():
         METHODS.get("ait").fn(_teacher(), get_preset("gdfq", "w4a4"), _job(warm_start="nosuch"))
     with pytest.raises(ZsqError, match="warm_iters"):
         METHODS.get("ait").fn(_teacher(), get_preset("gdfq", "w4a4"), _job(warm_iters=0))
+
+
+def test_standard_budget_warm_starts_and_synthesizes_genie_images_itself():
+    import zsq
+
+    res = zsq.quantize(_teacher(), method="ait", bits="w4a4", budget="standard", num_images=8, iters=2, epochs=2,
+                       iters_per_epoch=1, batch_size=4, options={"warm_iters": 2, "lr": 1e-2})
+    rep = res.report
+    assert rep["data"] == "synthetic:genie"  # the images it made itself, then trained on (AIT with a fixed set)
+    assert rep["config"]["warm_start"] == "genie" and rep["warm_start"]["method"] == "genie"
+    assert rep["config"]["warmup_epochs"] == 0
+    # without the standard budget or a warm start, AIT needs no images and synthesizes none
+    from zsq.methods.registry import METHODS
+
+    assert METHODS.get("ait").run_synth({}, "quick") is None
+    assert METHODS.get("ait").run_synth({"warm_start": "none"}, "standard") is None
+    assert METHODS.get("gdfq").run_synth({"warm_start": "brecq"}, "quick") == "genie"
+    assert METHODS.get("hast").run_synth({}, "standard") == "hast"  # its own hard samples
+
+
+def test_standard_budget_is_refused_where_no_curve_chose_it():
+    from zsq.models.meta import ModelMeta
+    from zsq.ptq.budgets import QUICK, get_budget
+
+    big = ModelMeta(name="big", num_classes=10, input_size=(3, 224, 224), mean=(0.5,) * 3, std=(0.25,) * 3)
+    with pytest.raises(ZsqError, match="standard budget is defined for 32-pixel"):
+        method_config("ait", big, "standard")
+    with pytest.raises(ZsqError, match="standard budget is not defined for reconstruction"):
+        get_budget("standard", (3, 224, 224))
+    std = get_budget("standard", (3, 32, 32))
+    assert (std.name, std.iters, std.num_images) == ("standard", QUICK.iters, QUICK.num_images)
+    with pytest.raises(ZsqError, match="budget must be one of quick, standard, paper"):
+        get_budget("weekend")

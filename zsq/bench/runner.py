@@ -20,6 +20,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from zsq.bench.suites import MODELS, Suite
+from zsq.budget_names import check_budget
 from zsq.errors import ZsqError
 from zsq.runstate import source_digest
 
@@ -142,8 +143,7 @@ def run_suite(suite: Suite, out, budget: str = "quick", resume: bool = True, iso
     (with its wall time), so a suite finishes the cells that fit. only: fnmatch pattern on cell keys.
     Every row records the digest of the zsq sources that made it; allow_mixed_code=False refuses to
     resume a results.json with finished rows of other code."""
-    if budget not in ("quick", "paper"):
-        raise ZsqError(f"budget must be quick or paper, got {budget!r}")
+    check_budget(budget)
     out = Path(out)
     results = load_results(out)
     if results is not None and (results.get("suite") != suite.name or results.get("budget") != budget):

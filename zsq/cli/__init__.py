@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from zsq.budget_names import BUDGET_NAMES
 from zsq.errors import ZsqError
 from zsq.progress import cli_logging
 
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synth", help="synthesizer for calibration images (default: the method's own)")
     p.add_argument("--calib-data", help="a saved SyntheticSet dir, or real images (the real-data reference)")
     p.add_argument("--num-images", type=int, help="calibration images to synthesize/use")
-    p.add_argument("--budget", choices=("quick", "paper"), default="quick")
+    p.add_argument("--budget", choices=BUDGET_NAMES, default="quick")
     p.add_argument("--iters", type=int, help="iterations (per unit for PTQ, per batch for synthesis)")
     p.add_argument("--epochs", type=int, help="QAT epochs")
     p.add_argument("--iters-per-epoch", type=int, help="QAT iterations per epoch")

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 
+from zsq.budget_names import BUDGET_NAMES
+
 
 def add_parser(subparsers) -> None:
     from zsq.bench.suites import list_suites
 
     p = subparsers.add_parser("bench", help="run a benchmark suite (resumable) and write results.json + report.md")
     p.add_argument("--suite", required=True, choices=list_suites())
-    p.add_argument("--budget", default="quick", choices=("quick", "paper"))
+    p.add_argument("--budget", default="quick", choices=BUDGET_NAMES)
     p.add_argument("--out", required=True, help="output directory (results.json, report.md, plots/, synth/)")
     p.add_argument("--resume", action="store_true", help="finish a suite already started in --out")
     p.add_argument("--cell-timeout", type=float, help="kill a cell after this many seconds (recorded as failed, "

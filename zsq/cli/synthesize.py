@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from zsq.budget_names import BUDGET_NAMES
 from zsq.synth.base import list_synthesizers
 
 
@@ -18,7 +19,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_init_args(p)
     p.add_argument("--method", required=True, choices=list_synthesizers())
     p.add_argument("--num-images", type=int, required=True)
-    p.add_argument("--budget", choices=("quick", "paper"), default="quick")
+    p.add_argument("--budget", choices=BUDGET_NAMES, default="quick")
     p.add_argument("--iters", type=int, default=None, help="iterations per batch (gdfq: generator steps)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)

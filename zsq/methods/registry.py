@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch.nn as nn
 
+from zsq.budget_names import check_budget
 from zsq.errors import ZsqError
 from zsq.registry import Registry
 
@@ -26,7 +27,7 @@ class QuantJob:
       that need no images. ``calib_source`` says which (e.g. "synthetic:genie", "real:<path>", "none").
     synth_method: the synthesizer to run when the method needs images and none were given
       (e.g. "genie" for --method genie).
-    budget: "quick" or "paper"; iters / epochs / iters_per_epoch / num_images override the budget.
+    budget: a name of zsq.budget_names.BUDGET_NAMES; iters / epochs / iters_per_epoch / num_images override the budget.
     out: the output directory (methods may write checkpoints under out/"work" for --resume).
     eval_fn: optional callable(model) -> dict(top1=..., top5=..., n=...) on real test images, used by
       QAT methods at chosen epochs.
@@ -51,8 +52,7 @@ class QuantJob:
     compute: Optional[Any] = None
 
     def __post_init__(self):
-        if self.budget not in ("quick", "paper"):
-            raise ZsqError(f"budget must be 'quick' or 'paper', got {self.budget!r}")
+        check_budget(self.budget)
 
 
 @dataclass
@@ -73,6 +73,15 @@ class MethodInfo:
     default_synth: Optional[str]
     summary: str
     options: Optional[Callable[[Dict[str, Any], Any, str], Dict[str, Any]]] = None
+    # a method that needs images only for some runs (a QAT warm start): (options, budget) -> the synthesizer
+    # to make them with, or None when this run needs none
+    images_for: Optional[Callable[[Dict[str, Any], str], Optional[str]]] = None
+
+    def run_synth(self, options: Dict[str, Any], budget: str) -> Optional[str]:
+        """The synthesizer this run needs images from when none are given (None: it needs no images)."""
+        if self.needs_images:
+            return self.default_synth
+        return self.images_for(options, budget) if self.images_for is not None else None
 
     def parse_options(self, values: Optional[Dict[str, Any]], meta, budget: str) -> Dict[str, Any]:
         """The method's --set options, validated by its family's schema: the dict the job and report get."""
@@ -105,13 +114,13 @@ METHODS: Registry[MethodInfo] = Registry("method")
 
 
 def register_method(name: str, *, kind: str, needs_images: bool, default_preset: str,
-                    default_synth: Optional[str] = None, summary: str = "", options=None):
+                    default_synth: Optional[str] = None, summary: str = "", options=None, images_for=None):
     """Decorator: ``@register_method("genie", kind="ptq", needs_images=True, default_preset="genie",
     default_synth="genie", summary="...")``."""
 
     def deco(fn):
         METHODS.register(name, MethodInfo(name, fn, kind, needs_images, default_preset, default_synth, summary,
-                                          options))
+                                          options, images_for))
         return fn
 
     return deco

@@ -17,7 +17,7 @@ import torch
 from zsq.errors import ZsqError
 from zsq.methods.registry import QuantJob, QuantResult, get_method, register_method, user_options
 from zsq.models.meta import get_meta
-from zsq.qat.training_config import method_config, paper_config
+from zsq.qat.training_config import STANDARD_WARM_START, method_config, paper_config
 from zsq.qat.loop import distill
 from zsq.quant.qconfig import fixed_grids
 
@@ -56,7 +56,7 @@ def _run(name: str, fp_model, qconfig, job: QuantJob) -> QuantResult:
         cfg = dataclasses.replace(paper_config(name, meta).rescaled(
             epochs=job.epochs, iters_per_epoch=cfg.iters_per_epoch, batch_size=cfg.batch_size,
             warmup_epochs=warm, live_range_epochs=min(cfg.live_range_epochs, job.epochs)),
-            ema_bias_correction=cfg.ema_bias_correction)
+            ema_bias_correction=cfg.ema_bias_correction, warm_start=cfg.warm_start)
     images, labels = _fixed_set(job)
     extra = user_options(job.extra)
     if qconfig.fold_bn and "lr" not in extra:
@@ -115,6 +115,14 @@ def _warm_start(fp_model, qconfig, cfg, images, job: QuantJob):
     return qconfig, cfg, result.model, warm
 
 
+def _warm_start_images(options: dict, budget: str):
+    """A warm start (asked, or the standard budget's) reconstructs on images: Genie-D's unless given."""
+    warm = options.get("warm_start")
+    if warm is None and budget == "standard":
+        warm = STANDARD_WARM_START
+    return "genie" if warm not in (None, "none") else None
+
+
 def _options(name: str):
     """The QAT schema: QATConfig's fields (and gi_*/hast_* for the sub-configs), types and ranges checked."""
     def parse(values, meta, budget):
@@ -126,14 +134,14 @@ def _options(name: str):
 
 @register_method("gdfq", kind="qat", needs_images=False, default_preset="gdfq",
                  summary="GDFQ: generator (CE + 0.1*BNS) trained alongside; student CE + KL(T=20) distillation",
-                 options=_options("gdfq"))
+                 options=_options("gdfq"), images_for=_warm_start_images)
 def gdfq(fp_model, qconfig, job: QuantJob) -> QuantResult:
     return _run("gdfq", fp_model, qconfig, job)
 
 
 @register_method("ait", kind="qat", needs_images=False, default_preset="gdfq",
                  summary="AIT: KL-only distillation + gradient inundation (generator, or a fixed set via "
-                         "--synth/--calib-data)", options=_options("ait"))
+                         "--synth/--calib-data)", options=_options("ait"), images_for=_warm_start_images)
 def ait(fp_model, qconfig, job: QuantJob) -> QuantResult:
     return _run("ait", fp_model, qconfig, job)
 
