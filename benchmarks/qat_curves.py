@@ -1,7 +1,8 @@
 """Top-1 against wall minutes for the QAT methods on CIFAR-10 ResNet-20 (gdfq protocol), one run per call.
 
 Every run evaluates its student on the exact first-1017 test images after every epoch, so one run gives
-the whole curve; the final student is also evaluated on JPEG-10k and its per-image hits are kept for paired
+the whole curve (its minutes count from the run's start, synthesis and a warm start included, evaluation
+left out); the final student is also evaluated on JPEG-10k and its per-image hits are kept for paired
 comparisons (zsq.evaluation.mcnemar). Minutes count everything the run did: synthesis, a warm start's
 reconstruction, training (evaluation time is measured and left out).
 
@@ -105,7 +106,7 @@ def run(args) -> None:
            "total_minutes": (synth_s + method_s) / 60,
            "warm_minutes": ((rep.get("warm_start") or {}).get("seconds") or 0) / 60,
            # the curve's minutes count from the method's start; synthesis is added here
-           "curve": curve,  # minutes from the method's start; the plot adds synth_minutes
+           "curve": curve,  # minutes from the run's start: synthesis and a warm start included
            "hits_exact1017": final["hits"], "hits_jpeg10k": final_jpeg["hits"],
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "threads": args.threads, "cpu": cpu_flags(),
@@ -128,7 +129,7 @@ def plot(args) -> None:
     fig, axes = plt.subplots(1, len(bits), figsize=(6 * len(bits), 4.5), squeeze=False)
     for ax, b in zip(axes[0], bits):
         for r in (r for r in rows if r["bits"] == b):
-            xs = [r["synth_minutes"] + c["minutes"] for c in r["curve"]]
+            xs = [c["minutes"] for c in r["curve"]]
             label = f"{r['method']}{'+' + r['warm_start'] if r['warm_start'] != 'none' else ''} s{r['seed']}"
             ax.plot(xs, [c["top1"] for c in r["curve"]], marker=".", label=label)
         ax.set_title(f"ResNet-20 {b.upper()}, gdfq protocol (exact-1017)")
