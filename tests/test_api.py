@@ -12,8 +12,8 @@ def _digest(out):
 
 
 def _run(out, **kw):
-    return zsq.quantize("cifar10_resnet20", random_init=True, method="minmax", bits="w4a4", preset="gdfq",
-                        synth="noise", num_images=8, seed=3, out=out, **kw)
+    return zsq.quantize(zsq.ModelSource("cifar10_resnet20", random_init=True), method="minmax", bits="w4a4",
+                        preset="gdfq", calibration=zsq.Calibration(synth="noise", num_images=8), seed=3, out=out, **kw)
 
 
 def test_quantize_leaves_the_global_rng_alone_and_depends_only_on_its_seed(tmp_path):
@@ -26,8 +26,8 @@ def test_quantize_leaves_the_global_rng_alone_and_depends_only_on_its_seed(tmp_p
     a, b = _digest(tmp_path / "a"), _digest(tmp_path / "b")
     assert a and a == b
     torch.manual_seed(123)
-    c = zsq.quantize("cifar10_resnet20", random_init=True, method="minmax", bits="w4a4", preset="gdfq",
-                     synth="noise", num_images=8, seed=4, out=tmp_path / "c")
+    c = zsq.quantize(zsq.ModelSource("cifar10_resnet20", random_init=True), method="minmax", bits="w4a4",
+                     preset="gdfq", calibration=zsq.Calibration(synth="noise", num_images=8), seed=4, out=tmp_path / "c")
     assert c.report["method"] == "minmax" and _digest(tmp_path / "c") != a  # the seed does reach the result
 
 

@@ -223,7 +223,7 @@ def test_bad_set_options_list_the_valid_ones(capsys, tmp_path, method, item, nee
 
 def test_set_options_reach_the_report(capsys, tmp_path):
     rep = quantize_ok(capsys, "--set", "bn_k=3", "--out", tmp_path / "o")
-    assert rep["options"] == {"bn_k": 3.0} and rep["bn_k"] == 3.0
+    assert rep["options"] == {"bn_k": 3.0} and rep["method_report"]["bn_k"] == 3.0
 
 
 # ---- paths and files -------------------------------------------------------------------------------

@@ -43,10 +43,12 @@ def test_cli_verbose_sets_debug(zsq_logger):
 
 def test_library_logs_reach_the_callers_handlers_not_stderr(capfd, caplog, zsq_logger):
     with caplog.at_level(logging.INFO, logger="zsq"):
-        zsq.quantize("cifar10_resnet20", random_init=True, method="minmax", synth="noise", num_images=8, bits="w8a8")
-    assert any(r.name == "zsq.api" and "quantizing with minmax" in r.getMessage() for r in caplog.records)
+        zsq.quantize(zsq.ModelSource("cifar10_resnet20", random_init=True), method="minmax",
+                     calibration=zsq.Calibration(synth="noise", num_images=8), bits="w8a8")
+    assert any(r.name == "zsq.run" and "quantizing with minmax" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    zsq.quantize("cifar10_resnet20", random_init=True, method="minmax", synth="noise", num_images=8, bits="w8a8")
+    zsq.quantize(zsq.ModelSource("cifar10_resnet20", random_init=True), method="minmax",
+                 calibration=zsq.Calibration(synth="noise", num_images=8), bits="w8a8")
     assert "quantizing with" not in capfd.readouterr().err  # no handler of zsq's own: the caller decides
 
 

@@ -17,6 +17,7 @@ LAYERS: List[Set[str]] = [
     {"evaluation", "synth", "export"},               # uses of a model: accuracy, synthetic images, files
     {"methods"},                                   # the method registry and the calibration baselines
     {"ptq", "qat"},                                # the method families
+    {"run"},                                       # the one pipeline (Run -> execute -> steps)
     {"api", "bench", "cli", "__main__", ""},       # entry points ("" = zsq/__init__)
 ]
 

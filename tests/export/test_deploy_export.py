@@ -170,8 +170,8 @@ def test_timm_efficientnet_lite0_runs_in_integer_kernels(tmp_path):
 
     torch.manual_seed(0)
     m = timm.create_model("tf_efficientnet_lite0").eval()
-    r = zsq.quantize(m, method="bn-minmax", preset="deploy", bits="w8a8", input_size=(3, 64, 64),
-                     mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    r = zsq.quantize(zsq.ModelSource(m, input_size=(3, 64, 64), mean=(0.485, 0.456, 0.406),
+                                     std=(0.229, 0.224, 0.225)), method="bn-minmax", preset="deploy", bits="w8a8")
     plan = r.model.zsq_quant_plan
     assert len(plan["folded_bn"]) == 49 and plan["eager_fallback"] == [] and plan["kept_float"] == []
     info = export_onnx(r.model, tmp_path / "m.onnx")

@@ -381,14 +381,15 @@ def test_an_untraceable_model_is_named_in_the_report_and_logged(caplog):
 
     caplog.set_level(logging.WARNING, logger="zsq")
 
-    kw = dict(input_size=(3, 8, 8), mean=(0.5,) * 3, std=(0.5,) * 3, method="bn-minmax", bits="w8a8")
-    res = zsq.quantize(BranchyNet(), **kw)
+    meta = dict(input_size=(3, 8, 8), mean=(0.5,) * 3, std=(0.5,) * 3)
+    kw = dict(method="bn-minmax", bits="w8a8")
+    res = zsq.quantize(zsq.ModelSource(BranchyNet(), **meta), **kw)
     assert res.report["capture"] == "fx, eager fallback in parts" and res.report["eager_fallback"] == [""]
     assert "eager fallback for the model (BranchyNet): fx could not trace it" in caplog.text
     caplog.clear()
     assert [n for n, _ in quant_layers(res.model)] == ["conv", "fc"]  # module rules still quantize its layers
-    res = zsq.quantize(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), Branchy(), nn.Flatten(),
-                                     nn.Linear(4 * 8 * 8, 3)), **kw)
+    res = zsq.quantize(zsq.ModelSource(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), Branchy(), nn.Flatten(),
+                                                     nn.Linear(4 * 8 * 8, 3)), **meta), **kw)
     assert res.report["eager_fallback"] == ["2"]
     assert "eager fallback for 2 (Branchy)" in caplog.text
 
@@ -417,9 +418,9 @@ def test_zsq_quantize_takes_a_users_module():
         zsq.quantize(m, method="bn-minmax", bits="w8a8")
     assert "\n" not in str(e.value)
     with pytest.raises(ZsqError, match=r"or mean= "):
-        zsq.quantize(m, input_size=(3, 16, 16), method="bn-minmax", bits="w8a8")
-    res = zsq.quantize(m, input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.5,) * 3, method="bn-minmax",
-                       bits="w8a8")
+        zsq.quantize(zsq.ModelSource(m, input_size=(3, 16, 16)), method="bn-minmax", bits="w8a8")
+    res = zsq.quantize(zsq.ModelSource(m, input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.5,) * 3),
+                       method="bn-minmax", bits="w8a8")
     assert isinstance(res, zsq.QuantResult) and res.report["model"] == "module:Hand"
     assert res.report["bits"] == "w8a8" and res.report["capture"] == "fx"
     assert isinstance(res.model.stem, PaddedConv) and not hasattr(m, "zsq_meta")  # caller's module untouched
@@ -446,8 +447,8 @@ def test_a_users_module_with_inserted_quantizers_saves_and_loads(tmp_path):
 
     torch.manual_seed(0)
     m = Hand().eval()
-    res = zsq.quantize(m, input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.5,) * 3, method="bn-minmax",
-                       bits="w4a4", out=tmp_path / "q")
+    res = zsq.quantize(zsq.ModelSource(m, input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.5,) * 3),
+                       method="bn-minmax", bits="w4a4", out=tmp_path / "q")
     assert any(n.endswith("_skip_quant") for n in res.model.zsq_quant_plan["residual"])  # `out += x` got one
     loaded = zsq.load_quantized(tmp_path / "q", model_factory=lambda name: Hand())
     x = torch.randn(2, 3, 16, 16)
@@ -490,10 +491,11 @@ def test_functional_conv_and_linear_stay_float_and_say_so(caplog):
 def test_zsq_quantize_reports_functional_layers_and_strict_refuses_before_any_work():
     import zsq
 
-    kw = dict(input_size=(3, 8, 8), mean=(0.5,) * 3, std=(0.5,) * 3, method="bn-minmax", bits="w8a8")
+    meta = dict(input_size=(3, 8, 8), mean=(0.5,) * 3, std=(0.5,) * 3)
+    kw = dict(method="bn-minmax", bits="w8a8")
     m = Functional().eval()
     with pytest.raises(ZsqError, match=r"--strict: layer conv2d \(conv2d\) would stay float"):
-        zsq.quantize(m, strict=True, **kw)
+        zsq.quantize(zsq.ModelSource(m, **meta), strict=True, **kw)
     m = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), Functional()).eval()
-    res = zsq.quantize(m, **kw)
+    res = zsq.quantize(zsq.ModelSource(m, **meta), **kw)
     assert res.report["kept_float"] == ["2.conv2d", "2.linear"]

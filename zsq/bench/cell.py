@@ -19,6 +19,7 @@ import torch
 from zsq.assets import asset
 from zsq.bench.papers import nearest_figure
 from zsq.bench.suites import DATA_NONE, DATA_REAL, MODELS, Cell
+from zsq.errors import ZsqError
 from zsq.progress import cli_logging
 
 
@@ -54,7 +55,7 @@ def synth_dir(cache: Path, cell: Cell, budget: str, num_images: int) -> Path:
 
 def get_calibration(cell: Cell, fp_model, info, budget: str, cache: Path):
     """(images or None, labels or None, source, num_images, synth seconds, synth cached?, synth dir)."""
-    from zsq.api import default_num_images, load_calibration
+    from zsq.run import default_num_images, load_calibration
 
     if cell.data == DATA_NONE:
         return None, None, "none", None, 0.0, False, None
@@ -62,7 +63,6 @@ def get_calibration(cell: Cell, fp_model, info, budget: str, cache: Path):
     if cell.data == DATA_REAL:
         setup = MODELS[cell.model]
         if setup.real_calib is None:
-            from zsq.errors import ZsqError
             raise ZsqError(f"bench: {cell.model} has no real calibration set")
         x, y, src = load_calibration(_spec(setup.real_calib, None), fp_model, n)
         return x, None, src, int(x.shape[0]), 0.0, False, None
@@ -101,31 +101,31 @@ def _fp32_eval(fp_model, spec: str, path: Path) -> dict:
 
 
 def run_cell(cell: Cell, budget: str, cache: Path, eval_limit: Optional[int] = None, jpeg_eval: bool = True) -> dict:
-    """Run one cell in this process and return its result row (see docs/bench.md for the keys)."""
+    """Run one cell in this process and return its result row (see docs/bench.md for the keys): the cell's
+    calibration images (cached per suite) go into a zsq.run.Run, which zsq.run.execute quantizes."""
     from zsq.evaluation import agreement, evaluate
-    from zsq.methods import QuantJob, get_method
-    from zsq.models import load
-    from zsq.quant import get_preset, parse_bits
+    from zsq.methods import get_method
+    from zsq.quant import parse_bits
+    from zsq.run import Calibration, MethodSpec, ModelSource, QuantSpec, Run, RunBudget, execute, resolve_model
 
     t_all = time.time()
     setup = MODELS[cell.model]
     info = get_method(cell.method)
-    preset = cell.preset or info.default_preset
-    qconfig = get_preset(preset, cell.bits)
-    fp_model = load(cell.model, weights=str(asset(setup.weights)) if setup.weights else None)
-    torch.manual_seed(cell.seed)
+    if cell.data == DATA_NONE and info.needs_images:  # a cell's images are its own (cached): never synthesized here
+        raise ZsqError(f"bench: {cell.method} needs images; give its cell data=real or a synthesizer")
+    source = ModelSource(cell.model, weights=str(asset(setup.weights)) if setup.weights else None,
+                         random_init=setup.weights is None)
+    fp_model, _ = resolve_model(source, cell.seed)
     calib, labels, src, n_img, synth_s, cached, sdir = get_calibration(cell, fp_model, info, budget, cache)
-    job = QuantJob(calib=calib, calib_source=src, synth_method=cell.data if sdir else None, budget=budget,
-                   num_images=cell.num_images, iters=cell.iters, epochs=cell.epochs,
-                   iters_per_epoch=cell.iters_per_epoch, batch_size=cell.batch_size, seed=cell.seed)
-    if labels is not None:
-        job.extra["calib_labels"] = labels
-    t0 = time.time()
-    result = info.fn(fp_model, qconfig, job)
-    quant_s = time.time() - t0
+    run = Run(model=ModelSource(fp_model), method=MethodSpec(cell.method), quant=QuantSpec(cell.bits, cell.preset),
+              calibration=Calibration(images=calib, labels=labels, source=src, num_images=cell.num_images),
+              budget=RunBudget(budget, iters=cell.iters, epochs=cell.epochs, iters_per_epoch=cell.iters_per_epoch,
+                               batch_size=cell.batch_size), seed=cell.seed)
+    res = execute(run)
+    preset, bits, quant_s = res.report["preset"], res.report["bits"], res.report["quant_seconds"]
 
     row = {"key": cell.key, "cell": cell.to_dict(), "model": cell.model, "method": cell.method,
-           "preset": preset, "bits": qconfig.bits, "data": cell.data, "calib_source": src,
+           "preset": preset, "bits": bits, "data": cell.data, "calib_source": src,
            "num_images": n_img, "budget": budget, "synth_seconds": round(synth_s, 2), "synth_cached": cached,
            "synth_dir": sdir, "quant_seconds": round(quant_s, 2)}
     evals = [("main", setup.eval_main, setup.eval_main_name)]
@@ -135,7 +135,7 @@ def run_cell(cell: Cell, budget: str, cache: Path, eval_limit: Optional[int] = N
         spec = _spec(rel, eval_limit)
         set_id = name.replace("[", "_").replace(":", "-").replace("]", "")
         fp = _fp32_eval(fp_model, spec, cache.parent / "fp32" / f"{cell.model}-{set_id}-{eval_limit or 'all'}.json")
-        q = evaluate(result.model, spec, return_preds=True)
+        q = evaluate(res.model, spec, return_preds=True)
         k = round(q["top1"] * q["n"] / 100)
         lo, hi = wilson(k, q["n"])
         # hits as a 0/1 string: the report pairs rows on the same images (report.paired_lines)
@@ -143,7 +143,7 @@ def run_cell(cell: Cell, budget: str, cache: Path, eval_limit: Optional[int] = N
                     "agreement": agreement(fp["preds"], q["preds"]), "hits": "".join(map(str, q["hits"]))}
     w, a = (int(v) for v in parse_bits(cell.bits))
     row["paper"] = nearest_figure(cell.model, cell.method, cell.data, (w, a))
-    mr = result.report or {}
+    mr = res.report["method_report"]
     if "unit_losses" in mr:
         row["unit_losses"] = [{k: r.get(k) for k in ("unit", "phase", "loss_start", "loss_end", "hard_loss")}
                               for r in mr["unit_losses"]]

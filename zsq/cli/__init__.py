@@ -79,6 +79,9 @@ def _emit(result: dict, as_json: bool) -> None:
         print(to_json(result, default=str))
         return
     for k, v in result.items():
+        if k == "method_report" and isinstance(v, dict):  # the method's own figures (final_top1, bn_k, ...)
+            _emit({f"method.{mk}": mv for mk, mv in v.items()}, False)
+            continue
         if isinstance(v, float):
             v = f"{v:.4g}" if abs(v) < 1e-2 else f"{v:.2f}"
         if isinstance(v, (dict, list)):
@@ -132,20 +135,21 @@ def parse_set(items: Optional[List[str]]) -> Dict[str, object]:
 
 
 def cmd_quantize(args) -> dict:
-    from zsq.api import quantize
+    from zsq.run import (Calibration, ComputeConfig, MethodSpec, ModelSource, Output, QuantSpec, Run, RunBudget,
+                         execute)
 
     out = Path(args.out)
     check_out_dir(out, args.force or args.resume)
-    result = quantize(
-        args.model, weights=args.weights, pretrained=args.pretrained, random_init=args.random_init,
-        method=args.method, bits=args.bits, preset=args.preset,
-        synth=args.synth, calib_data=args.calib_data, num_images=args.num_images, budget=args.budget,
-        iters=args.iters, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
-        batch_size=args.batch_size, seed=args.seed, out=out, resume=args.resume, force=args.force,
-        eval_data=args.eval_data, options=parse_set(args.set), strict=args.strict,
-        device=args.device, precision=args.precision, channels_last=args.channels_last, compile=args.compile,
-    )
-    return result.report
+    run = Run(model=ModelSource(args.model, weights=args.weights, pretrained=args.pretrained,
+                                random_init=args.random_init),
+              method=MethodSpec(args.method, parse_set(args.set)), quant=QuantSpec(args.bits, args.preset),
+              calibration=Calibration(synth=args.synth, data=args.calib_data, num_images=args.num_images),
+              eval_data=args.eval_data, output=Output(out, force=args.force, resume=args.resume),
+              compute=ComputeConfig(args.device, args.precision, args.channels_last, args.compile),
+              budget=RunBudget(args.budget, iters=args.iters, epochs=args.epochs,
+                               iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size),
+              seed=args.seed, strict=args.strict)
+    return execute(run).report
 
 
 def cmd_inspect(args) -> dict:
