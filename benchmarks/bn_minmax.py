@@ -13,7 +13,6 @@ import torch
 
 import zsq
 from zsq.assets import CIFAR10_EXACT, CIFAR10_JPEG, RESNET20, asset
-from zsq.methods import QuantJob, get_method
 
 
 def main() -> None:
@@ -33,7 +32,7 @@ def main() -> None:
     for preset in ("genie", "gdfq"):
         for bits in ("w8a8", "w6a6", "w4a4"):
             t0 = time.time()
-            q = get_method("bn-minmax").fn(model, zsq.get_preset(preset, bits), QuantJob()).model
+            q = zsq.quantize(model, method="bn-minmax", preset=preset, bits=bits).model
             secs = time.time() - t0
             acc = {k: zsq.evaluate(q, v)["top1"] for k, v in sets.items()}
             rows.append((preset, bits, acc, secs))

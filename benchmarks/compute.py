@@ -287,9 +287,8 @@ def mcnemar_p(a_right, b_right) -> tuple:
 
 def part_demo(args) -> list:
     from zsq.data import load_dataset
+    import zsq
     from zsq.evaluation import evaluate
-    from zsq.methods import QuantJob, get_method
-    from zsq.quant import get_preset
     from zsq.synth import synthesize
 
     name, weights, _ = MODELS["resnet20"]
@@ -304,9 +303,10 @@ def part_demo(args) -> list:
         sset = synthesize(fp, "genie", args.demo_images, compute=comp)
         t1 = time.perf_counter()
         torch.manual_seed(0)
-        job = QuantJob(calib=sset.images, calib_source="synthetic:genie", compute=comp,
-                       iters=args.demo_iters)
-        q = get_method("genie").fn(fp, get_preset("genie", "w4a4"), job).model
+        run = zsq.Run(model=zsq.ModelSource(fp), method=zsq.MethodSpec("genie"), quant=zsq.QuantSpec("w4a4", "genie"),
+                      calibration=zsq.Calibration(images=sset.images, source="synthetic:genie"),
+                      compute=zsq.ComputeConfig("cpu", prec), budget=zsq.RunBudget(iters=args.demo_iters))
+        q = zsq.execute(run).model
         t2 = time.perf_counter()
         ev = evaluate(q, data, return_preds=True)
         res[prec] = torch.as_tensor(ev["preds"]) == torch.as_tensor(data_labels(data))

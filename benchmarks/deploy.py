@@ -27,16 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import zsq
 import zsq.assets as A
 from zsq.data import load_images_tensor
 from zsq.export.onnx import export_onnx
 from zsq.export.parity import compare_logits, numeric_floor, run_torch
 from zsq.export.runtimes import open_runtime, run_batches
-from zsq.methods import get_method
-from zsq.methods.registry import QuantJob
 from zsq.models import load
 from zsq.models.meta import get_meta
-from zsq.quant import get_preset
 
 MODELS = {"cifar10_resnet20": (A.RESNET20, A.CIFAR10_EXACT), "efficientnet_lite0": (A.LITE0, A.VAL1300)}
 
@@ -193,7 +191,7 @@ def main():
                 variants["genie_w4a4"] = ("genie", "w4a4", "portable")
             for key, (preset, bits, wdtype) in variants.items():
                 t0 = time.time()
-                q = get_method("bn-minmax").fn(fp, get_preset(preset, bits), QuantJob()).model
+                q = zsq.quantize(fp, method="bn-minmax", preset=preset, bits=bits).model
                 quant_s = time.time() - t0
                 p = work / f"{name}_{key}.onnx"
                 info = export_onnx(q, p, weight_dtype=wdtype)

@@ -25,17 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import zsq
 import zsq.assets as A
-import zsq.methods.bn_minmax  # noqa: F401  (registers bn-minmax)
 from zsq.data import load_images_tensor
 from zsq.export import load_quantized, save_quantized
 from zsq.export.onnx import export_onnx
 from zsq.export.parity import compare_logits, ort_session, run_ort, run_torch
-from zsq.methods import get_method
-from zsq.methods.registry import QuantJob
 from zsq.models import load
 from zsq.models.meta import get_meta
-from zsq.quant import get_preset
 
 MODELS = {
     "cifar10_resnet20": (A.RESNET20, A.CIFAR10_EXACT),
@@ -95,7 +92,7 @@ def main():
             fp_logits = run_torch(fp, x, 100)
             for bits in args.bits:
                 t0 = time.time()
-                q = get_method("bn-minmax").fn(fp, get_preset(args.preset, bits), QuantJob()).model
+                q = zsq.quantize(fp, method="bn-minmax", preset=args.preset, bits=bits).model
                 quant_s = time.time() - t0
                 ck = work / f"{name}_{bits}"
                 t0 = time.time()

@@ -46,12 +46,11 @@ def models(bits: str):
         weights = A.asset(A.RESNET20)
     except Exception:
         return
-    from zsq.methods import get_method
-    from zsq.methods.registry import QuantJob
+    import zsq
     from zsq.models import load
 
     fp = load("cifar10_resnet20", weights=weights)
-    q = get_method("bn-minmax").fn(fp, get_preset("deploy", bits), QuantJob()).model
+    q = zsq.quantize(fp, method="bn-minmax", preset="deploy", bits=bits).model
     yield "cifar10_resnet20", q, torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 

@@ -23,12 +23,9 @@ import time
 import torch
 
 import zsq.assets as A
-import zsq.models
+import zsq
 from zsq.data import load_images_tensor
 from zsq.evaluation import evaluate
-from zsq.methods.registry import QuantJob
-from zsq.ptq import reconstruction_methods as ptq_methods
-from zsq.quant import get_preset
 
 DEFAULT_PRESET = {"genie": "genie", "qdrop": "qdrop", "brecq": "brecq", "adaround": "brecq"}
 
@@ -77,14 +74,17 @@ def main(argv=None) -> dict:
         synth_s = time.time() - ts
         calib, calib_source = data.images, f"synthetic:{args.calib}"
     preset = args.preset or DEFAULT_PRESET[args.method]
-    job = QuantJob(calib=calib, calib_source=calib_source, budget=args.budget, iters=args.iters,
-                   num_images=args.num_images, batch_size=args.batch_size, seed=args.seed)
-    res = getattr(ptq_methods, args.method)(teacher, get_preset(preset, args.bits), job)
+    run = zsq.Run(model=zsq.ModelSource(teacher), method=zsq.MethodSpec(args.method),
+                  quant=zsq.QuantSpec(args.bits, preset),
+                  calibration=zsq.Calibration(images=calib, source=calib_source, num_images=args.num_images),
+                  budget=zsq.RunBudget(args.budget, iters=args.iters, batch_size=args.batch_size), seed=args.seed)
+    res = zsq.execute(run)
     total_s = time.time() - t0
+    method_report = res.report["method_report"]
     rec = {"model": args.model, "method": args.method, "preset": preset, "bits": args.bits, "calib": calib_source,
-           "budget": res.report["budget"], "synth_seconds": round(synth_s, 1),
-           "quant_seconds": round(res.report["quant_seconds"], 1), "total_seconds": round(total_s, 1),
-           "threads": args.threads, "units": res.report["units_summary"]}
+           "budget": method_report["budget"], "synth_seconds": round(synth_s, 1),
+           "quant_seconds": round(method_report["quant_seconds"], 1), "total_seconds": round(total_s, 1),
+           "threads": args.threads, "units": method_report["units_summary"]}
     if cifar:
         rec["fp_exact1017"] = evaluate(teacher, str(A.asset(A.CIFAR10_EXACT)))["top1"]
         rec["q_exact1017"] = evaluate(res.model, str(A.asset(A.CIFAR10_EXACT)))["top1"]
@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
         rec["fp_val1300_0_1000"] = evaluate(teacher, ev)["top1"]
         rec["q_val1300_0_1000"] = evaluate(res.model, ev)["top1"]
     rec["peak_rss_mib"] = round(peak_rss_mib(), 0)
-    rec["unit_losses"] = res.report["unit_losses"]
+    rec["unit_losses"] = method_report["unit_losses"]
     accs = " | ".join(f"{k}={v:.2f}" for k, v in rec.items() if k.startswith(("q_", "fp_")))
     print(f"| {args.model} | {args.method} | {args.bits} | {calib_source} | {rec['budget']['iters']} it x "
           f"{rec['budget']['num_images']} img | {accs} | synth {synth_s:.0f}s + quant {rec['quant_seconds']:.0f}s "

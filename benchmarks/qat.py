@@ -18,8 +18,6 @@ import zsq.models
 from zsq.assets import CIFAR10_EXACT, CIFAR10_JPEG, RESNET20, asset
 from zsq.data import load_dataset
 from zsq.evaluation import evaluate
-from zsq.methods.registry import QuantJob
-from zsq.quant import get_preset
 
 
 def main():
@@ -31,17 +29,14 @@ def main():
     ap.add_argument("--bits", default="w4a4")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    import zsq.qat.distillation_methods as qm
     from zsq.synth import synthesize
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     teacher = zsq.models.load("cifar10_resnet20", weights=asset(RESNET20))
     meta = zsq.models.get_meta(teacher)
-    exact = load_dataset(str(asset(CIFAR10_EXACT)), meta)
     jpeg = load_dataset(str(asset(CIFAR10_JPEG)), meta)
-    eval_fn = lambda m: evaluate(m, exact)  # noqa: E731
-    fns = {"gdfq": qm.gdfq, "ait": qm.ait, "hast": qm.hast, "hast-paper": qm.hast_paper, "ait-genie": qm.ait}
+    methods = {"gdfq": "gdfq", "ait": "ait", "hast": "hast", "hast-paper": "hast-paper", "ait-genie": "ait"}
     synth = {"hast": "hast", "hast-paper": "hast", "ait-genie": "genie"}
     for spec in args.runs:
         # "METHOD" or "METHOD:key=value,key=value" (job.extra options, e.g. hast:lr=1e-4 for a diagnostic)
@@ -51,27 +46,29 @@ def main():
                  for k, v in (kv.split("=") for kv in opts.split(",") if kv)}
         tag = run + "".join(f"_{k}{v:g}" if isinstance(v, float) else f"_{k}{'-'.join(map(str, v))}"
                             for k, v in extra.items())
-        job = QuantJob(budget="quick", seed=0, out=out / tag, eval_fn=eval_fn, extra=dict(extra))
-        synth_s = 0.0
+        calibration, synth_s = zsq.Calibration(), 0.0
         if run in synth:
             t0 = time.time()
             data = synthesize(teacher, synth[run], args.images, budget="quick", seed=0, out=out / f"synth_{synth[run]}",
                               resume=True)
             synth_s = time.time() - t0
-            job.calib, job.calib_source = data.images, f"synthetic:{synth[run]}"
-            job.extra["calib_labels"] = data.labels
+            calibration = zsq.Calibration(images=data.images, labels=data.labels, source=f"synthetic:{synth[run]}")
         t0 = time.time()
-        res = fns[run](teacher, get_preset("gdfq", args.bits), job)
+        # eval_data: the student's top-1 on exact-1017 at the chosen epochs (QAT's eval_fn)
+        res = zsq.execute(zsq.Run(model=zsq.ModelSource(teacher), method=zsq.MethodSpec(methods[run], extra),
+                                  quant=zsq.QuantSpec(args.bits, "gdfq"), calibration=calibration,
+                                  eval_data=str(asset(CIFAR10_EXACT)), output=zsq.Output(out / tag, force=True)))
         train_s = time.time() - t0
         jpeg_top1 = evaluate(res.model, jpeg)["top1"]
-        rep = {k: v for k, v in res.report.items() if k != "config"}
+        method_report = res.report["method_report"]
+        rep = {k: v for k, v in method_report.items() if k != "config"}
         row = {"run": tag, "options": extra, "bits": args.bits, "final_top1_exact1017": rep["final_top1"],
                "best_top1_exact1017": rep["best_top1"], "best_epoch": rep["best_epoch"],
                "final_top1_jpeg10k": jpeg_top1, "train_seconds": train_s, "synth_seconds": synth_s,
                "fixed_images": args.images if run in synth else None,
                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "per_epoch_top1": [(h["epoch"], h.get("top1")) for h in rep["epochs"]],
-               "report": rep, "config": res.report["config"]}
+               "report": rep, "config": method_report["config"]}
         (out / f"{tag}.json").write_text(json.dumps(row, indent=1, default=str))
         print(json.dumps({k: row[k] for k in ("run", "final_top1_exact1017", "best_top1_exact1017", "best_epoch",
                                               "final_top1_jpeg10k", "train_seconds", "synth_seconds",

@@ -75,10 +75,8 @@ def cmd_run(a) -> None:
     import torch
 
     import zsq
-    from zsq.api import load_calibration
-    from zsq.compute import resolve
-    from zsq.methods import QuantJob, get_method
-    from zsq.quant import get_preset
+    from zsq.run import load_calibration
+    from zsq.methods import get_method
     from zsq.synth import synthesize
 
     torch.set_num_threads(a.threads)
@@ -87,7 +85,7 @@ def cmd_run(a) -> None:
     fp = zsq.models.load(a.model, weights=str(weights))
     load0, t0 = _load(), time.time()
     synth_opts = _pairs(a.synth_set)
-    compute = None if a.precision == "fp32" else resolve(precision=a.precision)  # None: cpu fp32 NCHW, as before
+    compute = zsq.ComputeConfig(precision=a.precision)  # fp32: cpu fp32 NCHW, as before
     if a.method in ("bn-minmax", "fp32"):
         calib, source, synth_s = torch.zeros(0), "none", 0.0
     elif a.calib_data:
@@ -104,18 +102,19 @@ def cmd_run(a) -> None:
         if a.synth_only:
             print(f"{sdir}: {len(sset)} images, seed {seed}, {synth_s:.0f} s, BNS {sset.meta.get('bns_loss')}")
             return
-    job = QuantJob(calib=calib, iters=a.iters, num_images=a.num_images, seed=a.seed,
-                   extra=_pairs(a.set), compute=compute)
     tq = time.time()
     if a.method == "fp32":  # the float model itself, for "how far from FP32" on the same images
         model, units = fp, []
     else:
-        info = get_method(a.method)
-        if not info.needs_images:
-            job.calib, source, synth_s = None, "none", 0.0
+        calibration = zsq.Calibration(images=calib, num_images=a.num_images)
+        if not get_method(a.method).needs_images:
+            calibration, source, synth_s = zsq.Calibration(num_images=a.num_images), "none", 0.0
+        run = zsq.Run(model=zsq.ModelSource(fp), method=zsq.MethodSpec(a.method, _pairs(a.set)),
+                      quant=zsq.QuantSpec(a.bits, a.preset), calibration=calibration, compute=compute,
+                      budget=zsq.RunBudget(iters=a.iters), seed=a.seed)
         with _round_to_nearest(a.rtn_unit or []):
-            res = info.fn(fp, get_preset(a.preset or info.default_preset, a.bits), job)
-        model, units = res.model, res.report.get("unit_losses", [])
+            res = zsq.execute(run)
+        model, units = res.model, res.report["method_report"].get("unit_losses", [])
     quant_s = time.time() - tq
     if a.save and a.method != "fp32":
         from zsq.export.packed_checkpoint import save_quantized
@@ -126,7 +125,7 @@ def cmd_run(a) -> None:
         "tag": a.tag, "argv": sys.argv, "zsq_source": zsq.runstate.source_digest(), "model": a.model, "method": a.method, "preset": a.preset, "bits": a.bits, "seed": a.seed, "calib": source,
         "num_images": int(calib.shape[0]) if a.method not in ("bn-minmax", "fp32") else 0, "synth_options": synth_opts, "options": _pairs(a.set), "rtn_units": a.rtn_unit or [],
         "top1": ev["top1"], "n": ev["n"], "synth_seconds": round(synth_s, 1), "quant_seconds": round(quant_s, 1),
-        "seconds": round(time.time() - t0, 1), "threads": a.threads, "compute": compute.describe() if compute else "fp32", "load_before": load0, "load_after": _load(),
+        "seconds": round(time.time() - t0, 1), "threads": a.threads, "compute": compute.resolve().describe() if a.precision != "fp32" else "fp32", "load_before": load0, "load_after": _load(),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "reverted_units": [u["unit"] for u in units if u.get("kept") is False],
         "units": [{k: u.get(k) for k in ("unit", "loss_start", "loss_end", "round_loss_end", "soft_loss", "refit_from", "hard_loss",

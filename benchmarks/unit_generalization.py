@@ -48,12 +48,12 @@ def _recipe(spec: dict):
 def _unit_error(eng, name: str, images):
     """The unit's hardened output error on ``images``, its input taken from the float model."""
     from zsq.ptq import cache
-    from zsq.ptq.reconstruct import _output_error
+    from zsq.ptq.reconstruct import output_error
 
     _, y = cache.capture(eng.fp_ref, name, images, 64, want_output=True, compute=eng.compute)
     xq, _ = cache.capture(eng.qmodel, name, images, 64, want_output=False, compute=eng.compute)
     mod = eng.qmodel.get_submodule(name)
-    return _output_error(mod, xq, y)
+    return output_error(mod, xq, y)
 
 
 def _one(fp, qc, images, variant: dict, name: str):
@@ -89,7 +89,7 @@ def main() -> None:
     import torch
 
     import zsq
-    from zsq.api import load_calibration
+    from zsq.run import load_calibration
     from zsq.assets import LITE0, VAL1300, asset
     from zsq.errors import ZsqError
     from zsq.quant import get_preset

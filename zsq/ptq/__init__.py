@@ -1,7 +1,7 @@
 """Post-training quantization by block reconstruction: Genie-M, QDrop, BRECQ and AdaRound.
 
     import zsq
-    result = zsq.methods.get_method("genie").fn(teacher, zsq.quant.get_preset("genie", "w4a4"), job)
+    result = zsq.quantize(teacher, method="genie", bits="w4a4", calibration=zsq.Calibration(synth="genie"))
 
 See docs/ptq.md. Importing ``zsq.ptq`` registers its methods and the brecq/qdrop presets.
 """

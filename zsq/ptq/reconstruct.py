@@ -99,7 +99,7 @@ def _recon_loss(y_hat: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _output_error(fwd: Callable[[torch.Tensor], torch.Tensor], xq: torch.Tensor, y: torch.Tensor) -> Optional[float]:
+def output_error(fwd: Callable[[torch.Tensor], torch.Tensor], xq: torch.Tensor, y: torch.Tensor) -> Optional[float]:
     """The unit's squared output error (``fwd``: the unit) on its quantized input, no QDrop, averaged over images."""
     n = xq.shape[0]
     if n == 0:
@@ -278,7 +278,7 @@ class Reconstructor:
         # the start: soft bits at init, hardened, are round-to-nearest on the initial grid (GPTQ's codes with gptq)
         judge = self.opts.keep_better and xq_hold.shape[0] > 0
         _hard(soft, True)
-        hold_start = _output_error(unit_fwd, xq_hold, y_hold)
+        hold_start = output_error(unit_fwd, xq_hold, y_hold)
         _hard(soft, False)
         start = {k: v.detach().clone() for k, v in mod.state_dict().items()} if judge else None
         groups = _param_groups(phase, soft, acts)
@@ -293,13 +293,13 @@ class Reconstructor:
         with only_trainable(self.qmodel, [p for g in groups[0] + groups[1] for p in g["params"]]):
             rec_hist, round_val = self._train(phase, unit, mod, learning, acts, gen, (x, y, xq), groups, iters, desc)
         # the same error as hard_loss but with the soft bits as trained: their gap is what hardening costs
-        soft_final = _output_error(unit_fwd, xq[:n], y[:n]) if learning and iters else None
+        soft_final = output_error(unit_fwd, xq[:n], y[:n]) if learning and iters else None
         _hard(soft, True)
         refit_from = None
         if self.opts.refit_iters and soft and iters:
-            refit_from = _output_error(unit_fwd, xq[:n], y[:n])
+            refit_from = output_error(unit_fwd, xq[:n], y[:n])
             self._refit(phase, unit, mod, soft, acts, gen, (x, y, xq), desc)
-        hold_end = _output_error(unit_fwd, xq_hold, y_hold)
+        hold_end = output_error(unit_fwd, xq_hold, y_hold)
         kept = None if not judge else (iters == 0 or hold_end < hold_start)
         if kept is False:  # training made the unit worse on images it never saw: back to the start
             mod.load_state_dict(start)
@@ -359,9 +359,9 @@ class Reconstructor:
                     fwd(xq[i:i + c])
 
         _hard(soft, True)
-        nearest = _output_error(fwd, xq, y)
+        nearest = output_error(fwd, xq, y)
         gptq_harden_unit(list(zip(unit.layers, layers)), run, soft_layers, self.opts.gptq_damp)
-        by_gptq = _output_error(fwd, xq, y)
+        by_gptq = output_error(fwd, xq, y)
         if by_gptq >= nearest:  # back to the soft bits, hardened to nearest by _harden
             for layer, s in zip(layers, soft):
                 layer.weight_quant = s
@@ -452,7 +452,7 @@ class Reconstructor:
         for layer in layers:
             if isinstance(layer.weight_quant, SoftRoundQuantizer):
                 to_uniform(layer)
-        return known if known is not None else _output_error(lambda x: self.compute.forward(mod, x), xq, y)
+        return known if known is not None else output_error(lambda x: self.compute.forward(mod, x), xq, y)
 
     # ---- the whole run -------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
