@@ -123,3 +123,18 @@ def test_fingerprint_names_what_decides_the_run():
 def test_a_malformed_run_is_refused_when_built(build, needle):
     with pytest.raises(ZsqError, match=needle):
         build()
+
+
+def test_a_broken_invariant_is_an_internal_error_not_bad_input(capsys, tmp_path, monkeypatch):
+    """A report key the schema does not document is zsq's bug: exit 3 and a request to report it, not exit 2."""
+    import zsq.run as run_module
+    from zsq.cli import main
+
+    monkeypatch.setattr(run_module, "REPORT_KEYS", {k: v for k, v in REPORT_KEYS.items() if k != "capture"})
+    code = main(["quantize", "cifar10_resnet20", "--random-init", "--method", "bn-minmax", "--bits", "w8a8",
+                 "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "zsq: internal error: report keys not documented in zsq.run.REPORT_KEYS: capture" in err
+    assert "please report it" in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "manifest.json").exists()  # the report failed before the checkpoint was written

@@ -1,4 +1,5 @@
-"""User-facing errors: the CLI prints these as one line and exits with code 2."""
+"""User-facing errors (ZsqError: the CLI prints one line and exits with code 2) and zsq's own bugs
+(InternalError: exit code 3 and a request to report it)."""
 
 
 class ZsqError(Exception):
@@ -7,6 +8,11 @@ class ZsqError(Exception):
     Raised instead of letting a deep traceback escape; the message must say what
     was wrong and, where possible, what would be right.
     """
+
+
+class InternalError(Exception):
+    """An invariant of zsq itself broke: a bug in zsq, not a problem with the user's input. Raised instead
+    of ZsqError so the CLI does not tell the user to fix an input that was fine."""
 
 
 def require(module: str, extra: str):

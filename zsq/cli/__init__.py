@@ -2,7 +2,7 @@
 this package's modules of those names (each provides add_parser(subparsers) and run(args) -> dict).
 
 User-input problems (ZsqError) print one line `zsq: error: ...` and exit with code 2; nothing is
-written. `--json` prints one JSON object on stdout; progress and logs go to stderr.
+written. A bug in zsq (InternalError) prints `zsq: internal error: ...` and a request to report it, exit 3. `--json` prints one JSON object on stdout; progress and logs go to stderr.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from zsq.budget_names import BUDGET_NAMES
-from zsq.errors import ZsqError
+from zsq.errors import InternalError, ZsqError
 from zsq.progress import cli_logging
 
 # sub-commands with a module of their own: each provides add_parser(subparsers) and run(args) -> dict
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compute_args(p)
     p.add_argument("--workers", type=int, default=None,
                    help="N processes (runs this command under torchrun): synthesis splits its batches, "
-                        "reconstruction each batch's images, QAT its batches (DistributedDataParallel)")
+                        "reconstruction each batch's images, QAT its batches (gradients summed over the processes)")
     p.add_argument("--strict", action="store_true",
                    help="refuse layers zsq would keep in float (Conv3d, ConvTranspose2d, LSTM, functional "
                         "F.conv2d/F.linear calls) instead of keeping them in float")
@@ -307,6 +307,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ZsqError as e:
         print(f"zsq: error: {e}", file=sys.stderr)
         return 2
+    except InternalError as e:
+        print(f"zsq: internal error: {e}\nzsq: this is a bug in zsq, not in your input; please report it with "
+              "the command you ran", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("zsq: interrupted (use --resume to continue where supported)", file=sys.stderr)
         return 130
