@@ -167,7 +167,7 @@ class _Optimizers:
 
 
 class _Checkpoint:
-    """out/work/qat_state.pt: written after every epoch, read back by resume (same config only)."""
+    """out/work/qat_state.safetensors (STATE_FILE): written after every epoch, read back by resume (same config only)."""
 
     def __init__(self, out: Optional[Path], fingerprint: dict):
         self.path = Path(out) / "work" / STATE_FILE if out is not None else None

@@ -2,8 +2,7 @@
 
 On-disk format (a directory; see docs/synthesis.md):
   images.safetensors  tensors "images" (float32 N,C,H,W, teacher-normalized space) and, if any,
-                      "labels" (int64 N); images.pt (torch.save of the same dict, loaded with
-                      weights_only=True) is written instead when safetensors is not installed
+                      "labels" (int64 N); nothing is unpickled (safetensors is a dependency)
   meta.json           method, config, seed, seconds, losses, model, input_size, mean, std, ...
   grid.png            up to 64 de-normalized samples (x·std + mean, clamped to [0, 1])
 """
@@ -19,7 +18,6 @@ from zsq.errors import ZsqError
 from zsq.runstate import read_json, write_json
 
 TENSORS_ST = "images.safetensors"
-TENSORS_PT = "images.pt"
 META = "meta.json"
 GRID = "grid.png"
 FORMAT_VERSION = 1
@@ -55,12 +53,9 @@ class SyntheticSet:
         tensors = {"images": self.images}
         if self.labels is not None:
             tensors["labels"] = self.labels
-        try:
-            from safetensors.torch import save_file
+        from safetensors.torch import save_file
 
-            save_file(tensors, str(d / TENSORS_ST))
-        except ImportError:
-            torch.save(tensors, d / TENSORS_PT)
+        save_file(tensors, str(d / TENSORS_ST))
         meta = dict(self.meta, format_version=FORMAT_VERSION, num_images=len(self))
         write_json(d / META, meta, indent=2, sort_keys=True, default=str)
         self.save_grid(d / GRID)
@@ -82,12 +77,9 @@ class SyntheticSet:
         meta = read_json(d / META)
         if not isinstance(meta, dict):
             raise ZsqError(f"{d / META} is damaged (not a JSON object)")
-        if (d / TENSORS_ST).exists():
-            path, tensors = d / TENSORS_ST, _read_tensors(d / TENSORS_ST, safetensors=True)
-        elif (d / TENSORS_PT).exists():
-            path, tensors = d / TENSORS_PT, _read_tensors(d / TENSORS_PT, safetensors=False)
-        else:
-            raise ZsqError(f"{d} has {META} but no {TENSORS_ST} or {TENSORS_PT}")
+        if not (d / TENSORS_ST).exists():
+            raise ZsqError(f"{d} has {META} but no {TENSORS_ST}")
+        path, tensors = d / TENSORS_ST, _read_tensors(d / TENSORS_ST)
         images = tensors.get("images")
         if not torch.is_tensor(images) or not images.is_floating_point():
             raise ZsqError(f"{path} holds no float 'images' tensor")
@@ -97,17 +89,12 @@ class SyntheticSet:
         return cls(images, tensors.get("labels"), meta)
 
 
-def _read_tensors(path: Path, safetensors: bool) -> Dict[str, torch.Tensor]:
+def _read_tensors(path: Path) -> Dict[str, torch.Tensor]:
     """The tensors of an images file; a one-line ZsqError naming it when it is truncated or garbled."""
-    try:
-        if safetensors:
-            from safetensors.torch import load_file
+    from safetensors.torch import load_file
 
-            return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return load_file(str(path))
     except Exception as e:  # truncated files raise several error types
         raise ZsqError(f"{path} is damaged or not a synthetic image file ({str(e).strip()[:120] or type(e).__name__})"
                        .replace("\n", " ")) from None
-    if not isinstance(obj, dict):
-        raise ZsqError(f"{path} is not a synthetic image file (holds a {type(obj).__name__})")
-    return obj
