@@ -77,9 +77,11 @@ def test_warm_start_refusals():
 def test_standard_budget_warm_starts_and_synthesizes_genie_images_itself():
     import zsq
 
-    res = zsq.quantize(_teacher(), method="ait", bits="w4a4", budget="standard", num_images=8, iters=2, epochs=2,
-                       iters_per_epoch=1, batch_size=4, options={"warm_iters": 2, "lr": 1e-2})
-    rep = res.report
+    res = zsq.quantize(_teacher(), method="ait", bits="w4a4", calibration=zsq.Calibration(num_images=8),
+                       budget=zsq.RunBudget("standard", iters=2, epochs=2, iters_per_epoch=1, batch_size=4),
+                       options={"warm_iters": 2, "lr": 1e-2})
+    assert res.report["calib_source"] == "synthetic:genie"
+    rep = res.report["method_report"]
     assert rep["data"] == "synthetic:genie"  # the images it made itself, then trained on (AIT with a fixed set)
     assert rep["config"]["warm_start"] == "genie" and rep["warm_start"]["method"] == "genie"
     assert rep["config"]["warmup_epochs"] == 0
