@@ -1,8 +1,8 @@
-"""Registers the distillation QAT methods: gdfq, ait, hast, hast-paper (one loop, zsq.qat.loop).
+"""Registers the distillation QAT methods: gdfq, ait, hast, hast-paper, synq (one loop, zsq.qat.loop).
 
 Job mapping: job.budget picks the `paper` or `quick` config; job.epochs / iters_per_epoch /
 batch_size and job.extra (any QATConfig field, ``gi_*`` / ``hast_*`` for the sub-configs) override
-it. job.calib (a tensor or a SyntheticSet) is the fixed training set: required by hast, optional
+it; ``synq=true`` adds SynQ's parts to gdfq/ait/hast (then ``synq_*`` options). job.calib (a tensor or a SyntheticSet) is the fixed training set: required by hast, optional
 for ait (then AIT trains on it, e.g. Genie-D images, instead of a generator). Checkpoints go to
 job.out/work; job.resume continues them.
 """
@@ -59,6 +59,8 @@ def _run(name: str, fp_model, qconfig, job: QuantJob) -> QuantResult:
             ema_bias_correction=cfg.ema_bias_correction, warm_start=cfg.warm_start)
     images, labels = _fixed_set(job)
     extra = user_options(job.extra)
+    if "synq" in extra:
+        cfg = cfg.with_synq(extra.pop("synq"), meta)
     if qconfig.fold_bn and "lr" not in extra:
         logger.info(f"{name}: preset {qconfig.preset!r} folds BatchNorm into the weights, so the student trains at "
                     f"{FOLDED_BN_LR_SCALE} x the paper's lr ({cfg.lr:g} -> {cfg.lr * FOLDED_BN_LR_SCALE:g}; --set lr=... overrides)")
@@ -126,7 +128,11 @@ def _warm_start_images(options: dict, budget: str):
 def _options(name: str):
     """The QAT schema: QATConfig's fields (and gi_*/hast_* for the sub-configs), types and ranges checked."""
     def parse(values, meta, budget):
-        method_config(name, meta, budget).with_options(**values)  # ZsqError on a bad key or value
+        values = dict(values)
+        cfg = method_config(name, meta, budget)
+        if "synq" in values:
+            cfg = cfg.with_synq(values["synq"], meta)
+        cfg.with_options(**{k: v for k, v in values.items() if k != "synq"})  # ZsqError on a bad key or value
         return dict(values)
 
     return parse
@@ -158,3 +164,10 @@ def hast(fp_model, qconfig, job: QuantJob) -> QuantResult:
                          "loss on perturbed samples only", options=_options("hast-paper"))
 def hast_paper(fp_model, qconfig, job: QuantJob) -> QuantResult:
     return _run("hast-paper", fp_model, qconfig, job)
+
+
+@register_method("synq", kind="qat", needs_images=True, default_preset="gdfq", default_synth="synq",
+                 summary="SynQ: HAST's step + low-pass filtered images, Grad-CAM alignment, CE on easy samples only",
+                 options=_options("synq"))
+def synq(fp_model, qconfig, job: QuantJob) -> QuantResult:
+    return _run("synq", fp_model, qconfig, job)

@@ -7,7 +7,8 @@
         for it in 0..I-1:
             batch from the GDFQ generator (trained alongside: CE + 0.1*BNS) or from a fixed set
             epoch < warmup: only Q(x) to calibrate ranges
-            else: student loss (KD [+CE] for gdfq/ait, HAST's KD+FA with SDP), SGD/Adam step, GI if on
+            else: [SynQ's low-pass filter,] student loss (KD [+CE] for gdfq/ait, HAST's KD+FA with SDP
+                  [, SynQ's masked CE and CAM term]), SGD/Adam step, GI if on
         evaluate on real images at chosen epochs (final = headline, best epoch reported separately)
         checkpoint (student, optimizers, generator, history) -> out/work/qat_state.safetensors
 
@@ -46,6 +47,7 @@ from zsq.qat.training_config import QATConfig
 from zsq.qat.difficulty_promotion import hast_step
 from zsq.qat.inundation import GradientInundation, quantized_weight_layers
 from zsq.qat.losses import FeatureTaps, kd_kl_loss, residual_branch_taps
+from zsq.qat.synq import SynQParts
 from zsq.quant import act_quantizers, quantize_model
 from zsq.quant.qconfig import QuantConfig
 from zsq.quant.state import set_flags
@@ -256,7 +258,7 @@ class _Loop:
         self.compute = compute
         self.quants = [q for _, q in act_quantizers(student)]
         self.opt: Optional[_Optimizers] = None
-        self.stream = self.fixed_batches = self.taps_t = self.taps_s = None
+        self.stream = self.fixed_batches = self.taps_t = self.taps_s = self.synq = None
         self.history: List[dict] = []
         self.best_top1: Optional[float] = None
         self.best_epoch: Optional[int] = None
@@ -293,6 +295,8 @@ class _Loop:
             names = residual_branch_taps(self.teacher)
             self.taps_t = FeatureTaps(self.teacher, names).__enter__()
             self.taps_s = FeatureTaps(self.student, names).__enter__()
+        if cfg.synq is not None:
+            self.synq = SynQParts(self.teacher, self.student, cfg.synq, get_meta(self.teacher).input_size)
 
     def close(self) -> None:
         if self.stream is not None:
@@ -301,6 +305,8 @@ class _Loop:
         for taps in (self.taps_t, self.taps_s):
             if taps is not None:
                 taps.remove()
+        if self.synq is not None:
+            self.synq.close()
 
     def run_t(self, x: torch.Tensor) -> torch.Tensor:
         return self.compute.forward(self.teacher, x)
@@ -322,7 +328,9 @@ class _Loop:
         """KD (+CE) for gdfq/ait, HAST's KD+FA with SDP."""
         cfg = self.cfg
         if cfg.hast is not None:
-            return hast_step(self.run_t, self.run_s, self.taps_t, self.taps_s, x, y, cfg.hast, self.kd)
+            return hast_step(self.run_t, self.run_s, self.taps_t, self.taps_s, x, y, cfg.hast, self.kd, self.synq)
+        if self.synq is not None:
+            return self.synq.plain_step(self.run_t, self.run_s, x, y, self.kd)
         if t_logits is None:
             with torch.no_grad():
                 t_logits = self.run_t(x)
@@ -343,6 +351,8 @@ class _Loop:
         terms: Dict[str, float] = {}
         if self.stream is not None and source == "generator":
             terms.update({f"gen_{k}": v for k, v in self.stream.last_losses.items()})
+        if training and self.synq is not None:  # the teacher's logits of the unfiltered batch no longer apply
+            x, t_logits = self.synq.filter(x), None
         if not training:
             with torch.no_grad():
                 self.run_s(x)

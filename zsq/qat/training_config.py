@@ -17,6 +17,7 @@ from zsq.qat.inundation import GIConfig
 SDP_OBJECTIVES = ("kd_fa", "difficulty")
 TRAIN_ON = ("clean+adv", "adv")
 SOURCES = ("generator", "fixed")
+CAM_CLASSES = ("argmax", "label")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,48 @@ class HASTTrainConfig:
             raise ZsqError(f"HAST train_on must be one of {TRAIN_ON}, got {self.train_on!r}")
         if self.feature_weight < 0 or self.eps < 0:
             raise ZsqError(f"HAST needs feature_weight >= 0 and eps >= 0, got {self.feature_weight}, {self.eps}")
+
+
+@dataclass(frozen=True)
+class SynQConfig:
+    """SynQ's three fine-tuning parts (ICLR 2025; spec ../shared/specs/synq.md, code in zsq/qat/synq.py).
+
+    lowpass/d0: Gaussian low-pass filter exp(-D^2/(2 d0^2)) on the centred spectrum of every training batch.
+    ce_weight/tau: lambda_CE * CE on the synthetic labels, kept only for samples whose teacher difficulty
+    1 - p_y is < tau (the others count as a constant, as in the official code); 0 turns it off.
+    cam_weight/cam_class/cam_layer: lambda_CAM * MSE between the teacher's and the student's Grad-CAM maps
+    at cam_layer ("" = the last Conv2d whose output is larger than 1x1), for each model's own argmax class
+    (the official code) or the synthetic label (the paper's Eq. 5); 0 turns it off.
+    perturbed_fa: keep HAST's feature alignment on the perturbed copy (SynQ drops it on CIFAR)."""
+
+    lowpass: bool = True
+    d0: float = 80.0
+    ce_weight: float = 5.0
+    tau: float = 0.5
+    cam_weight: float = 200.0
+    cam_class: str = "argmax"
+    cam_layer: str = ""
+    perturbed_fa: bool = True
+
+    def __post_init__(self):
+        from zsq.options import check_range
+
+        check_range("synq d0", self.d0, 0.0, 1e6, lo_open=True)
+        check_range("synq tau", self.tau, 0.0, 1.0)
+        check_range("synq ce_weight", self.ce_weight, 0.0, 1e6)
+        check_range("synq cam_weight", self.cam_weight, 0.0, 1e6)
+        if self.cam_class not in CAM_CLASSES:
+            raise ZsqError(f"synq cam_class must be one of {CAM_CLASSES}, got {self.cam_class!r}")
+
+
+def synq_config(meta) -> SynQConfig:
+    """SynQ's defaults for a teacher. D0 = 80 (the code default). CIFAR: the argparse defaults lambda_CE 5,
+    lambda_CAM 200 (no CIFAR config ships), tau 0.7 on 10 classes (the paper's best for CIFAR-10, App. C.11)
+    else 0.5, no FA on the perturbed copy; ImageNet: the shipped R18 config, lambda_CE 0.5, lambda_CAM 50, tau 0.5."""
+    if meta.small_input:
+        return SynQConfig(ce_weight=5.0, cam_weight=200.0, tau=0.7 if meta.num_classes == 10 else 0.5,
+                          perturbed_fa=False)
+    return SynQConfig(ce_weight=0.5, cam_weight=50.0, tau=0.5, perturbed_fa=True)
 
 
 @dataclass(frozen=True)
@@ -72,6 +115,7 @@ class QATConfig:
     latent_dim: int = 100
     gi: Optional[GIConfig] = None
     hast: Optional[HASTTrainConfig] = None
+    synq: Optional[SynQConfig] = None
     eval_every: int = 1
     ema_bias_correction: Optional[bool] = None  # None keeps the preset's (gdfq: True, the official quirk)
     # Warm start (a departure from the papers, which start from a min/max-calibrated student): "none", or a
@@ -110,6 +154,9 @@ class QATConfig:
             raise ZsqError(f"warm_iters must be from 1 to 100000, got {self.warm_iters}")
         if self.ce_scale < 0 or self.kd_scale < 0 or self.temperature <= 0:
             raise ZsqError("need ce_scale >= 0, kd_scale >= 0, temperature > 0")
+        if self.synq is not None and self.hast is not None and self.hast.sdp_objective != "kd_fa":
+            raise ZsqError("synq adds to gdfq, ait and hast (the official HAST step), not to hast-paper's "
+                           "difficulty perturbation")
         object.__setattr__(self, "milestones", tuple(sorted(int(m) for m in self.milestones)))
         object.__setattr__(self, "gen_betas", tuple(float(b) for b in self.gen_betas))
 
@@ -132,8 +179,8 @@ class QATConfig:
         with a ``gi_`` / ``hast_`` prefix (e.g. gi_rho=1e-4, hast_eps=0.02). Unknown names are refused."""
         from zsq.options import parse_options
 
-        top = {f.name for f in fields(self)} - {"gi", "hast", "method"}
-        own, gi, hast, bad = {}, {}, {}, []
+        top = {f.name for f in fields(self)} - {"gi", "hast", "synq", "method"}
+        own, gi, hast, synq, bad = {}, {}, {}, {}, []
         for k, v in options.items():
             if v is None:
                 continue
@@ -141,13 +188,18 @@ class QATConfig:
                 gi[k[3:]] = v
             elif k.startswith("hast_") and self.hast is not None and k[5:] in {f.name for f in fields(HASTTrainConfig)}:
                 hast[k[5:]] = v
+            elif k.startswith("synq_") and self.synq is not None and k[5:] in {f.name for f in fields(SynQConfig)}:
+                synq[k[5:]] = v
             elif k in top:
                 own[k] = v
             else:
                 bad.append(k)
         if bad:
             valid = sorted(top) + [f"gi_{f.name}" for f in fields(GIConfig) if self.gi is not None] + [
-                f"hast_{f.name}" for f in fields(HASTTrainConfig) if self.hast is not None]
+                f"hast_{f.name}" for f in fields(HASTTrainConfig) if self.hast is not None] + [
+                f"synq_{f.name}" for f in fields(SynQConfig) if self.synq is not None]
+            if any(k.startswith("synq_") for k in bad) and self.synq is None:
+                valid.append("synq (true turns SynQ on; then synq_ options)")
             raise ZsqError(f"{self.method} has no option {', '.join(sorted(bad))}; its options are: {', '.join(valid)}")
         cfg = parse_options(QATConfig, own, self.method, base=self)
         if gi:
@@ -155,7 +207,23 @@ class QATConfig:
         if hast:
             cfg = replace(cfg, hast=parse_options(HASTTrainConfig, hast, f"{self.method} (hast_ options)",
                                                   base=cfg.hast))
+        if synq:
+            cfg = replace(cfg, synq=parse_options(SynQConfig, synq, f"{self.method} (synq_ options)", base=cfg.synq))
         return cfg
+
+    def with_synq(self, on, meta) -> "QATConfig":
+        """SynQ's parts switched on (with the teacher's defaults, ``synq_config``) or off: ``--set synq=true``."""
+        from zsq.options import coerce
+
+        try:
+            on = coerce(bool, on, "synq")
+        except ValueError as e:
+            raise ZsqError(f"{self.method}: {e}") from None
+        if self.method == "synq" and not on:
+            raise ZsqError("synq=false on method synq: use method hast for the same loop without SynQ's parts")
+        if not on:
+            return replace(self, synq=None)
+        return self if self.synq is not None else replace(self, synq=synq_config(meta))
 
     def rescaled(self, epochs: int, iters_per_epoch: int, batch_size: int, warmup_epochs: int,
                  live_range_epochs: int) -> "QATConfig":
@@ -187,7 +255,9 @@ def paper_config(method: str, meta) -> QATConfig:
                          warmup_epochs=4, live_range_epochs=4, lr=1e-5 if small else 1e-6, weight_decay=1e-4,
                          milestones=(20, 40, 60) if small else (100, 200, 350), kd_scale=8000.0,
                          kl_reduction="batchmean", ce_scale=0.0, data="fixed", calib_data="generator", hast=hast)
-    raise ZsqError(f"no QAT recipe for method {method!r}; choose gdfq, ait, hast or hast-paper")
+    if method == "synq":  # a fork of HAST's code: its step, plus SynQ's parts; 101 epochs (0-3 calibration)
+        return replace(paper_config("hast", meta), method="synq", epochs=101, synq=synq_config(meta))
+    raise ZsqError(f"no QAT recipe for method {method!r}; choose gdfq, ait, hast, hast-paper or synq")
 
 
 # quick budget, measured on the shared 2-core CPU (benchmarks/results/qat.md): about 5-10 minutes
