@@ -144,7 +144,7 @@ def test_cam_loss_is_zero_for_an_equal_student_and_reaches_only_the_student(cam_
     cfg = SynQConfig(cam_weight=1.0, cam_class=cam_class)
     parts = SynQParts(teacher, student, cfg, TINY_META.input_size)
     x, labels = tiny_images(8), torch.arange(8) % 10
-    assert float(_cam_loss(parts, teacher, student, x, labels)) == 0.0
+    assert float(_cam_loss(parts, teacher, student, x, labels).detach()) == 0.0
     with torch.no_grad():
         student.conv1.weight.add_(0.3 * torch.randn(student.conv1.weight.shape, generator=torch.Generator().manual_seed(5)))
     for p in teacher.parameters():  # even a teacher that could take gradients gets none (its map is a target)
