@@ -56,9 +56,17 @@ class HASTConfig(SynthConfig):
 
 
 def hard_sample_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:
-    """mean_i (1 − p_i)^γ · CE_i, the weight kept in the graph (as HAST's code does)."""
+    """mean_i (1 − p_i)^γ · CE_i, the weight kept in the graph (as HAST's code does).
+
+    With γ < 1 (SynQ's 0.5 on CIFAR) d(1 − p)^γ/dp is infinite at p = 1, which float32 reaches once the teacher
+    is confident (margin ≳ 17): the official formula then gives inf·0 = NaN (measured: ResNet-20, iteration 29).
+    So for γ < 1 the weight's base is floored at 1e-12, below float32's smallest non-zero 1 − p (~6e-8): only
+    exact zeros change, and their gradient becomes 0 instead of NaN."""
     logp = F.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
-    return torch.mean((1 - logp.exp()) ** gamma * (-logp))
+    base = 1 - logp.exp()
+    if gamma < 1:
+        base = base.clamp_min(1e-12)
+    return torch.mean(base ** gamma * (-logp))
 
 
 def random_resized_crop_flip(x: torch.Tensor, gen: torch.Generator, scale=(0.4, 1.0),
