@@ -37,6 +37,8 @@ def test_paper_figures_nearest_and_labelled():
     assert nearest_figure(M, "bn-minmax", "none", (4, 4)) is None
     assert nearest_figure(M, "genie", "real", (4, 4)) is None  # real-data figure is QAT, not PTQ
     assert nearest_figure(M, "genie", "zeroq", (4, 4))["method"] == "zeroq"
+    s = nearest_figure(M, "synq", "synq", (3, 3))
+    assert s["top1"] == 88.11 and s["exact"] and s["note"] == "different teacher"
 
 
 def test_suites_defined():

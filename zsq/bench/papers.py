@@ -2,7 +2,7 @@
 
 All CIFAR-10 ResNet-20 figures use a *different teacher* (pytorchcv, FP32 93.89-94.03, full 10k test
 set) from ours (91.64 on exact-1017), so they are context, not targets. Sources: /work/shared/specs
-(AIT, CVPR 2022, main table; HAST, CVPR 2023, ResNet-20 CIFAR table). Genie, BRECQ and QDrop
+(AIT, CVPR 2022, main table; HAST, CVPR 2023, ResNet-20 CIFAR table; SynQ, ICLR 2025, Table 1). Genie, BRECQ and QDrop
 publish no CIFAR-10 or EfficientNet-Lite0 figure.
 """
 from __future__ import annotations
@@ -21,6 +21,8 @@ FIGURES: Dict[Tuple[str, str], Dict[Tuple[int, int], Tuple[float, float, str]]] 
                                   (5, 5): (93.41, 93.89, "AIT (CVPR 2022) main table, GDFQ+AIT")},
     ("cifar10_resnet20", "hast"): {(4, 4): (92.36, 94.03, "HAST (CVPR 2023), ResNet-20 CIFAR-10 table"),
                                    (3, 3): (88.34, 94.03, "HAST (CVPR 2023), ResNet-20 CIFAR-10 table")},
+    ("cifar10_resnet20", "synq"): {(4, 4): (92.76, 93.89, "SynQ (ICLR 2025) Table 1, mean of 5 seeds"),
+                                   (3, 3): (88.11, 93.89, "SynQ (ICLR 2025) Table 1, mean of 5 seeds")},
     ("cifar10_resnet20", "real"): {(3, 3): (87.94, 94.03, "real-data fine-tuning, HAST (CVPR 2023) table")},
 }
 
@@ -28,10 +30,10 @@ FIGURES: Dict[Tuple[str, str], Dict[Tuple[int, int], Tuple[float, float, str]]] 
 def paper_family(method: str, data: str) -> Optional[str]:
     """Which published column a cell corresponds to (None: no paper reports it)."""
     if data == "real":  # the published real-data reference is QAT fine-tuning, not PTQ
-        return "real" if method in ("gdfq", "ait", "hast", "hast-paper") else None
+        return "real" if method in ("gdfq", "ait", "hast", "hast-paper", "synq") else None
     if data == "zeroq":
         return "zeroq"
-    if method in ("gdfq", "ait"):
+    if method in ("gdfq", "ait", "synq"):
         return method
     if method in ("hast", "hast-paper"):
         return "hast"
