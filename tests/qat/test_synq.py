@@ -150,7 +150,7 @@ def test_cam_loss_is_zero_for_an_equal_student_and_reaches_only_the_student(cam_
     for p in teacher.parameters():  # even a teacher that could take gradients gets none (its map is a target)
         p.requires_grad_(True)
     loss = _cam_loss(parts, teacher, student, x, labels)
-    assert float(loss) > 1e-4
+    assert float(loss.detach()) > 1e-4
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert float(student.conv1.weight.grad.abs().sum()) > 0 and float(student.dw.weight.grad.abs().sum()) > 0
