@@ -46,8 +46,8 @@ def test_every_registry_is_filled_by_its_package():
 
     assert {"cifar10_resnet20", "efficientnet_lite0"} <= set(MODELS.names())
     assert {"genie", "gdfq", "brecq", "qdrop"} <= set(PRESETS.names())
-    assert SYNTHESIZERS.names() == ["gdfq", "genie", "hast", "noise", "zeroq"]
-    assert {"bn-minmax", "minmax", "genie", "brecq", "qdrop", "adaround", "gdfq", "ait", "hast"} <= set(METHODS)
+    assert SYNTHESIZERS.names() == ["gdfq", "genie", "hast", "noise", "synq", "zeroq"]
+    assert {"bn-minmax", "minmax", "genie", "brecq", "qdrop", "adaround", "gdfq", "ait", "hast", "synq"} <= set(METHODS)
     assert "BasicBlock" in BLOCK_TYPES
     with pytest.raises(ValueError, match="method 'genie' registered twice"):
         METHODS.register("genie", METHODS.get("bn-minmax"))
