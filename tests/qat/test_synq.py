@@ -181,9 +181,10 @@ def test_defaults_follow_the_spec():
 
 def test_synq_runs_end_to_end_through_quantize(tmp_path):
     model = set_meta(TinyResNet(c=4, blocks=("layer1",), depthwise=False).eval(), TINY_META)
-    res = zsq.quantize(model, method="synq", bits="w4a4", num_images=8, iters=2, epochs=2, iters_per_epoch=2,
-                       batch_size=4, out=tmp_path / "run", options={"synq_d0": 20.0})
-    rep = res.report
+    res = zsq.quantize(model, method="synq", bits="w4a4", calibration=zsq.Calibration(num_images=8),
+                       budget=zsq.RunBudget("quick", iters=2, epochs=2, iters_per_epoch=2, batch_size=4),
+                       out=tmp_path / "run", options={"synq_d0": 20.0})
+    rep = res.report["method_report"]
     cfg = rep["config"]
     assert cfg["method"] == "synq" and cfg["synq"]["d0"] == 20.0 and cfg["synq"]["tau"] == 0.7
     losses = rep["epochs"][-1]["losses"]
@@ -194,11 +195,12 @@ def test_synq_runs_end_to_end_through_quantize(tmp_path):
 
 def test_synq_is_an_add_on_to_gdfq(tmp_path):
     model = set_meta(TinyResNet(c=4, blocks=("layer1",), depthwise=False).eval(), TINY_META)
-    res = zsq.quantize(model, method="gdfq", bits="w4a4", epochs=2, iters_per_epoch=2, batch_size=4,
+    res = zsq.quantize(model, method="gdfq", bits="w4a4",
+                       budget=zsq.RunBudget("quick", epochs=2, iters_per_epoch=2, batch_size=4),
                        options={"synq": True, "synq_cam_class": "label", "synq_lowpass": False})
-    cfg = res.report["config"]
+    cfg = res.report["method_report"]["config"]
     assert cfg["synq"]["cam_class"] == "label" and cfg["synq"]["lowpass"] is False and cfg["synq"]["tau"] == 0.7
-    losses = res.report["epochs"][-1]["losses"]
+    losses = res.report["method_report"]["epochs"][-1]["losses"]
     assert losses["synq_cam"] > 0 and "synq_easy" in losses and losses["synq_ce"] > 0
     assert "ce" not in losses  # gdfq's plain CE gives way to SynQ's masked CE
 
