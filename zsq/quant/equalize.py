@@ -36,6 +36,19 @@ ABSORB_MODES = ("unpadded", "all", "none")
 _PASS = (nn.Identity, nn.Dropout)
 
 
+def _pass_kind(mod: Optional[nn.Module]) -> Optional[str]:
+    """'same' for ops a channel scale passes unchanged (identity, dropout), 'pad' for zero padding (it
+    passes too, but the padded zeros do not carry an absorbed bias), None otherwise."""
+    if mod is None or isinstance(mod, FoldedBatchNorm):
+        return None
+    if isinstance(mod, _PASS):
+        return "same"
+    if isinstance(mod, nn.ZeroPad2d) or (isinstance(mod, nn.ConstantPad2d) and mod.value == 0) \
+            or getattr(mod, "zsq_zero_pad", False):
+        return "pad"
+    return None
+
+
 @dataclass
 class Pair:
     """conv1 -> (bn) -> (act) -> conv2 in the flattened graph, by module name; act is a module name, or a
@@ -45,6 +58,7 @@ class Pair:
     conv2: str
     bn: Optional[str]
     act: Optional[str]
+    padded: bool = False
 
 
 @dataclass
@@ -123,7 +137,7 @@ def find_pairs(model: nn.Module, nodes: List[G.FlowNode]) -> Tuple[List[Pair], L
         conv1 = _module(model, node)
         if not isinstance(conv1, nn.Conv2d) or isinstance(conv1, QUANT_LAYER_TYPES):
             continue
-        cur, bn, act = i, None, None
+        cur, bn, act, padded = i, None, None, False
         while len(nodes[cur].users) == 1:
             nxt = nodes[cur].users[0]
             mod, kind = _module(model, nodes[nxt]), _act_kind(model, nodes[nxt])
@@ -134,19 +148,22 @@ def find_pairs(model: nn.Module, nodes: List[G.FlowNode]) -> Tuple[List[Pair], L
                 if kind == "other":
                     skipped.append({"conv1": node.target, "why": f"activation {act} is not ReLU/ReLU6"})
                     break
-            elif isinstance(mod, _PASS) and not isinstance(mod, FoldedBatchNorm):
-                pass
+            elif _pass_kind(mod) is not None:
+                padded = padded or _pass_kind(mod) == "pad"
             elif isinstance(mod, nn.Conv2d) and not isinstance(mod, QUANT_LAYER_TYPES):
+                # a stateless ReLU may be shared between call sites (torchvision's BasicBlock); a ReLU6
+                # becomes a per-channel clip of this pair's channels, so it may not
+                clip = act if act is not None and not act.startswith("function:") and \
+                    not type(model.get_submodule(act)) is nn.ReLU else None
                 why = None
                 if mod.groups != 1 and not _is_depthwise(mod):
                     why = f"{nodes[nxt].target} is a grouped conv (only plain and depthwise are equalized)"
                 elif conv1.groups != 1 and not _is_depthwise(conv1):
                     why = f"{node.target} is a grouped conv (only plain and depthwise are equalized)"
-                elif any(calls.get(m, 0) != 1 for m in (node.target, nodes[nxt].target, bn, act)
-                         if m is not None and not m.startswith("function:")):
-                    why = "a module of the chain is called more than once"
+                elif any(calls.get(m, 0) != 1 for m in (node.target, nodes[nxt].target, bn, clip) if m is not None):
+                    why = "a module CLE changes (conv, BN, ReLU6) is called more than once"
                 if why is None:
-                    pairs.append(Pair(node.target, nodes[nxt].target, bn, act))
+                    pairs.append(Pair(node.target, nodes[nxt].target, bn, act, padded))
                 else:
                     skipped.append({"conv1": node.target, "conv2": nodes[nxt].target, "why": why})
                 break
@@ -174,7 +191,7 @@ def input_stats(model: nn.Module, nodes: List[G.FlowNode]) -> Dict[str, InputSta
                 act = str(src.target)
                 cap = {"relu": lambda: torch.tensor([math.inf]), "relu6": lambda: torch.tensor([6.0]),
                        "clip": lambda: mod.cap.detach().clone()}[kind]()
-            elif isinstance(mod, _PASS) and not isinstance(mod, FoldedBatchNorm):
+            elif _pass_kind(mod) is not None:
                 pass
             else:
                 break
@@ -248,7 +265,8 @@ def _absorb(model: nn.Module, p: Pair, mode: str) -> Optional[dict]:
     c1, c2 = model.get_submodule(p.conv1), model.get_submodule(p.conv2)
     if mode == "none" or p.bn is None or c1.bias is None:
         return None
-    if mode == "unpadded" and any(int(x) != 0 for x in (c2.padding if not isinstance(c2.padding, str) else (1,))):
+    padded = p.padded or isinstance(c2.padding, str) or any(int(x) != 0 for x in c2.padding)
+    if mode == "unpadded" and padded:
         return None  # padded zeros do not carry +c: inexact at the borders
     bn = model.get_submodule(p.bn)
     act = model.get_submodule(p.act) if p.act is not None and not p.act.startswith("function:") else None

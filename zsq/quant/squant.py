@@ -42,7 +42,7 @@ class SquantStats:
 def objective(err: torch.Tensor, a: float = 1.0, b: float = 1.0, c: float = 1.0) -> float:
     """The diagonal-Hessian objective, summed over output channels: ``err`` is the rounding error in grid
     units shaped [M, N, K] (output channel, input channel, kernel position)."""
-    err = err.double()
+    err = err.detach().double()
     return float(a * err.pow(2).sum() + b * err.sum(2).pow(2).sum() + c * err.sum((1, 2)).pow(2).sum())
 
 
