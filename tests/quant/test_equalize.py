@@ -115,14 +115,19 @@ def test_high_bias_absorption_is_exact_without_activation_and_updates_the_bn_sta
 def test_high_bias_absorption_through_relu_is_exact_where_preactivations_stay_above_c():
     m = set_meta(Chain(nn.ReLU).eval(), META)
     prep = prepare_data_free(m, absorb="all")
-    assert prep.absorbed and all(a["max"] > 0 for a in prep.absorbed)
     plain = prepare_data_free(m, absorb="none")
-    c1 = plain.model.c1
-    with torch.no_grad():  # an input whose c1 pre-activations are all >= beta - 3|gamma|: the same output
-        z = plain.model.c1(_x(4, 2, 0.0))  # zero image: pre-activation = bias = beta_hat
-        assert (z >= torch.clamp(plain.model.b1.bias - 3 * plain.model.b1.weight.abs(), min=0).reshape(1, -1, 1, 1)).all()
-        assert _rel(prep.model(_x(4, 2, 0.0)), plain.model(_x(4, 2, 0.0))) < 1e-5
-    assert c1 is not prep.model.c1
+    assert prep.absorbed and all(a["max"] > 0 for a in prep.absorbed)
+    p, q = plain.model, prep.model
+    c1 = p.b1.bias - q.b1.bias  # what moved out of c1's channels (the BN statistics follow the bias)
+    assert (c1 >= 0).all() and torch.allclose(c1, torch.clamp(p.b1.bias - 3 * p.b1.weight.abs(), min=0))
+    assert torch.allclose(q.c1.bias, p.c1.bias - c1)
+    x = _x(4, 2, 0.0)  # a zero image: c1's pre-activation is its bias everywhere (padding adds zeros)
+    with torch.no_grad():
+        z1 = p.c1(x)
+        assert ((z1 >= c1.reshape(1, -1, 1, 1)) | (c1.reshape(1, -1, 1, 1) == 0)).all()  # where HBA is exact
+        c2 = (p.b2.bias - q.b2.bias).reshape(1, -1, 1, 1)
+        # c2's output is the same, less what the next absorption moved out of it
+        assert _rel(q.c2(q.a1(q.c1(x))) + c2, p.c2(p.a1(p.c1(x)))) < 1e-5
 
 
 def test_clipped_normal_mean_matches_monte_carlo():
@@ -182,7 +187,7 @@ def test_torchvision_models_run_through_dfq(arch):
         assert "depthwise" in kinds and len(prep.equalized) >= 30
     else:  # conv1 -> relu -> conv2 in each BasicBlock (the ReLU module is shared with the block output: stateless)
         assert len(prep.equalized) == 8
-    res = get_method("dfq").fn(m, zsq.get_preset("genie", "w8a8"), QuantJob())
+    res = get_method("dfq").fn(m, zsq.get_preset("gdfq", "w8a8"), QuantJob())  # min/max grids: fast
     assert res.report["dfq"]["equalized_pairs"] and res.report["bias_correction"]["corrected"]
     with torch.no_grad():
         assert torch.isfinite(res.model(x)).all()

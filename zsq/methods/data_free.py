@@ -21,7 +21,7 @@ from zsq.methods.registry import QuantJob, QuantResult, register_method, schema_
 from zsq.options import check_range, parse_options
 from zsq.quant import calibrate_from_bn, quant_layers, quantize_model
 from zsq.quant.calibration import bn_layers
-from zsq.quant.equalize import correct_bias, prepare_data_free
+from zsq.quant.equalize import correct_bias, prepare_data_free, structure_of
 from zsq.quant.squant import squant_layer
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,9 @@ def data_free_quantize(fp_model, qconfig, job: QuantJob, *, rounding: str = "nea
     report.update(prep.report())
     if bias_correct:
         report["bias_correction"] = correct_bias(qmodel, prep)
+    if prep.folded:  # a saved checkpoint rebuilds these modules before loading (zsq.export.packed_checkpoint)
+        qmodel.zsq_quant_plan["dfq_structure"] = dict(structure_of(prep), biases=[
+            n for n, m in quant_layers(qmodel) if m.bias is not None])
     report["quant_seconds"] = time.time() - t0
     return QuantResult(qmodel, report)
 

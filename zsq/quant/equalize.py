@@ -387,3 +387,33 @@ def correct_bias(qmodel: nn.Module, prep: Prepared) -> dict:
         corrected.append({"layer": name, "max_shift": float(delta.abs().max())})
     logger.info(f"bias correction: {len(corrected)} layers corrected, {len(skipped)} without BN-predicted input")
     return {"corrected": corrected, "skipped": skipped}
+
+
+# ---- checkpoints: the structure DFQ's transform leaves, so a saved model can be rebuilt ------------
+def structure_of(prep: Prepared) -> dict:
+    """What ``rebuild_structure`` needs to give a freshly loaded float model the same modules and
+    parameter names (the values come from the checkpoint): BN folded, which ReLU6 became per-channel clips."""
+    clips = {n: int(m.cap.numel()) for n, m in prep.model.named_modules() if isinstance(m, ChannelClippedReLU)}
+    return {"fold_bn": bool(prep.folded), "channel_clips": clips}
+
+
+def rebuild_structure(model: nn.Module, structure: dict) -> nn.Module:
+    """Apply a recorded DFQ structure to ``model`` (in place): fold BN, ReLU6 -> ChannelClippedReLU."""
+    from zsq.quant.transforms import example_input_for, fold_batchnorm
+
+    if structure.get("fold_bn"):
+        example = example_input_for(model)
+        if example is None:
+            raise ZsqError("rebuilding a DFQ-transformed model needs its input size (zsq metadata)")
+        fold_batchnorm(model, example)
+    for name, channels in structure.get("channel_clips", {}).items():
+        _set_module(model, name, ChannelClippedReLU(torch.full((int(channels),), 6.0)))
+    return model
+
+
+def add_missing_biases(qmodel: nn.Module, names) -> None:
+    """Zero biases on the named layers that have none (absorption and bias correction gave them one)."""
+    for name in names:
+        layer = qmodel.get_submodule(name)
+        if getattr(layer, "bias", None) is None:
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], device=layer.weight.device))
