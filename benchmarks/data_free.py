@@ -43,6 +43,8 @@ def run(args) -> None:
             r = json.loads(line)
             done.add((r["model"], r["preset"], r["method"], json.dumps(r["options"], sort_keys=True), r["bits"]))
     weights, data, _ = MODELS[args.model]
+    if args.eval_data:
+        data = args.eval_data
     model = zsq.models.load(args.model, weights=str(asset(weights)))
     methods = [(m, dict(json.loads(o))) for m, o in (s.split(":", 1) if ":" in s else (s, "{}") for s in args.methods)]
     for preset in args.presets:
@@ -55,7 +57,7 @@ def run(args) -> None:
                 res = get_method(method).fn(model, zsq.get_preset(preset, bits), QuantJob(extra=dict(opts)))
                 secs, cpu = time.time() - t0, time.process_time() - c0
                 ev = zsq.evaluate(res.model, _data(data), return_preds=True)
-                row = {"model": args.model, "preset": preset, "method": method, "options": opts, "bits": bits,
+                row = {"model": args.model, "eval": data, "preset": preset, "method": method, "options": opts, "bits": bits,
                        "top1": ev["top1"], "n": ev["n"], "quant_seconds": round(secs, 1), "quant_cpu_seconds": round(cpu, 1),
                        "eval_seconds": round(time.time() - t0 - secs, 1), "hits": ev["hits"],
                        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -68,17 +70,18 @@ def run(args) -> None:
 
 def report(args) -> None:
     rows = [json.loads(line) for p in args.inputs for line in Path(p).read_text().splitlines()]
-    base = {(r["model"], r["preset"], r["bits"]): r for r in rows if r["method"] == "bn-minmax" and not r["options"]}
-    lines = ["| model | preset | bits | method | options | top-1 % | quantize s (wall / CPU) | vs bn-minmax: only this right / only bn-minmax right, McNemar p |",
+    base = {(r["model"], r.get("eval"), r["preset"], r["bits"]): r for r in rows
+            if r["method"] == "bn-minmax" and not r["options"]}
+    lines = ["| model (eval set) | preset | bits | method | options | top-1 % | quantize s (wall / CPU) | vs bn-minmax: only this right / only bn-minmax right, McNemar p |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["model"], r["preset"], BITS.index(r["bits"]), r["method"])):
-        b = base.get((r["model"], r["preset"], r["bits"]))
+        b = base.get((r["model"], r.get("eval"), r["preset"], r["bits"]))
         pair = "—"
         if b is not None and b is not r:
             n10, n01, p = mcnemar(r["hits"], b["hits"])
             pair = f"{n10} / {n01}, p={p:.2g}"
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "—"
-        lines.append(f"| {r['model']} | {r['preset']} | {r['bits']} | {r['method']} | {opts} | {r['top1']:.2f} | "
+        lines.append(f"| {r['model']} ({r.get('eval', MODELS[r['model']][2])}) | {r['preset']} | {r['bits']} | {r['method']} | {opts} | {r['top1']:.2f} | "
                      f"{r['quant_seconds']:.1f} / {r.get('quant_cpu_seconds', float('nan')):.1f} | {pair} |")
     print("\n".join(lines))
 
@@ -90,6 +93,8 @@ def main() -> None:
     ap.add_argument("--bits", nargs="+", default=list(BITS))
     ap.add_argument("--methods", nargs="+", default=list(METHODS),
                     help='method or method:{"json": "options"}')
+    ap.add_argument("--eval-data", default=None, help="asset spec to evaluate on instead of the model's "
+                    "(e.g. imagenet/val1300[256:512] when the machine is too loaded for the full set)")
     ap.add_argument("--jsonl", default="benchmarks/results/data_free_cells.jsonl")
     ap.add_argument("--report", nargs="*", dest="inputs", default=None, help="print the table of these jsonl files")
     args = ap.parse_args()

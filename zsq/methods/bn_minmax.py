@@ -4,30 +4,25 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 from zsq.errors import ZsqError
+from zsq.methods.data_free import DfqTransformOptions, data_free_quantize, require_bn, transform_kwargs
 from zsq.methods.registry import QuantJob, QuantResult, register_method, schema_options, user_options
 from zsq.options import check_range, parse_options
 from zsq.quant import calibrate_from_bn, quantize_model
 
 
 @dataclass(frozen=True)
-class BnMinmaxOptions:
+class BnMinmaxOptions(DfqTransformOptions):
     """bn_k: activation range = mean +- bn_k std of the BN-simulated activations (clipped to what they reach).
-    equalize / bias_correct / iterations / relu6 / absorb: DFQ's float transform first and its analytic bias
-    correction after (``zsq.methods.data_free``; off by default, so bn-minmax stays the plain baseline)."""
+    The inherited equalize / bias_correct / iterations / relu6 / absorb put DFQ's float transform first and
+    its analytic bias correction after (off by default, so bn-minmax stays the plain baseline)."""
 
     bn_k: float = 4.0
-    equalize: bool = False
-    bias_correct: bool = False
-    iterations: int = 100
-    relu6: Literal["clip", "relu", "skip"] = "clip"
-    absorb: Literal["unpadded", "all", "none"] = "unpadded"
 
     def __post_init__(self):
+        super().__post_init__()
         check_range("bn_k", self.bn_k, 0.0, 64.0, lo_open=True)
-        check_range("iterations", self.iterations, 1, 1000)
 
 
 @register_method("bn-minmax", kind="calibration", needs_images=False, default_preset="genie",
@@ -38,11 +33,8 @@ def bn_minmax(fp_model, qconfig, job: QuantJob) -> QuantResult:
     o = parse_options(BnMinmaxOptions, user_options(job.extra), "bn-minmax")
     k = o.bn_k
     if o.equalize or o.bias_correct:
-        from zsq.methods.data_free import data_free_quantize, require_bn
-
         require_bn(fp_model, "bn-minmax")
-        return data_free_quantize(fp_model, qconfig, job, bn_k=k, equalize=o.equalize, bias_correct=o.bias_correct,
-                                  iterations=o.iterations, relu6=o.relu6, absorb=o.absorb)
+        return data_free_quantize(fp_model, qconfig, job, bn_k=k, **transform_kwargs(o))
     qmodel = quantize_model(fp_model, qconfig)
     calibrate_from_bn(qmodel, k=k, seed=job.seed)
     return QuantResult(qmodel, {"bn_k": k, "quant_seconds": time.time() - t0})

@@ -109,7 +109,7 @@ class DfqOptions(SquantOptions):
     rounding: Literal["nearest", "squant"] = "nearest"
 
 
-def _transform_kwargs(o: DfqTransformOptions) -> dict:
+def transform_kwargs(o: DfqTransformOptions) -> dict:
     return dict(equalize=o.equalize, bias_correct=o.bias_correct, iterations=o.iterations, relu6=o.relu6,
                 absorb=o.absorb)
 
@@ -121,7 +121,7 @@ def squant(fp_model, qconfig, job: QuantJob) -> QuantResult:
     o = parse_options(SquantOptions, user_options(job.extra), "squant")
     require_bn(fp_model, "squant")
     return data_free_quantize(fp_model, qconfig, job, rounding="squant", mode=o.mode, weight_range=o.weight_range,
-                              bn_k=o.bn_k, **_transform_kwargs(o))
+                              bn_k=o.bn_k, **transform_kwargs(o))
 
 
 @register_method("dfq", kind="calibration", needs_images=False, default_preset="genie",
@@ -132,4 +132,4 @@ def dfq(fp_model, qconfig, job: QuantJob) -> QuantResult:
     o = parse_options(DfqOptions, user_options(job.extra), "dfq")
     require_bn(fp_model, "dfq")
     return data_free_quantize(fp_model, qconfig, job, rounding=o.rounding, mode=o.mode, weight_range=o.weight_range,
-                              bn_k=o.bn_k, **_transform_kwargs(o))
+                              bn_k=o.bn_k, **transform_kwargs(o))
