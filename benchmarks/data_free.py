@@ -70,6 +70,8 @@ def run(args) -> None:
 
 def report(args) -> None:
     rows = [json.loads(line) for p in args.inputs for line in Path(p).read_text().splitlines()]
+    for r in rows:  # rows written before the eval set was recorded used the model's own
+        r.setdefault("eval", MODELS[r["model"]][1])
     base = {(r["model"], r.get("eval"), r["preset"], r["bits"]): r for r in rows
             if r["method"] == "bn-minmax" and not r["options"]}
     lines = ["| model (eval set) | preset | bits | method | options | top-1 % | quantize s (wall / CPU) | vs bn-minmax: only this right / only bn-minmax right, McNemar p |",
@@ -81,7 +83,8 @@ def report(args) -> None:
             n10, n01, p = mcnemar(r["hits"], b["hits"])
             pair = f"{n10} / {n01}, p={p:.2g}"
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "—"
-        lines.append(f"| {r['model']} ({r.get('eval', MODELS[r['model']][2])}) | {r['preset']} | {r['bits']} | {r['method']} | {opts} | {r['top1']:.2f} | "
+        ev = MODELS[r["model"]][2] if r["eval"] == MODELS[r["model"]][1] else r["eval"].split("/")[-1]
+        lines.append(f"| {r['model']} ({ev}) | {r['preset']} | {r['bits']} | {r['method']} | {opts} | {r['top1']:.2f} | "
                      f"{r['quant_seconds']:.1f} / {r.get('quant_cpu_seconds', float('nan')):.1f} | {pair} |")
     print("\n".join(lines))
 
