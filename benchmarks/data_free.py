@@ -21,7 +21,6 @@ import torch
 import zsq
 from zsq.assets import LITE0, RESNET20, asset
 from zsq.evaluation import mcnemar
-from zsq.methods import QuantJob, get_method
 
 MODELS = {"cifar10_resnet20": (RESNET20, "cifar10/cifar10_test_lossless_first1017.npz", "exact-1017"),
           "efficientnet_lite0": (LITE0, "imagenet/val1300[256:]", "val1300[256:]")}
@@ -54,15 +53,16 @@ def run(args) -> None:
                 if key in done:
                     continue
                 t0, c0 = time.time(), time.process_time()
-                res = get_method(method).fn(model, zsq.get_preset(preset, bits), QuantJob(extra=dict(opts)))
+                res = zsq.quantize(model, method=method, bits=bits, preset=preset, options=dict(opts))
+                rep = res.report.get("method_report", {})
                 secs, cpu = time.time() - t0, time.process_time() - c0
                 ev = zsq.evaluate(res.model, _data(data), return_preds=True)
                 row = {"model": args.model, "eval": data, "preset": preset, "method": method, "options": opts, "bits": bits,
                        "top1": ev["top1"], "n": ev["n"], "quant_seconds": round(secs, 1), "quant_cpu_seconds": round(cpu, 1),
                        "eval_seconds": round(time.time() - t0 - secs, 1), "hits": ev["hits"],
                        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-                       "equalized_pairs": len(res.report.get("dfq", {}).get("equalized_pairs", [])),
-                       "bias_corrected": len(res.report.get("bias_correction", {}).get("corrected", []))}
+                       "equalized_pairs": len(rep.get("dfq", {}).get("equalized_pairs", [])),
+                       "bias_corrected": len(rep.get("bias_correction", {}).get("corrected", []))}
                 print(json.dumps({k: v for k, v in row.items() if k != "hits"}), flush=True)
                 with out.open("a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -40,6 +40,7 @@ def main() -> None:
         if args.only is not None and method not in args.only:
             continue
         t = time.time()
+        # the method itself, not zsq.quantize: --per-tensor-weights is a QuantConfig no preset names
         q = get_method(method).fn(m, cfg, QuantJob(extra=dict(extra))).model
         with torch.no_grad():
             o = q(x)
