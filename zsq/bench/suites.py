@@ -156,8 +156,19 @@ def _deploy_resnet20() -> Suite:
                  pruned="W8A8 only (the setting integer kernels run); quick budgets.")
 
 
+def _data_free() -> Suite:
+    cells: List[Cell] = []
+    for m, presets in (("cifar10_resnet20", (None, "gdfq")), ("efficientnet_lite0", (None, "gdfq"))):
+        for preset in presets:
+            for bits in ("w4a8", "w4a4", "w8a8", "w6a6"):
+                cells += [Cell(m, method, bits, preset=preset) for method in ("bn-minmax", "squant", "dfq")]
+    return Suite("data-free", "no images at all: bn-minmax (round-to-nearest with BN ranges), SQuant and DFQ "
+                 "(CLE + high-bias absorption + bias correction) on ResNet-20 and Lite0, genie and gdfq presets",
+                 tuple(cells), jpeg_eval=False, pruned="each method at its defaults; W4 cells first")
+
+
 _SUITES = {"smoke": _smoke, "cifar10-resnet20": _cifar10_resnet20, "imagenet-lite0": _imagenet_lite0,
-           "deploy-resnet20": _deploy_resnet20}
+           "deploy-resnet20": _deploy_resnet20, "data-free": _data_free}
 
 
 def list_suites() -> List[str]:

@@ -233,7 +233,14 @@ def _rebuild(folder: Path, model_name: str, quant: dict, model_factory):
 
         set_meta(model, ModelMeta.from_dict(quant["meta"]))
     config = QuantConfig.from_dict(quant["config"])
+    structure = (quant.get("plan") or {}).get("dfq_structure")
+    if structure:  # DFQ folded BN, clipped ReLU6 per channel and added biases: the same modules again
+        from zsq.quant.equalize import add_missing_biases, rebuild_structure
+
+        rebuild_structure(model, structure)
     qmodel = quantize_model(model, config)
+    if structure:
+        add_missing_biases(qmodel, structure.get("biases", []))
     for sharer, owner in quant.get("shared_input_quantizers", []):
         try:
             qmodel.get_submodule(sharer).input_quant = qmodel.get_submodule(owner).input_quant

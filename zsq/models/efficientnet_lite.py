@@ -44,6 +44,7 @@ class SamePad2d(nn.Module):
     """Parameter-free TF "SAME" padding, computed from the input size at forward time."""
 
     zsq_grid_preserving = True  # zero padding: a quantized input stays on its grid
+    zsq_zero_pad = True  # per-channel zero padding: channel scales pass through it (cross-layer equalization)
 
     def __init__(self, kernel: int, stride: int = 1, dilation: int = 1):
         super().__init__()

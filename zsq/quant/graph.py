@@ -288,3 +288,75 @@ def calls_inside(model: nn.Module, names: List[str], example: torch.Tensor) -> D
 def unsupported_layers(model: nn.Module) -> List[Tuple[str, str]]:
     """(name, type) of layers zsq has no quantized form for."""
     return [(n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, UNSUPPORTED_LAYERS)]
+
+
+# ---- the whole model as one data-flow graph ---------------------------------------------------------
+@dataclass
+class FlowNode:
+    """One call in the model's flattened graph: ``kind`` is "input", "module" (a leaf, or a module kept
+    whole), "call_function", "call_method", "get_attr", "output" or "opaque" (a tuple or a call whose
+    arguments could not be followed); ``target`` the module name, function or method name; ``inputs``
+    and ``users`` indices into the node list (a value read twice by one node is listed twice)."""
+
+    kind: str
+    target: object
+    inputs: List[int]
+    users: List[int] = field(default_factory=list)
+
+
+def _node_args(args) -> List[fx.Node]:
+    out: List[fx.Node] = []
+    for a in args:
+        if isinstance(a, fx.Node):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(_node_args(a))
+        elif isinstance(a, dict):
+            out.extend(_node_args(list(a.values())))
+    return out
+
+
+def flow_graph(model: nn.Module, cap: Optional[Capture] = None, keep: Tuple[type, ...] = ()) -> List[FlowNode]:
+    """The model's calls as one graph: every traced module's graph inlined into its caller, so a chain
+    conv -> BN -> activation -> conv is found across Sequential / block boundaries (torchvision's
+    Conv2dNormActivation, timm's blocks) and each tensor's readers are all known. Modules of a type in
+    ``keep``, modules fx could not trace and calls whose arguments cannot be mapped to the child's inputs
+    stay single nodes. The model's output is an "output" node, so it counts as a reader."""
+    cap = cap or capture(model)
+    nodes: List[FlowNode] = []
+
+    def new(kind, target, inputs: List[Optional[int]]) -> int:
+        ins = [i for i in inputs if i is not None]
+        nodes.append(FlowNode(kind, target, ins))
+        for i in ins:
+            nodes[i].users.append(len(nodes) - 1)
+        return len(nodes) - 1
+
+    def run(prefix: str, args: List[Optional[int]]) -> Optional[int]:
+        env: Dict[fx.Node, Optional[int]] = {}
+        pos = 0
+        for node in cap.graphs[prefix].nodes:
+            ins = [env.get(a) for a in _node_args(node.args) + _node_args(node.kwargs)]
+            if node.op == "placeholder":
+                env[node] = args[pos] if pos < len(args) else None
+                pos += 1
+            elif node.op == "call_module":
+                name = join(prefix, str(node.target))
+                mod = model.get_submodule(name)
+                simple = not node.kwargs and all(isinstance(a, fx.Node) for a in node.args)
+                if name in cap.graphs and not isinstance(mod, keep) and simple:
+                    env[node] = run(name, [env.get(a) for a in node.args])
+                else:
+                    env[node] = new("module", name, ins)
+            elif node.op == "output":
+                out = node.args[0]
+                return env.get(out) if isinstance(out, fx.Node) else new("opaque", "output", ins)
+            else:
+                env[node] = new(node.op, node.target, ins)
+        return None
+
+    if "" not in cap.graphs:
+        raise ValueError(f"fx could not trace the model itself ({cap.untraced.get('', '?')})")
+    root = run("", [new("input", "input", [])])
+    new("output", "output", [root])
+    return nodes

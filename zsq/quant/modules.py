@@ -249,3 +249,20 @@ def float_type_name(layer: nn.Module) -> str:
     if isinstance(layer, QuantKeepForward):
         return layer.float_type.__name__
     return next((f.__name__ for f, q in FLOAT_TO_QUANT.items() if isinstance(layer, q)), type(layer).__name__)
+
+
+class ChannelClippedReLU(nn.Hardtanh):
+    """min(max(x, 0), cap_c) with one cap per channel: what a ReLU6 becomes when cross-layer equalization
+    divides the channels feeding it by s_c (ReLU6(z)/s = min(max(z/s, 0), 6/s)), so the float function is
+    kept exactly. A Hardtanh, so graph capture places activation quantizers after it as after a ReLU6."""
+
+    def __init__(self, cap: torch.Tensor):
+        super().__init__(0.0, float(cap.max()) if cap.numel() else 6.0)
+        self.register_buffer("cap", cap.detach().clone().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.minimum(torch.clamp(x, min=0.0), self.cap.reshape(view).to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.cap.numel()} channels, caps in [{float(self.cap.min()):.4g}, {float(self.cap.max()):.4g}]"
