@@ -405,6 +405,7 @@ def _validate(ctx: _Context) -> None:
 def _prepare_run_folder(ctx: _Context) -> None:
     """The run folder, begun with the run's fingerprint, once every argument has been checked
     (--force may clear an earlier run)."""
+    from zsq.runlock import RunLock
     from zsq.runstate import RunFolder
     from zsq.synth.base import weights_digest
 
@@ -413,7 +414,7 @@ def _prepare_run_folder(ctx: _Context) -> None:
     if run.output.out is not None and ctx.lead:
         kind = ctx.info.kind
         ctx.run_folder = RunFolder(run.output.out, run_names(ctx.synthesizes, kind),
-                                   dirs=run_dirs(ctx.synthesizes, kind))
+                                   dirs=run_dirs(ctx.synthesizes, kind), lock=RunLock(run.output.out))
         weights = run.model.weights if isinstance(run.model.model, str) else None
         inputs = [str(p).split("[", 1)[0] for p in (run.calibration.data, weights, run.eval_data) if p]
         ctx.run_folder.begin(run.fingerprint(ctx.model_name, weights_digest(ctx.fp_model)),

@@ -292,12 +292,12 @@ class RunFolder:
     refused, not overwritten. One command at a time holds the folder (zsq.runlock). ``--resume``
     continues only a run made by the same command."""
 
-    def __init__(self, out, names, dirs=()):
-        from zsq.runlock import RunLock
-
+    def __init__(self, out, names, dirs=(), lock=None):
+        """``lock``: what holds the folder for this run (zsq.runlock.RunLock(out), given by the caller: a
+        leaf module does not import another); None: no lock."""
         self.out, self.names, self.dirs = Path(out), tuple(names), tuple(dirs)
         self.path = self.out / RUN_FILE
-        self.lock = RunLock(self.out)
+        self.lock = lock
         self.started_ns = 0
 
     def record(self) -> dict:
@@ -324,10 +324,11 @@ class RunFolder:
         made_out = not self.out.exists()
         ensure_writable_dir(self.out)
         try:
-            self.lock.acquire()
+            if self.lock is not None:
+                self.lock.acquire()
             self._begin(fp, resume=resume, force=force, inputs=inputs)
         except BaseException:
-            self.lock.release()
+            self.release()
             if made_out:
                 try:
                     self.out.rmdir()
@@ -336,10 +337,9 @@ class RunFolder:
             raise
 
     def _begin(self, fp: dict, *, resume: bool, force: bool, inputs) -> None:
-        from zsq.runlock import LOCK_FILE
-
         rec = self.record()
-        used = any(p.name != LOCK_FILE for p in self.out.iterdir())
+        lock_name = self.lock.path.name if self.lock is not None else None
+        used = any(p.name != lock_name for p in self.out.iterdir())
         if resume:
             if used and not rec:
                 raise ZsqError(f"--resume: {self.out} holds no zsq run to continue (no {RUN_FILE})")
@@ -412,7 +412,8 @@ class RunFolder:
         self.release()
 
     def release(self) -> None:
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
 
     def _clear(self, rec: dict, inputs: List[Path]) -> dict:
         """Remove what the record owns (identities already matched), except inputs; the entries kept."""
