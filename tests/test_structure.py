@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1] / "zsq"
 # bottom to top; a module may import its own package and packages of lower layers (lazy imports too)
 LAYERS: List[Set[str]] = [
     {"errors"},                                    # the one exception type
-    {"registry", "hooks", "progress", "assets", "budget_names", "compute", "distributed", "runstate", "options"},  # leaves
+    {"registry", "hooks", "progress", "assets", "budget_names", "compute", "distributed", "runstate", "runlock", "options"},  # leaves
     {"quant", "models"},                           # the core
     {"data"},                                      # real images
     {"evaluation", "synth", "export"},               # uses of a model: accuracy, synthetic images, files

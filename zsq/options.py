@@ -104,3 +104,47 @@ def check_range(name: str, value, lo=None, hi=None, *, lo_open: bool = False) ->
         lo_s = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
         hi_s = "" if hi is None else f"<= {hi}"
         raise ZsqError(f"{name} must be {' and '.join(s for s in (lo_s, hi_s) if s)}, got {value}")
+
+
+# ---- run arguments (CLI flags and the API's keywords) ----------------------------------------------
+# The range of every number a command takes, checked before any work or process launch. The upper
+# bounds are far above any run this library makes (the paper budgets: 1024 images, 20k steps per unit,
+# batch 256) and stop a typo (an extra digit, a negative sign) from starting a run that fills the
+# machine's memory or never ends; 0 is refused where the budget would silently read it as "default".
+RUN_LIMITS = {
+    "num_images": (1, 1_000_000),
+    "batch_size": (1, 65_536),
+    "iters": (1, 10_000_000),
+    "epochs": (1, 100_000),
+    "iters_per_epoch": (1, 10_000_000),
+    "seed": (0, 2 ** 63 - 1),
+    "num_check": (1, 1_000_000),
+    "latency_runs": (0, 100_000),
+    "threads": (1, 1024),
+}
+
+
+def check_run_numbers(**values) -> None:
+    """ZsqError (``--flag must be ...``) for the first value of ``values`` (by RUN_LIMITS name; None: not
+    given) that is not an integer in its range."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ZsqError(f"{flag} must be an integer, got {value!r}")
+        lo, hi = RUN_LIMITS[name]
+        if not lo <= value <= hi:
+            raise ZsqError(f"{flag} must be an integer from {lo} to {hi}, got {value}")
+
+
+def check_run_flags(*, weights=None, pretrained: bool = False, random_init: bool = False, resume: bool = False,
+                    force: bool = False) -> None:
+    """Refuse flags that contradict each other (one of them would be ignored silently)."""
+    if pretrained and weights is not None:
+        raise ZsqError("give --weights PATH or --pretrained, not both (API: weights= or pretrained=True)")
+    if random_init and (pretrained or weights is not None):
+        raise ZsqError("--random-init runs a randomly initialised network; it cannot be combined with "
+                       f"{'--pretrained' if pretrained else '--weights'}")
+    if resume and force:
+        raise ZsqError("--resume continues the run in --out and --force starts it over: give one of them")

@@ -25,6 +25,7 @@ import torch.nn as nn
 from zsq import distributed as zdist
 from zsq.budget_names import check_budget
 from zsq.errors import InternalError, ZsqError
+from zsq.options import check_run_flags, check_run_numbers
 from zsq.methods.registry import QuantJob, QuantResult, get_method
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class Calibration:
             raise ZsqError(f"calibration images must be a tensor, got {type(self.images).__name__}")
         if self.labels is not None and self.images is None:
             raise ZsqError("calibration labels need calibration images")
+        check_run_numbers(num_images=self.num_images)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ class RunBudget:
 
     def __post_init__(self):
         check_budget(self.name)
+        check_run_numbers(iters=self.iters, epochs=self.epochs, iters_per_epoch=self.iters_per_epoch,
+                          batch_size=self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,10 @@ class Output:
 
     def __post_init__(self):
         if self.out is not None:
+            if not isinstance(self.out, (str, Path)):
+                raise ZsqError(f"out must be a folder path, got {type(self.out).__name__}")
             object.__setattr__(self, "out", Path(self.out))
+        check_run_flags(resume=self.resume, force=self.force)
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,7 @@ class Run:
                           ("budget", RunBudget)):
             if not isinstance(getattr(self, name), cls):
                 raise ZsqError(f"Run.{name} must be a zsq.run.{cls.__name__}, got {type(getattr(self, name)).__name__}")
+        check_run_numbers(seed=self.seed)
 
     def fingerprint(self, model_name: str, weights: str) -> Dict[str, Any]:
         """What decides the run's result, as the run folder records it (``--resume`` refuses another).
@@ -217,14 +225,20 @@ def load_calibration(spec: str, model, num_images: Optional[int] = None):
     Returns (images N,C,H,W in the model's normalized space, labels or None, source string)."""
     from zsq.models.meta import get_meta
 
+    from zsq.data.spec import parse_spec
+
     meta = get_meta(model)
-    p = Path(spec.split("[", 1)[0])
+    ds = parse_spec(spec)
+    p = ds.path
     if _is_synthetic_set(p):
         from zsq.synth import SyntheticSet
 
-        ss = SyntheticSet.load(p)
-        x = ss.images if num_images is None else ss.images[:num_images]
-        y = None if ss.labels is None else ss.labels[:x.shape[0]]
+        ss = SyntheticSet.load(p)  # the slice applies here as on real images
+        x, y = ss.images[ds.start:ds.stop], None if ss.labels is None else ss.labels[ds.start:ds.stop]
+        if x.shape[0] == 0:
+            raise ZsqError(f"--calib-data {spec}: the slice selects no images (the set has {len(ss)})")
+        if num_images is not None:
+            x, y = x[:num_images], None if y is None else y[:num_images]
         if tuple(x.shape[1:]) != tuple(meta.input_size):
             raise ZsqError(f"calibration images in {p} are {tuple(x.shape[1:])} but {meta.name} expects "
                            f"{tuple(meta.input_size)}")
@@ -245,19 +259,26 @@ def default_num_images(kind: str, budget: str, input_size=None) -> int:
     return 256
 
 
-def run_names(synthesizes: bool) -> tuple:
-    """The entries `zsq quantize` writes in --out: the checkpoint, the work state and (when it
-    synthesizes) the synthetic set."""
+def run_names(synthesizes: bool, kind: str = "ptq") -> tuple:
+    """The entries `zsq quantize` writes in --out: the checkpoint, the work state (PTQ and QAT resume files)
+    and (when it synthesizes) the synthetic set."""
     from zsq.export.packed_checkpoint import CHECKPOINT_FILES, MANIFEST_FILE
 
-    return CHECKPOINT_FILES + (MANIFEST_FILE, "work") + (("synth",) if synthesizes else ())
+    return CHECKPOINT_FILES + (MANIFEST_FILE,) + run_dirs(synthesizes, kind)
+
+
+def run_dirs(synthesizes: bool, kind: str) -> tuple:
+    """The folders a run of this kind makes in --out (made and recorded when it begins, so a killed run
+    leaves them zsq's)."""
+    return (("work",) if kind in ("ptq", "qat") else ()) + (("synth",) if synthesizes else ())
 
 
 def resolve_model(source: ModelSource, seed: int = 0):
     """(float model, name for reports) from a model name or a user's nn.Module (copied, never touched)."""
     import copy
 
-    from zsq.models.meta import ModelMeta, set_meta
+    from zsq.models.meta import get_meta, set_meta
+    from zsq.models.user_module import check_meta_agrees, meta_for_module
 
     model, meta = source.model, source.meta
     if isinstance(model, str):
@@ -265,26 +286,21 @@ def resolve_model(source: ModelSource, seed: int = 0):
 
         with torch.random.fork_rng(devices=[]):  # a random init from the run's seed; the caller's RNG is kept
             torch.manual_seed(seed)
-            return load_checked(model, weights=source.weights, pretrained=source.pretrained,
-                                random_init=source.random_init), model
+            loaded = load_checked(model, weights=source.weights, pretrained=source.pretrained,
+                                  random_init=source.random_init)
+        own = get_meta(loaded)  # explicit metadata never loses silently to the model's own
+        if meta is not None and meta != own:
+            raise ZsqError(f"meta= contradicts model {model!r}'s own metadata; drop meta= (it is for your own "
+                           "nn.Module)")
+        check_meta_agrees(own, source.input_size, source.mean, source.std)
+        return loaded, model
     if not isinstance(model, nn.Module):
         raise ZsqError(f"model must be a model name or a torch.nn.Module, got {type(model).__name__}")
     if source.weights is not None or source.pretrained:
         raise ZsqError("weights=/pretrained= apply to model names; load the state dict into your module first")
     name = type(model).__name__
     fp_model = copy.deepcopy(model).eval()
-    if meta is None and getattr(model, "zsq_meta", None) is None:
-        for arg in ("input_size", "mean", "std"):
-            if getattr(source, arg) is None:
-                raise ZsqError(f"an nn.Module without zsq metadata needs meta=ModelMeta(...) or {arg}= "
-                               f"(input_size=(C, H, W), mean=(...), std=(...))")
-        with torch.no_grad():
-            out = fp_model(torch.zeros(1, *tuple(source.input_size)))
-        meta = ModelMeta(name, int(out.shape[-1]), tuple(source.input_size), tuple(source.mean), tuple(source.std))
-    if meta is not None:
-        if not isinstance(meta, ModelMeta):
-            raise ZsqError(f"meta must be a zsq.models.ModelMeta, got {type(meta).__name__}")
-        set_meta(fp_model, meta)
+    set_meta(fp_model, meta_for_module(fp_model, name, meta, source.input_size, source.mean, source.std))
     return fp_model, f"module:{name}"
 
 
@@ -370,6 +386,7 @@ def _validate(ctx: _Context) -> None:
                        iters_per_epoch=b.iters_per_epoch, batch_size=b.batch_size, seed=run.seed,
                        out=run.output.out, resume=run.output.resume, compute=ctx.compute)
     opts = info.parse_options(run.method.options, meta, b.name)  # bad --set keys/values: before any work
+    check_state_in_out(opts, run.output.out)
     ctx.job.extra.update(opts)
     ctx.synthesizes, cal = _plan_images(info, run.method.name, run.calibration, b.name, meta.input_size, opts)
     ctx.run = run = replace(run, method=replace(run.method, options=opts), calibration=cal)
@@ -388,17 +405,20 @@ def _validate(ctx: _Context) -> None:
 def _prepare_run_folder(ctx: _Context) -> None:
     """The run folder, begun with the run's fingerprint, once every argument has been checked
     (--force may clear an earlier run)."""
+    from zsq.runlock import RunLock
     from zsq.runstate import RunFolder
     from zsq.synth.base import weights_digest
 
     run = ctx.run
     zdist.barrier()  # every process has checked --out before rank 0 touches it
     if run.output.out is not None and ctx.lead:
-        data = run.calibration.data
-        ctx.run_folder = RunFolder(run.output.out, run_names(ctx.synthesizes))
+        kind = ctx.info.kind
+        ctx.run_folder = RunFolder(run.output.out, run_names(ctx.synthesizes, kind),
+                                   dirs=run_dirs(ctx.synthesizes, kind), lock=RunLock(run.output.out))
+        weights = run.model.weights if isinstance(run.model.model, str) else None
+        inputs = [str(p).split("[", 1)[0] for p in (run.calibration.data, weights, run.eval_data) if p]
         ctx.run_folder.begin(run.fingerprint(ctx.model_name, weights_digest(ctx.fp_model)),
-                             resume=run.output.resume, force=run.output.force,
-                             inputs=[data.split("[", 1)[0]] if data else [])
+                             resume=run.output.resume, force=run.output.force, inputs=inputs)
     zdist.barrier()
 
 
@@ -417,6 +437,8 @@ def _calibration_data(ctx: _Context) -> None:
     if sset.labels is not None:
         job.extra.setdefault("calib_labels", sset.labels)
     ctx.synth_seconds = time.time() - t0
+    if ctx.run_folder is not None:
+        ctx.run_folder.refresh()  # the synthetic set is recorded as zsq's before the long work
 
 
 def _fp32_accuracy(ctx: _Context) -> None:
@@ -499,7 +521,19 @@ def execute(run: Run) -> QuantResult:
     if not isinstance(run, Run):
         raise ZsqError(f"execute needs a zsq.run.Run, got {type(run).__name__}")
     ctx = _Context(run=run, t_start=time.time())
-    for name, step in STEPS:
-        logger.debug(f"run step: {name}")
-        step(ctx)
+    try:
+        for name, step in STEPS:
+            logger.debug(f"run step: {name}")
+            step(ctx)
+    finally:
+        if ctx.run_folder is not None:
+            ctx.run_folder.release()  # the folder's lock, also when a step fails
     return QuantResult(model=ctx.result.model, report=ctx.report)
+
+
+def check_state_in_out(opts: Mapping[str, Any], out) -> None:
+    """No option moves run state out of --out: with an --out, work_dir is refused (the state lives in
+    OUT/work, where --force and --resume find it); without one it is the caller's named output."""
+    if out is not None and opts.get("work_dir") is not None:
+        raise ZsqError(f"work_dir: with --out the run state lives in {Path(out) / 'work'} (where --resume and "
+                       "--force find it); work_dir is only for API runs without out=")

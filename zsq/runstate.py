@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
+import stat
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from zsq.errors import ZsqError
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "zsq-runstate/1"
 _TAGS = ("__tensor__", "__tuple__", "__items__", "__float__")
@@ -220,34 +224,122 @@ def read_json(path) -> Any:
 
 # ---- run folders -----------------------------------------------------------------------------------
 RUN_FILE = ".zsq-run.json"
+RUN_FORMAT = "zsq-run/2"
+
+
+def identity(p: Path, files: bool = True) -> Optional[dict]:
+    """What identifies an entry zsq created, without following links: a regular file by its size, inode and
+    mtime (a file edited, replaced or copied over no longer matches); a directory by its device and inode,
+    plus (``files``) the same for every regular file zsq wrote in it. None when nothing is there."""
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(st.st_mode):
+        return {"type": "file", "size": st.st_size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns}
+    if stat.S_ISDIR(st.st_mode):
+        return {"type": "dir", "dev": st.st_dev, "ino": st.st_ino, "files": {}}
+    return {"type": "other"}
+
+
+def _same(a: Optional[dict], b: Optional[dict]) -> bool:
+    """Two identities name the same entry (a directory's file list is not part of its identity)."""
+    if not a or not b or a.get("type") != b.get("type") or a["type"] == "other":
+        return False
+    keys = ("dev", "ino") if a["type"] == "dir" else ("size", "ino", "mtime_ns")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def _walk_files(d: Path):
+    """(relative path, Path) of every entry below ``d`` that is not a directory, links not followed."""
+    for root, dirs, names in os.walk(d, followlinks=False):
+        for n in names + [x for x in dirs if os.path.islink(os.path.join(root, x))]:
+            f = Path(root) / n
+            yield f.relative_to(d).as_posix(), f
+
+
+def is_zsq_state_file(p: Path) -> bool:
+    """A file zsq's own writers made (a run-state safetensors with zsq's format, or a run JSON with its
+    fingerprint): what --force may remove in a zsq folder when a killed run had no time to record it."""
+    try:
+        if not stat.S_ISREG(os.lstat(p).st_mode):
+            return False
+        with open(p, "rb") as f:
+            head = f.read(8)
+            if p.suffix == ".safetensors" and len(head) == 8:
+                n = int.from_bytes(head, "little")
+                if n > 10_000_000:
+                    return False
+                meta = json.loads(f.read(n).decode()).get("__metadata__") or {}
+                return meta.get("format") == FORMAT
+        if p.suffix == ".json" and p.stat().st_size < 10_000_000:
+            obj = json.loads(p.read_text())
+            return isinstance(obj, dict) and "fingerprint" in obj
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return False
+    return False
 
 
 class RunFolder:
-    """What zsq owns in an output folder: the entries it created (listed in OUT/.zsq-run.json), the
-    fingerprint of the command that made them, and whether that run finished.
+    """What zsq owns in an output folder, listed in OUT/.zsq-run.json with the identity of each entry
+    (``identity``), the fingerprint of the command that made them, and whether that run finished.
 
-    ``--force`` removes only listed entries, never one that is an input of the command; a name zsq
-    needs that exists but is not listed (the user's own ``work/``) is refused, not overwritten.
-    ``--resume`` continues only a run made by the same command."""
+    An entry is recorded only once zsq has created it. ``--force`` removes an entry only while it still
+    matches what was recorded (a file replaced, edited or planted under the same name is kept) and
+    never one that is an input of the command; in a directory zsq made it removes only the files zsq
+    recorded there (or, after a killed run, zsq's own state files written since that run began) and
+    keeps the directory when anything else is in it. A name zsq needs that exists but is not zsq's is
+    refused, not overwritten. One command at a time holds the folder (zsq.runlock). ``--resume``
+    continues only a run made by the same command."""
 
-    def __init__(self, out, names):
-        self.out, self.names = Path(out), tuple(names)
+    def __init__(self, out, names, dirs=(), lock=None):
+        """``lock``: what holds the folder for this run (zsq.runlock.RunLock(out), given by the caller: a
+        leaf module does not import another); None: no lock."""
+        self.out, self.names, self.dirs = Path(out), tuple(names), tuple(dirs)
         self.path = self.out / RUN_FILE
+        self.lock = lock
+        self.started_ns = 0
 
     def record(self) -> dict:
-        if not self.path.exists():
+        """The run record ({} when there is none); an older record without identities owns nothing."""
+        if not (self.path.exists() or self.path.is_symlink()):
             return {}
+        if not self.path.is_file() or self.path.is_symlink():
+            raise ZsqError(f"{self.path} is not a regular file; remove it to use {self.out}")
         rec = read_json(self.path)
-        if not isinstance(rec, dict) or not isinstance(rec.get("created", []), list):
+        if not isinstance(rec, dict) or not isinstance(rec.get("entries", {}), dict):
             raise ZsqError(f"{self.path} is damaged (not a zsq run record); remove it to use {self.out}")
+        if rec.get("format") != RUN_FORMAT:  # no identities: zsq cannot tell its own entries from the user's
+            rec = dict(rec, entries={})
         return rec
 
+    def owned(self, rec: dict, name: str) -> bool:
+        return _same(rec.get("entries", {}).get(name), identity(self.out / name))
+
     def begin(self, fp: dict, *, resume: bool, force: bool, inputs=()) -> None:
-        """Check the folder against the command, clear an earlier run on --force, record what zsq will create."""
+        """Lock the folder, check it against the command, clear an earlier run on --force, create the
+        run's directories and record them. Refusals leave the folder as it was."""
         if self.out.exists() and not self.out.is_dir():
             raise ZsqError(f"--out {self.out} exists and is not a directory")
+        made_out = not self.out.exists()
+        ensure_writable_dir(self.out)
+        try:
+            if self.lock is not None:
+                self.lock.acquire()
+            self._begin(fp, resume=resume, force=force, inputs=inputs)
+        except BaseException:
+            self.release()
+            if made_out:
+                try:
+                    self.out.rmdir()
+                except OSError:
+                    pass
+            raise
+
+    def _begin(self, fp: dict, *, resume: bool, force: bool, inputs) -> None:
         rec = self.record()
-        used = self.out.is_dir() and any(self.out.iterdir())
+        lock_name = self.lock.path.name if self.lock is not None else None
+        used = any(p.name != lock_name for p in self.out.iterdir())
         if resume:
             if used and not rec:
                 raise ZsqError(f"--resume: {self.out} holds no zsq run to continue (no {RUN_FILE})")
@@ -257,46 +349,116 @@ class RunFolder:
             raise ZsqError(f"--out {self.out} exists and is not empty (use --force to overwrite, --resume to continue)")
         for name in self.names:
             p = self.out / name
-            if (p.exists() or p.is_symlink()) and name not in rec.get("created", []):
-                raise ZsqError(f"{p} exists and was not made by zsq; it needs that name for its run state "
-                               "(move it, or use another --out)")
+            if (p.exists() or p.is_symlink()) and not self.owned(rec, name):
+                raise ZsqError(f"{p} exists and was not made by zsq (or was changed since); it needs that name "
+                               "for its run (move it, or use another --out)")
+        entries = {k: v for k, v in rec.get("entries", {}).items() if self.owned(rec, k)}
         if force and not resume:
-            self._clear(rec, [Path(p).resolve() for p in inputs])
-            rec = self.record()
-        created = set(rec.get("created", [])) | set(self.names)
-        ensure_writable_dir(self.out)
-        write_json(self.path, {"created": sorted(created | {RUN_FILE}), "fingerprint": fp,
-                               "finished": bool(rec.get("finished")) and resume}, indent=1, sort_keys=True)
+            entries = self._clear(dict(rec, entries=entries), [Path(p).resolve() for p in inputs if p])
+        for d in self.dirs:
+            p = self.out / d
+            if not (p.exists() or p.is_symlink()):
+                p.mkdir()
+                entries[d] = identity(p)
+        self._write(entries, fp, bool(rec.get("finished")) and resume, rec.get("started_ns"))
+        # what zsq writes from now on is newer than the record: what refresh() claims; a --force after a
+        # killed run goes by the first start (zsq's own state files written since then are zsq's)
+        self.started_ns = os.lstat(self.path).st_ctime_ns
+        if not (resume and rec.get("started_ns")):
+            self._write(entries, fp, bool(rec.get("finished")) and resume, self.started_ns)
+
+    def _write(self, entries: dict, fp, finished: bool, started_ns) -> None:
+        write_json(self.path, {"format": RUN_FORMAT, "entries": entries, "fingerprint": fp,
+                               "finished": finished, "started_ns": started_ns}, indent=1, sort_keys=True)
+
+    def refresh(self) -> None:
+        """Record what this run has created since begin(): the run's names that were absent then (begin
+        refused any that existed and were not zsq's) and the files in zsq's directories written since."""
+        rec = self.record()
+        entries = dict(rec.get("entries", {}))
+        for name in self.names:
+            p = self.out / name
+            ident = identity(p)
+            if ident is None or ident["type"] == "other":
+                entries.pop(name, None)
+                continue
+            if not _same(entries.get(name), ident):
+                if os.lstat(p).st_ctime_ns < self.started_ns:
+                    entries.pop(name, None)  # not written by this run: not zsq's
+                    continue
+                entries[name] = ident
+            if ident["type"] == "dir":
+                files = entries[name].get("files", {})
+                now = {}
+                for rel, f in _walk_files(p):
+                    fi = identity(f)
+                    if fi and fi["type"] == "file" and (_same(files.get(rel), fi)
+                                                        or os.lstat(f).st_ctime_ns >= self.started_ns):
+                        now[rel] = fi
+                entries[name] = dict(entries[name], files=now)
+        self._write(entries, rec.get("fingerprint"), bool(rec.get("finished")), rec.get("started_ns"))
 
     def finish(self) -> None:
+        """Record what the run made, drop its empty directories, mark it finished and let the folder go."""
+        self.refresh()
         rec = self.record()
-        rec["finished"] = True
-        write_json(self.path, rec, indent=1, sort_keys=True)
-
-    def _clear(self, rec: dict, inputs: List[Path]) -> None:
-        import shutil
-
-        out = self.out.resolve()
-        kept = []
-        for name in rec.get("created", []):
+        entries = dict(rec.get("entries", {}))
+        for name in list(entries):
             p = self.out / name
-            if name == RUN_FILE or not (p.exists() or p.is_symlink()):
+            if entries[name].get("type") == "dir" and self.owned(rec, name) and not any(p.iterdir()):
+                p.rmdir()
+                del entries[name]
+        self._write(entries, rec.get("fingerprint"), True, rec.get("started_ns"))
+        self.release()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def _clear(self, rec: dict, inputs: List[Path]) -> dict:
+        """Remove what the record owns (identities already matched), except inputs; the entries kept."""
+        out = self.out.resolve()
+        kept = {}
+        for name, ident in rec.get("entries", {}).items():
+            p = self.out / name
+            if name in (RUN_FILE,) or "/" in name or name in ("", ".", ".."):
                 continue
-            target = (out / name).resolve() if not p.is_symlink() else out / name
-            if "/" in name or ".." in name or target.parent != out:
-                raise ZsqError(f"{self.path} lists {name!r}, which is not an entry of {self.out}; refusing to remove it")
-            if any(i == target or target in i.parents for i in inputs):
-                kept.append(name)  # an input of this command: kept, and no longer zsq's to remove
-                continue
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
+            target = out / name if p.is_symlink() else p.resolve()
+            if any(i == target or target in i.parents or i in target.parents for i in inputs):
+                continue  # an input of this command: kept, and no longer zsq's to remove
+            if ident["type"] == "file":
                 p.unlink()
-        if not self.path.exists():
-            return
-        write_json(self.path, dict(rec, created=[n for n in rec.get("created", []) if n not in kept
-                                                 and ((self.out / n).exists() or n == RUN_FILE)],
-                                   finished=False), indent=1, sort_keys=True)
+            elif ident["type"] == "dir":
+                left = self._clear_dir(p, ident, int(rec.get("started_ns") or 0))
+                if left:
+                    logger.warning(f"--force kept {p}: it holds {len(left)} entries zsq did not write "
+                                   f"({', '.join(left[:3])}{' ...' if len(left) > 3 else ''})")
+                    kept[name] = dict(ident, files={})
+        return kept
+
+    @staticmethod
+    def _clear_dir(d: Path, ident: dict, started_ns: int) -> List[str]:
+        """Remove from the directory ``d`` the files zsq recorded (still matching) and zsq's own state files
+        newer than the killed run's start; then the empty directories. What is left, by relative path."""
+        files, left = ident.get("files", {}), []
+        for rel, f in list(_walk_files(d)):
+            ours = _same(files.get(rel), identity(f)) or (
+                rel not in files and is_zsq_state_file(f) and os.lstat(f).st_ctime_ns >= started_ns > 0)
+            if ours:
+                f.unlink()
+            else:
+                left.append(rel)
+        for root, dirs, _ in sorted(os.walk(d, followlinks=False), key=lambda t: -len(t[0])):
+            for x in dirs:
+                q = Path(root) / x
+                if not q.is_symlink():
+                    try:
+                        q.rmdir()
+                    except OSError:
+                        pass
+        if not left:
+            d.rmdir()
+        return left
 
 
 def check_writable_dir(d) -> Path:
@@ -325,3 +487,42 @@ def ensure_writable_dir(d) -> Path:
     except OSError as e:
         raise ZsqError(f"cannot write to {d}: {e.strerror or _first_line(e)}") from None
     return d
+
+
+def _inside(path: Path, other: Path) -> bool:
+    return path == other or other in path.parents
+
+
+def check_output_file(path, *, force: bool, inputs=(), option: str = "--out", replaceable=None) -> Path:
+    """Refuse, before any work, a named output file zsq must not write: one that is an input of the same
+    command (or inside one), anything but a regular file (a device, a FIFO, a link, a directory), an
+    existing file without ``force``, or with ``force`` one that ``replaceable(path)`` says zsq could not
+    have written; and a parent that cannot be written. Nothing is created."""
+    path = Path(path)
+    real = Path(os.path.realpath(path))
+    for i in inputs:
+        if not i:
+            continue
+        ip = Path(os.path.realpath(str(i).split("[", 1)[0]))
+        same = path.exists() and Path(ip).exists() and not path.is_dir() and os.path.samefile(path, ip)
+        if _inside(real, ip) or same:
+            raise ZsqError(f"{option} {path} is an input of this command ({i}); write the output elsewhere")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise ZsqError(f"{option} {path}: {e.strerror or _first_line(e)}") from None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise ZsqError(f"{option} {path} is a directory; give a file name, e.g. {path / 'model.onnx'}")
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file (a device, FIFO or socket)"
+            raise ZsqError(f"{option} {path} is {kind}; zsq replaces only regular files it wrote")
+        if not force:
+            raise ZsqError(f"{path} exists (use --force to overwrite)")
+        if replaceable is not None and not replaceable(path):
+            raise ZsqError(f"{option} {path} exists and is not a file zsq writes; refusing to replace it "
+                           "even with --force (move it, or name another file)")
+    check_writable_dir(path.parent if str(path.parent) else Path("."))
+    return path

@@ -36,8 +36,18 @@ def machine() -> dict:
 
 
 def load_results(out: Path) -> Optional[dict]:
+    """OUT/results.json, or None; a one-line ZsqError naming it when it is damaged or not a results file."""
+    from zsq.runstate import read_json
+
     p = Path(out) / RESULTS
-    return json.loads(p.read_text()) if p.exists() else None
+    if not (p.exists() or p.is_symlink()):
+        return None
+    if not p.is_file():
+        raise ZsqError(f"{p} is not a regular file; move it or use another --out")
+    res = read_json(p)
+    if not isinstance(res, dict) or not isinstance(res.get("cells", {}), dict):
+        raise ZsqError(f"{p} is damaged (not a zsq bench results file: no 'cells' table); move it or use another --out")
+    return res
 
 
 def save_results(out: Path, results: dict) -> None:

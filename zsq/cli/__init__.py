@@ -161,7 +161,8 @@ def cmd_inspect(args) -> dict:
     from zsq.models import load_checked
 
     # the plan does not depend on the weights: without --weights/--pretrained a seeded random network will do
-    model = load_checked(args.model, weights=args.weights, pretrained=args.pretrained, random_init=True)
+    model = load_checked(args.model, weights=args.weights, pretrained=args.pretrained,
+                         random_init=args.weights is None and not args.pretrained)
     q = quantize_model(model, get_preset(args.preset, args.bits), strict=args.strict)
     plan = describe_plan(q)
     plan["model"] = args.model
@@ -284,6 +285,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def os_error_line(e: OSError, args: argparse.Namespace) -> str:
+    """An OSError as one line naming the file; where the command resumes, that what was saved is kept."""
+    import errno
+    import os
+
+    what = e.strerror or os.strerror(e.errno) if e.errno else (e.strerror or str(e) or type(e).__name__)
+    name = e.filename if e.filename is not None else ""
+    if isinstance(name, (str, bytes)) and len(name) > 200:
+        name = f"{name[:80]!s}...{name[-80:]!s} ({len(name)} characters)"
+    line = f"{what}: {name}" if name else str(what)
+    if e.errno == errno.ENOSPC:
+        line += " (free some space)"
+    if hasattr(args, "resume") and e.errno not in (errno.ENAMETOOLONG,):
+        line += "; what was saved before is kept: run the same command with --resume to continue"
+    return line
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from zsq import distributed as zdist
 
@@ -291,10 +309,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
+        from zsq.cli.checks import check_args
+
+        check_args(args)  # before any work, and before --workers starts processes
         workers = getattr(args, "workers", None)
         if workers is not None and not zdist.launched():
-            if workers < 1:
-                raise ZsqError(f"--workers must be >= 1, got {workers}")
             if workers > 1:
                 return zdist.launch_workers(workers, zdist.strip_workers(argv))
         zdist.check_supported(args.command)
@@ -314,6 +333,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("zsq: interrupted (use --resume to continue where supported)", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, a name too long, no permission ... while reading or writing: one line
+        print(f"zsq: error: {os_error_line(e, args)}", file=sys.stderr)
+        return 2
     finally:
         zdist.shutdown()
     return 0

@@ -35,15 +35,20 @@ def run(args: argparse.Namespace) -> dict:
     from zsq.bench.suites import get_suite
     from zsq.errors import require
 
+    from zsq.runlock import RunLock
+    from zsq.runstate import ensure_writable_dir
+
     suite = get_suite(args.suite)
     require("matplotlib", "plots")  # the report's plots: say so now, not after hours of cells
     cmd = f"zsq bench --suite {args.suite} --budget {args.budget} --out {args.out}"
-    for other in args.merge:
-        merge_results(args.out, other)
-    if not args.report_only:
-        run_suite(suite, args.out, budget=args.budget, resume=args.resume,
-                  cell_timeout=args.cell_timeout, only=args.only, allow_mixed_code=args.allow_mixed_code)
-    report = write_report(args.out, command=cmd)
+    ensure_writable_dir(args.out)  # --out FILE: one line, before any cell
+    with RunLock(args.out):  # one bench per folder: two would rewrite one results.json
+        for other in args.merge:
+            merge_results(args.out, other)
+        if not args.report_only:
+            run_suite(suite, args.out, budget=args.budget, resume=args.resume,
+                      cell_timeout=args.cell_timeout, only=args.only, allow_mixed_code=args.allow_mixed_code)
+        report = write_report(args.out, command=cmd)
     res = load_results(args.out) or {"cells": {}}
     rows = list(res["cells"].values())
     return {"suite": suite.name, "report": str(report), "results": str(report.parent / "results.json"),

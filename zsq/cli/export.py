@@ -51,18 +51,14 @@ def _checked_args(args):
     from zsq.export.onnx import check_opset
     from zsq.export.parity import ParityTolerance
     from zsq.export.runtimes import parse_runtimes
-    from zsq.runstate import check_writable_dir
+    from zsq.options import check_run_numbers
+    from zsq.runstate import check_output_file
 
     require("onnx", "onnx")
     require("onnxruntime", "onnx")
-    onnx_path = Path(args.onnx)
-    if onnx_path.is_dir():
-        raise ZsqError(f"--onnx {onnx_path} is a directory; give a file name, e.g. {onnx_path / 'model.onnx'}")
-    if onnx_path.exists() and not args.force:
-        raise ZsqError(f"{onnx_path} exists (use --force to overwrite)")
-    check_writable_dir(onnx_path.parent if str(onnx_path.parent) else Path("."))
-    if args.num_check < 1:
-        raise ZsqError(f"--num-check must be at least 1, got {args.num_check}")
+    onnx_path = check_output_file(args.onnx, force=args.force, inputs=(args.checkpoint, args.check_data),
+                                  option="--onnx", replaceable=is_onnx_model)
+    check_run_numbers(num_check=args.num_check, latency_runs=args.latency_runs, threads=args.threads)
     check_opset(args.opset)
     runtimes = parse_runtimes(args.runtime)
     if "openvino" in runtimes:
@@ -95,6 +91,17 @@ def _runtime_check(name: str, qmodel, onnx_file: Path, images, labels, tol, floo
     return check
 
 
+def is_onnx_model(path: Path) -> bool:
+    """An existing file `--force` may replace: an ONNX model (what zsq export writes), nothing else."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf raises several types on foreign bytes
+        return False
+    return len(model.graph.node) > 0
+
+
 def run(args) -> dict:
     import torch
 
@@ -124,7 +131,15 @@ def run(args) -> dict:
 
         to_export, folded = fold_quantized_batchnorm(qmodel, images[:4])
         logger.info(f"folded {len(folded)} BatchNorm layers into the quantized weights")
-    tmp = onnx_path.with_name(onnx_path.name + ".partial")
+    import os
+    import tempfile
+
+    # a fresh name next to the target (never a user's file), renamed over it once every check passed
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)  # --onnx names the file; its folder may be new
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{onnx_path.name}.", suffix=".zsq-partial",
+                                    dir=str(onnx_path.parent) if str(onnx_path.parent) else ".")
+    os.close(fd)
+    tmp = Path(tmp_name)
     checks = {}
     try:
         info = export_onnx(to_export, tmp, opset=args.opset, weight_dtype=args.weight_dtype)

@@ -48,15 +48,35 @@ def run(args) -> dict:
     from zsq.compute import resolve
     from zsq.runstate import check_writable_dir
 
+    from pathlib import Path
+
+    from zsq import distributed as zdist
+    from zsq.errors import ZsqError
+    from zsq.runlock import LOCK_FILE, RunLock
+
     compute = resolve(args.device, args.precision, args.channels_last, args.compile)
-    check_writable_dir(args.out)  # --out FILE / unwritable: refused before any work
+    out = check_writable_dir(args.out)  # --out FILE / unwritable: refused before any work
+    if not args.resume and out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
+        # the set's files would replace a user's files of the same names
+        raise ZsqError(f"--out {out} exists and is not empty (use --resume to continue a synthesis there, or "
+                       "another --out)")
     teacher = load_model(args)
     options = parse_set(getattr(args, "set", None))
     if getattr(args, "swap_lr", False):
         options["swap_lr"] = True
-    data = synthesize(teacher, args.method, args.num_images, budget=args.budget, iters=args.iters,
-                      batch_size=args.batch_size, seed=args.seed, out=args.out, resume=args.resume,
-                      compute=compute, **options)
+    lock, made = None, not out.exists()
+    if zdist.rank() == 0:  # one command per folder (the other ranks belong to this one)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out).acquire()
+    try:
+        data = synthesize(teacher, args.method, args.num_images, budget=args.budget, iters=args.iters,
+                          batch_size=args.batch_size, seed=args.seed, out=args.out, resume=args.resume,
+                          compute=compute, **options)
+    finally:
+        if lock is not None:
+            lock.release()
+            if made and not any(out.iterdir()):  # refused before writing: nothing left behind
+                out.rmdir()
     m = data.meta
     result = {"method": m["method"], "model": m["model"], "num_images": len(data), "seconds": m["seconds"],
               "images_per_second": m["images_per_second"], "bns_loss": m["bns_loss"], "losses": m["losses"],

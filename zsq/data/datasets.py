@@ -99,13 +99,36 @@ class FileImages(LabelledImages):
     def __init__(self, source: str, files: Sequence[Path], labels: Sequence[int], meta: ModelMeta):
         super().__init__(source, np.asarray(labels, dtype=np.int64), meta)
         self.files: List[Path] = list(files)
+        self._size = None  # the first image's (w, h): the size of every image of a set read without resize
 
     def _raw(self, j: int):
         try:
             with Image.open(self.files[j]) as im:
-                return im.convert("RGB")
+                img = to_rgb8(im, self.files[j])
+        except ZsqError:
+            raise
         except Exception as e:
             raise ZsqError(f"cannot read image {self.files[j]}: {e}") from None
+        if self.meta.resize is None:  # a fixed-size set (like an .npz) has one image size, not a crop of some
+            if self._size is None:
+                self._size = img.size
+            elif img.size != self._size:
+                raise ZsqError(f"{self.files[j]} is {img.size[1]}x{img.size[0]} but the set's images are "
+                               f"{self._size[1]}x{self._size[0]}; model {self.meta.name} takes images as they "
+                               "are (no resize), so every image must have one size, as in an .npz")
+        return img
+
+
+def to_rgb8(im: Image.Image, where) -> Image.Image:
+    """An 8-bit RGB image from what PIL decoded: 16-bit grey scaled to 8 bits (PIL's own convert clips it
+    to white); modes whose value range the file does not state (32-bit int or float pixels) refused."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        a = np.asarray(im).astype(np.float64)
+        return Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("I", "F"):
+        raise ZsqError(f"{where}: {'32-bit integer' if im.mode == 'I' else 'floating-point'} pixels (PIL mode "
+                       f"{im.mode}) have no stated range; save 8- or 16-bit RGB or grey images")
+    return im.convert("RGB")
 
 
 def labels_csv_images(folder: Path, meta: ModelMeta) -> FileImages:
@@ -122,11 +145,25 @@ def labels_csv_images(folder: Path, meta: ModelMeta) -> FileImages:
                 labels.append(int(row["label"]))
             except ValueError:
                 raise ZsqError(f"{csv_path}: label {row['label']!r} of {row['filename']} is not an integer") from None
-            files.append(image_dir / row["filename"])
+            files.append(_inside_folder(image_dir, row["filename"] or "", csv_path))
     missing = [p for p in files if not p.is_file()]
     if missing:
         raise ZsqError(f"{csv_path}: {len(missing)} listed images are missing, e.g. {missing[0]}")
     return FileImages(str(folder), files, labels, meta)
+
+
+def _inside_folder(image_dir: Path, name: str, csv_path: Path) -> Path:
+    """A labels.csv row's file, refused when it names a path outside the set's folder (absolute, ``..``, or
+    through a link that leads out): a data set reads only its own images."""
+    import os
+
+    p = image_dir / name
+    if os.path.isabs(name) or ".." in Path(name).parts:
+        raise ZsqError(f"{csv_path}: row {name!r} points outside {image_dir}; name files relative to it")
+    real, root = os.path.realpath(p), os.path.realpath(image_dir)
+    if os.path.commonpath([real, root]) != root:
+        raise ZsqError(f"{csv_path}: row {name!r} leads outside {image_dir} (through a link)")
+    return p
 
 
 def image_folder_images(folder: Path, meta: ModelMeta) -> FileImages:

@@ -24,6 +24,9 @@ _PIL_INTERP = {
 }
 # Refuse to blow images up more than this (e.g. 32x32 CIFAR fed to a 224 ImageNet model).
 MAX_UPSCALE = 4.0
+# Without resize, images may be this much larger than the input and are centre-cropped (a padded CIFAR
+# image, 36 or 40 pixels for 32); beyond it the crop would be a small part of the image.
+MAX_CROP = 1.5
 
 
 def check_fits(h: int, w: int, meta: ModelMeta, where: str = "data") -> None:
@@ -33,6 +36,12 @@ def check_fits(h: int, w: int, meta: ModelMeta, where: str = "data") -> None:
         if h < ih or w < iw:
             raise ZsqError(
                 f"{where}: images are {h}x{w} but model {meta.name} takes {ih}x{iw} inputs without resizing"
+            )
+        if h > MAX_CROP * ih or w > MAX_CROP * iw:  # a crop of a small part is another image, not a margin
+            raise ZsqError(
+                f"{where}: images are {h}x{w} but model {meta.name} takes {ih}x{iw} inputs without resizing; a "
+                f"centre crop would keep {100 * ih * iw / (h * w):.0f} % of each image (is this the model's data "
+                "set, or its input_size?)"
             )
     elif min(h, w) * MAX_UPSCALE < min(ih, iw):
         raise ZsqError(

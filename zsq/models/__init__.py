@@ -53,6 +53,9 @@ def load_checked(name: str, weights: Union[str, Path, None] = None, *, pretraine
     """``load`` for commands that produce results: a model with neither weights nor ``pretrained``
     is refused unless ``random_init`` says a randomly initialised network is meant (its numbers
     would otherwise look like a real model's)."""
+    from zsq.options import check_run_flags
+
+    check_run_flags(weights=weights, pretrained=pretrained, random_init=random_init)
     if weights is None and not pretrained and not random_init:
         raise ZsqError(f"no weights for {name}: give --weights PATH (API: weights=...) or --pretrained "
                        "(API: pretrained=True); use --random-init (API: random_init=True) to run a randomly "

@@ -1,6 +1,7 @@
 """Loading local checkpoints into a built model, with errors that name the first mismatching key."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Dict, Mapping
 
@@ -24,10 +25,11 @@ def read_state_dict(path) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise ZsqError(f"weights file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about a file's pickle protocol: not the user's concern
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ZsqError(f"cannot read weights file {path}: {first}") from None
+        raise ZsqError(f"cannot read weights file {path}: {_load_failure(e)}") from None
     for key in _WRAPPER_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -42,6 +44,17 @@ def read_state_dict(path) -> Dict[str, torch.Tensor]:
             k = k[len("module."):]
         sd[k] = v
     return sd
+
+
+def _load_failure(e: BaseException) -> str:
+    """torch.load's failure in one short clause, without its advice to load with weights_only=False (which
+    would run code from the file: zsq never does)."""
+    text = str(e).strip()
+    if "weights_only" in text or "Weights only" in text:
+        return ("it is not a checkpoint of tensors (random bytes, or objects zsq does not unpickle; zsq reads "
+                "weights with weights_only=True only)")
+    first = text.splitlines()[0] if text else type(e).__name__
+    return f"not a PyTorch checkpoint ({first.split('. ')[0][:160]})"
 
 
 def load_weights(model: nn.Module, path) -> nn.Module:

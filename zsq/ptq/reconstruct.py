@@ -217,20 +217,25 @@ class Reconstructor:
         n = min(budget.num_images, calib.shape[0])
         # on the CPU, captured in chunks on the device; the training images first, then the held-out ones
         self.calib, self.n_train = _split_holdout(calib[:n].detach().float().cpu(), opts.holdout, opts.seed)
+        self.fp_ref = copy.deepcopy(qmodel).eval()
+        set_quant_state(self.fp_ref, weights=False, acts=False)
+        self.units: List[Unit] = find_units(qmodel, recipe.granularity)
+        # augmented views multiply what every cache holds: the peak is estimated and checked against the
+        # limit before the views are made (augment=10**9 is refused with its estimate, not killed by the kernel)
+        total = self.calib.shape[0] + self.n_train * opts.augment
+        self.estimate = cache.estimate(self.fp_ref, [u.name for u in self.units], self.compute.layout(self.calib[:1]),
+                                       total)
+        cache.check_memory(self.estimate, int(opts.max_cache_mib * 2 ** 20))
         if opts.augment:  # views of the training images go between them and the held-out ones
             train, held = self.calib[:self.n_train], self.calib[self.n_train:]
             views = augmented_views(train, opts.augment, _seed(opts.seed, 7919, 0))
             self.calib, self.n_train = torch.cat([train, views, held]).contiguous(), self.n_train + views.shape[0]
         self.batch_size = min(budget.batch_size, self.n_train)
-        self.fp_ref = copy.deepcopy(qmodel).eval()
-        set_quant_state(self.fp_ref, weights=False, acts=False)
-        self.units: List[Unit] = find_units(qmodel, recipe.granularity)
         self.all_acts = [q for _, q in act_quantizers(qmodel)]
         self.unit_acts: List[List[UniformQuantizer]] = []
         for u in self.units:
             mod = qmodel.get_submodule(u.name)
             self.unit_acts.append([q for _, q in act_quantizers(mod)])
-        self.estimate = cache.estimate(self.fp_ref, [u.name for u in self.units], self.compute.layout(self.calib[:1]), n)
         self.steps = [(pi, ui) for pi in range(len(recipe.phases)) for ui in range(len(self.units))]
         self.fingerprint = unit_checkpoint.fingerprint(
             recipe=recipe.to_dict(), budget=[budget.iters, self.batch_size, n], seed=opts.seed,

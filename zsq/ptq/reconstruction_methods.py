@@ -29,6 +29,22 @@ from zsq.quant.transforms import quantize_model
 logger = logging.getLogger(__name__)
 
 
+# augmented views per training image: each multiplies the calibration set every cache holds (the peak is
+# also estimated against max_cache_mib before the views are made); 64 views of 1024 images is 66k images
+MAX_AUGMENT = 64
+MAX_CHUNK = 65_536  # images per caching forward
+
+
+def machine_memory_mib() -> float:
+    """The machine's physical memory in MiB (inf where the platform does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
+
+
 @dataclass(frozen=True)
 class PTQOptions:
     """--set options of every reconstruction method: images per caching forward, the cache limit,
@@ -76,8 +92,13 @@ class PTQOptions:
     distill_params: str = OutputDistillConfig.params
 
     def __post_init__(self):
-        check_range("chunk", self.chunk, 1)
-        check_range("max_cache_mib", self.max_cache_mib, 0.0, lo_open=True)  # holdout: checked by EngineOptions
+        check_range("chunk", self.chunk, 1, MAX_CHUNK)
+        # the caches live in memory: a limit above the machine's is no limit (the kernel kills the run instead)
+        check_range("max_cache_mib", self.max_cache_mib, 0.0, machine_memory_mib(), lo_open=True)
+        if not 0.0 <= self.holdout < 1.0:  # here, not only in EngineOptions: refused before synthesis
+            raise ZsqError(f"holdout must be in [0, 1), got {self.holdout}")
+        check_range("augment", self.augment, 0, MAX_AUGMENT)
+        check_range("refit_iters", self.refit_iters, 0, 10_000_000)
         check_range("lr_weight_scale", self.lr_weight_scale, 0.0, lo_open=True)
         check_range("lr_act_scale", self.lr_act_scale, 0.0, lo_open=True)
         check_range("lr_weight_scale_rel", self.lr_weight_scale_rel, 0.0, lo_open=True)
