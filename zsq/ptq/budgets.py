@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 
 from zsq.budget_names import check_budget
 from zsq.errors import ZsqError
+from zsq.ptq.convergence import StopRule
 from zsq.ptq.units import GRANULARITIES
 
 
@@ -197,8 +198,12 @@ class EngineOptions:
     # how learned soft bits become codes: "nearest" (1[V >= 0], the papers') or "gptq" (GPTQ on the soft
     # weights, zsq.ptq.gptq.gptq_harden_unit; a unit keeps whichever has the lower error on its images)
     hardening: str = "nearest"
+    # when a unit may stop before the budget's iterations (zsq.ptq.convergence); None: every unit runs them all
+    stop: Optional[StopRule] = None
 
     def __post_init__(self):
+        if self.stop is not None and not isinstance(self.stop, StopRule):
+            raise ZsqError(f"stop must be a zsq.ptq.convergence.StopRule or None, got {type(self.stop).__name__}")
         if self.chunk < 1 or self.max_cache_mib <= 0:
             raise ZsqError("chunk must be >= 1 and max_cache_mib > 0")
         if not 0.0 <= self.holdout < 1.0:

@@ -38,6 +38,7 @@ from zsq.hooks import Hooks
 from zsq.ptq import cache, unit_checkpoint
 from zsq.ptq.augment import augmented_views
 from zsq.ptq.budgets import Budget, EngineOptions, Phase, Recipe
+from zsq.ptq.convergence import Monitor
 from zsq.ptq.gptq import gptq_harden_unit, gptq_round_unit
 from zsq.ptq.schedule import BetaSchedule
 from zsq.ptq.soft_round import SoftRoundQuantizer, to_uniform
@@ -79,17 +80,22 @@ def _fast_lazy_init(quants: List[UniformQuantizer], seed: int):
 def _qdrop_hooks(quants: List[UniformQuantizer], p: float, gen: torch.Generator, rows: Tuple[int, int, int]):
     """Each quantizer's output keeps its quantized value with probability p, else the float input.
     ``rows`` = (lo, hi, batch): the draw is made for the whole batch and this process keeps rows lo:hi,
-    so the masks (and the generator's stream) are the same with any number of processes."""
+    so the masks (and the generator's stream) are the same with any number of processes. Yields a dict
+    whose "off" entry, while True, passes outputs through untouched (no draw): the convergence checks
+    measure the unit without QDrop and leave the generator's stream as it was."""
     lo, hi, full = rows
+    state = {"off": False}
 
     def hook(_m, args, out):
+        if state["off"]:
+            return out
         keep = torch.rand((full, *out.shape[1:]), generator=gen, device=gen.device)[lo:hi] < p
         return torch.where(keep, out, args[0])
 
     with Hooks() as hooks:
         for q in quants if 0.0 < p < 1.0 else []:
             hooks.post(q, hook)
-        yield
+        yield state
 
 
 def _recon_loss(y_hat: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
@@ -243,6 +249,7 @@ class Reconstructor:
             **({"refit": [opts.refit_iters, opts.refit_affine]} if opts.refit_iters else {}),
             **({"rounding": [opts.rounding, opts.gptq_damp, opts.gptq_target]} if opts.rounding != "learned" else {}),
             **({"hardening": [opts.hardening, opts.gptq_damp]} if opts.hardening != "nearest" else {}),
+            **({"stop": dataclasses.asdict(opts.stop)} if opts.stop is not None else {}),
             units=[u.name for u in self.units], calib_images=self.calib,
             initial_model=torch.cat([p.detach().flatten() for p in qmodel.state_dict().values()
                                      if p.is_floating_point()]),
@@ -295,8 +302,13 @@ class Reconstructor:
         if not groups[0] and not groups[1]:
             iters = 0  # nothing to learn here (e.g. the stem in an activation phase: its input stays float)
         desc = f"{phase.name} {ui + 1}/{len(self.units)} {unit.name}"
+        monitor = None
+        if self.opts.stop is not None and iters:
+            first = math.ceil(self.recipe.warmup * iters)  # where the rounding loss comes on (BetaSchedule)
+            monitor = Monitor(self.opts.stop, iters, max(1, first))
         with only_trainable(self.qmodel, [p for g in groups[0] + groups[1] for p in g["params"]]):
-            rec_hist, round_val = self._train(phase, unit, mod, learning, acts, gen, (x, y, xq), groups, iters, desc)
+            rec_hist, round_val = self._train(phase, unit, mod, learning, acts, gen, (x, y, xq), groups, iters, desc,
+                                              monitor)
         # the same error as hard_loss but with the soft bits as trained: their gap is what hardening costs
         soft_final = output_error(unit_fwd, xq[:n], y[:n]) if learning and iters else None
         _hard(soft, True)
@@ -316,6 +328,8 @@ class Reconstructor:
         k = max(1, len(rec_hist) // 10)
         rec_hist = rec_hist or [final]
         return {"unit": unit.name, "kind": unit.kind, "phase": phase.name, "iters": iters,
+                "iters_run": len(rec_hist) if iters else 0,
+                **({"checks": monitor.checks, "stopped_at": monitor.stopped_at} if monitor is not None else {}),
                 "loss_start": sum(rec_hist[:k]) / k, "loss_end": sum(rec_hist[-k:]) / k,
                 "round_loss_end": round_val, "soft_loss": soft_final, "refit_from": refit_from, "hard_loss": final,
                 "holdout_start": hold_start, "holdout_end": hold_end, "kept": kept, "seconds": time.time() - t0,
@@ -389,9 +403,13 @@ class Reconstructor:
 
     def _train(self, phase: Phase, unit: Unit, mod: nn.Module, soft: List[SoftRoundQuantizer],
                acts: List[UniformQuantizer], gen: torch.Generator, data, groups, iters: int,
-               desc: str) -> Tuple[List[float], float]:
-        """The unit's optimisation; (reconstruction loss per step, the last rounding loss)."""
+               desc: str, monitor: Optional[Monitor] = None) -> Tuple[List[float], float]:
+        """The unit's optimisation; (reconstruction loss per step, the last rounding loss). With a
+        ``monitor`` (zsq.ptq.convergence) the unit's soft and hardened output errors are checked on its
+        first training images when the monitor says, and the loop ends early once it may stop."""
         x, y, xq = data
+        k_check = min(monitor.rule.check_images, self.n_train) if monitor is not None else 0
+        xq_check, y_check = xq[:k_check], y[:k_check]
         groups_fast, groups_scale = groups
         opt_v = torch.optim.Adam(groups_fast) if groups_fast else None
         opt_s = torch.optim.Adam(groups_scale) if groups_scale else None
@@ -403,7 +421,7 @@ class Reconstructor:
         perm, pos = None, n
         rec_hist: List[float] = []
         round_val = 0.0
-        with _qdrop_hooks(acts, phase.qdrop_p, gen, (lo, hi, bs)), UnitBar(iters, desc) as bar:
+        with _qdrop_hooks(acts, phase.qdrop_p, gen, (lo, hi, bs)) as qdrop, UnitBar(iters, desc) as bar:
             for t in range(1, iters + 1):
                 if pos + bs > n:
                     perm, pos = torch.randperm(n, generator=gen, device=dev), 0
@@ -427,7 +445,30 @@ class Reconstructor:
                     sched.step()
                 rec_hist.append(rec)
                 bar.update(rec)
+                if monitor is not None and monitor.due(t):
+                    qdrop["off"] = True  # measured as the unit will be used: no QDrop, no draw from gen
+                    try:
+                        if monitor.add(t, *self._soft_and_hard(mod, soft, xq_check, y_check)):
+                            break
+                    finally:
+                        qdrop["off"] = False
         return rec_hist, round_val
+
+    def _soft_and_hard(self, mod: nn.Module, soft: List[SoftRoundQuantizer], xq: torch.Tensor,
+                       y: torch.Tensor) -> Tuple[float, float]:
+        """The unit's output error on (xq, y) with its soft bits as they are and hardened (one forward
+        when it learns no rounding); the soft bits are left soft."""
+        def fwd(t):
+            return self.compute.forward(mod, t)
+
+        soft_err = _output_error(fwd, xq, y)
+        if not soft:
+            return soft_err, soft_err
+        _hard(soft, True)
+        try:
+            return soft_err, _output_error(fwd, xq, y)
+        finally:
+            _hard(soft, False)
 
     @staticmethod
     def _update(unit: Unit, t: int, optimizers, loss: torch.Tensor, params, rec: float) -> float:

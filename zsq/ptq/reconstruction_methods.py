@@ -19,6 +19,7 @@ from zsq.errors import ZsqError
 from zsq.methods.registry import QuantJob, QuantResult, register_method, schema_options, user_options
 from zsq.options import check_range, parse_options
 from zsq.ptq import presets  # noqa: F401  (registers the brecq and qdrop presets)
+from zsq.ptq.convergence import StopRule
 from zsq.ptq.budgets import RECIPES, Budget, EngineOptions, Recipe, get_budget, soft_bit_lr
 from zsq.ptq.output_distill import OutputDistillConfig, distill_outputs
 from zsq.ptq.reconstruct import Reconstructor
@@ -90,6 +91,13 @@ class PTQOptions:
     distill_iters: int = OutputDistillConfig.iters
     distill_lr: float = OutputDistillConfig.lr
     distill_params: str = OutputDistillConfig.params
+    # a unit stops before the budget's iterations once converged (zsq.ptq.convergence; the iterations are then a
+    # ceiling); None: the default, EARLY_STOP. The stop_* knobs are the rule's (StopRule)
+    early_stop: Optional[bool] = None
+    stop_every: int = StopRule.every
+    stop_patience: int = StopRule.patience
+    stop_rel_tol: float = StopRule.rel_tol
+    stop_max_gap: float = StopRule.max_gap
 
     def __post_init__(self):
         check_range("chunk", self.chunk, 1, MAX_CHUNK)
@@ -107,11 +115,19 @@ class PTQOptions:
         check_range("round_weight", self.round_weight, 0.0)
         check_range("qdrop_p", self.qdrop_p, 0.0, 1.0, lo_open=True)
         self.distill_config()  # its own checks
+        check_range("stop_every", self.stop_every, 1)
+        check_range("stop_patience", self.stop_patience, 1)
+        check_range("stop_rel_tol", self.stop_rel_tol, 0.0, 0.5)
+        check_range("stop_max_gap", self.stop_max_gap, 0.0)
         if self.lr_weight_scale is not None and self.lr_weight_scale_rel is not None:
             raise ZsqError("set lr_weight_scale (learn each weight step itself) or lr_weight_scale_rel (learn it "
                            "relative to its start), not both")
         if self.lr_act_scale is not None and self.lr_act_scale_rel is not None:
             raise ZsqError("set lr_act_scale (an absolute lr) or lr_act_scale_rel (a share of each step), not both")
+
+    def stop_rule(self) -> StopRule:
+        return StopRule(every=self.stop_every, patience=self.stop_patience, rel_tol=self.stop_rel_tol,
+                        max_gap=self.stop_max_gap)
 
     def distill_config(self) -> OutputDistillConfig:
         return OutputDistillConfig(iters=self.distill_iters, lr=self.distill_lr, params=self.distill_params)
@@ -128,6 +144,10 @@ FIXED_WEIGHT_STEP_BITS = 5
 # GPTQ is the large quick budget's rounding only with activations of this many bits and more: on Lite0 W4A4
 # end to end it gave 64.18 % against the soft bits' 72.51 % (imagenet_quality.md, section "2026-12-05 (e)").
 GPTQ_MIN_ACT_BITS = 8
+
+
+# whether units stop once converged unless the user says (--set early_stop=...)
+EARLY_STOP = False
 
 
 def default_rounding(recipe: Recipe, budget: Budget, w_bits: int, a_bits: int) -> str:
@@ -265,7 +285,8 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
                          holdout=user.holdout, keep_better=user.keep_better, augment=user.augment,
                          refit_iters=user.refit_iters, refit_affine=user.refit_affine,
                          rounding=rounding,
-                         gptq_damp=user.gptq_damp, gptq_target=user.gptq_target, hardening=hardening)
+                         gptq_damp=user.gptq_damp, gptq_target=user.gptq_target, hardening=hardening,
+                         stop=user.stop_rule() if (EARLY_STOP if user.early_stop is None else user.early_stop) else None)
     work_dir = user.work_dir or (Path(job.out) / "work" if job.out is not None else None)
     if job.resume and work_dir is None:
         raise ZsqError("--resume needs --out (the checkpoints live in OUT/work)")
