@@ -35,7 +35,7 @@ from zsq import runstate
 from zsq.compute import FORWARD_CHUNK, Compute, as_compute
 from zsq.errors import ZsqError
 from zsq.hooks import Hooks
-from zsq.ptq import cache, unit_checkpoint
+from zsq.ptq import cache, qdrop, unit_checkpoint
 from zsq.ptq.augment import augmented_views
 from zsq.ptq.budgets import Budget, EngineOptions, Phase, Recipe
 from zsq.ptq.convergence import Monitor
@@ -52,6 +52,9 @@ logger = logging.getLogger(__name__)
 
 ACT_INIT_IMAGES = 32  # Genie initialises activation steps on the first 32 calibration samples
 REFIT_AFFINE_LR = 1e-3  # Adam lr of the affine terms in the refit after hardening (output_distill's default)
+# how QDrop's masks are drawn (zsq.ptq.qdrop), in the resume fingerprint: a checkpoint written with another
+# random stream is not continued with this one
+QDROP_MASKS = "bytes-v1"
 ACT_INIT_VALUES = 1 << 16  # values the Lp-2.4 search sees per quantizer (a seeded subsample + min and max)
 
 
@@ -89,8 +92,7 @@ def _qdrop_hooks(quants: List[UniformQuantizer], p: float, gen: torch.Generator,
     def hook(_m, args, out):
         if state["off"]:
             return out
-        keep = torch.rand((full, *out.shape[1:]), generator=gen, device=gen.device)[lo:hi] < p
-        return torch.where(keep, out, args[0])
+        return qdrop.mix(out, args[0], qdrop.keep_mask((full, *out.shape[1:]), p, gen, (lo, hi)))
 
     with Hooks() as hooks:
         for q in quants if 0.0 < p < 1.0 else []:
@@ -250,7 +252,7 @@ class Reconstructor:
             **({"rounding": [opts.rounding, opts.gptq_damp, opts.gptq_target]} if opts.rounding != "learned" else {}),
             **({"hardening": [opts.hardening, opts.gptq_damp]} if opts.hardening != "nearest" else {}),
             **({"stop": dataclasses.asdict(opts.stop)} if opts.stop is not None else {}),
-            units=[u.name for u in self.units], calib_images=self.calib,
+            qdrop_masks=QDROP_MASKS, units=[u.name for u in self.units], calib_images=self.calib,
             initial_model=torch.cat([p.detach().flatten() for p in qmodel.state_dict().values()
                                      if p.is_floating_point()]),
             **({} if self.compute.is_reference else {"compute": str(sorted(self.compute.describe().items()))}))
@@ -421,7 +423,7 @@ class Reconstructor:
         perm, pos = None, n
         rec_hist: List[float] = []
         round_val = 0.0
-        with _qdrop_hooks(acts, phase.qdrop_p, gen, (lo, hi, bs)) as qdrop, UnitBar(iters, desc) as bar:
+        with _qdrop_hooks(acts, phase.qdrop_p, gen, (lo, hi, bs)) as qdrop_state, UnitBar(iters, desc) as bar:
             for t in range(1, iters + 1):
                 if pos + bs > n:
                     perm, pos = torch.randperm(n, generator=gen, device=dev), 0
@@ -429,8 +431,7 @@ class Reconstructor:
                 pos += bs
                 xin = xq[idx]
                 if 0.0 < phase.qdrop_p < 1.0:
-                    keep = torch.rand(xin.shape, generator=gen, device=dev) < phase.qdrop_p
-                    xin = torch.where(keep, xin, x[idx])
+                    xin = qdrop.mix(xin, x[idx], qdrop.keep_mask(xin.shape, phase.qdrop_p, gen, (0, xin.shape[0])))
                 loss = _recon_loss(self.compute.forward(mod, xin[lo:hi], step=True), y[idx][lo:hi], phase.loss_p)
                 if zdist.active():  # this process's share of the batch mean
                     loss = loss * ((hi - lo) / bs)
@@ -446,12 +447,12 @@ class Reconstructor:
                 rec_hist.append(rec)
                 bar.update(rec)
                 if monitor is not None and monitor.due(t):
-                    qdrop["off"] = True  # measured as the unit will be used: no QDrop, no draw from gen
+                    qdrop_state["off"] = True  # measured as the unit will be used: no QDrop, no draw from gen
                     try:
                         if monitor.add(t, *self._soft_and_hard(mod, soft, xq_check, y_check)):
                             break
                     finally:
-                        qdrop["off"] = False
+                        qdrop_state["off"] = False
         return rec_hist, round_val
 
     def _soft_and_hard(self, mod: nn.Module, soft: List[SoftRoundQuantizer], xq: torch.Tensor,
