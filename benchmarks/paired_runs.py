@@ -65,6 +65,24 @@ def main() -> None:
                     f"{p:.3g} | {ra.get('seconds', 0):.0f} ({ra.get('recon_seconds', 0):.0f}) | "
                     f"{rb.get('seconds', 0):.0f} ({rb.get('recon_seconds', 0):.0f}) | {iters_run(ra)}, {iters_run(rb)} |")
         print(rows[-1], flush=True)
+    seen = []
+    for pair in args.pair:
+        for f in pair.split(":"):
+            rep = report(Path(f))
+            units = [u for u in rep.get("unit_losses") or [] if u.get("checks")]
+            if f in seen or not units:
+                continue
+            seen.append(f)
+            # the stop rule's two conditions at each unit's last check: hardening cost (hard / soft - 1) and the
+            # hardened error's change over the last three checks
+            cells = []
+            for u in units:
+                c = u["checks"]
+                gap = c[-1][2] / max(c[-1][1], 1e-12) - 1.0
+                fall = (min(x[2] for x in c[-3:]) / min(x[2] for x in c[:-3]) - 1.0) if len(c) > 3 else float("nan")
+                cells.append(f"{u['unit']} {u['iters_run']} it, gap {100 * gap:.0f} %, last-3 {100 * fall:+.1f} %")
+            rows.append(f"\n{Path(f).name}, per unit (iterations run, hardening gap at the last check, best hardened "
+                        f"error of the last 3 checks vs before): " + "; ".join(cells))
     text = "\n".join([f"\n### {args.title} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
                       f"`PYTHONPATH=. python benchmarks/paired_runs.py {' '.join(sys.argv[1:])}`", "", *rows, ""])
     print(text)

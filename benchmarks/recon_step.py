@@ -5,7 +5,8 @@ uniform float per value (torch.rand < p) mixed with torch.where, and the LSQ act
 autograd (round_ste(clamp(x / s, lo, hi)) * s). "fused" is the engine as it is (zsq.ptq.qdrop byte masks and
 multiply-mix, zsq.quant.quantizer._LSQFakeQuant). Each round runs one unit with ITERS and with FEW iterations
 per variant, in alternating order; seconds per iteration = (t(ITERS) - t(FEW)) / (ITERS - FEW), so caching
-and hardening cancel. The median over rounds is reported with the CPU model and flags and the load.
+and hardening cancel; t is the process's CPU time (one thread), which on a shared machine moves far less with
+the other processes than wall time does. The median over rounds is reported with the CPU model and flags and the load.
 
     PYTHONPATH=. python benchmarks/recon_step.py --md benchmarks/results/recon_step.md [--profile]
 Every run is on one thread. On a shared machine the absolute numbers move with the load; the ratio of the
@@ -79,7 +80,9 @@ def run_unit(teacher, calib, unit: str, iters: int, bits: str) -> float:
     q = quantize_model(teacher, get_preset("genie", bits))
     eng = Reconstructor(q, calib, recipe, Budget("bench", iters, 32, calib.shape[0]), EngineOptions())
     ui = next(i for i, u in enumerate(eng.units) if u.name == unit)
-    return eng._run_unit(0, ui)["seconds"]
+    t = time.process_time()  # CPU seconds of this (one-thread) process: what other agents' load moves least
+    eng._run_unit(0, ui)
+    return time.process_time() - t
 
 
 def main() -> None:
@@ -96,7 +99,7 @@ def main() -> None:
     teacher = load("cifar10_resnet20", weights=str(asset(RESNET20)))
     calib = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     t_start, load0 = time.time(), os.getloadavg()
-    rows = ["| unit | bits | unfused s/iter | fused s/iter | speed-up (median of rounds) | per-round ratios |",
+    rows = ["| unit | bits | unfused CPU s/iter | fused CPU s/iter | speed-up (median of rounds) | per-round ratios |",
             "|---|---|---|---|---|---|"]
     for unit in args.units:
         per = {"unfused": [], "fused": []}
