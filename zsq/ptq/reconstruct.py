@@ -462,12 +462,12 @@ class Reconstructor:
         def fwd(t):
             return self.compute.forward(mod, t)
 
-        soft_err = _output_error(fwd, xq, y)
+        soft_err = output_error(fwd, xq, y)
         if not soft:
             return soft_err, soft_err
         _hard(soft, True)
         try:
-            return soft_err, _output_error(fwd, xq, y)
+            return soft_err, output_error(fwd, xq, y)
         finally:
             _hard(soft, False)
 
