@@ -10,7 +10,8 @@ A checkpoint directory holds
   quantizer), the per-layer weight grids and activation quantizer parameters, the model metadata;
 - ``manifest.json``: format name/version, zsq version, model name, sizes and sha256 of each file.
 
-Loading rebuilds the architecture with ``zsq.models.load(model_name)`` (random init, no download),
+Loading rebuilds the architecture with ``zsq.models.load(model_name)`` (random init, no download; a
+user's ``file.py:function`` is imported and called again, with the saved metadata),
 re-applies ``quantize_model`` with the saved config and overwrites every tensor, so the loaded
 model's outputs are bit-identical to the saved model's.
 """
@@ -193,13 +194,19 @@ def save_quantized(qmodel: nn.Module, out_dir, *, model_name: str, weights_path:
 
 
 # ---- load --------------------------------------------------------------------------------------
-def _build_model(model_name: str, model_factory: Optional[Callable[[str], nn.Module]]) -> nn.Module:
+def _build_model(model_name: str, model_factory: Optional[Callable[[str], nn.Module]],
+                 saved_meta: Optional[dict] = None) -> nn.Module:
     if model_factory is not None:
         return model_factory(model_name)
     try:
         from zsq.models import load
+        from zsq.models.factory import is_factory_spec
+        from zsq.models.meta import ModelMeta
     except ImportError as e:
         raise ZsqError(f"cannot rebuild {model_name!r}: zsq.models is unavailable ({e})") from None
+    if is_factory_spec(model_name):  # a user's file.py:function, recorded with its metadata
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten; the caller's RNG is kept
+            return load(model_name, meta=ModelMeta.from_dict(saved_meta) if saved_meta else None)
     return load(model_name)
 
 
@@ -227,7 +234,7 @@ def _rebuild(folder: Path, model_name: str, quant: dict, model_factory):
     from zsq.quant.qconfig import QuantConfig
     from zsq.quant.transforms import quantize_model
 
-    model = _build_model(model_name, model_factory)
+    model = _build_model(model_name, model_factory, quant.get("meta"))
     if quant.get("meta") and getattr(model, "zsq_meta", None) is None:
         from zsq.models.meta import ModelMeta, set_meta
 
