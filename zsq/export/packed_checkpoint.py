@@ -194,20 +194,23 @@ def save_quantized(qmodel: nn.Module, out_dir, *, model_name: str, weights_path:
 
 
 # ---- load --------------------------------------------------------------------------------------
-def _build_model(model_name: str, model_factory: Optional[Callable[[str], nn.Module]],
-                 saved_meta: Optional[dict] = None) -> nn.Module:
+def _build_model(model_name: str, model_factory: Optional[Callable[[str], nn.Module]]) -> nn.Module:
     if model_factory is not None:
         return model_factory(model_name)
     try:
         from zsq.models import load
-        from zsq.models.factory import is_factory_spec
-        from zsq.models.meta import ModelMeta
     except ImportError as e:
         raise ZsqError(f"cannot rebuild {model_name!r}: zsq.models is unavailable ({e})") from None
-    if is_factory_spec(model_name):  # a user's file.py:function, recorded with its metadata
-        with torch.random.fork_rng(devices=[]):  # its random init is overwritten; the caller's RNG is kept
-            return load(model_name, meta=ModelMeta.from_dict(saved_meta) if saved_meta else None)
     return load(model_name)
+
+
+def _build_factory_model(model_name: str, saved_meta: Optional[dict]) -> nn.Module:
+    """A user's file.py:function / module:function, called again, with the metadata the checkpoint saved."""
+    from zsq.models import load
+    from zsq.models.meta import ModelMeta
+
+    with torch.random.fork_rng(devices=[]):  # its random init is overwritten; the caller's RNG is kept
+        return load(model_name, meta=ModelMeta.from_dict(saved_meta) if saved_meta else None)
 
 
 def _read_checkpoint(folder: Path):
@@ -234,7 +237,12 @@ def _rebuild(folder: Path, model_name: str, quant: dict, model_factory):
     from zsq.quant.qconfig import QuantConfig
     from zsq.quant.transforms import quantize_model
 
-    model = _build_model(model_name, model_factory, quant.get("meta"))
+    from zsq.models.factory import is_factory_spec
+
+    if model_factory is None and is_factory_spec(model_name):
+        model = _build_factory_model(model_name, quant.get("meta"))
+    else:
+        model = _build_model(model_name, model_factory)
     if quant.get("meta") and getattr(model, "zsq_meta", None) is None:
         from zsq.models.meta import ModelMeta, set_meta
 
