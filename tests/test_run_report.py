@@ -61,8 +61,8 @@ def test_quantize_writes_a_report_with_the_plan_pictures_accuracy_and_size(tmp_p
         a = f"A{r['a_bits']}" if r["a_bits"] else "float"
         assert f"| `{r['layer']}` | {r['type']} | W{r['w_bits']} | {a} |" in report, r
     assert "| `features.3` | Conv2d | W4 | A8 |" in report
-    assert f"| FP32 | {100 * res.report['fp32_top1']:.2f} %" in report
-    assert f"| quantized (w4a8) | {100 * res.report['quant_top1']:.2f} % | {100 * res.report['quant_top5']:.2f} % |" \
+    assert f"| FP32 | {res.report['fp32_top1']:.2f} %" in report
+    assert f"| quantized (w4a8) | {res.report['quant_top1']:.2f} % | {res.report['quant_top5']:.2f} % |" \
         in report
     assert f"packed checkpoint {res.report['packed_bytes'] / 1e6:.2f} MB" in report
     for picture in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):

@@ -65,19 +65,24 @@ def _pyplot():
     return plt
 
 
+def _unit_error(u: dict) -> float:
+    """A unit's output error after reconstruction, hardened, on its training images (the engine's hard_loss;
+    loss_end where a unit reports none)."""
+    v = u.get("hard_loss")
+    return float(v if v is not None else u.get("loss_end") or 0.0)
+
+
 def _unit_chart(plt, units: List[dict], path: Path) -> None:
-    names = [u["unit"] for u in units]
-    start = [u.get("loss_start") or 0.0 for u in units]
-    end = [u.get("hard_loss") if u.get("hard_loss") is not None else u.get("loss_end") or 0.0 for u in units]
+    """One bar per unit: its output MSE against the float model's, on the quantized input the units before it
+    give (so it grows along the chain: each unit inherits the error before it)."""
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(units)), 3.6))
     pos = np.arange(len(units))
-    ax.bar(pos - 0.2, start, 0.4, label="start (round to nearest)", color="#bbbbbb")
-    ax.bar(pos + 0.2, end, 0.4, label="after reconstruction (hard)", color="#3b75af")
-    ax.set_xticks(pos, names, rotation=70, ha="right", fontsize=7)
-    ax.set_ylabel("output MSE of the unit")
+    ax.bar(pos, [_unit_error(u) for u in units], 0.6, color="#3b75af")
+    ax.set_xticks(pos, [u["unit"] for u in units], rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("output MSE vs float (hardened)")
     ax.set_yscale("log")
-    ax.set_title("per-unit reconstruction error")
-    ax.legend(fontsize=8)
+    ax.set_title("per-unit reconstruction error", fontsize=10)
+    ax.set_xlabel("unit (each fed the quantized chain before it)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -94,7 +99,7 @@ def _epoch_chart(plt, epochs: List[dict], path: Path) -> None:
     if any(e.get("top1") is not None for e in epochs):
         ax2 = ax.twinx()
         ax2.plot([x for x, e in zip(xs, epochs) if e.get("top1") is not None],
-                 [100 * e["top1"] for e in epochs if e.get("top1") is not None], "s-", color="#c44e52")
+                 [e["top1"] for e in epochs if e.get("top1") is not None], "s-", color="#c44e52")
         ax2.set_ylabel("top-1 %")
     ax.set_title("per-epoch QAT loss (blue) and top-1 (red)")
     fig.tight_layout()
@@ -103,7 +108,7 @@ def _epoch_chart(plt, epochs: List[dict], path: Path) -> None:
 
 
 def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.2f} %"
+    return "-" if v is None else f"{v:.2f} %"  # zsq.evaluate reports percent
 
 
 def _accuracy(report: dict) -> List[str]:
@@ -170,9 +175,9 @@ def write_run_report(out, report: dict, qmodel: torch.nn.Module, images: Optiona
             _epoch_chart(plt, epochs, pics / "epochs.png")
             lines += [f"![per-epoch QAT]({REPORT_DIR}/epochs.png)", ""]
         if units:
-            lines += ["| unit | start | after (hard) | kept |", "|---|---|---|---|"]
-            lines += [f"| `{u['unit']}` | {u.get('loss_start', 0):.4g} | {u.get('hard_loss') or 0:.4g} | "
-                      f"{'-' if u.get('kept') is None else u['kept']} |" for u in units]
+            lines += ["| unit | kind | steps | output MSE vs float (hardened) | seconds |", "|---|---|---|---|---|"]
+            lines += [f"| `{u['unit']}` | {u.get('kind', '-')} | {u.get('iters', '-')} | {_unit_error(u):.4g} | "
+                      f"{u.get('seconds', 0):.1f} |" for u in units]
             lines.append("")
     lines += ["## Per-layer plan", "", *_plan(plan), ""]
     path = out / REPORT_FILE
