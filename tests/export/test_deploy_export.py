@@ -65,7 +65,7 @@ def test_cli_export_checks_both_runtimes_against_the_float_floor(tmp_path, monke
                                    extra=["--runtime", "all", "--latency-runs", "2", "--threads", "1"]))
     assert res["preset"] == "deploy" and res["opset"] == 21
     assert 0.9 <= res["float_floor"] <= 1.0
-    tol = res["tolerance"]  # the floor's rate plus 0.2 points, with the binomial spread of n images (p < 0.001)
+    tol = res["tolerance"]  # the floor's rate plus 1 point, with the binomial spread of n images (p < 0.001)
     assert tol["min_agreement"] == pytest.approx(1 - tol["max_disagreements"] / res["n"])
     assert tol["min_agreement"] <= res["float_floor"] - 0.002 and tol["alpha"] == 0.001
     ort_res, ov_res = res["runtimes"]["ort"], res["runtimes"]["openvino"]

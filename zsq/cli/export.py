@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
                                                        "(default 0)")
     p.add_argument("--min-agreement", type=float, default=None,
                    help="least top-1 agreement accepted (default: judged against the model's own float floor, its "
-                        "agreement with its float64 copy on the same images, less 0.2 points, with the binomial "
+                        "agreement with its float64 copy on the same images, less 1 point, with the binomial "
                         "spread of the number of images: fails only at p < 0.001; docs/export.md)")
     p.add_argument("--max-rel-logit-diff", type=float, default=0.5,
                    help="largest |logit diff| / logit std accepted (default 0.5)")

@@ -8,7 +8,7 @@ and the logit differences, and fails only beyond tolerances that such flips stay
 How the top-1 verdict is judged (issue 42). Flips are rare events on few images: with 256 random inputs
 and the old bar "float floor - 0.2 points" one extra disagreeing image decided the verdict, and that image
 depended on the seed and the CPU. Now the number of disagreeing images d out of n is tested against a
-binomial with the rate the model's own float floor shows on the same inputs plus ``floor_margin``:
+binomial with the rate the model's own float floor shows on the same inputs plus ``floor_margin`` (1 point):
 the check fails only when d is that improbable (one-sided tail below ``alpha`` = 0.001), i.e. when the
 runtime flips clearly more predictions than float rounding alone does. A broken export (a wrong zero point,
 saturating kernels) disagrees on many images and still fails, and the logit bound is kept as before.
@@ -65,7 +65,12 @@ class ParityTolerance:
 
     min_agreement: Optional[float] = None
     max_rel_logit_diff: float = 0.5
-    floor_margin: float = 0.002
+    # onnxruntime flips more predictions than the float64 copy does: its integer kernels see exact ties that
+    # the fp32 fake-quant model rounds either way. Measured on the README's deploy path (bn-minmax deploy W8A8
+    # ResNet-20, 1024 random inputs, AVX-512 VNNI CPU, portable weights): 12 and 6 of 1024 disagree against
+    # floors of 3 and 2 (benchmarks/results/parity_seeds_2026-12-08.md). One point covers that with room;
+    # a defect disagrees far more (int8 weights on a CPU without VNNI: 5.1 %, docs/export.md).
+    floor_margin: float = 0.01
     alpha: float = 0.001
 
     def __post_init__(self):
