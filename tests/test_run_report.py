@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from zsq.api import quantize
+from zsq.run import Calibration, ModelSource, RunBudget
 from zsq.run_report import _png, image_grid
 
 ASSET = Path(__file__).resolve().parent / "assets" / "my_net.py"
@@ -51,8 +52,9 @@ def test_quantize_writes_a_report_with_the_plan_pictures_accuracy_and_size(tmp_p
     g = np.random.default_rng(0)
     val = tmp_path / "val.npz"
     np.savez(val, x=g.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), y=g.integers(0, 10, 16))
-    res = quantize(f"{ASSET}:build", random_init=True, method="genie", bits="w4a8", synth="noise", num_images=4,
-                   iters=1, batch_size=4, out=out, eval_data=str(val), **META)
+    res = quantize(ModelSource(f"{ASSET}:build", random_init=True, **META), method="genie", bits="w4a8",
+                   calibration=Calibration(synth="noise", num_images=4), budget=RunBudget("quick", iters=1, batch_size=4),
+                   out=out, eval_data=str(val))
     report = (out / "report.md").read_text()
     assert res.report["report"] == str(out / "report.md")
     plan = res.model.zsq_quant_plan["layers"]
@@ -72,7 +74,7 @@ def test_quantize_writes_a_report_with_the_plan_pictures_accuracy_and_size(tmp_p
     assert grid.shape[0] > 32 and grid.shape[1] > 4 * 32  # 4 images in a row, enlarged
     pytest.importorskip("matplotlib", reason="matplotlib (the optional 'plots' extra) is not installed")
     assert "report/units.png" in report and (out / "report" / "units.png").is_file()
-    for u in res.report["unit_losses"]:
+    for u in res.report["method_report"]["unit_losses"]:
         assert f"| `{u['unit']}` |" in report
 
 
@@ -81,8 +83,9 @@ def test_without_matplotlib_the_report_keeps_its_text_and_names_the_extra(tmp_pa
 
     monkeypatch.setattr(rr, "_pyplot", lambda: None)
     out = tmp_path / "q"
-    quantize(f"{ASSET}:build", random_init=True, method="genie", bits="w4a8", synth="noise", num_images=2,
-             iters=1, batch_size=2, out=out, **META)
+    quantize(ModelSource(f"{ASSET}:build", random_init=True, **META), method="genie", bits="w4a8",
+             calibration=Calibration(synth="noise", num_images=2), budget=RunBudget("quick", iters=1, batch_size=2),
+             out=out)
     report = (out / "report.md").read_text()
     assert "pip install 'zsq[plots]'" in report and not (out / "report" / "units.png").exists()
     assert "No `--eval-data` was given" in report and "| `head` | Linear | W8 | A8 |" in report

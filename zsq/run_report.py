@@ -162,7 +162,8 @@ def write_run_report(out, report: dict, qmodel: torch.nn.Module, images: Optiona
         lines += ["## Calibration images", "", f"the first {min(GRID_IMAGES, images.shape[0])} of "
                   f"{images.shape[0]} ({report.get('calib_source')})", "",
                   f"![calibration images]({REPORT_DIR}/calibration.png)", ""]
-    units, epochs = report.get("unit_losses") or [], report.get("epochs") or []
+    own = report.get("method_report") or report  # zsq.run: the method's own report under method_report
+    units, epochs = own.get("unit_losses") or [], own.get("epochs") or []
     if units or epochs:
         title = "Per-unit reconstruction error" if units else "Per-epoch QAT loss and accuracy"
         lines += [f"## {title}", ""]

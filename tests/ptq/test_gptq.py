@@ -221,7 +221,7 @@ def test_tf_efficientnet_lite0_runs_genies_default_gptq_recipe_to_the_end(tmp_pa
                "--synth", "noise", "--num-images", "2", "--iters", "1", "--batch-size", "2", "--out", str(out),
                "--json", "--quiet"])
     assert rc == 0
-    report = json.loads(capsys.readouterr().out)
+    report = json.loads(capsys.readouterr().out)["method_report"]
     assert report["rounding"] == "gptq" and "gptq_fallback" not in report
     stats = [s for u in report["unit_losses"] for s in u.get("gptq", [])]
     assert len(stats) == 50  # every conv and the classifier, its 5 padded Conv2dSame included
@@ -319,6 +319,21 @@ def _std_conv_net():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
 
 
+def _source(net, side):
+    from zsq.run import ModelSource
+
+    return ModelSource(net, input_size=(3, side, side), mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+def _tiny():
+    from zsq.run import Calibration, RunBudget
+
+    return {"calibration": Calibration(synth="noise", num_images=2), "budget": RunBudget("quick", iters=1, batch_size=2)}
+
+
+_TINY = _tiny()
+
+
 def test_a_default_gptq_that_cannot_apply_falls_back_before_synthesis(caplog):
     """At 96² (the large quick budget) Genie-M W4A8 rounds with GPTQ by default; a layer GPTQ cannot round
     makes the run say so and use learned soft bits hardened to nearest, decided before the images are made."""
@@ -327,11 +342,11 @@ def test_a_default_gptq_that_cannot_apply_falls_back_before_synthesis(caplog):
     from zsq.api import quantize
 
     with caplog.at_level(logging.INFO, logger="zsq"):
-        res = quantize(_std_conv_net(), method="genie", bits="w4a8", synth="noise", num_images=2, iters=1,
-                       batch_size=2, input_size=(3, 96, 96), mean=(0.5,) * 3, std=(0.25,) * 3)
-    assert res.report["rounding"] == "learned" and res.report["hardening"] == "nearest"
-    assert res.report["gptq_fallback"].startswith("GPTQ cannot round 1 layer(s), e.g. 0: ")
-    assert "0 (Quant_StdConv) convolves a weight other than its own" in res.report["gptq_fallback"]
+        res = quantize(_source(_std_conv_net(), 96), method="genie", bits="w4a8", **_TINY)
+    mr = res.report["method_report"]
+    assert mr["rounding"] == "learned" and mr["hardening"] == "nearest"
+    assert mr["gptq_fallback"].startswith("GPTQ cannot round 1 layer(s), e.g. 0: ")
+    assert "0 (Quant_StdConv) convolves a weight other than its own" in mr["gptq_fallback"]
     messages = [r.getMessage() for r in caplog.records]
     warned = next(i for i, m in enumerate(messages) if "GPTQ cannot round" in m)
     synth = next(i for i, m in enumerate(messages) if "synthesizing calibration images" in m)
@@ -343,8 +358,8 @@ def test_an_explicit_gptq_that_cannot_apply_is_refused_before_anything_is_writte
 
     out = tmp_path / "run"
     with pytest.raises(ZsqError, match=r"rounding=gptq: GPTQ cannot round 1 layer\(s\), e.g. 0: .*weight other"):
-        quantize(_std_conv_net(), method="genie", bits="w4a8", synth="noise", num_images=2, iters=1, out=out,
-                 options={"rounding": "gptq"}, input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3)
+        quantize(_source(_std_conv_net(), 32), method="genie", bits="w4a8", out=out, options={"rounding": "gptq"},
+                 **_TINY)
     assert not out.exists()
 
 
@@ -354,8 +369,8 @@ def test_the_padded_subclass_keeps_the_default_gptq_recipe():
 
     net = nn.Sequential(SamePadConv(3, 8, 3, 2), nn.ReLU(), SamePadConv(8, 8, 3, 1), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
-    res = quantize(net, method="genie", bits="w4a8", synth="noise", num_images=2, iters=1, batch_size=2,
-                   input_size=(3, 96, 96), mean=(0.5,) * 3, std=(0.25,) * 3)
-    assert res.report["rounding"] == "gptq" and "gptq_fallback" not in res.report
-    stats = [s for u in res.report["unit_losses"] for s in u.get("gptq", [])]
+    res = quantize(_source(net, 96), method="genie", bits="w4a8", **_TINY)
+    mr = res.report["method_report"]
+    assert mr["rounding"] == "gptq" and "gptq_fallback" not in mr
+    stats = [s for u in mr["unit_losses"] for s in u.get("gptq", [])]
     assert len(stats) == 3
