@@ -214,7 +214,7 @@ REPORT_KEYS: Dict[str, str] = {
     "fp32_bytes": "the float weights' size (only with out; not in the checkpoint's info)",
     "report": "OUT/report.md, the run in one page (zsq.run_report; only with out)",
 }
-FILE_KEYS = ("packed_bytes", "fp32_bytes")  # what the checkpoint says of itself: known only once it is written
+FILE_KEYS = ("packed_bytes", "fp32_bytes", "report")  # known only once the checkpoint (and OUT/report.md) are written
 
 
 # ---- helpers the steps (and the bench) use ---------------------------------------------------------
