@@ -134,8 +134,25 @@ def speed_note(checks: dict, threads: int) -> str:
     return "; ".join(notes)
 
 
-def run(args) -> dict:
+def _check_images(args, meta):
+    """(images, labels or None, what they are): --check-data's first --num-check, else seeded random normal
+    inputs; --num-check defaults to zsq.export.parity.DEFAULT_CHECK_IMAGES for the input size."""
     import torch
+
+    from zsq.export.parity import default_check_images
+
+    if args.num_check is None:
+        args.num_check = default_check_images(meta.input_size)
+    if args.check_data:
+        from zsq.data import load_images_tensor
+
+        images, labels = load_images_tensor(args.check_data, meta, n=args.num_check)
+        return images, labels, f"real:{args.check_data}"
+    images = torch.randn(args.num_check, *meta.input_size, generator=torch.Generator().manual_seed(args.seed))
+    return images, None, f"random normal inputs, seed {args.seed} (give --check-data for real images)"
+
+
+def run(args) -> dict:
 
     from zsq.export.packed_checkpoint import load_quantized
     from zsq.export.onnx import export_float_onnx, export_onnx
@@ -147,19 +164,7 @@ def run(args) -> dict:
     meta = getattr(qmodel, "zsq_meta", None)
     if meta is None:
         raise ZsqError(f"checkpoint {args.checkpoint} has no model metadata (input size); cannot export it")
-    labels = None
-    if args.num_check is None:
-        from zsq.export.parity import default_check_images
-
-        args.num_check = default_check_images(meta.input_size)
-    if args.check_data:
-        from zsq.data import load_images_tensor
-
-        images, labels = load_images_tensor(args.check_data, meta, n=args.num_check)
-        source = f"real:{args.check_data}"
-    else:
-        images = torch.randn(args.num_check, *meta.input_size, generator=torch.Generator().manual_seed(args.seed))
-        source = f"random normal inputs, seed {args.seed} (give --check-data for real images)"
+    images, labels, source = _check_images(args, meta)
     floor = numeric_floor(qmodel, images)
     folded, to_export = [], qmodel
     if args.fold:
