@@ -13,7 +13,6 @@ comparison, the absolute times are inflated by whatever else runs.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import platform
 import resource
@@ -21,7 +20,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,40 +28,13 @@ import torch
 import zsq
 import zsq.assets as A
 from zsq.data import load_images_tensor
-from zsq.export.onnx import export_onnx
+from zsq.export.onnx import export_float_onnx, export_onnx
 from zsq.export.parity import compare_logits, numeric_floor, run_torch
-from zsq.export.runtimes import open_runtime, run_batches
+from zsq.export.runtimes import cpu_info, interleaved_latency, open_runtime, run_batches
 from zsq.models import load
 from zsq.models.meta import get_meta
 
 MODELS = {"cifar10_resnet20": (A.RESNET20, A.CIFAR10_EXACT), "efficientnet_lite0": (A.LITE0, A.VAL1300)}
-
-
-def export_fp32(model, path, input_size):
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, *input_size),), buf, dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    Path(path).write_bytes(buf.getvalue())
-
-
-def interleaved_latency(paths: dict, runtime: str, threads: int, x: np.ndarray, rounds: int,
-                        spin: bool = True) -> dict:
-    """Median ms per graph; each round times every graph once, in turn. With several threads,
-    onnxruntime's idle threads spin after each call and take cores from the next graph timed: spin=False."""
-    rts = {k: open_runtime(runtime, p, threads, spin=spin) for k, p in paths.items()}
-    for rt in rts.values():
-        for _ in range(2):
-            rt(x)
-    times = {k: [] for k in rts}
-    for _ in range(rounds):
-        for k, rt in rts.items():
-            t = time.perf_counter()
-            rt(x)
-            times[k].append((time.perf_counter() - t) * 1000)
-    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def uptime() -> str:
@@ -168,7 +139,7 @@ def main():
         return
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="zsq-deploy-bench-"))
-    out = {"load_start": uptime(), "models": {}, "latency": []}
+    out = {"load_start": uptime(), "cpu": cpu_info(), "models": {}, "latency": []}
     t_all = time.time()
     try:
         for name in args.models:
@@ -178,7 +149,7 @@ def main():
             x, y = load_images_tensor(str(A.asset(drel)), meta, n=args.n)
             yn = y.numpy()
             paths = {"fp32": work / f"{name}_fp32.onnx"}
-            export_fp32(fp, paths["fp32"], meta.input_size)
+            export_float_onnx(fp, paths["fp32"], meta.input_size)
             fp_logits = run_torch(fp, x, 50)
             row = {"n": int(x.shape[0]), "fp32_top1": float((fp_logits.argmax(1) == yn).mean()),
                    "fp32_onnx_bytes": paths["fp32"].stat().st_size, "variants": {}}

@@ -14,7 +14,7 @@ LAYERS: List[Set[str]] = [
     {"registry", "hooks", "progress", "assets", "budget_names", "compute", "distributed", "runstate", "runlock", "options"},  # leaves
     {"quant", "models"},                           # the core
     {"data"},                                      # real images
-    {"evaluation", "synth", "export"},               # uses of a model: accuracy, synthetic images, files
+    {"evaluation", "synth", "export", "run_report"},  # uses of a model: accuracy, synthetic images, files, the run report
     {"methods"},                                   # the method registry and the calibration baselines
     {"ptq", "qat"},                                # the method families
     {"run"},                                       # the one pipeline (Run -> execute -> steps)

@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 # ---- the run ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelSource:
-    """The float model: a registered name (with ``weights``, ``pretrained`` or ``random_init``) or a user's
+    """The float model: a registered name (with ``weights``, ``pretrained`` or ``random_init``), a factory
+    ``file.py:fn`` / ``package.module:fn`` (zsq.models.factory: ``input_size``/``mean``/``std``/``num_classes``
+    where it carries no metadata) or a user's
     ``nn.Module`` (copied, never touched; it needs metadata: its own ``zsq_meta``, ``meta=ModelMeta(...)``,
     or ``input_size``, ``mean`` and ``std``)."""
 
@@ -45,6 +47,7 @@ class ModelSource:
     input_size: Optional[Tuple[int, ...]] = None
     mean: Optional[Tuple[float, ...]] = None
     std: Optional[Tuple[float, ...]] = None
+    num_classes: Optional[int] = None  # a factory ("file.py:fn") whose output is not (N, classes)
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,7 @@ REPORT_KEYS: Dict[str, str] = {
     "eager_fallback": "modules quantized eagerly (only when some were)",
     "kept_float": "layers kept in float (only when some were)",
     "fp32_top1": "FP32 top-1 on eval_data (only with eval_data)",
+    "fp32_top5": "FP32 top-5 on eval_data (only with eval_data)",
     "quant_top1": "quantized top-1 on eval_data (only with eval_data)",
     "quant_top5": "quantized top-5 on eval_data (only with eval_data)",
     "n": "images in eval_data (only with eval_data)",
@@ -208,8 +212,9 @@ REPORT_KEYS: Dict[str, str] = {
     "out": "the output folder (only with out)",
     "packed_bytes": "the checkpoint's size (only with out; not in the checkpoint's info)",
     "fp32_bytes": "the float weights' size (only with out; not in the checkpoint's info)",
+    "report": "OUT/report.md, the run in one page (zsq.run_report; only with out)",
 }
-FILE_KEYS = ("packed_bytes", "fp32_bytes")  # what the checkpoint says of itself: known only once it is written
+FILE_KEYS = ("packed_bytes", "fp32_bytes", "report")  # known only once the checkpoint (and OUT/report.md) are written
 
 
 # ---- helpers the steps (and the bench) use ---------------------------------------------------------
@@ -263,8 +268,9 @@ def run_names(synthesizes: bool, kind: str = "ptq") -> tuple:
     """The entries `zsq quantize` writes in --out: the checkpoint, the work state (PTQ and QAT resume files)
     and (when it synthesizes) the synthetic set."""
     from zsq.export.packed_checkpoint import CHECKPOINT_FILES, MANIFEST_FILE
+    from zsq.run_report import REPORT_DIR, REPORT_FILE
 
-    return CHECKPOINT_FILES + (MANIFEST_FILE,) + run_dirs(synthesizes, kind)
+    return CHECKPOINT_FILES + (MANIFEST_FILE, REPORT_FILE, REPORT_DIR) + run_dirs(synthesizes, kind)
 
 
 def run_dirs(synthesizes: bool, kind: str) -> tuple:
@@ -283,11 +289,19 @@ def resolve_model(source: ModelSource, seed: int = 0):
     model, meta = source.model, source.meta
     if isinstance(model, str):
         from zsq.models import load_checked
+        from zsq.models.factory import canonical, is_factory_spec
 
         with torch.random.fork_rng(devices=[]):  # a random init from the run's seed; the caller's RNG is kept
             torch.manual_seed(seed)
-            loaded = load_checked(model, weights=source.weights, pretrained=source.pretrained,
-                                  random_init=source.random_init)
+            if is_factory_spec(model):  # a user's file.py:fn: its metadata from the source (zsq.models.factory)
+                loaded = load_checked(model, weights=source.weights, pretrained=source.pretrained,
+                                      random_init=source.random_init, input_size=source.input_size,
+                                      mean=source.mean, std=source.std, num_classes=source.num_classes)
+            else:
+                loaded = load_checked(model, weights=source.weights, pretrained=source.pretrained,
+                                      random_init=source.random_init)
+        if is_factory_spec(model):
+            return loaded, canonical(model)  # the name a checkpoint rebuilds from
         own = get_meta(loaded)  # explicit metadata never loses silently to the model's own
         if meta is not None and meta != own:
             raise ZsqError(f"meta= contradicts model {model!r}'s own metadata; drop meta= (it is for your own "
@@ -322,6 +336,7 @@ class _Context:
     job: Optional[QuantJob] = None
     run_folder: Any = None
     fp_top1: Optional[float] = None
+    fp_top5: Optional[float] = None
     result: Optional[QuantResult] = None
     accuracy: Dict[str, Any] = field(default_factory=dict)
     synth_seconds: float = 0.0
@@ -388,6 +403,7 @@ def _validate(ctx: _Context) -> None:
     opts = info.parse_options(run.method.options, meta, b.name)  # bad --set keys/values: before any work
     check_state_in_out(opts, run.output.out)
     ctx.job.extra.update(opts)
+    info.check_before_work(ctx.fp_model, ctx.qconfig, ctx.job)  # e.g. GPTQ's reach: refused or replaced here
     ctx.synthesizes, cal = _plan_images(info, run.method.name, run.calibration, b.name, meta.input_size, opts)
     ctx.run = run = replace(run, method=replace(run.method, options=opts), calibration=cal)
     if cal.data is not None:
@@ -445,7 +461,8 @@ def _fp32_accuracy(ctx: _Context) -> None:
     from zsq.evaluation import evaluate
 
     if ctx.eval_set is not None and ctx.lead:
-        ctx.fp_top1 = evaluate(ctx.fp_model, ctx.eval_set)["top1"]
+        fp = evaluate(ctx.fp_model, ctx.eval_set)
+        ctx.fp_top1, ctx.fp_top5 = fp["top1"], fp["top5"]
 
 
 def _quantize(ctx: _Context) -> None:
@@ -460,7 +477,8 @@ def _quant_accuracy(ctx: _Context) -> None:
 
     if ctx.eval_set is not None and ctx.lead:
         q = evaluate(ctx.result.model, ctx.eval_set)
-        ctx.accuracy = {"fp32_top1": ctx.fp_top1, "quant_top1": q["top1"], "quant_top5": q["top5"], "n": q["n"]}
+        ctx.accuracy = {"fp32_top1": ctx.fp_top1, "fp32_top5": ctx.fp_top5, "quant_top1": q["top1"],
+                        "quant_top5": q["top5"], "n": q["n"]}
 
 
 def _report(ctx: _Context) -> None:
@@ -501,6 +519,14 @@ def _write_checkpoint(ctx: _Context) -> None:
     zdist.barrier()
 
 
+def _run_report(ctx: _Context) -> None:
+    """OUT/report.md (zsq.run_report) from the finished report, the calibration images and the plan."""
+    from zsq.run_report import write_run_report
+
+    if ctx.run.output.out is not None and ctx.lead:
+        ctx.report["report"] = str(write_run_report(ctx.run.output.out, ctx.report, ctx.result.model, ctx.job.calib))
+
+
 STEPS: Tuple[Tuple[str, Callable[[_Context], None]], ...] = (
     ("resolve names", _resolve_names),
     ("load model", _load_model),
@@ -512,6 +538,7 @@ STEPS: Tuple[Tuple[str, Callable[[_Context], None]], ...] = (
     ("quantized accuracy", _quant_accuracy),
     ("report", _report),
     ("write checkpoint", _write_checkpoint),
+    ("run report", _run_report),
 )
 
 

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -123,18 +125,71 @@ def test_a_large_ridge_makes_gptq_round_to_nearest():
         EngineOptions(rounding="gptq", gptq_damp=0.0)
 
 
-def test_a_conv_that_pads_inside_its_own_forward_is_refused():
-    """timm's Conv2dSame pads in its forward: patches unfolded from its input would not be what it convolves."""
-    class PadsItself(QuantConv2d):
-        def forward(self, x):
-            return super().forward(F.pad(x, (0, 1, 0, 1)))
+class SamePadConv(nn.Conv2d):
+    """A hand-written TF "SAME" conv: pads (asymmetrically at stride 2) inside its own forward, as timm's
+    Conv2dSame and TF-ported EfficientNets do."""
 
-    fp = nn.Conv2d(4, 4, 3, bias=False)
-    conv = PadsItself(4, 4, 3, bias=False)
-    conv._take_float(fp, W3, None)
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        sh, sw = self.stride
+        ph = max((-(-ih // sh) - 1) * sh + kh - ih, 0)
+        pw = max((-(-iw // sw) - 1) * sw + kw - iw, 0)
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+@pytest.mark.parametrize("stride,groups", [(2, 1), (1, 4), (2, 8)])
+def test_gptq_on_a_conv_that_pads_in_its_forward_equals_gptq_on_the_explicitly_padded_plain_conv(stride, groups):
+    """The rows GPTQ fits come from what the kernel convolves (after the layer's own padding): the padded
+    subclass fed x and a plain conv fed F.pad(x) must get the same codes and report the same errors."""
+    from zsq.quant.modules import keep_forward_quant
+
+    g = torch.Generator().manual_seed(stride + groups)
+    fp = SamePadConv(8, 8, 3, stride, groups=groups, bias=True)
+    with torch.no_grad():
+        fp.weight.copy_(torch.randn(fp.weight.shape, generator=g) * 0.3)
+        fp.bias.copy_(torch.randn(8, generator=g) * 0.1)
+    x = _correlated(6 * 8 * 8, 8, 3).reshape(6, 8, 8, 8).permute(0, 3, 1, 2).contiguous()  # 8x8 at stride 2: pads 0/1
+    padded_in = F.pad(x, (0, 1, 0, 1) if stride == 2 else (1, 1, 1, 1))
+    plain_fp = nn.Conv2d(8, 8, 3, stride, 0, groups=groups, bias=True)
+    plain_fp.load_state_dict(fp.state_dict())
+    assert torch.allclose(fp(x), plain_fp(padded_in), atol=1e-6)  # the two are the same function
+    padded = keep_forward_quant(copy.deepcopy(fp), W3, None)
+    plain = QuantConv2d.from_float(plain_fp, W3, None)
+    s_pad = gptq_round_layer("padded", padded, lambda: padded(x))
+    s_plain = gptq_round_layer("plain", plain, lambda: plain(padded_in))
+    assert torch.equal(padded.weight, plain.weight) and _on_grid(padded)
+    assert not torch.equal(padded.weight, padded.weight_quant(fp.weight.detach()))  # GPTQ moved some codes
+    assert s_pad.gptq_error == pytest.approx(s_plain.gptq_error, rel=1e-9)
+    assert s_pad.gptq_error < s_pad.nearest_error
+    # rows unfolded from the unpadded input would give another H: the padding matters to the result
+    unpadded = QuantConv2d.from_float(nn.Conv2d(8, 8, 3, stride, 1, groups=groups, bias=True), W3, None)
+    unpadded.load_state_dict(plain.state_dict() | {"weight": fp.weight.detach()}, strict=False)
+    gptq_round_layer("unpadded", unpadded, lambda: unpadded(x))
+    if stride == 2:
+        assert not torch.equal(unpadded.weight, plain.weight)
+
+
+def test_a_conv_that_transforms_its_weight_or_its_output_is_refused():
+    """What GPTQ truly cannot round: a weight changed inside forward (weight standardisation), or work after
+    the kernel. Each is refused with the reason, never fitted to the wrong thing."""
+    from zsq.quant.modules import keep_forward_quant
+
+    class StdConv(nn.Conv2d):
+        def forward(self, x):
+            w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True))
+            return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+    class Doubles(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
     x = torch.randn(2, 4, 8, 8)
-    with pytest.raises(ZsqError, match="plain conv/linear of its input"):
-        gptq_round_layer("c", conv, lambda: conv(x))
+    for cls, why in ((StdConv, "weight other than its own"), (Doubles, "more than a conv/linear")):
+        conv = keep_forward_quant(cls(4, 4, 3, padding=1), W3, None)
+        with pytest.raises(ZsqError, match=why):
+            gptq_round_layer("c", conv, lambda: conv(x))
 
 
 def test_gptq_on_a_torchvision_mobilenet_v2_lowers_every_layers_error():
@@ -152,12 +207,26 @@ def test_gptq_on_a_torchvision_mobilenet_v2_lowers_every_layers_error():
         assert _on_grid(layer)
 
 
-def test_gptq_refuses_timms_same_padding_conv():
-    timm = pytest.importorskip("timm")
-    fp = _with_meta(timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=10).eval())
-    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ZsqError, match="conv_stem .*plain conv/linear of its input"):
-        genie(fp, get_preset("genie", "w4a8"), QuantJob(calib=x, iters=1, batch_size=8, extra={"rounding": "gptq"}))
+def test_tf_efficientnet_lite0_runs_genies_default_gptq_recipe_to_the_end(tmp_path, capsys):
+    """`zsq quantize timm:tf_efficientnet_lite0 --random-init --method genie --bits w4a8` (issue 42): its
+    Conv2dSame layers pad inside their forward, and the 224² quick budget's default GPTQ rounds every layer
+    (a tiny budget: noise images, one step per unit)."""
+    import json
+
+    pytest.importorskip("timm", reason="timm (the optional 'timm' extra) is not installed")
+    from zsq.cli import main
+
+    out = tmp_path / "q"
+    rc = main(["quantize", "timm:tf_efficientnet_lite0", "--random-init", "--method", "genie", "--bits", "w4a8",
+               "--synth", "noise", "--num-images", "2", "--iters", "1", "--batch-size", "2", "--out", str(out),
+               "--json", "--quiet"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)["method_report"]
+    assert report["rounding"] == "gptq" and "gptq_fallback" not in report
+    stats = [s for u in report["unit_losses"] for s in u.get("gptq", [])]
+    assert len(stats) == 50  # every conv and the classifier, its 5 padded Conv2dSame included
+    assert sum(s["gptq_error"] for s in stats) < sum(s["nearest_error"] for s in stats)
+    assert (out / "manifest.json").exists()
 
 
 def _twin_linears(seed):
@@ -234,3 +303,74 @@ def test_a_layer_called_twice_pairs_each_call_with_its_float_twins_call():
     assert torch.allclose(m.c[0], want, rtol=1e-6, atol=1e-9)
     with pytest.raises(ZsqError, match="called more often"):
         input_moments(q, lambda: (twice(fp, x), q(xq)), fp_layer=fp)
+
+
+class _StdConv(nn.Conv2d):
+    """Weight standardisation inside forward (timm's StdConv2d does this): not a conv of its own weight."""
+
+    def forward(self, x):
+        w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def _std_conv_net():
+    torch.manual_seed(0)  # a test's own model; the library never seeds
+    return nn.Sequential(_StdConv(3, 8, 3, padding=1), nn.ReLU(), SamePadConv(8, 8, 3, 2), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+
+
+def _source(net, side):
+    from zsq.run import ModelSource
+
+    return ModelSource(net, input_size=(3, side, side), mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+def _tiny():
+    from zsq.run import Calibration, RunBudget
+
+    return {"calibration": Calibration(synth="noise", num_images=2), "budget": RunBudget("quick", iters=1, batch_size=2)}
+
+
+_TINY = _tiny()
+
+
+def test_a_default_gptq_that_cannot_apply_falls_back_before_synthesis(caplog):
+    """At 96² (the large quick budget) Genie-M W4A8 rounds with GPTQ by default; a layer GPTQ cannot round
+    makes the run say so and use learned soft bits hardened to nearest, decided before the images are made."""
+    import logging
+
+    from zsq.api import quantize
+
+    with caplog.at_level(logging.INFO, logger="zsq"):
+        res = quantize(_source(_std_conv_net(), 96), method="genie", bits="w4a8", **_TINY)
+    mr = res.report["method_report"]
+    assert mr["rounding"] == "learned" and mr["hardening"] == "nearest"
+    assert mr["gptq_fallback"].startswith("GPTQ cannot round 1 layer(s), e.g. 0: ")
+    assert "0 (Quant_StdConv) convolves a weight other than its own" in mr["gptq_fallback"]
+    messages = [r.getMessage() for r in caplog.records]
+    warned = next(i for i, m in enumerate(messages) if "GPTQ cannot round" in m)
+    synth = next(i for i, m in enumerate(messages) if "synthesizing calibration images" in m)
+    assert warned < synth
+
+
+def test_an_explicit_gptq_that_cannot_apply_is_refused_before_anything_is_written(tmp_path):
+    from zsq.api import quantize
+
+    out = tmp_path / "run"
+    with pytest.raises(ZsqError, match=r"rounding=gptq: GPTQ cannot round 1 layer\(s\), e.g. 0: .*weight other"):
+        quantize(_source(_std_conv_net(), 32), method="genie", bits="w4a8", out=out, options={"rounding": "gptq"},
+                 **_TINY)
+    assert not out.exists()
+
+
+def test_the_padded_subclass_keeps_the_default_gptq_recipe():
+    """SAME padding in forward is no reason to fall back: the 96² default rounds it with GPTQ."""
+    from zsq.api import quantize
+
+    net = nn.Sequential(SamePadConv(3, 8, 3, 2), nn.ReLU(), SamePadConv(8, 8, 3, 1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    res = quantize(_source(net, 96), method="genie", bits="w4a8", **_TINY)
+    mr = res.report["method_report"]
+    assert mr["rounding"] == "gptq" and "gptq_fallback" not in mr
+    stats = [s for u in mr["unit_losses"] for s in u.get("gptq", [])]
+    assert len(stats) == 3

@@ -23,10 +23,29 @@ from zsq.progress import cli_logging
 _SUBCOMMAND_MODULES = ("zsq.cli.synthesize", "zsq.cli.export", "zsq.cli.bench")
 
 
+MODEL_HELP = ("model name (cifar10_resnet20, efficientnet_lite0, torchvision:resnet18, timm:...) or your own "
+              "model's factory: path/to/file.py:build_fn or package.module:build_fn")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model name, e.g. cifar10_resnet20, efficientnet_lite0, torchvision:resnet18")
-    p.add_argument("--weights", help="local checkpoint to load (state_dict; 'module.' prefixes stripped)")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--weights", help="local checkpoint to load (state_dict read with weights_only=True; "
+                                     "'module.' prefixes stripped)")
     add_init_args(p)
+    add_factory_args(p)
+
+
+def add_factory_args(p: argparse.ArgumentParser) -> None:
+    """--input-size / --mean / --std / --num-classes: a factory model's metadata (zsq.models.factory)."""
+    p.add_argument("--input-size", metavar="C,H,W", help="input size of a factory model without zsq metadata")
+    p.add_argument("--mean", metavar="M1,M2,M3", help="per-channel mean of [0, 1] pixels (factory models)")
+    p.add_argument("--std", metavar="S1,S2,S3", help="per-channel std of [0, 1] pixels (factory models)")
+    p.add_argument("--num-classes", type=int, help="classes of a factory model whose output is not (N, classes)")
+
+
+def factory_kwargs(args: argparse.Namespace) -> dict:
+    """The factory metadata flags as zsq.models.load keywords (None where not given)."""
+    return {k: getattr(args, k, None) for k in ("input_size", "mean", "std", "num_classes")}
 
 
 def add_init_args(p: argparse.ArgumentParser) -> None:
@@ -105,7 +124,7 @@ def load_model(args):
     from zsq.models import load_checked
 
     return load_checked(args.model, weights=args.weights, pretrained=getattr(args, "pretrained", False),
-                        random_init=getattr(args, "random_init", False))
+                        random_init=getattr(args, "random_init", False), **factory_kwargs(args))
 
 
 # ---- evaluate ---------------------------------------------------------------------------------
@@ -141,7 +160,7 @@ def cmd_quantize(args) -> dict:
     out = Path(args.out)
     check_out_dir(out, args.force or args.resume)
     run = Run(model=ModelSource(args.model, weights=args.weights, pretrained=args.pretrained,
-                                random_init=args.random_init),
+                                random_init=args.random_init, **factory_kwargs(args)),
               method=MethodSpec(args.method, parse_set(args.set)), quant=QuantSpec(args.bits, args.preset),
               calibration=Calibration(synth=args.synth, data=args.calib_data, num_images=args.num_images),
               eval_data=args.eval_data, output=Output(out, force=args.force, resume=args.resume),
@@ -162,7 +181,7 @@ def cmd_inspect(args) -> dict:
 
     # the plan does not depend on the weights: without --weights/--pretrained a seeded random network will do
     model = load_checked(args.model, weights=args.weights, pretrained=args.pretrained,
-                         random_init=args.weights is None and not args.pretrained)
+                         random_init=args.weights is None and not args.pretrained, **factory_kwargs(args))
     q = quantize_model(model, get_preset(args.preset, args.bits), strict=args.strict)
     plan = describe_plan(q)
     plan["model"] = args.model

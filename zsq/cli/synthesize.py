@@ -12,11 +12,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("synthesize", help="synthesize calibration images from a model alone",
                               description="Synthesize images from the model's BatchNorm statistics "
                                           "(no real data) and save them as a SyntheticSet directory.")
-    p.add_argument("model", help="model name, e.g. cifar10_resnet20, efficientnet_lite0, torchvision:resnet18")
+    from zsq.cli import MODEL_HELP, add_factory_args
+
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--weights", default=None, help="checkpoint to load instead of the default weights")
     from zsq.cli import add_init_args
 
     add_init_args(p)
+    add_factory_args(p)
     p.add_argument("--method", required=True, choices=list_synthesizers())
     p.add_argument("--num-images", type=int, required=True)
     p.add_argument("--budget", choices=BUDGET_NAMES, default="quick")

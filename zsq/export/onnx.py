@@ -341,3 +341,19 @@ def export_onnx(qmodel: nn.Module, path, *, input_size: Optional[Tuple[int, int,
     return {"onnx": str(path), "onnx_bytes": len(data), "opset": opset, "weight_dtype": weight_dtype, "ops": ops,
             "int4_weights": int4, "uint8_shifted_weights": shifted,
             "pads_folded_into_convs": folded_pads}
+
+
+def export_float_onnx(model: nn.Module, path, input_size: Tuple[int, int, int]) -> None:
+    """``model`` as a plain float ONNX graph (opset 17, batch dynamic): the FP32 baseline a quantized graph's
+    latency is compared with. A zsq fake-quant model is exported with every quantizer off (a copy), i.e. the
+    float network on its dequantized weights: the same graph shape and cost as the float model."""
+    from zsq.quant.state import quantizers_disabled
+
+    model = copy.deepcopy(model).eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), quantizers_disabled(model), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, *input_size),), buf, dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    Path(path).write_bytes(buf.getvalue())

@@ -10,7 +10,8 @@ A checkpoint directory holds
   quantizer), the per-layer weight grids and activation quantizer parameters, the model metadata;
 - ``manifest.json``: format name/version, zsq version, model name, sizes and sha256 of each file.
 
-Loading rebuilds the architecture with ``zsq.models.load(model_name)`` (random init, no download),
+Loading rebuilds the architecture with ``zsq.models.load(model_name)`` (random init, no download; a
+user's ``file.py:function`` is imported and called again, with the saved metadata),
 re-applies ``quantize_model`` with the saved config and overwrites every tensor, so the loaded
 model's outputs are bit-identical to the saved model's.
 """
@@ -203,6 +204,15 @@ def _build_model(model_name: str, model_factory: Optional[Callable[[str], nn.Mod
     return load(model_name)
 
 
+def _build_factory_model(model_name: str, saved_meta: Optional[dict]) -> nn.Module:
+    """A user's file.py:function / module:function, called again, with the metadata the checkpoint saved."""
+    from zsq.models import load
+    from zsq.models.meta import ModelMeta
+
+    with torch.random.fork_rng(devices=[]):  # its random init is overwritten; the caller's RNG is kept
+        return load(model_name, meta=ModelMeta.from_dict(saved_meta) if saved_meta else None)
+
+
 def _read_checkpoint(folder: Path):
     """(manifest, quant.json, packed weights, float state), the files checked against the manifest."""
     from safetensors.torch import load_file
@@ -227,7 +237,12 @@ def _rebuild(folder: Path, model_name: str, quant: dict, model_factory):
     from zsq.quant.qconfig import QuantConfig
     from zsq.quant.transforms import quantize_model
 
-    model = _build_model(model_name, model_factory)
+    from zsq.models.factory import is_factory_spec
+
+    if model_factory is None and is_factory_spec(model_name):
+        model = _build_factory_model(model_name, quant.get("meta"))
+    else:
+        model = _build_model(model_name, model_factory)
     if quant.get("meta") and getattr(model, "zsq_meta", None) is None:
         from zsq.models.meta import ModelMeta, set_meta
 

@@ -218,3 +218,47 @@ def latency_ms(rt: Runtime, x: np.ndarray, runs: int = 30, warmup: int = 3) -> f
         rt(x)
         times.append((time.perf_counter() - t) * 1000)
     return float(np.median(times))
+
+
+def interleaved_latency(paths: Dict[str, "Path"], runtime: str, threads: int, x: np.ndarray, rounds: int,
+                        spin: bool = True) -> Dict[str, float]:
+    """Median ms per graph; each round times every graph once, in turn, so load changes on a shared machine
+    hit all of them alike (the ratios are the comparison). With several threads, onnxruntime's idle threads
+    spin after each call and take cores from the next graph timed: spin=False."""
+    import time
+
+    rts = {k: open_runtime(runtime, p, threads, spin=spin) for k, p in paths.items()}
+    for rt in rts.values():
+        for _ in range(2):
+            rt(x)
+    times: Dict[str, List[float]] = {k: [] for k in rts}
+    for _ in range(rounds):
+        for k, rt in rts.items():
+            t = time.perf_counter()
+            rt(x)
+            times[k].append((time.perf_counter() - t) * 1000)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+# The CPU features that decide how int8 graphs run (and how fast): recorded with every latency
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def cpu_info() -> Dict[str, object]:
+    """This CPU's model name, the CPU_FLAGS it has (from /proc/cpuinfo on Linux) and whether it runs
+    int8-weight graphs exactly (cpu_has_int8_dot)."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                model = value.strip()
+            if key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return {"model": model, "flags": [f for f in CPU_FLAGS if f in flags], "int8_dot": cpu_has_int8_dot()}

@@ -76,6 +76,14 @@ class MethodInfo:
     # a method that needs images only for some runs (a QAT warm start): (options, budget) -> the synthesizer
     # to make them with, or None when this run needs none
     images_for: Optional[Callable[[Dict[str, Any], str], Optional[str]]] = None
+    # fn(fp_model, qconfig, job): what the method decides from the model alone (e.g. whether GPTQ can round
+    # every layer), run before any images are synthesized so a refusal or fallback comes before long work
+    preflight: Optional[Callable[[nn.Module, Any, "QuantJob"], None]] = None
+
+    def check_before_work(self, fp_model: nn.Module, qconfig, job: "QuantJob") -> None:
+        """The method's preflight, if it has one (api.quantize and the bench call it before synthesis)."""
+        if self.preflight is not None:
+            self.preflight(fp_model, qconfig, job)
 
     def run_synth(self, options: Dict[str, Any], budget: str) -> Optional[str]:
         """The synthesizer this run needs images from when none are given (None: it needs no images)."""
@@ -93,7 +101,7 @@ class MethodInfo:
         return self.options(values, meta, budget)
 
 
-INTERNAL_KEYS = ("calib_labels", "on_unit_done")  # job.extra entries set by zsq/the API, not --set options
+INTERNAL_KEYS = ("calib_labels", "on_unit_done", "levers")  # job.extra entries set by zsq/the API, not --set options
 
 
 def user_options(extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -114,13 +122,14 @@ METHODS: Registry[MethodInfo] = Registry("method")
 
 
 def register_method(name: str, *, kind: str, needs_images: bool, default_preset: str,
-                    default_synth: Optional[str] = None, summary: str = "", options=None, images_for=None):
+                    default_synth: Optional[str] = None, summary: str = "", options=None, images_for=None,
+                    preflight=None):
     """Decorator: ``@register_method("genie", kind="ptq", needs_images=True, default_preset="genie",
     default_synth="genie", summary="...")``."""
 
     def deco(fn):
         METHODS.register(name, MethodInfo(name, fn, kind, needs_images, default_preset, default_synth, summary,
-                                          options, images_for))
+                                          options, images_for, preflight))
         return fn
 
     return deco

@@ -16,11 +16,12 @@ The same machinery also hardens learned soft bits (``gptq_harden_unit``): the so
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from zsq.errors import ZsqError
 from zsq.hooks import Hooks
@@ -40,59 +41,169 @@ class GPTQStats:
     gptq_error: float
 
 
-def _padding(conv: nn.Conv2d):
-    if conv.padding_mode != "zeros":
-        raise ZsqError(f"GPTQ rounding supports zero-padded convs only; {type(conv).__name__} uses "
-                       f"padding_mode={conv.padding_mode!r}: use --set rounding=learned")
-    if conv.padding == "valid":
+@dataclass(frozen=True)
+class ConvCall:
+    """One conv2d/linear call as the layer's forward made it: the input the kernel really saw (after the
+    layer's own input quantizer and whatever padding its forward or padding_mode added), the weight it was
+    given, the call's geometry and its output. GPTQ's rows come from this, not from the layer's argument:
+    timm's Conv2dSame, TF-ported EfficientNets and a user's SAME-padding subclass pad inside ``forward``."""
+
+    linear: bool
+    input: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    stride: Tuple[int, int] = (1, 1)
+    padding: Union[Tuple[int, int], str] = (0, 0)
+    dilation: Tuple[int, int] = (1, 1)
+    groups: int = 1
+    output: Optional[torch.Tensor] = None
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else tuple(int(t) for t in v)
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+def _conv_call(func, args, kwargs, out) -> Optional[ConvCall]:
+    """The call as a ConvCall if it is a 2-D convolution or a linear map, else None."""
+    if func in _LINEAR_FUNCS:
+        named = dict(zip(("input", "weight", "bias"), args), **kwargs)
+        return ConvCall(True, named["input"], named["weight"], named.get("bias"), output=out)
+    if func not in _CONV_FUNCS:
+        return None
+    named = dict(zip(_CONV_ARGS, args), **kwargs)
+    pad = named.get("padding", 0)
+    return ConvCall(False, named["input"], named["weight"], named.get("bias"), _pair(named.get("stride", 1)),
+                    pad if isinstance(pad, str) else _pair(pad), _pair(named.get("dilation", 1)),
+                    int(named.get("groups", 1)), out)
+
+
+_CONV_FUNCS = (torch.conv2d, F.conv2d)
+_LINEAR_FUNCS = (F.linear, torch._C._nn.linear)
+
+
+class _CallRecorder(TorchFunctionMode):
+    """Records the conv2d/linear calls made while one of the watched layers' forward runs (between its
+    pre- and post-hook), so each layer's moments come from what its kernel really convolved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth = 0
+        self.calls: List[ConvCall] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.depth:
+            call = _conv_call(func, args, kwargs or {}, out)
+            if call is not None:
+                self.calls.append(call)
+        return out
+
+
+def _call_padding(call: ConvCall, kernel: Tuple[int, int]):
+    if call.padding == "valid":
         return 0
-    if conv.padding == "same":
-        if any(s != 1 for s in conv.stride) or any((d * (k - 1)) % 2 for k, d in zip(conv.kernel_size, conv.dilation)):
-            raise ZsqError("GPTQ rounding supports padding='same' only with stride 1 and odd kernels: "
-                           "use --set rounding=learned")
-        return tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
-    return conv.padding
+    if call.padding == "same":  # PyTorch's padding="same": stride 1 only; an even kernel pads more at the end
+        total = [d * (k - 1) for k, d in zip(kernel, call.dilation)]
+        if all(t % 2 == 0 for t in total):
+            return tuple(t // 2 for t in total)
+        return None  # asymmetric: padded explicitly by _input_rows
+    return call.padding
 
 
-def _input_rows(layer: nn.Module, x: torch.Tensor) -> Iterator[torch.Tensor]:
-    """The layer's input as rows of its weight's columns, per group: [G, rows, D] pieces of a few images each,
-    one at a time (a 112² layer's rows for 64 images are gigabytes in float64)."""
-    x = x.detach().float()
-    if isinstance(layer, nn.Linear):
+def _input_rows(call: ConvCall, x: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
+    """The call's input (or ``x`` in its place) as rows of its weight's columns, per group: [G, rows, D]
+    pieces of a few images each, one at a time (a 112² layer's rows for 64 images are gigabytes in float64)."""
+    x = (call.input if x is None else x).detach().float()
+    if call.linear:
         yield x.reshape(1, -1, x.shape[-1])
         return
-    if not isinstance(layer, nn.Conv2d):
-        raise ZsqError(f"GPTQ rounding supports Conv2d and Linear layers, not {type(layer).__name__}")
-    g, d = layer.groups, layer.weight[0].numel()
-    per_image = g * d * max(1, (x.shape[-1] * x.shape[-2]) // (layer.stride[0] * layer.stride[1]))
+    kernel = tuple(call.weight.shape[-2:])
+    padding = _call_padding(call, kernel)
+    if padding is None:
+        total = [d * (k - 1) for k, d in zip(kernel, call.dilation)]
+        x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2))
+        padding = 0
+    g, d = call.groups, call.weight[0].numel()
+    per_image = g * d * max(1, (x.shape[-1] * x.shape[-2]) // (call.stride[0] * call.stride[1]))
     step = max(1, UNFOLD_VALUES // per_image)
     for i in range(0, x.shape[0], step):
-        cols = F.unfold(x[i:i + step], layer.kernel_size, layer.dilation, _padding(layer), layer.stride)
+        cols = F.unfold(x[i:i + step], kernel, call.dilation, padding, call.stride)
         n, _, length = cols.shape  # channels outermost (c, kh, kw): the order of weight.reshape(C_out, -1)
         yield cols.reshape(n, g, d, length).permute(1, 0, 3, 2).reshape(g, n * length, d)
 
 
-def _check_rows(name: str, layer: nn.Module, pieces: Iterable[torch.Tensor], out: torch.Tensor) -> None:
-    """The rows rebuilt from the input must give the layer's own output (else H would be of the wrong
-    thing: a conv that pads or reshapes inside its own forward). Checked on the first call."""
-    pieces = list(pieces)
-    w = layer.quantized_weight().detach().double()  # float64: bf16 autocast (around the forward) leaves it be
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    a, b = a.detach().float(), b.detach().float()
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max()) + 1e-6))
+
+
+def _tolerance(t: torch.Tensor) -> float:
+    return 1e-3 if t.dtype in (torch.float32, torch.float64) else 3e-2  # bf16 autocast: 8 mantissa bits
+
+
+def layer_call(name: str, layer: nn.Module, calls: List[ConvCall], out, weight: Optional[torch.Tensor] = None) \
+        -> ConvCall:
+    """The one conv/linear call of one forward of ``layer``, checked to be what the layer computes: a single
+    call, on the layer's own (quantized) weight, whose output the layer returns. Anything else (a weight
+    transformed in forward, two convs, work after the conv) cannot be rounded by GPTQ: ZsqError saying why."""
+    what = f"GPTQ rounding: {name} ({type(layer).__name__})"
+    if isinstance(layer, nn.Module) and not isinstance(layer, (nn.Conv2d, nn.Linear)):
+        raise ZsqError(f"GPTQ rounding supports Conv2d and Linear layers, not {type(layer).__name__}")
+    if len(calls) != 1:
+        raise ZsqError(f"{what} makes {len(calls)} conv/linear calls in its forward, not one")
+    call = calls[0]
+    want = layer.quantized_weight() if weight is None and hasattr(layer, "quantized_weight") else \
+        (layer.weight if weight is None else weight)
+    if not _close(call.weight, want, 1e-5):
+        raise ZsqError(f"{what} convolves a weight other than its own (transformed inside its forward)")
+    if not torch.is_tensor(out) or not _close(out, call.output, _tolerance(call.output)):
+        raise ZsqError(f"{what} computes something more than a conv/linear of its input (work after the "
+                       "kernel inside its forward)")
+    return call
+
+
+def _check_rows(name: str, layer: nn.Module, call: ConvCall) -> None:
+    """The rows rebuilt from the call's input must give the call's own output (else H would be of the wrong
+    thing). Checked on the first call, on one image."""
+    pieces = list(_input_rows(call, call.input[:1]))
+    w = call.weight.detach().double()  # float64: bf16 autocast (around the forward) leaves it be
     groups = pieces[0].shape[0]
     w = w.reshape(groups, w.shape[0] // groups, -1)
     y = torch.cat([torch.einsum("grd,gkd->grk", rows.double(), w) for rows in pieces], 1).float()  # [G, rows, R]
-    bias = layer.quantized_bias() if hasattr(layer, "quantized_bias") else layer.bias
-    tol = 1e-3 if out.dtype in (torch.float32, torch.float64) else 3e-2  # bf16 autocast: 8 mantissa bits
-    out = out.detach().float()
-    if isinstance(layer, nn.Linear):
+    out = call.output[:1].detach().float()
+    if call.linear:
         ref = out.reshape(1, -1, out.shape[-1])
     else:
         n, c = out.shape[:2]
         ref = out.reshape(n, groups, c // groups, -1).permute(1, 0, 3, 2).reshape(groups, -1, c // groups)
-    if bias is not None:
-        y = y + bias.detach().float().reshape(groups, 1, -1)
-    if ref.shape != y.shape or not torch.allclose(y, ref, rtol=tol, atol=tol * float(ref.abs().max()) + 1e-6):
+    if call.bias is not None:
+        y = y + call.bias.detach().float().reshape(groups, 1, -1)
+    if not _close(y, ref, _tolerance(call.output)):
         raise ZsqError(f"GPTQ rounding: {name} ({type(layer).__name__}) computes something other than a plain "
-                       "conv/linear of its input (padding or reshaping inside its forward?): use --set rounding=learned")
+                       "conv/linear of its input: use --set rounding=learned")
+
+
+def watch_calls(hooks: Hooks, recorder: _CallRecorder, layer: nn.Module, done: Callable) -> None:
+    """Hooks that record ``layer``'s conv/linear calls into ``recorder`` and hand them, with the layer's
+    output, to ``done(mod, calls, out)`` after each forward."""
+    start: List[int] = []
+
+    def pre(_mod, _args):
+        start.append(len(recorder.calls))
+        recorder.depth += 1
+
+    def post(mod, _args, out):
+        recorder.depth -= 1
+        first = start.pop()
+        calls = recorder.calls[first:]
+        del recorder.calls[first:]
+        done(mod, calls, out)
+
+    hooks.pre(layer, pre)
+    hooks.post(layer, post)
 
 
 @dataclass
@@ -105,37 +216,35 @@ class Moments:
     a: Optional[torch.Tensor] = None
 
 
-def _quantized_input(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return mod.input_quant(x) if getattr(mod, "input_quant", None) is not None else x
-
-
 @torch.no_grad()
 def input_moments(layer: nn.Module, run: Callable[[], None], name: str = "layer",
                   fp_layer: Optional[nn.Module] = None) -> Moments:
-    """The moments of what ``run`` feeds the layer (after its own input quantizer). With ``fp_layer`` (the
-    same layer in the float model), ``run`` must call it on each chunk just before the layer itself on the
-    matching chunk, so that their rows pair up. Rows are summed a piece at a time in float64."""
+    """The moments of what ``layer``'s kernel convolves when ``run`` runs (its input after its own input
+    quantizer and padding: ConvCall). With ``fp_layer`` (the same layer in the float model), ``run`` must
+    call it on each chunk just before the layer itself on the matching chunk, so that their rows pair up.
+    Rows are summed a piece at a time in float64."""
     acc = {"n": 0}
-    fp_inputs: List[torch.Tensor] = []  # the twin's inputs not yet paired, oldest first
+    fp_calls: List[ConvCall] = []  # the twin's calls not yet paired, oldest first
     sums = {}
 
     def add(key, t):
         sums[key] = t if key not in sums else sums[key] + t
 
-    def fp_post(mod, args, _out):
-        fp_inputs.append(_quantized_input(mod, args[0]).detach())
+    def fp_done(mod, calls, out):
+        fp_calls.append(layer_call(f"{name}'s float twin", mod, calls, out, weight=calls[0].weight
+                                   if len(calls) == 1 else None))
 
-    def post(mod, args, out):
+    def done(mod, calls, out):
+        call = layer_call(name, mod, calls, out)
         if not sums:  # on one image: the check's output rows are as many as the layer's outputs
-            _check_rows(name, mod, _input_rows(mod, _quantized_input(mod, args[0][:1])), out[:1])
-        xq = _quantized_input(mod, args[0]).detach()
+            _check_rows(name, mod, call)
         xf = None
         if fp_layer is not None:
-            xf = fp_inputs.pop(0) if fp_inputs else None
-            if xf is None or xf.shape != xq.shape:
+            xf = fp_calls.pop(0).input if fp_calls else None
+            if xf is None or xf.shape != call.input.shape:
                 raise ZsqError(f"GPTQ rounding: {name}'s float twin did not see the same chunk just before it")
-        pieces_f = _input_rows(mod, xf) if xf is not None else None
-        for rq in _input_rows(mod, xq):
+        pieces_f = _input_rows(call, xf) if xf is not None else None
+        for rq in _input_rows(call):
             rq = rq.double()
             if pieces_f is not None:
                 rf = next(pieces_f).double()
@@ -144,14 +253,16 @@ def input_moments(layer: nn.Module, run: Callable[[], None], name: str = "layer"
             add("h", torch.einsum("grd,gre->gde", rq, rq))
             acc["n"] += rq.shape[1]
 
+    recorder = _CallRecorder()
     with Hooks() as hooks:
-        hooks.post(layer, post)
+        watch_calls(hooks, recorder, layer, done)
         if fp_layer is not None:
-            hooks.post(fp_layer, fp_post)
-        run()
+            watch_calls(hooks, recorder, fp_layer, fp_done)
+        with recorder:
+            run()
     if not sums:
         raise ZsqError(f"GPTQ rounding: {name} was not called on the calibration images")
-    if fp_inputs:
+    if fp_calls:
         raise ZsqError(f"GPTQ rounding: {name}'s float twin was called more often than the layer itself")
     n = acc["n"]
     return Moments(sums["h"] / n, *((sums["c"] / n, sums["a"] / n) if fp_layer is not None else ()))
@@ -298,3 +409,32 @@ def gptq_round_unit(layers: List[Tuple[str, nn.Module]], run: Callable[[], None]
     with torch.no_grad():
         ordered = call_order(layers, run)
     return [gptq_round_layer(n, layer, run, damp, twin.get(id(layer))) for n, layer in ordered]
+
+
+@torch.no_grad()
+def gptq_blockers(qmodel: nn.Module, example: torch.Tensor) -> Dict[str, str]:
+    """{layer name: why GPTQ cannot round it} from one forward of ``example`` with quantizers off: the same
+    checks (one conv/linear call on the layer's own weight, whose output the layer returns; rows that rebuild
+    that output) as ``input_moments`` makes on the calibration images. Cheap, so a run decides on its
+    rounding before synthesis and reconstruction start, not when the first unit reaches such a layer."""
+    from zsq.quant.state import quantizers_disabled
+    from zsq.quant.transforms import quant_layers
+
+    layers = quant_layers(qmodel)
+    names = {id(layer): name for name, layer in layers}
+    blockers: Dict[str, str] = {}
+
+    def done(mod, calls, out):
+        name = names[id(mod)]
+        try:
+            _check_rows(name, mod, layer_call(name, mod, calls, out))
+        except ZsqError as e:
+            blockers.setdefault(name, str(e))
+
+    recorder = _CallRecorder()
+    with Hooks() as hooks, quantizers_disabled(qmodel):
+        for _, layer in layers:
+            watch_calls(hooks, recorder, layer, done)
+        with recorder:
+            qmodel(example)
+    return blockers

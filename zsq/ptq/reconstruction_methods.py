@@ -21,11 +21,12 @@ from zsq.options import check_range, parse_options
 from zsq.ptq import presets  # noqa: F401  (registers the brecq and qdrop presets)
 from zsq.ptq.convergence import StopRule
 from zsq.ptq.budgets import RECIPES, Budget, EngineOptions, Recipe, get_budget, soft_bit_lr
+from zsq.ptq.gptq import gptq_blockers
 from zsq.ptq.output_distill import OutputDistillConfig, distill_outputs
 from zsq.ptq.reconstruct import Reconstructor
 from zsq.quant.calibration import bn_layers, calibrate_from_bn
 from zsq.quant.qconfig import QuantConfig
-from zsq.quant.transforms import quantize_model
+from zsq.quant.transforms import example_input_for, quantize_model
 
 logger = logging.getLogger(__name__)
 
@@ -259,13 +260,57 @@ def start_of_act_steps(qmodel, qconfig: QuantConfig, asked: Optional[str], metho
                    "BatchNorm layers; use --set act_init=data")
 
 
+def choose_levers(recipe: Recipe, fp_model, qconfig: QuantConfig, budget: Budget, user: PTQOptions) -> dict:
+    """The run's rounding and hardening: the user's, else the defaults (default_rounding, default_hardening).
+    Where one of them is GPTQ, every quantized layer is first probed (gptq_blockers: one forward of a shape
+    probe); a layer GPTQ cannot round (a weight transformed in its forward, work after the kernel) makes a
+    default fall back to the next best -- learned soft bits, hardened to nearest -- with a warning, and an
+    explicit --set rounding/hardening=gptq an error. Called before synthesis (``preflight``), never after."""
+    rounding = user.rounding or default_rounding(recipe, budget, qconfig.w_bits, qconfig.a_bits)
+    hardening = user.hardening or default_hardening(recipe, budget, rounding, user.refit_iters, qconfig.w_bits)
+    fallback = None
+    if "gptq" in (rounding, hardening):
+        blockers = gptq_blockers(quantize_model(fp_model, qconfig), example_input_for(fp_model))
+        if blockers:
+            first, why = next(iter(blockers.items()))
+            what = f"GPTQ cannot round {len(blockers)} layer(s), e.g. {first}: {why}"
+            for key, value, asked in (("rounding", rounding, user.rounding), ("hardening", hardening, user.hardening)):
+                if value == "gptq" and asked == "gptq":
+                    raise ZsqError(f"{key}=gptq: {what}; drop --set {key}=gptq")
+            rounding = "learned" if rounding == "gptq" else rounding
+            hardening = "nearest" if hardening == "gptq" else hardening
+            fallback = f"{what}; using rounding={rounding}, hardening={hardening} instead"
+            logger.warning(f"{recipe.name}: {fallback}")
+    if user.rounding is None and rounding != "learned":
+        logger.info(f"{recipe.name}: the {budget.name} budget at this input size rounds weights with {rounding} "
+                    "(--set rounding=learned for the paper's soft bits)")
+    if user.hardening is None and hardening != "nearest":
+        logger.info(f"{recipe.name}: W{qconfig.w_bits} soft bits after {budget.iters} steps are hardened with "
+                    f"{hardening} (--set hardening=nearest for the paper's 1[V >= 0])")
+    return {"rounding": rounding, "hardening": hardening, "fallback": fallback}
+
+
+def _recipe_budget(fp_model, job: QuantJob, input_size) -> Budget:
+    meta = getattr(fp_model, "zsq_meta", None)
+    budget = get_budget(job.budget, meta.input_size if meta else input_size)
+    return budget.override(job.iters, job.batch_size, job.num_images)
+
+
+def preflight(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) -> None:
+    """What run_recipe decides from the model alone, decided before any images are made: the levers
+    (choose_levers), kept in job.extra["levers"] for the run."""
+    check_config(qconfig, recipe.name)
+    user = parse_options(PTQOptions, user_options(job.extra), recipe.name)
+    budget = _recipe_budget(fp_model, job, None)
+    recipe = with_overrides(recipe, user, qconfig.w_bits, budget.iters)
+    job.extra["levers"] = choose_levers(recipe, fp_model, qconfig, budget, user)
+
+
 def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) -> QuantResult:
     t0 = time.time()
     check_config(qconfig, recipe.name)
     calib = check_calib(fp_model, job.calib)
-    meta = getattr(fp_model, "zsq_meta", None)
-    budget = get_budget(job.budget, meta.input_size if meta else tuple(calib.shape[1:]))
-    budget = budget.override(job.iters, job.batch_size, job.num_images)
+    budget = _recipe_budget(fp_model, job, tuple(calib.shape[1:]))
     extra = dict(job.extra or {})
     user = parse_options(PTQOptions, user_options(extra), recipe.name)
     if user.learn_weight_scale is None and qconfig.w_bits >= FIXED_WEIGHT_STEP_BITS and any(
@@ -273,14 +318,8 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
         logger.info(f"{recipe.name}: W{qconfig.w_bits} is a fine grid, weight steps stay at their start "
                     "(--set learn_weight_scale=true learns them as the paper does)")
     recipe = with_overrides(recipe, user, qconfig.w_bits, budget.iters)
-    rounding = user.rounding or default_rounding(recipe, budget, qconfig.w_bits, qconfig.a_bits)
-    if user.rounding is None and rounding != "learned":
-        logger.info(f"{recipe.name}: the {budget.name} budget at this input size rounds weights with {rounding} "
-                    "(--set rounding=learned for the paper's soft bits)")
-    hardening = user.hardening or default_hardening(recipe, budget, rounding, user.refit_iters, qconfig.w_bits)
-    if user.hardening is None and hardening != "nearest":
-        logger.info(f"{recipe.name}: W{qconfig.w_bits} soft bits after {budget.iters} steps are hardened with "
-                    f"{hardening} (--set hardening=nearest for the paper's 1[V >= 0])")
+    levers = extra.get("levers") or choose_levers(recipe, fp_model, qconfig, budget, user)
+    rounding, hardening = levers["rounding"], levers["hardening"]
     opts = EngineOptions(seed=job.seed, chunk=user.chunk, max_cache_mib=user.max_cache_mib,
                          holdout=user.holdout, keep_better=user.keep_better, augment=user.augment,
                          refit_iters=user.refit_iters, refit_affine=user.refit_affine,
@@ -303,7 +342,9 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
                                                    compute=engine.compute)
     qmodel.to("cpu", memory_format=torch.contiguous_format)  # saving, export and evaluation take it from here
     report.update({"compute": engine.compute.describe(), "method": recipe.name, "preset": qconfig.describe(), "calib_source": job.calib_source,
-                   "act_init": act_init, "rounding": opts.rounding, "quant_seconds": time.time() - t0})
+                   "act_init": act_init, "rounding": opts.rounding, "hardening": opts.hardening,
+                   **({"gptq_fallback": levers["fallback"]} if levers.get("fallback") else {}),
+                   "quant_seconds": time.time() - t0})
     return QuantResult(qmodel, report)
 
 
@@ -311,27 +352,31 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
                  summary="Genie-M: block reconstruction, soft bits + jointly learned weight steps, LSQ act steps, "
                          "QDrop p=0.5 (with Genie-D images unless --calib-data; at the quick budget on 224² inputs "
                          "below W5 with A8 the codes come from GPTQ, --set rounding=learned for soft bits)",
-                 options=schema_options(PTQOptions, "genie"))
+                 options=schema_options(PTQOptions, "genie"),
+                 preflight=lambda fp_model, qconfig, job: preflight(RECIPES["genie"], fp_model, qconfig, job))
 def genie(fp_model, qconfig, job: QuantJob) -> QuantResult:
     return run_recipe(RECIPES["genie"], fp_model, qconfig, job)
 
 
 @register_method("qdrop", kind="ptq", needs_images=True, default_preset="qdrop", default_synth="genie",
                  summary="QDrop: block reconstruction, soft bits and act steps jointly, QDrop p=0.5, lambda 0.01",
-                 options=schema_options(PTQOptions, "qdrop"))
+                 options=schema_options(PTQOptions, "qdrop"),
+                 preflight=lambda fp_model, qconfig, job: preflight(RECIPES["qdrop"], fp_model, qconfig, job))
 def qdrop(fp_model, qconfig, job: QuantJob) -> QuantResult:
     return run_recipe(RECIPES["qdrop"], fp_model, qconfig, job)
 
 
 @register_method("brecq", kind="ptq", needs_images=True, default_preset="brecq", default_synth="genie",
                  summary="BRECQ: block reconstruction, two passes (AdaRound weights, then act steps)",
-                 options=schema_options(PTQOptions, "brecq"))
+                 options=schema_options(PTQOptions, "brecq"),
+                 preflight=lambda fp_model, qconfig, job: preflight(RECIPES["brecq"], fp_model, qconfig, job))
 def brecq(fp_model, qconfig, job: QuantJob) -> QuantResult:
     return run_recipe(RECIPES["brecq"], fp_model, qconfig, job)
 
 
 @register_method("adaround", kind="ptq", needs_images=True, default_preset="brecq", default_synth="genie",
                  summary="AdaRound: layer-wise soft rounding (fixed steps), then act steps, lambda 0.01",
-                 options=schema_options(PTQOptions, "adaround"))
+                 options=schema_options(PTQOptions, "adaround"),
+                 preflight=lambda fp_model, qconfig, job: preflight(RECIPES["adaround"], fp_model, qconfig, job))
 def adaround(fp_model, qconfig, job: QuantJob) -> QuantResult:
     return run_recipe(RECIPES["adaround"], fp_model, qconfig, job)
