@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import shutil
 import time
@@ -26,6 +25,7 @@ import zsq.models
 from zsq.assets import CIFAR10_EXACT, CIFAR10_JPEG, RESNET20, asset
 from zsq.data import load_dataset
 from zsq.evaluation import evaluate
+from zsq.export.runtimes import cpu_info
 from zsq.methods.registry import QuantJob, get_method
 from zsq.quant import get_preset
 from zsq.synth import synthesize
@@ -33,18 +33,8 @@ from zsq.synth import synthesize
 
 def cpu_flags() -> str:
     """The CPU model and the flags that decide zsq's fast paths (results depend on them)."""
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    keep = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
-    return f"{model} [{' '.join(keep)}]"
+    info = cpu_info()
+    return f"{info['model']} [{' '.join(info['flags'])}]"
 
 
 def run(args) -> None:

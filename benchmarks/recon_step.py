@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from zsq.assets import RESNET20, asset  # noqa: E402
+from zsq.export.runtimes import cpu_info  # noqa: E402
 from zsq.models import load  # noqa: E402
 from zsq.ptq import qdrop  # noqa: E402
 from zsq.ptq.budgets import GENIE, Budget, EngineOptions  # noqa: E402
@@ -37,17 +38,8 @@ from zsq.quant import quantizer as zq  # noqa: E402
 
 
 def cpu_line() -> str:
-    model, flags = "?", set()
-    try:
-        for ln in Path("/proc/cpuinfo").read_text().splitlines():
-            if ln.startswith("model name") and model == "?":
-                model = ln.split(":", 1)[1].strip()
-            if ln.startswith("flags") and not flags:
-                flags = set(ln.split(":", 1)[1].split())
-    except OSError:
-        pass
-    keep = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile") if f in flags]
-    return f"{model}; flags: {' '.join(keep) or 'none of avx2/avx512/amx'}"
+    info = cpu_info()
+    return f"{info['model']}; flags: {' '.join(info['flags']) or 'none of avx2/avx512/amx'}"
 
 
 class _ReferenceLSQ:
