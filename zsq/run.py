@@ -515,6 +515,7 @@ def _write_checkpoint(ctx: _Context) -> None:
         saved = save_quantized(ctx.result.model, run.output.out, model_name=ctx.model_name, weights_path=weights,
                                info=dict(ctx.report), force=True)
         ctx.report.update({k: saved[k] for k in FILE_KEYS if k in saved})
+        _run_report(ctx)  # before finish: the run folder records report.md and report/ as zsq's
         ctx.run_folder.finish()
     zdist.barrier()
 
@@ -537,8 +538,7 @@ STEPS: Tuple[Tuple[str, Callable[[_Context], None]], ...] = (
     ("quantize", _quantize),
     ("quantized accuracy", _quant_accuracy),
     ("report", _report),
-    ("write checkpoint", _write_checkpoint),
-    ("run report", _run_report),
+    ("write checkpoint", _write_checkpoint),  # and OUT/report.md (_run_report)
 )
 
 
