@@ -281,13 +281,17 @@ def choose_levers(recipe: Recipe, fp_model, qconfig: QuantConfig, budget: Budget
             hardening = "nearest" if hardening == "gptq" else hardening
             fallback = f"{what}; using rounding={rounding}, hardening={hardening} instead"
             logger.warning(f"{recipe.name}: {fallback}")
-    if user.rounding is None and rounding != "learned":
-        logger.info(f"{recipe.name}: the {budget.name} budget at this input size rounds weights with {rounding} "
-                    "(--set rounding=learned for the paper's soft bits)")
-    if user.hardening is None and hardening != "nearest":
-        logger.info(f"{recipe.name}: W{qconfig.w_bits} soft bits after {budget.iters} steps are hardened with "
-                    f"{hardening} (--set hardening=nearest for the paper's 1[V >= 0])")
     return {"rounding": rounding, "hardening": hardening, "fallback": fallback}
+
+
+def log_levers(recipe: Recipe, qconfig: QuantConfig, budget: Budget, user: PTQOptions, levers: dict) -> None:
+    """Say which defaults the run took, once it starts (a run refused after preflight says nothing else)."""
+    if user.rounding is None and levers["rounding"] != "learned":
+        logger.info(f"{recipe.name}: the {budget.name} budget at this input size rounds weights with "
+                    f"{levers['rounding']} (--set rounding=learned for the paper's soft bits)")
+    if user.hardening is None and levers["hardening"] != "nearest":
+        logger.info(f"{recipe.name}: W{qconfig.w_bits} soft bits after {budget.iters} steps are hardened with "
+                    f"{levers['hardening']} (--set hardening=nearest for the paper's 1[V >= 0])")
 
 
 def _recipe_budget(fp_model, job: QuantJob, input_size) -> Budget:
@@ -319,6 +323,7 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
                     "(--set learn_weight_scale=true learns them as the paper does)")
     recipe = with_overrides(recipe, user, qconfig.w_bits, budget.iters)
     levers = extra.get("levers") or choose_levers(recipe, fp_model, qconfig, budget, user)
+    log_levers(recipe, qconfig, budget, user, levers)
     rounding, hardening = levers["rounding"], levers["hardening"]
     opts = EngineOptions(seed=job.seed, chunk=user.chunk, max_cache_mib=user.max_cache_mib,
                          holdout=user.holdout, keep_better=user.keep_better, augment=user.augment,
