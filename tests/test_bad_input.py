@@ -122,7 +122,7 @@ def test_force_removes_only_what_zsq_made(capsys, tmp_path):
     out = tmp_path / "o"
     quantize_ok(capsys, "--out", out)
     assert set(record(out)["entries"]) == {"manifest.json", "packed_weights.safetensors", "float_state.safetensors",
-                                           "quant.json"}  # bn-minmax makes no work/: none is listed
+                                           "quant.json", "report.md"}  # bn-minmax makes no work/ (nor report/)
     (out / "notes.txt").write_text("mine")
     (out / "work").mkdir()  # a bn-minmax run never made one: the user's
     (out / "work" / "notes.txt").write_text("mine too")

@@ -146,8 +146,7 @@ def write_run_report(out, report: dict, qmodel: torch.nn.Module, images: Optiona
     from zsq.models.meta import get_meta
 
     out = Path(out)
-    pics = out / REPORT_DIR
-    pics.mkdir(exist_ok=True)
+    pics = out / REPORT_DIR  # made only when there is a picture to put in it
     meta = get_meta(qmodel)
     plan = getattr(qmodel, "zsq_quant_plan", {}) or {}
     plt = _pyplot()
@@ -158,6 +157,7 @@ def write_run_report(out, report: dict, qmodel: torch.nn.Module, images: Optiona
              f"quantization {report.get('quant_seconds', 0):.0f} s)", "", "## Accuracy", "", *_accuracy(report),
              "", "## Size", "", *_size(report), ""]
     if images is not None and images.shape[0]:
+        pics.mkdir(exist_ok=True)
         _png(pics / "calibration.png", image_grid(images[:GRID_IMAGES], meta.mean, meta.std))
         lines += ["## Calibration images", "", f"the first {min(GRID_IMAGES, images.shape[0])} of "
                   f"{images.shape[0]} ({report.get('calib_source')})", "",
@@ -170,9 +170,11 @@ def write_run_report(out, report: dict, qmodel: torch.nn.Module, images: Optiona
         if plt is None:
             lines += ["(charts need matplotlib: `pip install 'zsq[plots]'`)", ""]
         elif units:
+            pics.mkdir(exist_ok=True)
             _unit_chart(plt, units, pics / "units.png")
             lines += [f"![per-unit error]({REPORT_DIR}/units.png)", ""]
         else:
+            pics.mkdir(exist_ok=True)
             _epoch_chart(plt, epochs, pics / "epochs.png")
             lines += [f"![per-epoch QAT]({REPORT_DIR}/epochs.png)", ""]
         if units:
