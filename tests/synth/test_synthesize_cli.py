@@ -10,7 +10,7 @@ from tests.tiny_models import tiny_bn_cnn
 def test_cli_synthesize_json(tmp_path, monkeypatch, capsys):
     seen = {}
 
-    def fake_load(name, weights=None):
+    def fake_load(name, weights=None, **model_flags):  # the CLI also passes --input-size etc. (None here)
         seen.update(name=name, weights=weights)
         return tiny_bn_cnn()
 
@@ -37,7 +37,7 @@ def test_cli_synthesize_set_overrides_config(tmp_path, monkeypatch):
 
     from zsq.errors import ZsqError
 
-    monkeypatch.setattr(zsq.models, "load", lambda name, weights=None: tiny_bn_cnn(), raising=False)
+    monkeypatch.setattr(zsq.models, "load", lambda name, weights=None, **model_flags: tiny_bn_cnn(), raising=False)
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="cmd"))
     base = ["synthesize", "tiny", "--method", "genie", "--num-images", "4", "--iters", "1", "--quiet", "--random-init"]
