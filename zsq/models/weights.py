@@ -47,7 +47,7 @@ def read_state_dict(path) -> Dict[str, torch.Tensor]:
 
 
 def _load_failure(e: BaseException) -> str:
-    """torch.load's failure in one short clause, without its advice to load with weights_only=False (which
+    """torch.load's failure in one short clause, without its advice to turn the weights-only guard off (which
     would run code from the file: zsq never does)."""
     text = str(e).strip()
     if "weights_only" in text or "Weights only" in text:
