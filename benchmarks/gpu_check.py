@@ -52,27 +52,33 @@ def device_line(dev: str) -> str:
     return "CPU; flags: " + " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
 
 
-def steps(tiny: bool, lite0_calib: str):
-    """(name, precision, zsq.quantize keyword arguments) of every step."""
+def steps(tiny: bool, lite0_calib: str, device: str, out: Path):
+    """(name, precision, zsq.Run) of every step: Genie-M at the quick budget on `device`."""
     cifar_eval = str(asset(CIFAR10_EXACT)) + ("[0:64]" if tiny else "")
     val = str(asset(VAL1300)) + ("[0:16]" if tiny else "")
-    small = dict(iters=1, num_images=4, batch_size=4) if tiny else {}
-    out = []
-    for prec in ("fp32", "bf16"):
-        out.append(("demo", prec, dict(model="cifar10_resnet20", weights=str(asset(RESNET20)), bits="w4a4",
-                                       eval_data=cifar_eval, **small)))
-    for prec in ("fp32", "bf16"):
-        out.append(("lite0-w4a8", prec, dict(model="efficientnet_lite0", weights=str(asset(LITE0)), bits="w4a8",
-                                             calib_data=lite0_calib, eval_data=val, **small)))
+    small = dict(iters=1, batch_size=4) if tiny else {}
+    n_tiny = 4 if tiny else None
+    resnet20 = zsq.ModelSource("cifar10_resnet20", weights=str(asset(RESNET20)))
+    lite0 = zsq.ModelSource("efficientnet_lite0", weights=str(asset(LITE0)))
     long_iters = 2 if tiny else LONG_FACTOR * QUICK_LARGE.iters
+    plan = []
     for prec in ("fp32", "bf16"):
-        out.append(("lite0-w4a4-10x", prec, dict(model="efficientnet_lite0", weights=str(asset(LITE0)), bits="w4a4",
-                                                 calib_data=lite0_calib, eval_data=val,
-                                                 **{**small, "iters": long_iters})))
+        plan.append(("demo", prec, resnet20, "w4a4", zsq.Calibration(num_images=n_tiny), cifar_eval, small))
+    for prec in ("fp32", "bf16"):
+        plan.append(("lite0-w4a8", prec, lite0, "w4a8", zsq.Calibration(data=lite0_calib, num_images=n_tiny), val,
+                     small))
+    for prec in ("fp32", "bf16"):
+        plan.append(("lite0-w4a4-10x", prec, lite0, "w4a4", zsq.Calibration(data=lite0_calib, num_images=n_tiny), val,
+                     {**small, "iters": long_iters}))
     if tiny:  # the dry run: each step and each precision once (demo in both), so it stays a short test
         keep = {("demo", "fp32"), ("demo", "bf16"), ("lite0-w4a8", "fp32"), ("lite0-w4a4-10x", "bf16")}
-        out = [s for s in out if (s[0], s[1]) in keep]
-    return out
+        plan = [p for p in plan if (p[0], p[1]) in keep]
+    return [(name, prec, zsq.Run(model=src, method=zsq.MethodSpec("genie"), quant=zsq.QuantSpec(bits),
+                                 calibration=cal, eval_data=ev,
+                                 output=zsq.Output(out / f"{name}-{prec}", force=True),
+                                 compute=zsq.ComputeConfig(device=device, precision=prec),
+                                 budget=zsq.RunBudget("quick", **budget)))
+            for name, prec, src, bits, cal, ev, budget in plan]
 
 
 def peak_rss_mib() -> float:
@@ -103,7 +109,7 @@ def main(argv=None) -> int:
         records.append({"step": "lite0 Genie-D images (fp32, shared by the Lite0 steps)", "precision": "fp32",
                         "seconds": round(time.time() - ts, 1)})
         del lite0
-        for name, prec, kw in steps(args.tiny, str(Path(tmp) / "lite0-images")):
+        for name, prec, run in steps(args.tiny, str(Path(tmp) / "lite0-images"), args.device, Path(tmp)):
             rec = {"step": name, "precision": prec}
             if time.time() - t0 > args.max_seconds:
                 rec["skipped"] = f"not started: past --max-seconds {args.max_seconds:.0f}"
@@ -111,15 +117,13 @@ def main(argv=None) -> int:
                 continue
             if is_cuda:
                 torch.cuda.reset_peak_memory_stats(torch.device(args.device))
-            model = kw.pop("model")
             ts = time.time()
             try:
-                res = zsq.quantize(model, method="genie", budget="quick", device=args.device, precision=prec,
-                                   out=Path(tmp) / f"{name}-{prec}", force=True, **kw)
+                res = zsq.execute(run)
                 r = res.report
                 rec.update(seconds=round(time.time() - ts, 1), top1=r.get("quant_top1"), fp32_top1=r.get("fp32_top1"),
                            synth_seconds=r.get("synth_seconds"), quant_seconds=round(r.get("quant_seconds", 0.0), 1),
-                           iters_per_unit=r.get("budget", {}).get("iters"))
+                           iters_per_unit=r.get("method_report", {}).get("budget", {}).get("iters"))
             except Exception as e:  # recorded; the next step still runs
                 rec.update(seconds=round(time.time() - ts, 1), error=f"{type(e).__name__}: {e}",
                            trace=traceback.format_exc(limit=3))

@@ -26,7 +26,6 @@ def _run(*args, timeout=1800):
     return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
-@pytest.mark.slow  # benchmarks/gpu_check.py still calls zsq.quantize with the pre-Run keywords (device=, weights=...): broken, see the issue note
 @pytest.mark.skipif(not _assets_present(), reason="shared assets (ResNet-20, Lite0, exact-1017, val1300) absent")
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     before = sorted((ROOT / "benchmarks" / "results").rglob("*"))

@@ -136,3 +136,54 @@ def test_fixed_step_has_no_scale_parameter():
     assert not soft.relative_scale and not any(p is not soft.v for p in soft.parameters())
     with pytest.raises(ZsqError, match="keeps its step fixed"):
         soft.scale_parameter()
+
+
+def test_a_squant_start_hardens_to_squants_codes_and_moves_only_the_flipped_elements():
+    from zsq.quant.squant import objective, squant_codes, weight_as_groups
+    layer = _conv(seed=3)
+    w = layer.weight.detach().clone()
+    near = SoftRoundQuantizer(w, layer.weight_quant, learn_scale=True)
+    soft = SoftRoundQuantizer(w, layer.weight_quant, learn_scale=True)
+    stats = soft.start_at_squant(w)
+    s, z = near.step_size().detach(), near.zero_point
+    # the reference: SQuant on the same grid, computed directly
+    m = w.shape[0]
+    zz = z.double().reshape(-1, 1, 1).expand(m, 1, 1)
+    ref, _ = squant_codes(weight_as_groups(w / s), near.qmin - zz, near.qmax - zz)
+    inside = ((near.base_int + z >= near.qmin) & (near.base_int + z + 1 <= near.qmax))
+    got = soft.codes() - z
+    assert torch.equal(got[inside].double(), ref.reshape(w.shape)[inside])
+    flipped = near.codes() != soft.codes()
+    assert stats.kernel_flips + stats.channel_flips > 0 and 0 < int(flipped.sum()) < w.numel() // 4
+    # unflipped elements start exactly where round-to-nearest's do; flipped ones just past the tie
+    assert torch.equal(soft.v[~flipped], near.v[~flipped])
+    assert torch.allclose(soft.h()[flipped], torch.full_like(soft.h()[flipped], 0.5), atol=0.0101)
+    # SQuant's objective is lower on the hardened start than round-to-nearest's
+    soft.harden(); near.harden()
+    err = lambda q: weight_as_groups((q(w) - w.clamp(*(((q.qmin - z) * s, (q.qmax - z) * s)))) / s)
+    assert objective(err(soft)) < objective(err(near))
+
+
+def test_init_rounding_is_checked_and_refused_beside_gptq_codes(tiny, tiny_images):
+    from zsq.methods.registry import QuantJob
+    from zsq.ptq.budgets import EngineOptions
+    from zsq.ptq.reconstruction_methods import genie
+    from zsq.quant.qconfig import get_preset
+    with pytest.raises(ZsqError, match="init_rounding must be one of"):
+        EngineOptions(init_rounding="floor")
+    job = QuantJob(calib=tiny_images, iters=2, batch_size=16, extra={"rounding": "gptq", "init_rounding": "squant"})
+    with pytest.raises(ZsqError, match="drop one of them"):
+        genie(tiny, get_preset("genie", "w4a4"), job)
+
+
+def test_genie_from_a_squant_start_differs_from_nearest_and_records_it(tiny, tiny_images):
+    from zsq.methods.registry import QuantJob
+    from zsq.ptq.reconstruction_methods import genie
+    from zsq.quant.qconfig import get_preset
+    from zsq.quant.transforms import quant_layers
+    runs = {}
+    for init in ("nearest", "squant"):
+        job = QuantJob(calib=tiny_images, iters=0 + 1, batch_size=16, extra={"init_rounding": init})
+        res = genie(tiny, get_preset("genie", "w4a4"), job)
+        runs[init] = torch.cat([layer.weight_quant(layer.weight).flatten() for _, layer in quant_layers(res.model)])
+    assert not torch.equal(runs["nearest"], runs["squant"])

@@ -17,6 +17,7 @@ from zsq.ptq.units import GRANULARITIES
 
 HARDENINGS = ("nearest", "gptq")  # learned soft bits made hard: 1[V >= 0] (AdaRound) | GPTQ on the soft weights
 ROUNDINGS = ("learned", "gptq")  # soft bits learned then hardened (AdaRound, Genie-M) | zsq.ptq.gptq
+INIT_ROUNDINGS = ("nearest", "squant")  # where learned soft bits start: nearest | SQuant's codes (zsq.quant.squant)
 GPTQ_TARGETS = ("float", "quantized")
 
 
@@ -198,6 +199,9 @@ class EngineOptions:
     # how learned soft bits become codes: "nearest" (1[V >= 0], the papers') or "gptq" (GPTQ on the soft
     # weights, zsq.ptq.gptq.gptq_harden_unit; a unit keeps whichever has the lower error on its images)
     hardening: str = "nearest"
+    # where learned soft bits start when hardened: "nearest" (the papers': h(V) = the weight's fraction) or
+    # "squant" (SQuant's codes, zsq.quant.squant: the few elements it flips start just past the tie)
+    init_rounding: str = "nearest"
     # when a unit may stop before the budget's iterations (zsq.ptq.convergence); None: every unit runs them all
     stop: Optional[StopRule] = None
 
@@ -226,6 +230,11 @@ class EngineOptions:
             raise ZsqError("hardening=gptq hardens learned soft bits; rounding=gptq learns none: drop one of them")
         if self.hardening == "gptq" and self.refit_iters:
             raise ZsqError("refit_iters re-fits the steps to 1[V >= 0] hardening; with hardening=gptq set refit_iters=0")
+        if self.init_rounding not in INIT_ROUNDINGS:
+            raise ZsqError(f"init_rounding must be one of {INIT_ROUNDINGS}, got {self.init_rounding!r}")
+        if self.init_rounding == "squant" and self.rounding == "gptq":
+            raise ZsqError("init_rounding=squant is where learned soft bits start; rounding=gptq computes the codes "
+                           "instead: drop one of them")
         if self.keep_better and self.holdout == 0.0:
             raise ZsqError("keep_better needs held-out images: set holdout > 0 (e.g. 0.125) or keep_better=false")
 

@@ -138,13 +138,16 @@ def _hard(soft: List[SoftRoundQuantizer], on: bool) -> None:
         s.hard = on
 
 
-def _soft_rounding(layers: List[nn.Module], phase: Phase) -> List[SoftRoundQuantizer]:
-    """Swap in soft-rounding weight quantizers when the phase trains the rounding."""
+def _soft_rounding(layers: List[nn.Module], phase: Phase, init: str = "nearest") -> List[SoftRoundQuantizer]:
+    """Swap in soft-rounding weight quantizers when the phase trains the rounding; init "squant" starts
+    them at SQuant's codes (SoftRoundQuantizer.start_at_squant) instead of round-to-nearest."""
     soft: List[SoftRoundQuantizer] = []
     if phase.train_rounding:
         for layer in layers:
             layer.weight_quant = SoftRoundQuantizer(layer.weight, layer.weight_quant, phase.learn_weight_scale,
                                                     relative_scale=phase.lr_weight_scale_rel is not None)
+            if init == "squant":
+                layer.weight_quant.start_at_squant(layer.weight)
             soft.append(layer.weight_quant)
     return soft
 
@@ -251,6 +254,7 @@ class Reconstructor:
             **({"refit": [opts.refit_iters, opts.refit_affine]} if opts.refit_iters else {}),
             **({"rounding": [opts.rounding, opts.gptq_damp, opts.gptq_target]} if opts.rounding != "learned" else {}),
             **({"hardening": [opts.hardening, opts.gptq_damp]} if opts.hardening != "nearest" else {}),
+            **({"init_rounding": opts.init_rounding} if opts.init_rounding != "nearest" else {}),
             **({"stop": dataclasses.asdict(opts.stop)} if opts.stop is not None else {}),
             qdrop_masks=QDROP_MASKS, units=[u.name for u in self.units], calib_images=self.calib,
             initial_model=torch.cat([p.detach().flatten() for p in qmodel.state_dict().values()
@@ -287,9 +291,10 @@ class Reconstructor:
         if gptq:  # activation steps first: GPTQ fits the weights to the inputs the quantized unit gives them
             self._init_acts(mod, acts, xq[:min(ACT_INIT_IMAGES, n)])
             gptq_stats = self._gptq(unit, mod, layers, x[:n], xq[:n])
-        soft = _soft_rounding(layers, phase)
+        soft = _soft_rounding(layers, phase, "nearest" if gptq else self.opts.init_rounding)
         self._init_acts(mod, acts, xq[:min(ACT_INIT_IMAGES, n)])
-        # the start: soft bits at init, hardened, are round-to-nearest on the initial grid (GPTQ's codes with gptq)
+        # the start: soft bits at init, hardened, are round-to-nearest on the initial grid (GPTQ's codes with gptq,
+        # SQuant's with init_rounding squant)
         judge = self.opts.keep_better and xq_hold.shape[0] > 0
         _hard(soft, True)
         hold_start = output_error(unit_fwd, xq_hold, y_hold)

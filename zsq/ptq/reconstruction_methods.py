@@ -70,6 +70,8 @@ class PTQOptions:
     # how learned soft bits become codes: 1[V >= 0] (the papers') or GPTQ fitted to the soft unit
     # (zsq.ptq.gptq.gptq_harden_unit); None: default_hardening (Genie-M: gptq at W2, and below W5 with <= 100 steps)
     hardening: Optional[Literal["nearest", "gptq"]] = None
+    # where learned soft bits start: round-to-nearest (the papers') or SQuant's data-free codes (zsq.quant.squant)
+    init_rounding: Literal["nearest", "squant"] = EngineOptions.init_rounding
     # where activation steps start: "data" (the papers: Lp search on the calibration images) or "bn"
     # (bn-minmax: from BatchNorm statistics, independent of how faithful synthetic images are);
     # None: the preset's QuantConfig.act_init (deploy: bn, the paper presets: data)
@@ -266,7 +268,12 @@ def choose_levers(recipe: Recipe, fp_model, qconfig: QuantConfig, budget: Budget
     probe); a layer GPTQ cannot round (a weight transformed in its forward, work after the kernel) makes a
     default fall back to the next best -- learned soft bits, hardened to nearest -- with a warning, and an
     explicit --set rounding/hardening=gptq an error. Called before synthesis (``preflight``), never after."""
-    rounding = user.rounding or default_rounding(recipe, budget, qconfig.w_bits, qconfig.a_bits)
+    if user.init_rounding == "squant" and user.rounding == "gptq":
+        raise ZsqError("init_rounding=squant is where learned soft bits start; rounding=gptq computes the codes "
+                       "instead: drop one of them")
+    # a SQuant start asks for learned soft bits, whatever the budget's default rounding
+    rounding = user.rounding or ("learned" if user.init_rounding == "squant"
+                                 else default_rounding(recipe, budget, qconfig.w_bits, qconfig.a_bits))
     hardening = user.hardening or default_hardening(recipe, budget, rounding, user.refit_iters, qconfig.w_bits)
     fallback = None
     if "gptq" in (rounding, hardening):
@@ -330,6 +337,7 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
                          refit_iters=user.refit_iters, refit_affine=user.refit_affine,
                          rounding=rounding,
                          gptq_damp=user.gptq_damp, gptq_target=user.gptq_target, hardening=hardening,
+                         init_rounding=user.init_rounding,
                          stop=user.stop_rule() if (EARLY_STOP if user.early_stop is None else user.early_stop) else None)
     work_dir = user.work_dir or (Path(job.out) / "work" if job.out is not None else None)
     if job.resume and work_dir is None:

@@ -16,8 +16,12 @@ import torch.nn as nn
 
 from zsq.errors import ZsqError
 from zsq.quant.quantizer import UniformQuantizer
+from zsq.quant.squant import SquantStats, squant_codes, weight_as_groups
 
 GAMMA, ZETA = -0.1, 1.1
+# how far past the tie (in h) an element SQuant rounds the other way starts: enough that 1[V >= 0] gives
+# SQuant's code, small enough that the soft weight barely moves (start_at_squant)
+SQUANT_START_MARGIN = 0.01
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -100,6 +104,26 @@ class SoftRoundQuantizer(nn.Module):
 
     def harden(self) -> None:
         self.hard = True
+
+    @torch.no_grad()
+    def start_at_squant(self, weight: torch.Tensor, mode: str = "squant") -> SquantStats:
+        """Start the soft bits at SQuant's codes on this grid instead of round-to-nearest: an element SQuant
+        rounds the other way gets h(V) = 0.5 +- SQUANT_START_MARGIN, every other keeps h(V) = its fraction.
+        SQuant flips the elements nearest to a tie, so the soft weight moves by little more than the margin
+        while 1[V >= 0] gives SQuant's codes (a data-free, Hessian-aware start; Guo et al., ICLR 2022)."""
+        s0 = self.step_size().detach()
+        m = weight.shape[0]
+        x = weight_as_groups(weight.detach().float() / s0)
+        z = self.zero_point.double().reshape(-1, 1, 1).expand(m, 1, 1)
+        codes, stats = squant_codes(x, self.qmin - z, self.qmax - z, mode)
+        up = codes.reshape(weight.shape) > self.base_int.double()
+        b = self.base_int + self.zero_point
+        inside = (b >= self.qmin) & (b + 1 <= self.qmax)  # both floor and ceil on the grid: a real choice
+        up, near_up = up & inside, (self.v >= 0) & inside  # an element off the grid is left as it is
+        tie = torch.tensor(0.5, dtype=self.v.dtype)
+        self.v[up & ~near_up] = inverse_rectified_sigmoid(tie + SQUANT_START_MARGIN)
+        self.v[~up & near_up] = inverse_rectified_sigmoid(tie - SQUANT_START_MARGIN)
+        return stats
 
     def extra_repr(self) -> str:
         learn = "relative" if self.relative_scale else isinstance(getattr(self, "scale", None), nn.Parameter)
