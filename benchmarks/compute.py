@@ -107,7 +107,7 @@ def matrix_recon(key: str, teacher, calib, iters: int, comp):
         eng = Reconstructor(q, calib, GENIE, Budget("bench", n or iters, min(32, len(calib)), len(calib)),
                             EngineOptions(), compute=comp)
         ui = next(i for i, u in enumerate(eng.units) if u.name == RECON_UNITS[key])  # earlier units untrained
-        rec = eng._run_unit(0, ui)
+        rec = eng.run_unit(0, ui)
         return rec["seconds"], rec["hard_loss"]
 
     cold, timed, warm, recompiled, loss = three_runs(run)
@@ -194,7 +194,7 @@ def part_recon(args) -> list:
                                 compute=resolve("cpu", prec, cl))
             ui = next(i for i, u in enumerate(eng.units) if u.name == units[key])  # earlier units stay untrained
             before = load_avg()
-            rec = eng._run_unit(0, ui)
+            rec = eng.run_unit(0, ui)
             per = rec["seconds"] / iters
             base = base or per
             rows.append(f"| {key} | {units[key]} | {label(prec, cl)} | {iters} | {per:.3f} | {base / per:.2f}x | "

@@ -143,7 +143,7 @@ def _round_to_nearest(names):
     their starting grid (activation steps at their Lp start); every other unit is reconstructed as usual."""
     from zsq.ptq.reconstruct import Reconstructor
 
-    train, wanted, seen = Reconstructor._train, set(names), set()
+    train, wanted, seen = Reconstructor.train_steps, set(names), set()
 
     def patched(self, phase, unit, *args, **kwargs):
         if unit.name in wanted:
@@ -151,11 +151,11 @@ def _round_to_nearest(names):
             return [], 0.0
         return train(self, phase, unit, *args, **kwargs)
 
-    Reconstructor._train = patched
+    Reconstructor.train_steps = patched
     try:
         yield
     finally:
-        Reconstructor._train = train
+        Reconstructor.train_steps = train
     if wanted - seen:
         raise SystemExit(f"--rtn-unit: no unit named {sorted(wanted - seen)}")
 
@@ -368,7 +368,7 @@ def _act_errors(qmodel, probe):
     from zsq.hooks import Hooks
     from zsq.quant.quantizer import fake_quantize
     from zsq.quant.state import quantizers_disabled
-    from zsq.quant.transforms import act_quantizers
+    from zsq.quant.inventory import act_quantizers
 
     out = {}
 

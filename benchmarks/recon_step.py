@@ -3,7 +3,7 @@
 "unfused" puts back, for the timed runs only, what the engine did before the fused step: QDrop masks from one
 uniform float per value (torch.rand < p) mixed with torch.where, and the LSQ activation fake-quant through
 autograd (round_ste(clamp(x / s, lo, hi)) * s). "fused" is the engine as it is (zsq.ptq.qdrop byte masks and
-multiply-mix, zsq.quant.quantizer._LSQFakeQuant). Each round runs one unit with ITERS and with FEW iterations
+multiply-mix, zsq.quant.quantizer.LSQFakeQuant). Each round runs one unit with ITERS and with FEW iterations
 per variant, in alternating order; seconds per iteration = (t(ITERS) - t(FEW)) / (ITERS - FEW), so caching
 and hardening cancel; t is the process's CPU time (one thread), which on a shared machine moves far less with
 the other processes than wall time does. The median over rounds is reported with the CPU model and flags and the load.
@@ -59,12 +59,12 @@ def _reference_mix(q, x, keep):
 
 @contextlib.contextmanager
 def unfused():
-    saved = (zq._LSQFakeQuant, qdrop.keep_mask, qdrop.mix)
-    zq._LSQFakeQuant, qdrop.keep_mask, qdrop.mix = _ReferenceLSQ, _reference_keep, _reference_mix
+    saved = (zq.LSQFakeQuant, qdrop.keep_mask, qdrop.mix)
+    zq.LSQFakeQuant, qdrop.keep_mask, qdrop.mix = _ReferenceLSQ, _reference_keep, _reference_mix
     try:
         yield
     finally:
-        zq._LSQFakeQuant, qdrop.keep_mask, qdrop.mix = saved
+        zq.LSQFakeQuant, qdrop.keep_mask, qdrop.mix = saved
 
 
 def run_unit(teacher, calib, unit: str, iters: int, bits: str) -> float:
@@ -73,7 +73,7 @@ def run_unit(teacher, calib, unit: str, iters: int, bits: str) -> float:
     eng = Reconstructor(q, calib, recipe, Budget("bench", iters, 32, calib.shape[0]), EngineOptions())
     ui = next(i for i, u in enumerate(eng.units) if u.name == unit)
     t = time.process_time()  # CPU seconds of this (one-thread) process: what other agents' load moves least
-    eng._run_unit(0, ui)
+    eng.run_unit(0, ui)
     return time.process_time() - t
 
 

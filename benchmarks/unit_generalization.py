@@ -69,7 +69,7 @@ def _one(fp, qc, images, variant: dict, name: str):
     recipe, budget = _recipe(variant)
     eng = Reconstructor(quantize_model(fp, qc), images, recipe, budget, EngineOptions())
     if rtn:  # no optimisation: the soft bits harden where they start, round-to-nearest on the starting grid
-        eng._train = lambda *args, **kwargs: ([], 0.0)
+        eng.train_steps = lambda *args, **kwargs: ([], 0.0)
     names = [u.name for u in eng.units]
     if name not in names:
         raise SystemExit(f"no unit {name!r}; the units are {', '.join(names)}")
@@ -81,8 +81,8 @@ def _one(fp, qc, images, variant: dict, name: str):
         set_flags(eng.all_acts, enabled=False, observing=False)
         set_flags(eng.unit_acts[ui], enabled=True)
 
-    eng._set_acts = only_this_unit
-    return eng, eng._run_unit(0, ui)
+    eng.set_acts = only_this_unit
+    return eng, eng.run_unit(0, ui)
 
 
 def main() -> None:

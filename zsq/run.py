@@ -388,7 +388,8 @@ def _validate(ctx: _Context) -> None:
     from zsq.data import load_dataset
     from zsq.evaluation import evaluate
     from zsq.models.meta import get_meta
-    from zsq.quant.transforms import example_input_for, kept_float_layers, refuse_float_layers
+    from zsq.quant.transforms import kept_float_layers, refuse_float_layers
+    from zsq.quant.inventory import example_input_for
 
     run, info = ctx.run, ctx.info
     if run.strict:  # refuse what quantize_model would keep in float

@@ -141,7 +141,8 @@ def test_act_errors_are_each_quantizers_own_error_and_clipping_on_the_probe(ql):
     from tests.tiny_models import tiny_factory, tiny_images
     from zsq.quant import get_preset
     from zsq.quant.calibration import calibrate
-    from zsq.quant.transforms import act_quantizers, quantize_model
+    from zsq.quant.transforms import quantize_model
+    from zsq.quant.inventory import act_quantizers
 
     x = tiny_images(16)
     q = quantize_model(tiny_factory(seed=1), get_preset("gdfq", "w8a8"))  # min/max ranges

@@ -144,7 +144,7 @@ def test_deploy_bias_is_exported_on_its_grid_and_matches_the_runtime_closer(tmp_
     onnxruntime's integer kernels then track the fake-quant model more closely than without the grid."""
     from onnx import numpy_helper
 
-    from zsq.quant.transforms import quant_layers
+    from zsq.quant.inventory import quant_layers
 
     q = tiny_quantized("deploy", "w8a8")
     export_onnx(q, tmp_path / "m.onnx", opset=17)

@@ -15,7 +15,7 @@ from zsq.errors import ZsqError
 from zsq.export.onnx import SATURATION_SAFE_CODE, export_onnx
 from zsq.export.parity import check_parity
 from zsq.export.runtimes import cpu_has_int8_dot, int8_weight_names, open_runtime
-from zsq.quant.transforms import quant_layers
+from zsq.quant.inventory import quant_layers
 
 
 def _weights(path):

@@ -77,3 +77,24 @@ def test_squant_output_is_closer_to_fp32_than_round_to_nearest_on_resnet20():
             with torch.no_grad():
                 errs[mode] = float((q(x) - ref).pow(2).mean())
         assert errs["squant"] < 0.9 * errs["squant-e"], (bits, errs)
+
+
+def test_genie_after_cle_reconstructs_the_equalized_model_and_survives_a_checkpoint(tmp_path):
+    """--set equalize=true on a reconstruction method: DFQ's transform first, reported, in the checkpoint."""
+    factory = lambda name="chain": set_meta(Chain(nn.ReLU6, depthwise=True).eval(), META)  # noqa: E731
+    m = factory()
+    images = _x(16, 5)
+    job = QuantJob(calib=images, iters=2, batch_size=8, extra={"equalize": True})
+    res = get_method("genie").fn(m, zsq.get_preset("genie", "w4a4"), job)
+    pairs = {(p["conv1"], p["conv2"]) for p in res.report["dfq"]["equalized_pairs"]}
+    assert pairs == {("c1", "c2"), ("c2", "dw"), ("dw", "c3")}
+    plain = get_method("genie").fn(m, zsq.get_preset("genie", "w4a4"), QuantJob(calib=images, iters=2, batch_size=8))
+    assert "dfq" not in plain.report
+    x = _x(4, 3)
+    with torch.no_grad():
+        out = res.model(x)
+        assert not torch.equal(out, plain.model(x))  # the transform changed what was quantized
+    save_quantized(res.model, tmp_path / "ck", model_name="chain")
+    again = load_quantized(tmp_path / "ck", model_factory=factory)
+    with torch.no_grad():
+        assert torch.equal(again(x), out)

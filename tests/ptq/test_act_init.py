@@ -10,7 +10,7 @@ from tests.tiny_models import make_tiny
 from zsq.errors import ZsqError
 from zsq.methods.registry import QuantJob
 from zsq.quant import calibrate_from_bn, get_preset, quantize_model
-from zsq.quant.transforms import act_quantizers
+from zsq.quant.inventory import act_quantizers
 
 
 class _Stop(Exception):

@@ -35,7 +35,7 @@ def _worker(rank: int, world: int, init_file: str, tmp: str, die_at_unit: int) -
         from zsq.ptq.reconstruct import Reconstructor
 
         if die_at_unit:
-            original, calls = Reconstructor._run_unit, []
+            original, calls = Reconstructor.run_unit, []
 
             def dying(self, *a, **k):
                 calls.append(1)
@@ -43,7 +43,7 @@ def _worker(rank: int, world: int, init_file: str, tmp: str, die_at_unit: int) -
                     raise KeyboardInterrupt  # like a kill: no cleanup of the work folder
                 return original(self, *a, **k)
 
-            Reconstructor._run_unit = dying
+            Reconstructor.run_unit = dying
         try:
             res = _genie(out=Path(tmp) / "run")
             torch.save({"state": res.model.state_dict(), "report": res.report}, Path(tmp) / f"rank{rank}.pt")

@@ -197,7 +197,7 @@ def test_ptq_options_default_to_the_engines_own():
     user, engine = PTQOptions(), EngineOptions()
     shared = [f.name for f in fields(PTQOptions) if hasattr(engine, f.name)]
     assert shared == ["chunk", "max_cache_mib", "holdout", "keep_better", "augment", "refit_iters", "refit_affine",
-                      "rounding", "gptq_damp", "gptq_target", "hardening"]
+                      "rounding", "gptq_damp", "gptq_target", "hardening", "init_rounding"]
     # rounding is the budget's unless asked (Budget.rounding), hardening default_hardening's, every other
     # one the engine's own
     assert user.rounding is None and user.hardening is None

@@ -180,7 +180,7 @@ def test_genie_from_a_squant_start_differs_from_nearest_and_records_it(tiny, tin
     from zsq.methods.registry import QuantJob
     from zsq.ptq.reconstruction_methods import genie
     from zsq.quant.qconfig import get_preset
-    from zsq.quant.transforms import quant_layers
+    from zsq.quant.inventory import quant_layers
     runs = {}
     for init in ("nearest", "squant"):
         job = QuantJob(calib=tiny_images, iters=0 + 1, batch_size=16, extra={"init_rounding": init})

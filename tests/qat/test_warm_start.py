@@ -107,3 +107,23 @@ def test_standard_budget_is_refused_where_no_curve_chose_it():
     assert (std.name, std.iters, std.num_images) == ("standard", QUICK.iters, QUICK.num_images)
     with pytest.raises(ZsqError, match="budget must be one of quick, standard, paper"):
         get_budget("weekend")
+
+
+@pytest.mark.parametrize("method", ["gdfq", "ait", "hast"])
+def test_the_paper_budget_runs_the_published_recipe_on_a_tiny_model_and_refuses_a_warm_start(method):
+    import dataclasses
+
+    import zsq
+    from zsq.qat.training_config import paper_config
+
+    teacher = _teacher()
+    budget = zsq.RunBudget("paper", iters=2, epochs=2, iters_per_epoch=1, batch_size=4)  # iters: the synthesis
+    res = zsq.quantize(teacher, method=method, bits="w4a4", calibration=zsq.Calibration(num_images=8), budget=budget)
+    rep = res.report["method_report"]
+    paper = paper_config(method, teacher.zsq_meta)
+    for key in ("lr", "weight_decay", "ce_scale", "kd_scale", "temperature", "optimizer", "kl_reduction"):
+        assert rep["config"][key] == dataclasses.asdict(paper)[key], key  # the paper's loss and optimizer, only shortened
+    assert rep["config"]["warm_start"] == "none" and "warm_start" not in rep
+    with pytest.raises(ZsqError, match="published recipe"):
+        zsq.quantize(teacher, method=method, bits="w4a4", calibration=zsq.Calibration(num_images=8), budget=budget,
+                     options={"warm_start": "genie"})

@@ -12,7 +12,8 @@ from zsq.methods.registry import QuantJob
 from zsq.quant import calibrate_from_bn, get_preset, quantize_model
 from zsq.quant.modules import FoldedBatchNorm, QuantAct
 from zsq.quant.state import set_quant_state
-from zsq.quant.transforms import act_quantizers, fold_batchnorm, quant_layers
+from zsq.quant.transforms import fold_batchnorm
+from zsq.quant.inventory import act_quantizers, quant_layers
 
 
 @pytest.fixture(autouse=True)

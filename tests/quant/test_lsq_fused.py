@@ -1,10 +1,10 @@
-"""The fused LSQ fake-quant (zsq.quant.quantizer._LSQFakeQuant) against the unfused autograd formula it
+"""The fused LSQ fake-quant (zsq.quant.quantizer.LSQFakeQuant) against the unfused autograd formula it
 replaces: forward values and both gradients equal bit for bit, on random tensors with values on rounding
 ties, exactly on the clamp bounds (where autograd's clamp halves the gradient) and outside the range."""
 import pytest
 import torch
 
-from zsq.quant.quantizer import _LSQFakeQuant, fake_quantize, round_ste
+from zsq.quant.quantizer import LSQFakeQuant, fake_quantize, round_ste
 
 
 def _unfused(x, s, z, qmin, qmax):
@@ -58,7 +58,7 @@ def test_fused_lsq_is_used_when_the_step_learns_and_skipped_without_grad():
     assert y0.grad_fn is None and torch.equal(y0, y.detach())
     # input gradient only (a frozen step): no step gradient is computed
     xr = x.clone().requires_grad_(True)
-    out = _LSQFakeQuant.apply(xr, s.detach(), torch.tensor(-8.0), torch.tensor(7.0))
+    out = LSQFakeQuant.apply(xr, s.detach(), torch.tensor(-8.0), torch.tensor(7.0))
     out.sum().backward()
     inside = ((x / 0.2) > -8) & ((x / 0.2) < 7)
     assert torch.equal(xr.grad != 0, inside) and torch.allclose(xr.grad[inside], torch.ones(int(inside.sum())))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from zsq.budget_names import BUDGET_NAMES
+from zsq.cli.checks import parse_set  # noqa: F401  (also zsq.cli.parse_set for the subcommands)
 from zsq.errors import InternalError, ZsqError
 from zsq.progress import cli_logging
 
@@ -139,20 +139,6 @@ def cmd_evaluate(args) -> dict:
 
 
 # ---- quantize ---------------------------------------------------------------------------------
-def parse_set(items: Optional[List[str]]) -> Dict[str, object]:
-    """``--set KEY=VALUE`` items as a dict; values are JSON when they parse as JSON, else strings."""
-    out: Dict[str, object] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ZsqError(f"--set expects key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
-    return out
-
-
 def cmd_quantize(args) -> dict:
     from zsq.run import (Calibration, ComputeConfig, MethodSpec, ModelSource, Output, QuantSpec, Run, RunBudget,
                          execute)

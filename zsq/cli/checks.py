@@ -5,7 +5,9 @@ numbers in range (zsq.options.RUN_LIMITS), no contradictory flags, and for `quan
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from typing import Dict, List, Optional
 
 from zsq.errors import ZsqError
 from zsq.options import RUN_LIMITS, check_range, check_run_flags, check_run_numbers
@@ -45,7 +47,6 @@ def check_args(args: argparse.Namespace) -> None:
 def _check_quantize(args: argparse.Namespace) -> None:
     """The names a quantize run would refuse: bits, method, preset, synthesizer, --set options (these on
     zsq's own models, whose metadata needs no model built; others are checked when the model is loaded)."""
-    from zsq.cli import parse_set
     from zsq.methods import get_method
     from zsq.quant import get_preset, parse_bits
 
@@ -65,3 +66,17 @@ def _check_quantize(args: argparse.Namespace) -> None:
         except ZsqError:
             return  # an unknown model name: refused where it is loaded
         info.parse_options(options, meta, args.budget)
+
+
+def parse_set(items: Optional[List[str]]) -> Dict[str, object]:
+    """``--set KEY=VALUE`` items as a dict; values are JSON when they parse as JSON, else strings."""
+    out: Dict[str, object] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ZsqError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out

@@ -45,7 +45,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
-    from zsq.cli import load_model, parse_set
+    from zsq.cli import load_model
+    from zsq.cli.checks import parse_set
     from zsq.synth import synthesize
 
     from zsq.compute import resolve

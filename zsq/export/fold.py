@@ -25,7 +25,8 @@ from zsq.export.frozen import FrozenWeightQuantizer
 from zsq.export.weight_grid import weight_grid
 from zsq.quant.modules import QuantConv2d, folded_stand_in
 from zsq.quant.state import quantizer_flags
-from zsq.quant.transforms import _conv_bn_pairs, act_quantizers, set_submodule
+from zsq.quant.transforms import _conv_bn_pairs
+from zsq.quant.inventory import act_quantizers, set_submodule
 
 
 def _fold_one(layer: QuantConv2d, name: str, bn: nn.BatchNorm2d) -> None:

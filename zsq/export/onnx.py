@@ -33,7 +33,7 @@ from zsq.errors import ZsqError
 from zsq.quant.modules import QuantAct, QuantInput
 from zsq.export.onnx_passes import drop_unused, fold_zero_pads
 from zsq.export.weight_grid import weight_grid
-from zsq.quant.transforms import quant_layers
+from zsq.quant.inventory import quant_layers
 
 OPSET = 21  # default: INT4/UINT4 weight initializers
 TORCH_MAX_OPSET = 20  # torch.onnx (TorchScript) writes up to this opset
@@ -206,7 +206,7 @@ def freeze_shape_dependent_modules(m: nn.Module, input_size: Tuple[int, ...]) ->
     (``SamePad2d``) by its constant form for the one input size the graph is exported at; a module
     that sees several shapes keeps its dynamic form. Returns the names replaced."""
     from zsq.hooks import Hooks
-    from zsq.quant.transforms import set_submodule
+    from zsq.quant.inventory import set_submodule
 
     seen: dict = {}
     with Hooks() as hooks:

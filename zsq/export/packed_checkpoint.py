@@ -35,7 +35,7 @@ from zsq.export.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, fil
 from zsq.export.packing import pack_codes, unpack_codes
 from zsq.export.weight_grid import weight_grid
 from zsq.quant.state import set_flags
-from zsq.quant.transforms import act_quantizers, quant_layers
+from zsq.quant.inventory import act_quantizers, quant_layers
 
 PACKED_FILE = "packed_weights.safetensors"
 STATE_FILE = "float_state.safetensors"

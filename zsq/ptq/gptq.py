@@ -418,7 +418,7 @@ def gptq_blockers(qmodel: nn.Module, example: torch.Tensor) -> Dict[str, str]:
     that output) as ``input_moments`` makes on the calibration images. Cheap, so a run decides on its
     rounding before synthesis and reconstruction start, not when the first unit reaches such a layer."""
     from zsq.quant.state import quantizers_disabled
-    from zsq.quant.transforms import quant_layers
+    from zsq.quant.inventory import quant_layers
 
     layers = quant_layers(qmodel)
     names = {id(layer): name for name, layer in layers}

@@ -23,7 +23,7 @@ from zsq.errors import ZsqError
 from zsq.options import check_range
 from zsq.ptq.reconstruct import affine_parameters, only_trainable
 from zsq.ptq.unit_bar import UnitBar
-from zsq.quant.transforms import act_quantizers
+from zsq.quant.inventory import act_quantizers
 
 logger = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from zsq.ptq.unit_bar import UnitBar
 from zsq.ptq.units import Unit, find_units, summarize_units
 from zsq.quant.quantizer import UniformQuantizer, subsample_with_extremes
 from zsq.quant.state import set_flags, set_quant_state
-from zsq.quant.transforms import act_quantizers
+from zsq.quant.inventory import act_quantizers
 
 logger = logging.getLogger(__name__)
 
@@ -262,20 +262,22 @@ class Reconstructor:
             **({} if self.compute.is_reference else {"compute": str(sorted(self.compute.describe().items()))}))
 
     # ---- state of the activation quantizers -----------------------------------------------------
-    def _set_acts(self, phase: Phase, upto: int) -> None:
+    def set_acts(self, phase: Phase, upto: int) -> None:
         """Activation quantization on for units 0..upto when the phase has it, off elsewhere."""
         set_flags(self.all_acts, enabled=False, observing=False)
         if phase.acts_on:
             set_flags([q for qs in self.unit_acts[: upto + 1] for q in qs], enabled=True)
 
     # ---- one unit ------------------------------------------------------------------------------
-    def _run_unit(self, pi: int, ui: int) -> dict:
+    def run_unit(self, pi: int, ui: int) -> dict:
+        """Reconstruct unit ui in phase pi and return its record (``run`` calls it in order, with resume and
+        checkpoints around it; benchmarks call it alone to time or study one unit)."""
         phase, unit = self.recipe.phases[pi], self.units[ui]
         t0 = time.time()
         gen = self.compute.generator(_seed(self.opts.seed, pi, ui))
         x, y = cache.capture(self.fp_ref, unit.name, self.calib, self.opts.chunk, want_output=True,
                              compute=self.compute)
-        self._set_acts(phase, ui)
+        self.set_acts(phase, ui)
         xq, _ = cache.capture(self.qmodel, unit.name, self.calib, self.opts.chunk, want_output=False,
                               compute=self.compute)
         mod = self.qmodel.get_submodule(unit.name)
@@ -314,7 +316,7 @@ class Reconstructor:
             first = math.ceil(self.recipe.warmup * iters)  # where the rounding loss comes on (BetaSchedule)
             monitor = Monitor(self.opts.stop, iters, max(1, first))
         with only_trainable(self.qmodel, [p for g in groups[0] + groups[1] for p in g["params"]]):
-            rec_hist, round_val = self._train(phase, unit, mod, learning, acts, gen, (x, y, xq), groups, iters, desc,
+            rec_hist, round_val = self.train_steps(phase, unit, mod, learning, acts, gen, (x, y, xq), groups, iters, desc,
                                               monitor)
         # the same error as hard_loss but with the soft bits as trained: their gap is what hardening costs
         soft_final = output_error(unit_fwd, xq[:n], y[:n]) if learning and iters else None
@@ -406,11 +408,11 @@ class Reconstructor:
         if not params:
             return
         with only_trainable(self.qmodel, params):
-            self._train(phase, unit, mod, [], acts, gen, data, ([], groups), self.opts.refit_iters, desc + " refit")
+            self.train_steps(phase, unit, mod, [], acts, gen, data, ([], groups), self.opts.refit_iters, desc + " refit")
 
-    def _train(self, phase: Phase, unit: Unit, mod: nn.Module, soft: List[SoftRoundQuantizer],
-               acts: List[UniformQuantizer], gen: torch.Generator, data, groups, iters: int,
-               desc: str, monitor: Optional[Monitor] = None) -> Tuple[List[float], float]:
+    def train_steps(self, phase: Phase, unit: Unit, mod: nn.Module, soft: List[SoftRoundQuantizer],
+                    acts: List[UniformQuantizer], gen: torch.Generator, data, groups, iters: int,
+                    desc: str, monitor: Optional[Monitor] = None) -> Tuple[List[float], float]:
         """The unit's optimisation; (reconstruction loss per step, the last rounding loss). With a
         ``monitor`` (zsq.ptq.convergence) the unit's soft and hardened output errors are checked on its
         first training images when the monitor says, and the loop ends early once it may stop."""
@@ -529,7 +531,7 @@ class Reconstructor:
             zdist.barrier()  # every process has read the checkpoint before the first one is rewritten
         for k in range(start, len(self.steps)):
             pi, ui = self.steps[k]
-            rec = self._run_unit(pi, ui)
+            rec = self.run_unit(pi, ui)
             records.append(rec)
             if self.work_dir is not None and zdist.rank() == 0:  # every process holds the same model
                 unit_checkpoint.save(self.work_dir, self.fingerprint, k + 1, self.qmodel.state_dict(), records)

@@ -25,8 +25,10 @@ from zsq.ptq.gptq import gptq_blockers
 from zsq.ptq.output_distill import OutputDistillConfig, distill_outputs
 from zsq.ptq.reconstruct import Reconstructor
 from zsq.quant.calibration import bn_layers, calibrate_from_bn
+from zsq.quant.equalize import prepare_data_free, structure_of
 from zsq.quant.qconfig import QuantConfig
-from zsq.quant.transforms import example_input_for, quantize_model
+from zsq.quant.transforms import quantize_model
+from zsq.quant.inventory import example_input_for, quant_layers
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,9 @@ class PTQOptions:
     hardening: Optional[Literal["nearest", "gptq"]] = None
     # where learned soft bits start: round-to-nearest (the papers') or SQuant's data-free codes (zsq.quant.squant)
     init_rounding: Literal["nearest", "squant"] = EngineOptions.init_rounding
+    # DFQ's float transform first (zsq.quant.equalize: BN folded, cross-layer equalization, high-bias
+    # absorption); the reconstruction's reference is then the equalized model, the same function
+    equalize: bool = False
     # where activation steps start: "data" (the papers: Lp search on the calibration images) or "bn"
     # (bn-minmax: from BatchNorm statistics, independent of how faithful synthetic images are);
     # None: the preset's QuantConfig.act_init (deploy: bn, the paper presets: data)
@@ -342,7 +347,8 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
     work_dir = user.work_dir or (Path(job.out) / "work" if job.out is not None else None)
     if job.resume and work_dir is None:
         raise ZsqError("--resume needs --out (the checkpoints live in OUT/work)")
-    qmodel = quantize_model(fp_model, qconfig)
+    prep = prepare_data_free(fp_model, fold=True, equalize=True) if user.equalize else None
+    qmodel = quantize_model(prep.model if prep is not None else fp_model, qconfig)
     act_init = start_of_act_steps(qmodel, qconfig, user.act_init, recipe.name)
     if act_init == "bn":
         calibrate_from_bn(qmodel, seed=job.seed)  # initialised quantizers are not re-initialised on data
@@ -354,6 +360,10 @@ def run_recipe(recipe: Recipe, fp_model, qconfig: QuantConfig, job: QuantJob) ->
         report["output_distill"] = distill_outputs(qmodel, fp_model, images, user.distill_config(), seed=job.seed,
                                                    compute=engine.compute)
     qmodel.to("cpu", memory_format=torch.contiguous_format)  # saving, export and evaluation take it from here
+    if prep is not None:  # a saved checkpoint rebuilds the equalized structure before loading
+        report.update(prep.report())  # "dfq": what was folded and equalized
+        qmodel.zsq_quant_plan["dfq_structure"] = dict(structure_of(prep), biases=[
+            n for n, m in quant_layers(qmodel) if m.bias is not None])
     report.update({"compute": engine.compute.describe(), "method": recipe.name, "preset": qconfig.describe(), "calib_source": job.calib_source,
                    "act_init": act_init, "rounding": opts.rounding, "hardening": opts.hardening,
                    **({"gptq_fallback": levers["fallback"]} if levers.get("fallback") else {}),

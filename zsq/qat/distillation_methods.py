@@ -70,6 +70,9 @@ def _run(name: str, fp_model, qconfig, job: QuantJob) -> QuantResult:
         extra.setdefault("calib_data", "fixed")
     cfg = cfg.with_options(epochs=job.epochs, iters_per_epoch=job.iters_per_epoch, batch_size=job.batch_size,
                            **extra)
+    if job.budget == "paper" and cfg.warm_start != "none":
+        raise ZsqError(f"--budget paper is {name}'s published recipe, which starts from a calibrated student; "
+                       f"warm_start={cfg.warm_start} departs from it: use --budget quick or standard for a warm start")
     start = warm = None
     if cfg.warm_start != "none":
         qconfig, cfg, start, warm = _warm_start(fp_model, qconfig, cfg, images, job)

@@ -5,4 +5,5 @@ from zsq.quant.qconfig import (LayerOverride, QuantConfig, format_bits, get_pres
 from zsq.quant.modules import QuantAct, QuantConv2d, QuantInput, QuantLinear  # noqa: F401
 from zsq.quant.state import observing, quantizer_flags, quantizers_disabled, set_flags, set_quant_state  # noqa: F401
 from zsq.quant.quantizer import QuantSpec, UniformQuantizer, fake_quantize, lp_search  # noqa: F401
-from zsq.quant.transforms import act_quantizers, fold_batchnorm, quant_layers, quantize_model  # noqa: F401
+from zsq.quant.transforms import fold_batchnorm, quantize_model  # noqa: F401
+from zsq.quant.inventory import act_quantizers, quant_layers

@@ -12,7 +12,7 @@ from zsq.hooks import Hooks
 from zsq.progress import progress
 from zsq.quant.modules import FoldedBatchNorm
 from zsq.quant.state import observing, quantizer_flags, set_flags
-from zsq.quant.transforms import act_quantizers
+from zsq.quant.inventory import act_quantizers
 
 
 def check_calibrated(qmodel: nn.Module) -> None:

@@ -23,10 +23,14 @@ from typing import Dict, List, Optional, Set
 import torch
 import torch.nn as nn
 
+from zsq.errors import ZsqError
 from zsq.hooks import Hooks
 from zsq.quant.qconfig import QuantConfig
 from zsq.quant.modules import QUANT_LAYER_TYPES, FoldedBatchNorm, QuantAct, QuantInput
+from zsq.quant.input_sharing import share_input_quantizers
+from zsq.quant.inventory import act_quantizers, set_submodule
 from zsq.quant.quantizer import UniformQuantizer
+from zsq.quant.state import quantizer_flags
 
 # parameter-free modules whose output values are a subset of their input's, plus 0 (always on a grid)
 GRID_PRESERVING = (nn.Identity, nn.Flatten, nn.Dropout, nn.MaxPool2d, nn.ZeroPad2d)
@@ -49,8 +53,6 @@ class _Trace:
         self.source: Dict[int, nn.Module] = {}  # tensor id -> the quantizer whose grid it lies on
 
     def run(self, example: torch.Tensor, watch: List[str], produce: List[str]) -> "_Trace":
-        from zsq.quant.state import quantizer_flags
-        from zsq.quant.transforms import act_quantizers
 
 
         def on_quant(m, _inp, out):
@@ -94,7 +96,6 @@ class _Trace:
 def quantize_folded_outputs(model: nn.Module, config: QuantConfig, example: torch.Tensor) -> List[str]:
     """Wrap each folded BN that no ReLU reads (a conv output going to an add or to the next block)
     in QuantAct, so the conv writes a quantized tensor."""
-    from zsq.quant.transforms import set_submodule
 
     folded = [n for n, m in model.named_modules() if isinstance(m, FoldedBatchNorm)]
     acts = [n for n, m in model.named_modules() if isinstance(m, QuantAct)]
@@ -111,7 +112,6 @@ def quantize_folded_outputs(model: nn.Module, config: QuantConfig, example: torc
 def drop_redundant_input_quantizers(model: nn.Module, example: torch.Tensor, plan: List[dict]) -> Dict[str, nn.Module]:
     """Remove the input quantizer of every layer / residual module whose input is on a grid already.
     Returns {name: the quantizer whose grid that input lies on}."""
-    from zsq.quant.transforms import set_submodule
 
     readers = [n for n, m in model.named_modules()
                if isinstance(m, QUANT_LAYER_TYPES + (QuantInput,)) and m.input_quant is not None]
@@ -133,8 +133,6 @@ def place_deploy_quantizers(model: nn.Module, config: QuantConfig, plan: List[di
                             example: Optional[torch.Tensor]) -> dict:
     """Steps 2-4 of the module docstring, on a model whose layers are wrapped (inputs quantized) and
     whose ReLU outputs and residual inputs already have quantizers (``quantize_model`` placed them)."""
-    from zsq.errors import ZsqError
-    from zsq.quant.transforms import share_input_quantizers
 
     if example is None:
         raise ZsqError("the deploy placement needs an example input (the model has no zsq metadata)")

@@ -299,7 +299,8 @@ def prepare_data_free(fp_model: nn.Module, *, fold: bool = True, equalize: bool 
         raise ZsqError(f"relu6 must be one of {RELU6_MODES} and absorb one of {ABSORB_MODES}")
     if not fold and not equalize:
         return Prepared(fp_model)
-    from zsq.quant.transforms import example_input_for, fold_batchnorm
+    from zsq.quant.transforms import fold_batchnorm
+    from zsq.quant.inventory import example_input_for
 
     model = copy.deepcopy(fp_model).eval()
     example = example_input_for(model)
@@ -399,7 +400,8 @@ def structure_of(prep: Prepared) -> dict:
 
 def rebuild_structure(model: nn.Module, structure: dict) -> nn.Module:
     """Apply a recorded DFQ structure to ``model`` (in place): fold BN, ReLU6 -> ChannelClippedReLU."""
-    from zsq.quant.transforms import example_input_for, fold_batchnorm
+    from zsq.quant.transforms import fold_batchnorm
+    from zsq.quant.inventory import example_input_for
 
     if structure.get("fold_bn"):
         example = example_input_for(model)

@@ -110,10 +110,10 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         return round_ste(torch.clamp(x / scale, lo, hi)) * scale
     if not (x.requires_grad or scale.requires_grad):
         return torch.round(torch.clamp(x / scale, lo, hi)) * scale
-    return _LSQFakeQuant.apply(x, scale, lo, hi)
+    return LSQFakeQuant.apply(x, scale, lo, hi)
 
 
-class _LSQFakeQuant(torch.autograd.Function):
+class LSQFakeQuant(torch.autograd.Function):
     """round_ste(clamp(x / s, lo, hi)) * s with the gradients autograd derives for it, bit for bit, in
     fewer full-size passes: autograd's clamp backward is a ``where`` (tens of times slower than a multiply
     on some CPU builds, measured in benchmarks/results/recon_step.md) and it keeps five tensors per call; this keeps

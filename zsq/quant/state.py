@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch.nn as nn
 
-from zsq.quant.transforms import act_quantizers, quant_layers
+from zsq.quant.inventory import act_quantizers, quant_layers
 
 Quantizers = Union[nn.Module, Iterable[nn.Module]]
 

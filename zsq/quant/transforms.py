@@ -29,52 +29,16 @@ from zsq.quant import graph as G
 from zsq.quant.qconfig import QuantConfig
 from zsq.quant.modules import (QUANT_LAYER_TYPES, QuantAct, QuantConv2d, QuantInput, QuantLinear, folded_stand_in,
                                is_bn_act, is_plain, keep_forward_quant)
+from zsq.quant.calibration import pin_image_input_ranges
+from zsq.quant.deploy import place_deploy_quantizers
+from zsq.quant.input_sharing import share_input_quantizers
+from zsq.quant.inventory import act_quantizers, example_input_for, float_layers, quant_layers, set_submodule
 from zsq.quant.quantizer import UniformQuantizer
+from zsq.quant.state import quantizers_disabled
 
 logger = logging.getLogger(__name__)
 
 ACTIVATIONS = G.ACT_MODULES
-
-
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-
-
-def float_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """Conv2d/Linear layers (subclasses too; not yet wrapped) in module order."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, QUANT_LAYER_TYPES)]
-
-
-def quant_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """Wrapped Conv/Linear layers in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_LAYER_TYPES)]
-
-
-def act_quantizers(model: nn.Module) -> List[Tuple[str, UniformQuantizer]]:
-    """Every activation quantizer (input, residual and after-activation), each listed once."""
-    seen, out = set(), []
-    for name, m in model.named_modules():
-        q = None
-        if isinstance(m, QUANT_LAYER_TYPES + (QuantInput,)):
-            q, qname = m.input_quant, name + ".input_quant"
-        elif isinstance(m, QuantAct):
-            q, qname = m.quant, name + ".quant"
-        if q is not None and id(q) not in seen:
-            seen.add(id(q))
-            out.append((qname, q))
-    return out
-
-
-def example_input_for(model: nn.Module, batch: int = 2) -> Optional[torch.Tensor]:
-    meta = getattr(model, "zsq_meta", None)
-    if meta is None:
-        return None
-    dev = next(model.parameters()).device
-    gen = torch.Generator(device=dev).manual_seed(0)  # a shape probe: its values never reach a result
-    return torch.randn(batch, *meta.input_size, device=dev, generator=gen)
 
 
 # ---- 1. BN folding -----------------------------------------------------------------------------
@@ -339,41 +303,6 @@ def quantize_residuals(model: nn.Module, config: QuantConfig, placer: _Placer, u
     return sites
 
 
-# ---- 5. consumers of one tensor share one input quantizer --------------------------------------
-def share_input_quantizers(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, str]]:
-    """Where several wrapped modules read the same tensor (a block's conv1, its shortcut and its
-    downsample conv), all use the quantizer of the first one that runs (Genie's rule), so the
-    residual carries the same quantized values as the main path. Returns (sharer, owner) pairs."""
-    first_reader: Dict[int, Tuple[str, nn.Module]] = {}
-    shares: List[Tuple[str, str]] = []
-    keep_alive = []
-    owners = [(n, m) for n, m in model.named_modules()
-              if isinstance(m, QUANT_LAYER_TYPES + (QuantInput,)) and m.input_quant is not None]
-
-    def pre(name, mod):
-        def h(_m, inp):
-            x = inp[0]
-            keep_alive.append(x)
-            prev = first_reader.get(id(x))
-            if prev is None:
-                first_reader[id(x)] = (name, mod)
-            elif prev[1] is not mod:
-                shares.append((name, prev[0]))
-        return h
-
-    from zsq.quant.state import quantizers_disabled  # state.py builds on this module
-
-    with Hooks() as hooks:
-        for name, mod in owners:
-            hooks.pre(mod, pre(name, mod))
-        with torch.no_grad(), quantizers_disabled(model, weights=False):
-            model(example)
-    for sharer, owner in shares:
-        s_mod, o_mod = model.get_submodule(sharer), model.get_submodule(owner)
-        s_mod.input_quant = o_mod.input_quant
-    return shares
-
-
 # ---- 6. the check: quantizers off => the float model, bit for bit ---------------------------------
 def _outputs_by_module(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
     """(name, output) of every module that returns a tensor, in the order they finish."""
@@ -395,8 +324,6 @@ def _outputs_by_module(model: nn.Module, example: torch.Tensor) -> List[Tuple[st
 
 def first_difference(reference: nn.Module, qmodel: nn.Module, example: torch.Tensor) -> Optional[str]:
     """The first module (in the reference's execution order) whose output the rewrite changed."""
-    from zsq.quant.state import quantizers_disabled
-
     with quantizers_disabled(qmodel):
         mine = {}
         for name, out in _outputs_by_module(qmodel, example):
@@ -411,8 +338,6 @@ def first_difference(reference: nn.Module, qmodel: nn.Module, example: torch.Ten
 def check_rewrite(model: nn.Module, qmodel: nn.Module, expected: torch.Tensor, example: torch.Tensor,
                   fold: bool) -> None:
     """Raise ZsqError unless ``qmodel`` with every quantizer off reproduces ``expected`` exactly."""
-    from zsq.quant.state import quantizers_disabled
-
     with quantizers_disabled(qmodel), torch.no_grad():
         got = qmodel(example)
     if isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.equal(got, expected):
@@ -427,8 +352,6 @@ def check_rewrite(model: nn.Module, qmodel: nn.Module, expected: torch.Tensor, e
 
 # ---- the whole pipeline -------------------------------------------------------------------------
 def _pin_image_inputs(qmodel: nn.Module, example: torch.Tensor) -> List[str]:
-    from zsq.quant.calibration import pin_image_input_ranges  # calibration builds on this module
-
     return pin_image_input_ranges(qmodel, example)
 
 
@@ -487,8 +410,6 @@ def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optiona
         sites.sort(key=lambda s: order.get(s["quantizer"].rsplit(".", 1)[0], len(order)))
     check_rewrite(model, qmodel, expected, example_input, bool(config.fold_bn))
     if config.act_placement == "deploy":
-        from zsq.quant.deploy import place_deploy_quantizers
-
         deploy = place_deploy_quantizers(qmodel, config, plan, example_input)
         residual = [r for r in residual if r["quantizer"].rsplit(".", 1)[0] not in deploy["inputs_already_quantized"]]
         shared = deploy["shared"]
@@ -584,8 +505,6 @@ def _readers(qmodel: nn.Module, example: torch.Tensor) -> Dict[str, str]:
         x = args[0]
         keep.append(x)
         reads.setdefault(quant_ids[id(_m)], produced.get(id(x), "the model input"))
-
-    from zsq.quant.state import quantizers_disabled
 
     with Hooks() as hooks:
         for name, mod in qmodel.named_modules():
