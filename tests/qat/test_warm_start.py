@@ -110,7 +110,7 @@ def test_standard_budget_is_refused_where_no_curve_chose_it():
 
 
 @pytest.mark.parametrize("method", ["gdfq", "ait", "hast"])
-def test_the_paper_budget_runs_the_published_recipe_on_a_tiny_model_and_refuses_a_warm_start(method):
+def test_the_paper_budget_runs_the_published_recipe_on_a_tiny_model_and_refuses_a_warm_start(method, tmp_path):
     import dataclasses
 
     import zsq
@@ -124,6 +124,7 @@ def test_the_paper_budget_runs_the_published_recipe_on_a_tiny_model_and_refuses_
     for key in ("lr", "weight_decay", "ce_scale", "kd_scale", "temperature", "optimizer", "kl_reduction"):
         assert rep["config"][key] == dataclasses.asdict(paper)[key], key  # the paper's loss and optimizer, only shortened
     assert rep["config"]["warm_start"] == "none" and "warm_start" not in rep
-    with pytest.raises(ZsqError, match="published recipe"):
+    with pytest.raises(ZsqError, match="published recipe"):  # refused with the options: before any image or file
         zsq.quantize(teacher, method=method, bits="w4a4", calibration=zsq.Calibration(num_images=8), budget=budget,
-                     options={"warm_start": "genie"})
+                     options={"warm_start": "genie"}, out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()

@@ -46,6 +46,14 @@ def _fixed_set(job: QuantJob):
     return calib, labels
 
 
+def refuse_warm_start_on_paper(name: str, budget: str, warm_start: str) -> None:
+    """--budget paper is the published recipe; a warm start departs from it (checked with the options,
+    before any image is made, and again by the method for direct calls)."""
+    if budget == "paper" and warm_start != "none":
+        raise ZsqError(f"--budget paper is {name}'s published recipe, which starts from a calibrated student; "
+                       f"warm_start={warm_start} departs from it: use --budget quick or standard for a warm start")
+
+
 def _run(name: str, fp_model, qconfig, job: QuantJob) -> QuantResult:
     t0 = time.time()
     meta = get_meta(fp_model)
@@ -70,9 +78,7 @@ def _run(name: str, fp_model, qconfig, job: QuantJob) -> QuantResult:
         extra.setdefault("calib_data", "fixed")
     cfg = cfg.with_options(epochs=job.epochs, iters_per_epoch=job.iters_per_epoch, batch_size=job.batch_size,
                            **extra)
-    if job.budget == "paper" and cfg.warm_start != "none":
-        raise ZsqError(f"--budget paper is {name}'s published recipe, which starts from a calibrated student; "
-                       f"warm_start={cfg.warm_start} departs from it: use --budget quick or standard for a warm start")
+    refuse_warm_start_on_paper(name, job.budget, cfg.warm_start)
     start = warm = None
     if cfg.warm_start != "none":
         qconfig, cfg, start, warm = _warm_start(fp_model, qconfig, cfg, images, job)
@@ -135,7 +141,8 @@ def _options(name: str):
         cfg = method_config(name, meta, budget)
         if "synq" in values:
             cfg = cfg.with_synq(values["synq"], meta)
-        cfg.with_options(**{k: v for k, v in values.items() if k != "synq"})  # ZsqError on a bad key or value
+        cfg = cfg.with_options(**{k: v for k, v in values.items() if k != "synq"})  # ZsqError on a bad key or value
+        refuse_warm_start_on_paper(name, budget, cfg.warm_start)
         return dict(values)
 
     return parse
