@@ -1,6 +1,7 @@
 """zsq.quantize as a library call: reproducible from its seed, and the caller's RNG left alone."""
 import hashlib
 
+import pytest
 import torch
 
 import zsq
@@ -38,3 +39,27 @@ def test_evaluate_leaves_the_global_rng_alone():
     before = torch.get_rng_state()
     assert zsq.evaluate(model, (x, y), batch_size=4)["n"] == 6
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_checkpoint_of_a_users_module_says_how_to_load_it(tmp_path):
+    """A model given as an nn.Module is recorded as such; loading it without a factory is a clear refusal
+    (not a failed import of a module named 'module'), and with one it gives the saved model."""
+    import torch.nn as nn
+
+    class MyNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.b, self.f = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 10)
+
+        def forward(self, x):
+            return self.f(torch.relu(self.b(self.c(x))).mean((2, 3)))
+
+    net = MyNet().eval()
+    res = zsq.quantize(zsq.ModelSource(net, input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.25,) * 3),
+                       method="bn-minmax", bits="w8a8", out=tmp_path / "q")
+    with pytest.raises(zsq.ZsqError, match=r"given to zsq as an nn.Module \(MyNet\).*model_factory"):
+        zsq.load_quantized(tmp_path / "q")
+    again = zsq.load_quantized(tmp_path / "q", model_factory=lambda name: MyNet())
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(again(x), res.model(x))

@@ -27,6 +27,7 @@ from zsq.budget_names import check_budget
 from zsq.errors import InternalError, ZsqError
 from zsq.options import check_run_flags, check_run_numbers
 from zsq.methods.registry import QuantJob, QuantResult, get_method
+from zsq.models.factory import USER_MODULE_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +316,7 @@ def resolve_model(source: ModelSource, seed: int = 0):
     name = type(model).__name__
     fp_model = copy.deepcopy(model).eval()
     set_meta(fp_model, meta_for_module(fp_model, name, meta, source.input_size, source.mean, source.std))
-    return fp_model, f"module:{name}"
+    return fp_model, f"{USER_MODULE_PREFIX}{name}"
 
 
 # ---- the steps -------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from zsq.errors import ZsqError
+from zsq.models.factory import USER_MODULE_PREFIX
 from zsq.export.frozen import FrozenWeightQuantizer
 from zsq.export.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, file_entries, read_manifest,
                                  zsq_version)
@@ -239,6 +240,12 @@ def _rebuild(folder: Path, model_name: str, quant: dict, model_factory):
 
     from zsq.models.factory import is_factory_spec
 
+    if model_factory is None and model_name.startswith(USER_MODULE_PREFIX):
+        cls = model_name[len(USER_MODULE_PREFIX):]
+        raise ZsqError(f"{folder} holds a model that was given to zsq as an nn.Module ({cls}), which zsq cannot "
+                       f"rebuild by itself: load it with zsq.load_quantized(path, model_factory=lambda name: "
+                       f"{cls}(...)), or quantize from a factory (path/to/file.py:function) so the checkpoint "
+                       "records how to rebuild it")
     if model_factory is None and is_factory_spec(model_name):
         model = _build_factory_model(model_name, quant.get("meta"))
     else:

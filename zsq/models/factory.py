@@ -37,6 +37,9 @@ _MODULE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 _EXTERNAL = ("torchvision", "pytorchcv", "timm")
 
 
+# the model name a run records for a user's nn.Module: nothing zsq can rebuild without a model_factory
+USER_MODULE_PREFIX = "module:"
+
 def is_factory_spec(name: str) -> bool:
     """``FILE.py:fn`` or ``dotted.module:fn`` (a ``torchvision:``/``pytorchcv:``/``timm:`` name is not one)."""
     if not isinstance(name, str) or ":" not in name:
