@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,9 +24,34 @@ def snapshot(root: Path) -> dict:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def tree(root: Path) -> dict:
+    """Every entry below root, links not followed: a file by its sha256, a folder, link or other by its kind."""
+    def kind(p):
+        if p.is_symlink():
+            return "link:" + os.readlink(p)
+        if p.is_file():
+            return hashlib.sha256(p.read_bytes()).hexdigest()
+        return "dir" if p.is_dir() else "other"
+    return {str(p.relative_to(root)): kind(p) for p in sorted(root.rglob("*"))}
+
+
+def _around(argv) -> list:
+    """The folders holding every path named on the command line (OUT's parent, the checkpoint's, the data's):
+    a refused command changes no file in any of them, not only none in OUT."""
+    import tempfile
+
+    tmp = Path(tempfile.gettempdir()).resolve()
+    dirs = {Path(a).resolve().parent for a in argv if isinstance(a, Path)}
+    dirs = {d for d in dirs if tmp in d.parents and d.is_dir()}
+    return sorted(d for d in dirs if not any(o in d.parents for o in dirs))
+
+
 def refused(capsys, *argv, needle: str) -> str:
+    roots = _around(argv)
+    before = [tree(r) for r in roots]
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
+    assert [tree(r) for r in roots] == before, f"a refused command changed files around {roots}"
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, (code, err)
     assert len(lines) == 1 and lines[0].startswith("zsq: error:"), err
@@ -151,20 +177,48 @@ def test_force_never_removes_a_byte_zsq_did_not_write(capsys, tmp_path):
     quantize_ok(capsys, *GENIE_FAST, "--out", out, "--force", "--seed", "1")
     assert all(f.read_text() == text for f, text in planted.items())
     assert (out / "work" / "ptq_state.safetensors").exists() and (out / "synth" / "images.safetensors").exists()
-    # zsq's own files replaced by the user's (same name, other bytes), and its work/ replaced by the user's folder
-    for name in ("manifest.json", "quant.json", "packed_weights.safetensors", "float_state.safetensors", "work"):
-        p = out / name
-        if p.is_dir():
-            p.rename(tmp_path / "zsq-work")
+    # every name zsq uses, one at a time: the code's list of entries and every file the run wrote below OUT
+    # (and its record and lock), each replaced by the user's bytes (a folder by the user's folder); --force
+    # refuses and changes nothing, then zsq's entry is put back (a rename keeps what identifies it)
+    for name in _zsq_names(out):
+        p, moved = out / name, tmp_path / "zsq-original"
+        if p.exists():
+            p.rename(moved)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if name in _dir_names():
             p.mkdir()
             (p / "ptq_state.safetensors").write_text("the user's")
         else:
-            p.unlink()
             p.write_text("the user's")
         before = snapshot(tmp_path)
         refused(capsys, "quantize", R20, "--random-init", *GENIE_FAST, "--out", out, "--force",
-                needle="exists and was not made by zsq")
-        assert snapshot(tmp_path) == before
+                needle=name.split("/")[-1])
+        assert snapshot(tmp_path) == before, name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if moved.exists():
+            moved.rename(p)
+    quantize_ok(capsys, *GENIE_FAST, "--out", out, "--force", "--seed", "2")  # all put back: zsq's again
+    assert all(f.read_text() == text for f, text in planted.items())
+
+
+def _dir_names() -> tuple:
+    from zsq.run import run_dirs
+    from zsq.run_report import REPORT_DIR
+
+    return run_dirs(True, "ptq") + run_dirs(True, "qat") + (REPORT_DIR,)
+
+
+def _zsq_names(out: Path) -> list:
+    """Every name zsq writes in OUT, derived from the code and from what a run wrote, not a hand list."""
+    from zsq.run import run_names
+    from zsq.runlock import LOCK_FILE
+    from zsq.runstate import RUN_FILE
+
+    names = set(run_names(True, "ptq")) | set(run_names(True, "qat")) | {RUN_FILE, LOCK_FILE}
+    written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.startswith("notes")}
+    names |= {n for n in written if not n.endswith(("mine.png", "keep.json"))}
+    assert {"manifest.json", "work/ptq_state.safetensors", "synth/images.safetensors"} <= names
+    return sorted(names)
 
 
 def test_an_edited_record_cannot_make_force_remove_anything(capsys, tmp_path):
@@ -403,6 +457,32 @@ def test_one_nan_pixel_in_a_synthetic_set_is_refused(capsys, tmp_path):
     assert snapshot(tmp_path) == before and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("edit,needle", [
+    (lambda d: _set_meta(d, num_images=20), "declares 20 images"),
+    (lambda d: _set_tensors(d, labels=torch.tensor([0, 1, -3, 2, 0, 1, 2, 3])), "labels must be non-negative integer"),
+    (lambda d: _set_tensors(d, labels=torch.zeros(8)), "labels must be non-negative integer"),
+])
+def test_a_synthetic_set_must_hold_what_it_declares(capsys, tmp_path, edit, needle):
+    d = _set(tmp_path, torch.randn(8, 3, 32, 32))
+    edit(d)
+    before = snapshot(tmp_path)
+    refused(capsys, "quantize", R20, "--random-init", "--method", "minmax", "--calib-data", d,
+            "--out", tmp_path / "o", needle=needle)
+    assert snapshot(tmp_path) == before and not (tmp_path / "o").exists()
+
+
+def _set_meta(d, **kw):
+    meta = json.loads((d / "meta.json").read_text())
+    (d / "meta.json").write_text(json.dumps(dict(meta, **kw)))
+
+
+def _set_tensors(d, **kw):
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(d / "images.safetensors"))
+    save_file(dict(t, **kw), str(d / "images.safetensors"))
+
+
 def test_nan_weights_are_refused(capsys, tmp_path, data_npz):
     sd = zsq.models.load(R20).state_dict()
     sd["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
@@ -465,6 +545,28 @@ def test_an_uncalibrated_model_refuses_to_evaluate():
         zsq.evaluate(q, (x, y))
     zsq.quant.calibrate_from_bn(q)
     assert zsq.evaluate(q, (x, y))["n"] == 4
+
+
+def test_an_uncalibrated_model_refuses_a_plain_forward():
+    """Its activation ranges would come from whatever batch it saw first: only an explicit context allows that."""
+    from zsq.quant.state import lazy_init_allowed
+
+    q = zsq.quantize_model(zsq.models.load(R20), zsq.get_preset("genie", "w4a4"))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ZsqError, match=r"not calibrated: activation quantizer \S+ has no range; run "
+                                       r"zsq.quant.calibrate\(model, images\)") as err:
+        q(x)
+    assert "\n" not in str(err.value)
+    assert not any(bool(a.initialized) for _, a in zsq.quant.act_quantizers(q) if not a.pinned)  # nothing set
+    with lazy_init_allowed(q), torch.no_grad():  # on purpose: ranges from this batch, as before
+        y = q(x)
+    assert all(not a.lazy_init for _, a in zsq.quant.act_quantizers(q))  # the context puts the refusal back
+    with torch.no_grad():
+        assert torch.equal(q(x), y)  # now initialised: plain forwards run
+    fresh = zsq.quantize_model(zsq.models.load(R20), zsq.get_preset("genie", "w4a4"))
+    zsq.quant.calibrate(fresh, x)  # the ordinary calibration needs no context
+    with torch.no_grad():
+        fresh(x)
 
 
 # ---- options ---------------------------------------------------------------------------------------

@@ -91,6 +91,10 @@ class RunLock:
                 os.close(fd)
                 continue
             holder = _read_holder(fd)
+            if not holder and os.fstat(fd).st_size > 0 or holder and not {"pid", "host"} <= set(holder):
+                os.close(fd)  # not a lock zsq wrote (zsq's is empty only between its create and write)
+                raise ZsqError(f"{self.path} exists and is not a zsq lock file; zsq needs that name to lock "
+                               f"{self.path.parent} (move it, or use another --out)")
             if holder and not locked and (holder.get("host") != socket.gethostname()
                                           or _pid_alive(int(holder.get("pid", 0) or 0))):
                 os.close(fd)

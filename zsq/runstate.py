@@ -307,7 +307,9 @@ class RunFolder:
         if not self.path.is_file() or self.path.is_symlink():
             raise ZsqError(f"{self.path} is not a regular file; remove it to use {self.out}")
         rec = read_json(self.path)
-        if not isinstance(rec, dict) or not isinstance(rec.get("entries", {}), dict):
+        # every record zsq ever wrote names its fingerprint: a file without one is the user's, and zsq
+        # would write its record over it
+        if not isinstance(rec, dict) or not isinstance(rec.get("entries", {}), dict) or "fingerprint" not in rec:
             raise ZsqError(f"{self.path} is damaged (not a zsq run record); remove it to use {self.out}")
         if rec.get("format") != RUN_FORMAT:  # no identities: zsq cannot tell its own entries from the user's
             rec = dict(rec, entries={})
@@ -354,6 +356,7 @@ class RunFolder:
                                "for its run (move it, or use another --out)")
         entries = {k: v for k, v in rec.get("entries", {}).items() if self.owned(rec, k)}
         if force and not resume:
+            self._check_replaced_files(entries)
             entries = self._clear(dict(rec, entries=entries), [Path(p).resolve() for p in inputs if p])
         for d in self.dirs:
             p = self.out / d
@@ -366,6 +369,18 @@ class RunFolder:
         self.started_ns = os.lstat(self.path).st_ctime_ns
         if not (resume and rec.get("started_ns")):
             self._write(entries, fp, bool(rec.get("finished")) and resume, self.started_ns)
+
+    def _check_replaced_files(self, entries: dict) -> None:
+        """In zsq's folders, a file zsq wrote that was replaced or edited since keeps zsq's name: the new run
+        would write the same name again, over the user's bytes. Refused, as a top-level name is."""
+        for name, ident in entries.items():
+            if ident.get("type") != "dir":
+                continue
+            files = ident.get("files", {})
+            for rel, f in _walk_files(self.out / name):
+                if rel in files and not _same(files[rel], identity(f)):
+                    raise ZsqError(f"{f} was changed since zsq wrote it (or replaced by another file); the run "
+                                   "needs that name (move it, or use another --out)")
 
     def _write(self, entries: dict, fp, finished: bool, started_ns) -> None:
         write_json(self.path, {"format": RUN_FORMAT, "entries": entries, "fingerprint": fp,

@@ -218,3 +218,105 @@ def test_rebuild_through_model_zoo(tmp_path):
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(q(x), loaded(x))
+
+
+# ---- values checked against what the files declare, not only against their hashes ------------------
+def _rehash(d):
+    """An edited checkpoint whose manifest was rewritten to match: the hashes pass, the values must not."""
+    from zsq.export.manifest import file_entries
+
+    m = json.loads((d / "manifest.json").read_text())
+    m["files"] = file_entries(d, list(m["files"]))
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def _edit_json(d, name, edit):
+    data = json.loads((d / name).read_text())
+    edit(data)
+    (d / name).write_text(json.dumps(data))
+
+
+def _edit_tensors(d, name, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(d / name))
+    edit(tensors)
+    save_file(tensors, str(d / name))
+
+
+def _layer(quant, name):
+    return next(e for e in quant["layers"] if e["name"] == name)
+
+
+def _act_key(name, suffix):
+    return f"{name}.{suffix}"
+
+
+TAMPER = {
+    "bits_other_than_the_config": (lambda d: _edit_json(d, QUANT_FILE, lambda q: _layer(q, "block.conv1").update(bits=5)),
+                                   "layer block.conv1 declares 5-bit weights, its quantization config 4-bit"),
+    "impossible_bits": (lambda d: _edit_json(d, QUANT_FILE, lambda q: _layer(q, "fc").update(bits=12)),
+                        "layer fc declares an impossible grid (bits 12"),
+    "code_range_wider_than_bits": (lambda d: _edit_json(d, QUANT_FILE, lambda q: _layer(q, "fc").update(qmax=4000)),
+                                   "layer fc declares an impossible grid"),
+    "numel": (lambda d: _edit_json(d, QUANT_FILE, lambda q: _layer(q, "fc").update(numel=7)),
+              "layer fc declares 7 weights"),
+    "negative_scale": (lambda d: _edit_tensors(d, PACKED_FILE, lambda t: t["fc.scale"].view(-1)[0].fill_(-1.0)),
+                       "layer fc: scale is not finite and positive"),
+    "nan_scale": (lambda d: _edit_tensors(d, PACKED_FILE, lambda t: t["fc.scale"].view(-1)[0].fill_(float("nan"))),
+                  "layer fc: scale is not finite and positive"),
+    "scale_shape": (lambda d: _edit_tensors(d, PACKED_FILE, lambda t: t.update({"fc.scale": torch.ones(3, 2)})),
+                    "layer fc: scale of shape [3, 2] does not fit"),
+    "fractional_zero_point": (lambda d: _edit_tensors(d, PACKED_FILE,
+                                                      lambda t: t["fc.zero_point"].view(-1)[0].add_(0.5)),
+                              "layer fc: zero point is not an integer in the declared code range"),
+    "zero_point_off_the_grid": (lambda d: _edit_tensors(d, PACKED_FILE,
+                                                        lambda t: t["fc.zero_point"].view(-1)[0].fill_(1000.0)),
+                                "layer fc: zero point is not an integer in the declared code range"),
+    "codes_not_uint8": (lambda d: _edit_tensors(d, PACKED_FILE, lambda t: t.update({"fc.codes": t["fc.codes"].int()})),
+                        "layer fc: packed codes are torch.int32, not uint8"),
+    "codes_missing": (lambda d: _edit_tensors(d, PACKED_FILE, lambda t: t.pop("fc.codes")),
+                      "holds no fc.codes"),
+    "act_scale_zero": (lambda d: _edit_tensors(d, STATE_FILE, lambda t: [v.zero_() for k, v in t.items()
+                                                                         if k.endswith("input_quant.scale")]),
+                       "input_quant: scale is not finite and positive"),
+    "act_uncalibrated": (lambda d: _edit_tensors(d, STATE_FILE, lambda t: [v.fill_(False) for k, v in t.items()
+                                                                           if k.endswith("quant.initialized")]),
+                         "has no range (a saved model is always calibrated"),
+    "act_bits": (lambda d: _edit_json(d, QUANT_FILE, lambda q: q["act_quantizers"][1].update(bits=2)),
+                 "declares 2 bits, its quantization config"),
+    "nan_in_the_float_state": (lambda d: _edit_tensors(d, STATE_FILE, lambda t: t[next(k for k in t if k.endswith(
+        "bias") and t[k].is_floating_point())].view(-1)[0].fill_(float("inf"))), "holds NaN or inf"),
+    "manifest_bits": (lambda d: _edit_json(d, "manifest.json", lambda m: m.update(bits="w2a2")),
+                      "the manifest says 'w2a2', its quant.json 'w4a4'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPER))
+def test_values_are_checked_against_what_the_files_declare(tmp_path, saved, case):
+    tamper, needle = TAMPER[case]
+    d = _copy(saved[1], tmp_path)
+    load_quantized(d, model_factory=_factory)  # the untouched copy loads
+    tamper(d)
+    _rehash(d)
+    with pytest.raises(ZsqError) as err:
+        load_quantized(d, model_factory=_factory)
+    msg = str(err.value)
+    assert needle in msg and "\n" not in msg, msg
+
+
+def test_codes_outside_a_narrowed_code_range_are_refused(tmp_path, saved):
+    """Bits-packed codes always fit their width; a declared range narrower than the width must hold them too."""
+    d = _copy(saved[1], tmp_path)
+    quant = json.loads((d / QUANT_FILE).read_text())
+    q = saved[0]
+    for e in quant["layers"]:
+        g = weight_grid(e["name"], q.get_submodule(e["name"]))
+        if int(g.codes.max()) == e["qmax"] and float(g.zero_point.max()) < e["qmax"]:
+            break
+    else:
+        pytest.skip("no layer whose codes reach qmax above its zero point")
+    _edit_json(d, QUANT_FILE, lambda data: _layer(data, e["name"]).update(qmax=e["qmax"] - 1))
+    _rehash(d)
+    with pytest.raises(ZsqError, match=f"layer {e['name']}: codes .* leave the declared range"):
+        load_quantized(d, model_factory=_factory)

@@ -271,6 +271,71 @@ def _rebuild(folder: Path, model_name: str, quant: dict, model_factory):
     return qmodel, config
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_grid(where: str, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int) -> None:
+    """A step must be a finite positive float, a zero point an integer on the grid [qmin, qmax]."""
+    if not scale.is_floating_point() or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise ZsqError(f"{where}: scale is not finite and positive (the file is damaged or edited)")
+    if (zp.shape != scale.shape or not zp.is_floating_point() or not bool(torch.isfinite(zp).all())
+            or not torch.equal(zp, torch.round(zp)) or int(zp.min()) < qmin or int(zp.max()) > qmax):
+        raise ZsqError(f"{where}: zero point is not an integer in the declared code range [{qmin}, {qmax}] "
+                       "(the file is damaged or edited)")
+
+
+def _declared_grid(folder: Path, e: dict, layer: nn.Module, packed: dict):
+    """(codes, scale, zero point) of one layer, each checked against what quant.json declares for it (bits,
+    code range, shape) and against the model's config: the hashes only prove the files are the ones the
+    manifest names, and a manifest is as easy to rewrite as the files."""
+    name = e["name"]
+    where = f"checkpoint {folder}: layer {name}"
+    bits, qmin, qmax, numel, shape = e.get("bits"), e.get("qmin"), e.get("qmax"), e.get("numel"), e["shape"]
+    if not all(_is_int(v) for v in (bits, qmin, qmax, numel)) or not 1 <= bits <= 8 or not qmin < qmax \
+            or qmax - qmin + 1 > 1 << bits:
+        raise ZsqError(f"{where} declares an impossible grid (bits {bits!r}, codes [{qmin!r}, {qmax!r}])")
+    want_bits = getattr(layer.weight_quant, "bits", None)
+    if want_bits is not None and int(want_bits) != bits:
+        raise ZsqError(f"{where} declares {bits}-bit weights, its quantization config {int(want_bits)}-bit")
+    if numel != layer.weight.numel():
+        raise ZsqError(f"{where} declares {numel!r} weights, its shape {shape} holds {layer.weight.numel()}")
+    missing = [k for k in ("codes", "scale", "zero_point") if f"{name}.{k}" not in packed]
+    if missing:
+        raise ZsqError(f"{where}: {PACKED_FILE} holds no {name}.{missing[0]}")
+    packed_codes, scale, zp = packed[f"{name}.codes"], packed[f"{name}.scale"], packed[f"{name}.zero_point"]
+    if packed_codes.dtype != torch.uint8:
+        raise ZsqError(f"{where}: packed codes are {packed_codes.dtype}, not uint8")
+    try:
+        fits = torch.broadcast_shapes(tuple(scale.shape), tuple(shape)) == tuple(shape) and scale.dim() <= len(shape)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ZsqError(f"{where}: scale of shape {list(scale.shape)} does not fit its weight of shape {shape}")
+    _check_grid(where, scale, zp, qmin, qmax)
+    codes = unpack_codes(packed_codes, bits, qmin, numel)
+    if numel and (int(codes.min()) < qmin or int(codes.max()) > qmax):
+        raise ZsqError(f"{where}: codes [{int(codes.min())}, {int(codes.max())}] leave the declared range "
+                       f"[{qmin}, {qmax}] (the file is damaged or edited)")
+    return codes.reshape(shape), scale, zp
+
+
+def _check_act_ranges(folder: Path, qmodel: nn.Module, quant: dict) -> None:
+    """Every activation quantizer loaded has the range it had when saved (save refuses an uncalibrated one):
+    initialised, a finite positive step and an integer zero point on its grid, the bits quant.json declares."""
+    declared = {a.get("name"): a for a in quant.get("act_quantizers", []) if isinstance(a, dict)}
+    for name, q in act_quantizers(qmodel):
+        if not hasattr(q, "initialized") or getattr(getattr(q, "spec", None), "dynamic", False):
+            continue
+        where = f"checkpoint {folder}: activation quantizer {name}"
+        if not bool(q.initialized):
+            raise ZsqError(f"{where} has no range (a saved model is always calibrated: the file is damaged or edited)")
+        entry = declared.get(name)
+        if entry is not None and entry.get("bits") != q.bits:
+            raise ZsqError(f"{where} declares {entry.get('bits')!r} bits, its quantization config {q.bits}")
+        _check_grid(where, q.scale.detach(), q.zero_point.detach(), q.qmin, q.qmax)
+
+
 def _load_packed(qmodel: nn.Module, folder: Path, model_name: str, quant: dict, packed: dict) -> List[str]:
     """Weights from their packed codes with frozen grids; the tensor names this covers (prefixes end in '.')."""
     layers = dict(quant_layers(qmodel))
@@ -283,8 +348,7 @@ def _load_packed(qmodel: nn.Module, folder: Path, model_name: str, quant: dict, 
         name, layer = e["name"], layers[e["name"]]
         if list(layer.weight.shape) != e["shape"]:
             raise ZsqError(f"checkpoint {folder}: layer {name} has shape {e['shape']}, the model {list(layer.weight.shape)}")
-        codes = unpack_codes(packed[f"{name}.codes"], e["bits"], e["qmin"], e["numel"]).reshape(e["shape"])
-        scale, zp = packed[f"{name}.scale"], packed[f"{name}.zero_point"]
+        codes, scale, zp = _declared_grid(folder, e, layer, packed)
         deq = (codes.to(scale.dtype) - zp) * scale
         with torch.no_grad():
             layer.weight.copy_(deq)
@@ -315,6 +379,9 @@ def _load_state(qmodel: nn.Module, folder: Path, what: str, state: dict, covered
             src = state[k]
             if src.shape != t.shape:
                 raise ZsqError(f"checkpoint {folder}: {k} has shape {list(src.shape)}, the model {list(t.shape)}")
+            if src.is_floating_point() and not k.endswith(_OBSERVER_BUFFERS) and not bool(torch.isfinite(src).all()):
+                raise ZsqError(f"checkpoint {folder}: {k} holds NaN or inf (a saved model never does: the file is "
+                               "damaged or edited)")
             t.copy_(src.to(t.dtype))
 
 
@@ -327,8 +394,12 @@ def load_quantized(path, *, model_factory: Optional[Callable[[str], nn.Module]] 
     manifest, quant, packed, state = _read_checkpoint(folder)
     model_name = manifest["model_name"]
     qmodel, config = _rebuild(folder, model_name, quant, model_factory)
+    if manifest.get("bits") not in (None, config.bits):
+        raise ZsqError(f"checkpoint {folder}: the manifest says {manifest.get('bits')!r}, its quant.json {config.bits!r} "
+                       "(the files are damaged or edited)")
     covered = _load_packed(qmodel, folder, model_name, quant, packed)
     _load_state(qmodel, folder, f"{model_name} quantized with {config.describe()}", state, covered)
+    _check_act_ranges(folder, qmodel, quant)
     saved_acts = {a["name"]: a for a in quant.get("act_quantizers", [])}
     for name, q in act_quantizers(qmodel):
         set_flags([q], observing=False, enabled=saved_acts.get(name, {}).get("enabled", True))

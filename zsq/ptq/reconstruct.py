@@ -45,7 +45,7 @@ from zsq.ptq.soft_round import SoftRoundQuantizer, to_uniform
 from zsq.ptq.unit_bar import UnitBar
 from zsq.ptq.units import Unit, find_units, summarize_units
 from zsq.quant.quantizer import UniformQuantizer, subsample_with_extremes
-from zsq.quant.state import set_flags, set_quant_state
+from zsq.quant.state import lazy_init_allowed, set_flags, set_quant_state
 from zsq.quant.inventory import act_quantizers
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def _fast_lazy_init(quants: List[UniformQuantizer], seed: int):
             return
         q.init_from(subsample_with_extremes(args[0].detach().flatten(), ACT_INIT_VALUES, seed))
 
-    with Hooks() as hooks:
+    with Hooks() as hooks, lazy_init_allowed(quants):  # per-channel ones take their first input whole
         for q in quants:
             hooks.pre(q, pre)
         yield

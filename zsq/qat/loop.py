@@ -50,7 +50,7 @@ from zsq.qat.losses import FeatureTaps, kd_kl_loss, residual_branch_taps
 from zsq.qat.synq import SynQParts
 from zsq.quant import act_quantizers, quantize_model
 from zsq.quant.qconfig import QuantConfig
-from zsq.quant.state import set_flags
+from zsq.quant.state import lazy_init_allowed, set_flags
 
 logger = logging.getLogger(__name__)
 
@@ -463,22 +463,25 @@ def distill(teacher: nn.Module, qconfig: QuantConfig, cfg: QATConfig, *, fixed: 
     zdist.barrier()  # every process has read the checkpoint before rank 0 rewrites it
     start_epoch, elapsed_before = loop.resume_from(saved, ckpt.path)
     loop.open_sources(fixed, fixed_labels, seed, saved, start_epoch, ckpt.path)
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            t_epoch = time.time()
-            row = loop.epoch(epoch)
-            loop.assess(row)
-            row["seconds"] = time.time() - t_epoch
-            loop.history.append(row)
-            loop.log_row(row, (time.time() - t_start) / (epoch + 1 - start_epoch) * (cfg.epochs - epoch - 1))
-            if zdist.rank() == 0:  # every process holds the same student
-                ckpt.save(loop, epoch + 1, elapsed_before + time.time() - t_start)
-    except _Divergence as e:
-        kept = (f"the last good checkpoint (after epoch {loop.history[-1]['epoch']}) is kept at {ckpt.path}"
-                if loop.history and ckpt.path is not None else "no checkpoint was written yet")
-        raise ZsqError(f"{cfg.method}: the student diverged at {e}; stopped, {kept}") from None
-    finally:
-        loop.close()
+    # a student never calibrated (no live-range epochs, no warm start) takes its activation ranges from its
+    # first training batch, as GDFQ's and Genie's students do: zsq's own training, an explicit context
+    with lazy_init_allowed(loop.quants):
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                t_epoch = time.time()
+                row = loop.epoch(epoch)
+                loop.assess(row)
+                row["seconds"] = time.time() - t_epoch
+                loop.history.append(row)
+                loop.log_row(row, (time.time() - t_start) / (epoch + 1 - start_epoch) * (cfg.epochs - epoch - 1))
+                if zdist.rank() == 0:  # every process holds the same student
+                    ckpt.save(loop, epoch + 1, elapsed_before + time.time() - t_start)
+        except _Divergence as e:
+            kept = (f"the last good checkpoint (after epoch {loop.history[-1]['epoch']}) is kept at {ckpt.path}"
+                    if loop.history and ckpt.path is not None else "no checkpoint was written yet")
+            raise ZsqError(f"{cfg.method}: the student diverged at {e}; stopped, {kept}") from None
+        finally:
+            loop.close()
     set_flags(loop.quants, observing=False, enabled=True)
     student.to("cpu", memory_format=torch.contiguous_format)
     report = loop.report(elapsed_before + time.time() - t_start, time.time() - t_start)

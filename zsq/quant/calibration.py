@@ -23,7 +23,7 @@ def check_calibrated(qmodel: nn.Module) -> None:
     if lazy:
         raise ZsqError(f"the quantized model is not calibrated ({len(lazy)} activation quantizer(s), e.g. {lazy[0]}, "
                        "have no range): run zsq.quant.calibrate(model, images) or calibrate_from_bn(model) first, "
-                       "or set observing=True on them to take ranges from the data on purpose")
+                       "or take ranges from the data on purpose inside zsq.quant.state.lazy_init_allowed(model)")
 
 
 def _batches(images: torch.Tensor, batch_size: int):

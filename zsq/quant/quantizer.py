@@ -185,7 +185,11 @@ class UniformQuantizer(nn.Module):
     States: ``enabled`` (quantize in forward) and ``observing`` (update the range from each input).
     Calibration: ``observing=True, enabled=False``, run data, then ``freeze()``. GDFQ's live EMA:
     ``observing=True, enabled=True``. A quantizer that is enabled but never initialised
-    initialises itself from its first input (Genie's lazy initialisation).
+    initialises itself from its first input (Genie's lazy initialisation) only while ``lazy_init`` is
+    on: right for a weight (its range is the weight's own), wrong for an activation, whose range would
+    be whatever batch came first. ``quantize_model`` turns it off on activation quantizers, which then
+    refuse a forward before a calibration unless zsq opens an explicit observe context
+    (``zsq.quant.state.lazy_init_allowed``, ``observing``).
     """
 
     def __init__(self, spec: QuantSpec, num_channels: Optional[int] = None):
@@ -211,6 +215,8 @@ class UniformQuantizer(nn.Module):
         self.enabled = True
         self.observing = False
         self.pinned = False  # range fixed by pin_range (not saved: quantize_model pins again)
+        self.lazy_init = True  # may take its range from its first input (see the class docstring)
+        self.site_name = ""  # where it sits in the model, for the error an uncalibrated forward raises
         self.sample_seed = 0  # seeds the subsamples range searches see (zsq.quant.state.observing sets it)
 
     # ---- grid -------------------------------------------------------------------------------
@@ -370,6 +376,12 @@ class UniformQuantizer(nn.Module):
             if not self.enabled:
                 return x
             if not self.spec.dynamic and not bool(self.initialized):
+                if not (self.lazy_init or self.observing):  # observing: ranges from data on purpose
+                    where = f" {self.site_name}" if self.site_name else ""
+                    raise ZsqError(f"the quantized model is not calibrated: activation quantizer{where} has no "
+                                   "range; run zsq.quant.calibrate(model, images) or calibrate_from_bn(model) "
+                                   "first, or take ranges from data on purpose inside "
+                                   "zsq.quant.state.lazy_init_allowed(model)")
                 self.init_from(x)
             scale, zp = self.qparams(x)
             return fake_quantize(x, scale, zp, self.qmin, self.qmax, self.spec.ste)

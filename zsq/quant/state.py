@@ -6,6 +6,7 @@ when the block raises, so a failed calibration or probe never leaves a model hal
 
     with quantizers_disabled(model):          # float forward through a fake-quant model
     with observing(model):                    # calibration: observe float inputs, freeze on exit
+    with lazy_init_allowed(model):            # uncalibrated activations take their range from the first input
     with quantizer_flags(quants, enabled=False):
 
 ``set_flags`` is for lasting changes (a phase of reconstruction or training, restoring a checkpoint).
@@ -72,6 +73,23 @@ def quantizers_disabled(model: nn.Module, weights: bool = True, acts: bool = Tru
     quants = (_weight_list(model) if weights else []) + (_act_list(model) if acts else [])
     with quantizer_flags(quants, enabled=False):
         yield model
+
+
+@contextmanager
+def lazy_init_allowed(target: Quantizers) -> Iterator[List[nn.Module]]:
+    """For the block, an activation quantizer with no range takes it from its first input (Genie's lazy
+    initialisation, reconstruction's first pass, a probe that only needs shapes). Outside such a block
+    a quantized model whose activations were never calibrated refuses a forward (``UniformQuantizer``):
+    a library user never gets ranges from whatever batch came first without asking for it."""
+    quants = [q for q in _act_list(target) if hasattr(q, "lazy_init")]
+    saved = [(q, q.lazy_init) for q in quants]
+    try:
+        for q in quants:
+            q.lazy_init = True
+        yield quants
+    finally:
+        for q, v in saved:
+            q.lazy_init = v
 
 
 @contextmanager

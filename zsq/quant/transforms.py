@@ -436,6 +436,9 @@ def quantize_model(model: nn.Module, config: QuantConfig, example_input: Optiona
         qmodel.zsq_quant_plan.update(folded_outputs=deploy["folded_outputs"],
                                      inputs_already_quantized=deploy["inputs_already_quantized"])
     qmodel.zsq_quant_config = config
+    for qname, q in act_quantizers(qmodel):  # an activation's range comes from data: only a calibration sets it
+        q.lazy_init = False
+        q.site_name = qname
     return qmodel
 
 

@@ -86,7 +86,16 @@ class SyntheticSet:
         if not bool(torch.isfinite(images).all()):
             bad = int((~torch.isfinite(images)).sum())
             raise ZsqError(f"{path}: {bad} image values are NaN or inf; refusing to calibrate on them")
-        return cls(images, tensors.get("labels"), meta)
+        # what the set declares about itself must hold: a set cut short or padded is not the one described
+        declared = meta.get("num_images")
+        if declared is not None and declared != (images.shape[0] if images.dim() else None):
+            raise ZsqError(f"{d / META} declares {declared!r} images, {path} holds "
+                           f"{images.shape[0] if images.dim() else 0} (the set is damaged or edited)")
+        labels = tensors.get("labels")
+        if labels is not None and (labels.is_floating_point() or labels.dtype == torch.bool
+                                   or (labels.numel() and int(labels.min()) < 0)):
+            raise ZsqError(f"{path}: labels must be non-negative integer class indices (the set is damaged or edited)")
+        return cls(images, labels, meta)
 
 
 def _read_tensors(path: Path) -> Dict[str, torch.Tensor]:
