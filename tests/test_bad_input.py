@@ -46,8 +46,9 @@ def _around(argv) -> list:
     return sorted(d for d in dirs if not any(o in d.parents for o in dirs))
 
 
-def refused(capsys, *argv, needle: str) -> str:
-    roots = _around(argv)
+def refused(capsys, *argv, needle: str, changes_nothing: bool = True) -> str:
+    """``changes_nothing=False``: a failure during the work, whose run folder stays for --resume."""
+    roots = _around(argv) if changes_nothing else []
     before = [tree(r) for r in roots]
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -172,9 +173,17 @@ def test_force_never_removes_a_byte_zsq_did_not_write(capsys, tmp_path):
         f.write_text(text)
     rec = record(out)
     rec["entries"]["notes.txt"] = {"type": "file", "size": 1, "ino": 1, "mtime_ns": 1}
-    rec["entries"]["work"]["files"]["notes.txt"] = {"type": "file", "size": 1, "ino": 1, "mtime_ns": 1}
     (out / ".zsq-run.json").write_text(json.dumps(rec))
     quantize_ok(capsys, *GENIE_FAST, "--out", out, "--force", "--seed", "1")
+    # a record claiming a user's file in zsq's folder (identity made up): a run would write that name again,
+    # so the file is treated as one of zsq's that was replaced, and --force refuses, changing nothing
+    rec = record(out)
+    rec["entries"]["work"]["files"]["notes.txt"] = {"type": "file", "size": 1, "ino": 1, "mtime_ns": 1}
+    (out / ".zsq-run.json").write_text(json.dumps(rec))
+    refused(capsys, "quantize", R20, "--random-init", *GENIE_FAST, "--out", out, "--force",
+            needle="work/notes.txt was changed since zsq wrote it")
+    del rec["entries"]["work"]["files"]["notes.txt"]
+    (out / ".zsq-run.json").write_text(json.dumps(rec))
     assert all(f.read_text() == text for f, text in planted.items())
     assert (out / "work" / "ptq_state.safetensors").exists() and (out / "synth" / "images.safetensors").exists()
     # every name zsq uses, one at a time: the code's list of entries and every file the run wrote below OUT
@@ -303,7 +312,7 @@ def test_a_failed_run_lets_the_folder_go(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(zrun, "_quant_accuracy", lambda *a: (_ for _ in ()).throw(ZsqError("boom")))
     monkeypatch.setattr(zrun, "STEPS", tuple((n, zrun._quant_accuracy if n == "quantized accuracy" else f)
                                              for n, f in zrun.STEPS))
-    refused(capsys, "quantize", R20, "--random-init", "--quiet", "--out", out, needle="boom")
+    refused(capsys, "quantize", R20, "--random-init", "--quiet", "--out", out, needle="boom", changes_nothing=False)
     monkeypatch.undo()
     assert not (out / ".zsq-lock").exists()
     quantize_ok(capsys, "--out", out, "--resume")
@@ -663,7 +672,7 @@ def test_a_write_failure_is_one_line_and_the_run_stays_resumable(capsys, tmp_pat
 
     monkeypatch.setattr(zsq.export, "save_quantized", full)
     line = refused(capsys, "quantize", R20, "--random-init", "--quiet", "--out", out,
-                   needle="No space left on device: ")
+                   needle="No space left on device: ", changes_nothing=False)
     assert "packed_weights.safetensors" in line and "--resume" in line
     monkeypatch.undo()
     assert quantize_ok(capsys, "--out", out, "--resume")["bits"] == "w4a4"
