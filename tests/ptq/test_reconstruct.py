@@ -275,3 +275,17 @@ def test_refit_options_are_checked():
         EngineOptions(refit_iters=-1)
     with pytest.raises(ZsqError, match="set refit_iters > 0 too"):
         EngineOptions(refit_affine=True)
+
+
+
+def test_a_step_adam_pushes_through_zero_is_held_positive():
+    """One Adam step moves a parameter by about lr whatever its size: a 1e-3 step with lr 1 would end at -0.999,
+    a mirrored grid (and a checkpoint the loader refuses). The engine's update holds steps at MIN_STEP or more."""
+    from zsq.ptq.reconstruct import MIN_STEP, _step
+
+    step = torch.nn.Parameter(torch.tensor([1e-3, 0.5]))
+    soft = torch.nn.Parameter(torch.tensor([0.3]))
+    opt_s, opt_v = torch.optim.Adam([step], lr=1.0), torch.optim.Adam([soft], lr=1.0)
+    _step([opt_v, opt_s], step.sum() + soft.sum())  # gradient +1: Adam moves both by -1
+    assert step.detach().tolist() == pytest.approx([MIN_STEP, MIN_STEP], rel=1e-6)  # float32 of 1e-8
+    assert float(soft) == pytest.approx(-0.7)  # soft bits are not steps: left where Adam put them

@@ -204,7 +204,22 @@ def affine_parameters(model: nn.Module) -> List[nn.Parameter]:
     return out
 
 
+# Adam can move a learned step (or its gain) through zero in one step when the lr is large against it; a
+# zero or negative step nulls or mirrors its grid, and such a checkpoint is refused when loaded. Steps are
+# held at least this large after every update (a no-op for any step a normal run learns).
+MIN_STEP = 1e-8
+
+
+@torch.no_grad()
+def _keep_steps_positive(opt_s) -> None:
+    if opt_s is not None:
+        for g in opt_s.param_groups:
+            for p in g["params"]:
+                p.clamp_(min=MIN_STEP)
+
+
 def _step(optimizers, loss: torch.Tensor) -> None:
+    """optimizers: [soft bits' Adam, steps' Adam] (either may be None)."""
     for o in optimizers:
         if o is not None:
             o.zero_grad(set_to_none=True)
@@ -212,6 +227,7 @@ def _step(optimizers, loss: torch.Tensor) -> None:
     for o in optimizers:
         if o is not None:
             o.step()
+    _keep_steps_positive(optimizers[1])
 
 
 class Reconstructor:
@@ -497,6 +513,7 @@ class Reconstructor:
         for o in optimizers:
             if o is not None:
                 o.step()
+        _keep_steps_positive(optimizers[1])
         return total[1]
 
     def _harden(self, layers: List[nn.Module], mod: nn.Module, xq: torch.Tensor, y: torch.Tensor,
